@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch is installed first, so the project's torch range is already met and
+# pip never pulls a multi-GB CUDA build on a CPU machine. GPU users install their own torch.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: run test test-slow bench install clean
+
+$(BIN)/devinterp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/devinterp
+
+run: install
+	WANDB_MODE=offline $(BIN)/devinterp fit --config configs/quickstart.yaml
+
+test: install
+	WANDB_MODE=offline $(BIN)/python -m pytest -q
+
+test-slow: install
+	WANDB_MODE=offline $(BIN)/python -m pytest -q -m slow
+
+bench: install
+	$(BIN)/python bench/dgp_throughput.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Reading timelines, detecting onsets, inferring the order primitives are learned in."""

@@ -1,0 +1,142 @@
+"""Data for training: a fresh stream of sampled batches per member, and a fixed probe set.
+
+Member k reads the stream seeded with ``seed + k`` (or ``seed`` for all when ``share_data``),
+so an n-member run's member k sees exactly what a 1-member run with seed ``seed + k`` sees.
+The batch of step s is a pure function of (stream seed, s): streams are sampled in blocks of
+``steps_per_block`` steps (block b from ``[seed_k, b]``), which amortises the per-position cost
+of the sampler and lets a resumed run continue the stream at any step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from devinterp.language import Language, load_language
+
+
+@dataclass
+class ProbeSet:
+    """Fixed sequences shared by all members, with their exact next-token distributions."""
+
+    tokens: torch.Tensor  # (n_probe, T) int64
+    labels: torch.Tensor  # (n_probe, T) int64, entry t labels token t
+    rules: torch.Tensor  # (n_probe, T) int64
+    true_next: torch.Tensor  # (n_probe, T - 1, V) float32: p(token t + 1 | tokens <= t)
+
+
+class MemberStreams(IterableDataset):
+    """Yields {tokens, labels} of shape (member, batch, pos) for steps start_step, start_step+1, ..."""
+
+    def __init__(self, language: Language, seq_len: int, batch_size: int, stream_seeds: list[int],
+                 steps_per_block: int, start_step: int = 0):
+        self.language = language
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.stream_seeds = stream_seeds
+        self.steps_per_block = steps_per_block
+        self.start_step = start_step
+
+    def block(self, block_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(member, steps_per_block * batch, pos) tokens and labels of one block."""
+        n = self.steps_per_block * self.batch_size
+        cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        tokens, labels = [], []
+        for seed in self.stream_seeds:
+            if seed not in cache:  # shared data: sample once
+                sample = self.language.sample(n, self.seq_len, seed=[seed, block_index])
+                cache[seed] = (sample.tokens, sample.labels)
+            tokens.append(cache[seed][0])
+            labels.append(cache[seed][1])
+        return np.stack(tokens), np.stack(labels)
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            block_index, offset = divmod(step, self.steps_per_block)
+            tokens, labels = self.block(block_index)
+            tokens, labels = torch.from_numpy(tokens), torch.from_numpy(labels)
+            for i in range(offset, self.steps_per_block):
+                rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+                yield {"tokens": tokens[:, rows], "labels": labels[:, rows]}
+                step += 1
+
+
+class ToyLanguageData(L.LightningDataModule):
+    """Batches from a language spec for an ensemble of members, plus a shared probe set.
+
+    Args:
+        language: path of the language spec (YAML).
+        seq_len: tokens per sequence (the model predicts seq_len - 1 of them).
+        batch_size: sequences per member per step.
+        n_members: ensemble size (linked from the model's option by the CLI).
+        seed: member k's stream uses seed + k (linked from the model's option by the CLI).
+        share_data: every member reads the stream of ``seed`` (only initialisation differs).
+        probe_size: sequences in the fixed probe set shared by all members.
+        probe_seed: seed of the probe set (kept apart from training streams).
+        steps_per_block: steps sampled at once per member.
+    """
+
+    def __init__(self, language: str = "configs/languages/seed.yaml", seq_len: int = 64,
+                 batch_size: int = 32, n_members: int = 1, seed: int = 0, share_data: bool = False,
+                 probe_size: int = 256, probe_seed: int = 2**31 - 1, steps_per_block: int = 16):
+        super().__init__()
+        self.save_hyperparameters()
+        self.language_path = str(language)
+        self.language = load_language(Path(language))
+        self.language.check_sequence_length(seq_len)
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.n_members = n_members
+        self.seed = seed
+        self.share_data = share_data
+        self.probe_size = probe_size
+        self.probe_seed = probe_seed
+        self.steps_per_block = steps_per_block
+        self._probe: ProbeSet | None = None
+
+    @property
+    def d_vocab(self) -> int:
+        return self.language.d_vocab
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.language.label_names
+
+    @property
+    def stream_seeds(self) -> list[int]:
+        return [self.seed if self.share_data else self.seed + k for k in range(self.n_members)]
+
+    @property
+    def probe(self) -> ProbeSet:
+        if self._probe is None:
+            sample = self.language.sample(self.probe_size, self.seq_len, seed=self.probe_seed)
+            true_next = self.language.true_next_dist(sample.tokens)[:, :-1]
+            self._probe = ProbeSet(
+                tokens=torch.from_numpy(sample.tokens),
+                labels=torch.from_numpy(sample.labels),
+                rules=torch.from_numpy(sample.rules),
+                true_next=torch.from_numpy(true_next).float(),
+            )
+        return self._probe
+
+    def train_dataloader(self) -> DataLoader:
+        start = self.trainer.global_step if self.trainer is not None else 0
+        streams = MemberStreams(self.language, self.seq_len, self.batch_size, self.stream_seeds,
+                                self.steps_per_block, start_step=start)
+        return DataLoader(streams, batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        probe = self.probe
+        batches = [
+            {"tokens": probe.tokens[i:i + self.batch_size].expand(self.n_members, -1, -1),
+             "labels": probe.labels[i:i + self.batch_size].expand(self.n_members, -1, -1),
+             "true_next": probe.true_next[i:i + self.batch_size]}
+            for i in range(0, self.probe_size, self.batch_size)
+        ]
+        return DataLoader(batches, batch_size=None)

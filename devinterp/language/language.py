@@ -1,0 +1,187 @@
+"""A compiled language: exact sampling and exact next-token distributions.
+
+Conventions (DESIGN.md, "The DGP"):
+- ``sample(n, seq_len, seed)`` -> tokens, labels, logp (and rules), each (n, T); entry t
+  describes token t given tokens < t. Position 0 comes from the start distribution (label
+  ``start``, rule -1).
+- ``true_next_dist(tokens)`` (n, T, V): entry t is the distribution of token t + 1 given
+  tokens <= t.
+- Mixing: primitives are tried in priority order; the first whose condition holds labels the
+  position; one with p < 1 puts p on its own distribution and 1 - p on what the rules below it
+  give. The fallback (category transitions) always holds, so the weights sum to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from devinterp.language.primitive import Primitive
+from devinterp.language.primitives import PRIMITIVES, CategoryTransition
+from devinterp.language.spec import (
+    SpecError,
+    Vocab,
+    check_keys,
+    distribution,
+    parse_vocab,
+    read_yaml,
+)
+
+START = "start"
+
+
+class Sample(NamedTuple):
+    tokens: np.ndarray  # (n, T) int64
+    labels: np.ndarray  # (n, T) int64: index into Language.label_names
+    logp: np.ndarray  # (n, T) float64: exact log p(token t | tokens < t)
+    rules: np.ndarray  # (n, T) int64: index into Language.rule_names, -1 at position 0
+
+
+@dataclass
+class Language:
+    """A language: vocabulary, start distribution and primitives in priority order."""
+
+    name: str
+    vocab: Vocab
+    start_dist: np.ndarray  # (V,)
+    primitives: list[Primitive]
+    source: str = ""  # where the spec came from, for messages
+
+    def __post_init__(self):
+        self.label_names = [START] + [p.name for p in self.primitives]
+        self.rule_names = [f"{p.name}/{r}" for p in self.primitives for r in p.rule_names]
+        self.rule_offsets = np.cumsum([0] + [len(p.rule_names) for p in self.primitives])
+        self.rule_label = np.repeat(np.arange(1, len(self.primitives) + 1), np.diff(self.rule_offsets))
+        self.seq_len: int | None = None
+
+    @property
+    def d_vocab(self) -> int:
+        return self.vocab.size
+
+    def check_sequence_length(self, seq_len: int) -> None:
+        """Refuse a sequence length the primitives cannot work at (e.g. max_skip >= seq_len)."""
+        if seq_len < 2:
+            raise SpecError(f"{self.source}: sequence length must be at least 2, got {seq_len}")
+        for i, primitive in enumerate(self.primitives):
+            primitive.check_sequence_length(seq_len, f"{self.source}: primitives[{i}]")
+        self.seq_len = seq_len
+
+    # ---- the mixture at one position -------------------------------------------------------
+
+    def _next_at(self, states: list, tokens: np.ndarray, t: int):
+        """Distribution of token t + 1 given tokens[:, :t + 1], its label and its rule."""
+        n, V = tokens.shape[0], self.vocab.size
+        dist = np.zeros((n, V))
+        label = np.zeros(n, dtype=np.int64)
+        rule = np.full(n, -1, dtype=np.int64)
+        remaining = np.ones(n)  # probability mass not yet claimed by higher-priority rules
+        rows = np.arange(n)
+        for i, (primitive, state) in enumerate(zip(self.primitives, states)):
+            firing = primitive.fire(state, tokens, t)
+            weight = remaining * (firing.fires * primitive.p)  # (n,)
+            if firing.dist.ndim == 1:
+                dist[rows, firing.dist] += weight
+            else:
+                dist += weight[:, None] * firing.dist
+            first = firing.fires & (label == 0)
+            label[first] = i + 1
+            rule[first] = self.rule_offsets[i] + firing.rule[first]
+            remaining = remaining - weight
+        return dist, label, rule
+
+    # ---- public API ------------------------------------------------------------------------
+
+    def sample(self, n: int, seq_len: int, seed: int | list[int]) -> Sample:
+        """n sequences of seq_len tokens, vectorised over sequences, reproducible from seed."""
+        rng = np.random.default_rng(seed)
+        V = self.vocab.size
+        tokens = np.zeros((n, seq_len), dtype=np.int64)
+        labels = np.zeros((n, seq_len), dtype=np.int64)
+        rules = np.full((n, seq_len), -1, dtype=np.int64)
+        logp = np.zeros((n, seq_len))
+        uniforms = rng.random((n, seq_len))
+        tokens[:, 0] = self._draw(np.broadcast_to(self.start_dist, (n, V)), uniforms[:, 0])
+        logp[:, 0] = np.log(self.start_dist[tokens[:, 0]])
+        states = [p.begin(n) for p in self.primitives]
+        rows = np.arange(n)
+        for t in range(1, seq_len):
+            dist, labels[:, t], rules[:, t] = self._next_at(states, tokens, t - 1)
+            tokens[:, t] = self._draw(dist, uniforms[:, t])
+            logp[:, t] = np.log(dist[rows, tokens[:, t]])
+        return Sample(tokens, labels, logp, rules)
+
+    @staticmethod
+    def _draw(dist: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+        """Inverse-CDF draw: (n, V) distributions and (n,) uniforms -> (n,) token ids."""
+        cdf = np.cumsum(dist, axis=1)
+        index = (cdf < (uniform * cdf[:, -1])[:, None]).sum(axis=1)
+        return np.minimum(index, dist.shape[1] - 1)
+
+    def true_next_dist(self, tokens: np.ndarray) -> np.ndarray:
+        """(n, T) tokens -> (n, T, V): entry t is p(token t + 1 | tokens <= t)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n, T = tokens.shape
+        out = np.zeros((n, T, self.vocab.size))
+        states = [p.begin(n) for p in self.primitives]
+        for t in range(T):
+            out[:, t], _, _ = self._next_at(states, tokens, t)
+        return out
+
+    def decode(self, tokens: np.ndarray) -> list[str]:
+        return [self.vocab.tokens[i] for i in np.asarray(tokens).tolist()]
+
+    def ground_truth(self) -> dict[str, np.ndarray]:
+        """Every primitive's defining arrays, keyed ``<primitive>/<array>``."""
+        out = {"start_dist": self.start_dist}
+        for p in self.primitives:
+            out.update({f"{p.name}/{k}": v for k, v in p.ground_truth().items()})
+        return out
+
+
+def parse_language(data: dict, source: str = "<spec>") -> Language:
+    """Validate a spec mapping and compile it; every problem raises SpecError naming the field."""
+    check_keys(data, {"name", "categories", "start", "primitives"}, source)
+    for key in ("categories", "start", "primitives"):
+        if key not in data:
+            raise SpecError(f"{source}: missing required field {key!r}")
+    vocab = parse_vocab(data["categories"], f"{source}: categories")
+    start_categories = distribution(
+        data["start"], f"{source}: start", vocab.category_id, len(vocab.categories)
+    )
+    specs = data["primitives"]
+    if not isinstance(specs, list) or not specs:
+        raise SpecError(f"{source}: primitives: expected a non-empty list, highest priority first")
+    primitives: list[Primitive] = []
+    for i, spec in enumerate(specs):
+        field = f"{source}: primitives[{i}]"
+        if not isinstance(spec, dict):
+            raise SpecError(f"{field}: expected a mapping with a 'type'")
+        kind = spec.get("type")
+        if kind not in PRIMITIVES:
+            raise SpecError(f"{field}.type: unknown primitive {kind!r} (known: {', '.join(sorted(PRIMITIVES))})")
+        primitive = PRIMITIVES[kind].from_spec(spec, vocab, field)
+        if primitive.name in [p.name for p in primitives] or primitive.name == START:
+            raise SpecError(f"{field}.name: duplicate primitive name {primitive.name!r}")
+        primitives.append(primitive)
+    fallbacks = [i for i, p in enumerate(primitives) if isinstance(p, CategoryTransition)]
+    if fallbacks != [len(primitives) - 1]:
+        raise SpecError(
+            f"{source}: primitives: exactly one 'category' primitive is needed, listed last "
+            "(it is the fallback whose condition always holds)"
+        )
+    name = data.get("name", Path(source).stem)
+    return Language(
+        name=str(name),
+        vocab=vocab,
+        start_dist=vocab.category_mixture(start_categories),
+        primitives=primitives,
+        source=source,
+    )
+
+
+def load_language(path: str | Path) -> Language:
+    """Load and validate a YAML language spec (safe YAML); raises SpecError naming the field."""
+    return parse_language(read_yaml(path), source=str(path))

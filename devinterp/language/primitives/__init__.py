@@ -1,0 +1,13 @@
+"""Registry of DGP primitives by their spec ``type``. Adding a primitive adds a file and a line."""
+
+from devinterp.language.primitive import Primitive
+from devinterp.language.primitives.bigram import Bigram
+from devinterp.language.primitives.category import CategoryTransition
+from devinterp.language.primitives.induction import Induction
+from devinterp.language.primitives.skip_trigram import SkipTrigram
+
+PRIMITIVES: dict[str, type[Primitive]] = {
+    cls.kind: cls for cls in (CategoryTransition, Bigram, SkipTrigram, Induction)
+}
+
+__all__ = ["PRIMITIVES", "Bigram", "CategoryTransition", "Induction", "SkipTrigram"]

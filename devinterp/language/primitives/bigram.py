@@ -1,0 +1,48 @@
+"""Token bigram tables: a source token fixes the next-token distribution.
+
+Example (seed language), ``alice: {sees: .7, helps: .2, finds: .1}``::
+
+    .         alice      sees
+    category  category   bigram(alice)
+
+"sees" is labelled ``bigram`` (rule ``alice``); it had probability .7.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from devinterp.language.primitive import Firing, Primitive
+from devinterp.language.spec import Vocab, distribution, require_mapping
+
+
+class Bigram(Primitive):
+    kind = "bigram"
+    extra_keys = {"table"}
+
+    def __init__(self, name: str, p: float, vocab: Vocab, sources: list[int], table: np.ndarray):
+        super().__init__(name, p, vocab, rule_names=[vocab.tokens[s] for s in sources])
+        self.sources = np.array(sources)  # (n_rules,) source token ids
+        self.table = table  # (V, V); rows of non-sources are zero
+        self.rule_of_token = np.full(vocab.size, -1)
+        self.rule_of_token[self.sources] = np.arange(len(sources))
+
+    @classmethod
+    def parse(cls, spec, vocab, field, name, p):
+        rows = require_mapping(spec.get("table"), f"{field}.table")
+        table = np.zeros((vocab.size, vocab.size))
+        sources = []
+        for source, row in rows.items():
+            where = f"{field}.table.{source}"
+            s = vocab.token_id(source, where)
+            table[s] = distribution(row, where, vocab.token_id, vocab.size)
+            sources.append(s)
+        return cls(name, p, vocab, sources, table)
+
+    def fire(self, state, tokens, t):
+        current = tokens[:, t]
+        rule = self.rule_of_token[current]
+        return Firing(fires=rule >= 0, rule=rule, dist=self.table[current])
+
+    def ground_truth(self):
+        return {"sources": self.sources, "table": self.table}

@@ -1,0 +1,57 @@
+"""Category transitions: the fallback rule, a Markov chain over categories.
+
+The next token's category follows a transition table from the current token's category; the
+token is then drawn within that category (uniform unless the spec gives weights).
+
+Example (seed language), with ``NAME -> VERB 1.0``, ``VERB -> DET .6 | NAME .4``::
+
+    dave    helps   the   ...
+    start   category(NAME)  category(VERB)
+
+"helps" is labelled ``category`` (rule ``NAME``): after a name with no bigram table of its own,
+any verb follows, uniformly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from devinterp.language.primitive import Firing, Primitive
+from devinterp.language.spec import SpecError, Vocab, distribution, require_mapping
+
+
+class CategoryTransition(Primitive):
+    kind = "category"
+    extra_keys = {"transitions"}
+
+    def __init__(self, name: str, p: float, vocab: Vocab, category_table: np.ndarray):
+        super().__init__(name, p, vocab, rule_names=list(vocab.categories))
+        self.category_table = category_table  # (n_categories, n_categories)
+        # (V, V): row u is the next-token distribution after token u
+        self.token_table = vocab.category_mixture(category_table[vocab.token_category])
+
+    @classmethod
+    def parse(cls, spec, vocab, field, name, p):
+        if p != 1.0:
+            raise SpecError(f"{field}.p: the category fallback must have p = 1, got {p}")
+        transitions = require_mapping(spec.get("transitions"), f"{field}.transitions")
+        n = len(vocab.categories)
+        table = np.zeros((n, n))
+        for source, row in transitions.items():
+            where = f"{field}.transitions.{source}"
+            table[vocab.category_id(source, where)] = distribution(row, where, vocab.category_id, n)
+        missing = [c for c, row in zip(vocab.categories, table) if row.sum() == 0]
+        if missing:
+            raise SpecError(f"{field}.transitions: no row for category {missing[0]!r}")
+        return cls(name, p, vocab, table)
+
+    def fire(self, state, tokens, t):
+        current = tokens[:, t]
+        return Firing(
+            fires=np.ones(current.shape[0], dtype=bool),
+            rule=self.vocab.token_category[current],
+            dist=self.token_table[current],
+        )
+
+    def ground_truth(self):
+        return {"category_table": self.category_table, "token_table": self.token_table}

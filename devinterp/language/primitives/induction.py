@@ -1,0 +1,49 @@
+"""Induction: an eligible token seen before is followed by what followed it last time.
+
+When the current token x is eligible and occurred earlier, at most recently position j, the
+next token is tokens[j + 1] (with probability p). A first occurrence falls through to the next
+rule down (in the seed language, the name's bigram table).
+
+Example (seed language, names eligible)::
+
+    alice  sees  the  lake  .  bob  helps  alice  sees
+                                           ^ x    ^ induction(copy)
+
+"alice" was last followed by "sees", so "sees" follows again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from devinterp.language.primitive import Firing, Primitive
+from devinterp.language.spec import Vocab
+
+
+class Induction(Primitive):
+    kind = "induction"
+    extra_keys = {"eligible"}
+
+    def __init__(self, name: str, p: float, vocab: Vocab, eligible: list[int]):
+        super().__init__(name, p, vocab, rule_names=["copy"])
+        self.eligible = np.zeros(vocab.size, dtype=bool)  # (V,)
+        self.eligible[eligible] = True
+
+    @classmethod
+    def parse(cls, spec, vocab, field, name, p):
+        return cls(name, p, vocab, vocab.token_ids(spec.get("eligible"), f"{field}.eligible"))
+
+    def begin(self, n):
+        return np.full((n, self.vocab.size), -1)  # follower[v]: token after v's latest occurrence
+
+    def fire(self, follower, tokens, t):
+        rows = np.arange(tokens.shape[0])
+        current = tokens[:, t]
+        if t > 0:
+            follower[rows, tokens[:, t - 1]] = current
+        copied = follower[rows, current]
+        fires = self.eligible[current] & (copied >= 0)
+        return Firing(fires=fires, rule=np.where(fires, 0, -1), dist=np.maximum(copied, 0))
+
+    def ground_truth(self):
+        return {"eligible": np.flatnonzero(self.eligible)}

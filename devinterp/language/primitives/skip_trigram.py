@@ -1,0 +1,73 @@
+"""Skip-trigrams: A ... B -> C.
+
+When the current token is the trigger B and the anchor A occurs at offsets 1..max_skip before
+it, the next token is C (with probability p; otherwise the next rule down decides). Rules are
+tried in the order listed; the first whose condition holds fires.
+
+Example (seed language, max_skip 8), rule ``beach .. big -> at``::
+
+    alice  sees  the  beach  .  bob  finds  a  big  at
+    ...                                        ^ B  ^ skip_trigram(beach..big->at)
+
+"beach" lies 5 tokens before "big", inside the window, so "at" follows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from devinterp.language.primitive import Firing, Primitive
+from devinterp.language.spec import SpecError, Vocab, check_keys, require_int
+
+NEVER = -(10**9)  # "last seen" position of an anchor not yet seen
+
+
+class SkipTrigram(Primitive):
+    kind = "skip_trigram"
+    extra_keys = {"rules", "max_skip"}
+
+    def __init__(self, name: str, p: float, vocab: Vocab, rules: np.ndarray, max_skip: int):
+        names = [
+            f"{vocab.tokens[a]}..{vocab.tokens[b]}->{vocab.tokens[c]}" for a, b, c in rules.tolist()
+        ]
+        super().__init__(name, p, vocab, rule_names=names)
+        self.rules = rules  # (n_rules, 3): anchor, trigger, output token ids
+        self.max_skip = max_skip
+        self.anchors = np.unique(rules[:, 0])  # (n_anchors,)
+        self.anchor_slot = np.searchsorted(self.anchors, rules[:, 0])  # (n_rules,)
+
+    @classmethod
+    def parse(cls, spec, vocab, field, name, p):
+        max_skip = require_int(spec.get("max_skip"), f"{field}.max_skip", minimum=1)
+        rules = spec.get("rules")
+        if not isinstance(rules, list) or not rules:
+            raise SpecError(f"{field}.rules: expected a non-empty list of {{anchor, trigger, output}}")
+        ids = []
+        for i, rule in enumerate(rules):
+            where = f"{field}.rules[{i}]"
+            if not isinstance(rule, dict):
+                raise SpecError(f"{where}: expected a mapping with anchor, trigger and output")
+            check_keys(rule, {"anchor", "trigger", "output"}, where)
+            ids.append([vocab.token_id(rule.get(k), f"{where}.{k}") for k in ("anchor", "trigger", "output")])
+        return cls(name, p, vocab, np.array(ids), max_skip)
+
+    def check_sequence_length(self, seq_len, field):
+        if self.max_skip >= seq_len:
+            raise SpecError(f"{field}.max_skip: {self.max_skip} must be below the sequence length {seq_len}")
+
+    def begin(self, n):
+        return np.full((n, len(self.anchors)), NEVER)  # last position of each anchor
+
+    def fire(self, last_seen, tokens, t):
+        current = tokens[:, t]  # (n,)
+        in_window = (t - last_seen[:, self.anchor_slot]) <= self.max_skip  # (n, n_rules)
+        holds = in_window & (current[:, None] == self.rules[None, :, 1])
+        fires = holds.any(axis=1)
+        rule = np.where(fires, holds.argmax(axis=1), -1)
+        # the anchor must lie strictly before t: record token t only after the check
+        is_anchor = current[:, None] == self.anchors[None, :]
+        last_seen[is_anchor] = t
+        return Firing(fires=fires, rule=rule, dist=self.rules[np.maximum(rule, 0), 2])
+
+    def ground_truth(self):
+        return {"rules": self.rules, "max_skip": np.array(self.max_skip)}

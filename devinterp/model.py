@@ -1,0 +1,173 @@
+"""The tensor-transformer: an ensemble of small attention(-and-bilinear-MLP) models in one module.
+
+Conventions, stated once:
+- Weights are named as in TransformerLens and right-multiply: ``x @ W``.
+- Every parameter has a leading member axis: member k is an independent model with its own
+  initialisation (generator seeded with ``seed + k``). Nothing couples members.
+- Bilinear attention (Pearce et al., tensor-transformers; see shared/reference/science.md), per
+  head, causal: score_r(i, j) = (q_r,i . k_r,j) / d_head for the Q/K pairs r = 1, 2, and
+  pattern(i, j) = score_1 * score_2 for j <= i, else 0. No softmax and no normalisation over
+  positions, so patterns are signed and rows need not sum to one. ``attention="squared"`` is the
+  one-pair variant score^2; ``attention="softmax"`` is the usual softmax(q.k / sqrt(d_head)).
+- Positions: RoPE on q and k (the default, as in the reference toy models) or learned absolute
+  position embeddings W_pos added to the token embedding.
+- Bilinear MLP: ((x W_in) * (x W_gate)) W_out.
+- Initialisation as in the reference models: W_E ~ N(0, 1) (an embedding's default), W_Q, W_K,
+  W_V, W_in, W_gate, W_out ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (a linear layer's default), and
+  W_O = W_U = 0, so the direct path, OV and the logits are exactly zero at step 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Attention = Literal["bilinear", "squared", "softmax"]
+Positions = Literal["rope", "learned"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_vocab: int
+    n_ctx: int  # longest sequence the model sees (learned positions need it)
+    n_members: int = 1
+    n_layers: int = 2
+    n_heads: int = 4
+    d_model: int = 64
+    d_head: int = 16
+    attention: Attention = "bilinear"
+    positions: Positions = "rope"
+    mlp: bool = False
+    d_mlp: int = 256
+    norm: bool = False  # parameter-free RMSNorm before attention, MLP and unembedding
+    rope_base: float = 10000.0
+
+    @property
+    def n_pairs(self) -> int:
+        """Q/K pairs per head: two for bilinear attention, one otherwise."""
+        return 2 if self.attention == "bilinear" else 1
+
+    def __post_init__(self):
+        assert self.attention in ("bilinear", "squared", "softmax"), f"unknown attention {self.attention!r}"
+        assert self.positions in ("rope", "learned"), f"unknown positions {self.positions!r}"
+        assert self.d_head % 2 == 0 or self.positions != "rope", "RoPE needs an even d_head"
+
+
+def rope_angles(n_ctx: int, d_head: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotation angles, each (n_ctx, d_head // 2)."""
+    inv_freq = base ** (-torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)
+    angles = torch.arange(n_ctx, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate consecutive pairs of the last axis by position. x (..., pos, d_head)."""
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]
+    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return rotated.flatten(-2)
+
+
+def rms_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class TensorTransformer(nn.Module):
+    """An ensemble of ``n_members`` tensor-transformers evaluated in lockstep."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        M, L, P, H = cfg.n_members, cfg.n_layers, cfg.n_pairs, cfg.n_heads
+        D, dh, V, F = cfg.d_model, cfg.d_head, cfg.d_vocab, cfg.d_mlp
+        empty = lambda *shape: nn.Parameter(torch.empty(*shape))  # noqa: E731
+        self.W_E = empty(M, V, D)
+        self.W_Q = empty(M, L, P, H, D, dh)
+        self.W_K = empty(M, L, P, H, D, dh)
+        self.W_V = empty(M, L, H, D, dh)
+        self.W_O = empty(M, L, H, dh, D)
+        self.W_U = empty(M, D, V)
+        self.W_pos = empty(M, cfg.n_ctx, D) if cfg.positions == "learned" else None
+        if cfg.mlp:
+            self.W_in = empty(M, L, D, F)
+            self.W_gate = empty(M, L, D, F)
+            self.W_out = empty(M, L, F, D)
+        if cfg.positions == "rope":
+            cos, sin = rope_angles(cfg.n_ctx, dh, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters(seed)
+
+    def reset_parameters(self, seed: int) -> None:
+        """Member k from its own generator (seed + k), independent of how many members exist."""
+        cfg = self.cfg
+        with torch.no_grad():
+            for k in range(cfg.n_members):
+                g = torch.Generator().manual_seed(seed + k)
+                self.W_E[k].normal_(0.0, 1.0, generator=g)
+                for W in (self.W_Q, self.W_K, self.W_V):
+                    W[k].uniform_(-1, 1, generator=g).mul_(cfg.d_model**-0.5)
+                self.W_O[k].zero_()
+                self.W_U[k].zero_()
+                if self.W_pos is not None:
+                    self.W_pos[k].normal_(0.0, 0.02, generator=g)
+                if cfg.mlp:
+                    for W in (self.W_in, self.W_gate):
+                        W[k].uniform_(-1, 1, generator=g).mul_(cfg.d_model**-0.5)
+                    self.W_out[k].uniform_(-1, 1, generator=g).mul_(cfg.d_mlp**-0.5)
+
+    # ---- pieces ----------------------------------------------------------------------------
+
+    def attention_pattern(self, x: Tensor, layer: int) -> Tensor:
+        """Causal pattern per head. x (member, batch, pos, d_model) -> (member, batch, head, pos, pos)."""
+        cfg = self.cfg
+        T = x.shape[2]
+        q = torch.einsum("mbtd,mphde->mpbhte", x, self.W_Q[:, layer])  # (M, P, B, H, T, dh)
+        k = torch.einsum("mbtd,mphde->mpbhte", x, self.W_K[:, layer])
+        if cfg.positions == "rope":
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        if cfg.attention == "softmax":
+            scores = (q[:, 0] @ k[:, 0].transpose(-1, -2)) / math.sqrt(cfg.d_head)  # (M, B, H, T, T)
+            return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        scores = (q @ k.transpose(-1, -2)) / cfg.d_head  # (M, P, B, H, T, T)
+        pattern = scores[:, 0] * scores[:, 1] if cfg.attention == "bilinear" else scores[:, 0] ** 2
+        return pattern * causal
+
+    def attention(self, x: Tensor, layer: int) -> Tensor:
+        """One attention layer's output. x (member, batch, pos, d_model) -> same shape."""
+        pattern = self.attention_pattern(x, layer)  # (M, B, H, T, T)
+        v = torch.einsum("mbtd,mhde->mbhte", x, self.W_V[:, layer])  # (M, B, H, T, dh)
+        z = pattern @ v  # (M, B, H, T, dh)
+        return torch.einsum("mbhte,mhed->mbtd", z, self.W_O[:, layer])
+
+    def mlp(self, x: Tensor, layer: int) -> Tensor:
+        """Bilinear MLP. x (member, batch, pos, d_model) -> same shape."""
+        left = torch.einsum("mbtd,mdf->mbtf", x, self.W_in[:, layer])
+        right = torch.einsum("mbtd,mdf->mbtf", x, self.W_gate[:, layer])
+        return torch.einsum("mbtf,mfd->mbtd", left * right, self.W_out[:, layer])
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """tokens (member, batch, pos) -> residual stream (member, batch, pos, d_model)."""
+        M, _, T = tokens.shape
+        assert M == self.cfg.n_members, f"expected {self.cfg.n_members} members, got {M}"
+        assert T <= self.cfg.n_ctx, f"sequence of {T} tokens exceeds n_ctx {self.cfg.n_ctx}"
+        member = torch.arange(M, device=tokens.device)[:, None, None]
+        x = self.W_E[member, tokens]
+        if self.W_pos is not None:
+            x = x + self.W_pos[:, None, :T]
+        return x
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens (member, batch, pos) int -> logits (member, batch, pos, d_vocab)."""
+        x = self.embed(tokens)
+        norm = rms_norm if self.cfg.norm else (lambda y: y)
+        for layer in range(self.cfg.n_layers):
+            x = x + self.attention(norm(x), layer)
+            if self.cfg.mlp:
+                x = x + self.mlp(norm(x), layer)
+        return torch.einsum("mbtd,mdv->mbtv", norm(x), self.W_U)

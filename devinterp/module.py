@@ -1,0 +1,120 @@
+"""The LightningModule: trains an ensemble of tensor-transformers, one loss per member summed.
+
+Loss = sum over members of each member's mean cross-entropy, so member k's gradients are
+exactly those it would get trained alone, and AdamW (element-wise) updates each member as if it
+were alone. Per-primitive training losses are computed on the device every step, buffered, and
+sent to ``trainer.loggers`` as one dict per step every ``trainer.log_every_n_steps`` steps (one
+host transfer per flush, not one per value).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from devinterp.model import Attention, ModelConfig, Positions, TensorTransformer
+from devinterp.probe import grouped_mean
+
+Schedule = Literal["constant", "cosine"]
+
+
+class TensorTransformerModule(L.LightningModule):
+    """Trains ``n_members`` tensor-transformers in lockstep.
+
+    Args:
+        d_vocab, n_ctx, label_names: from the language (linked from the data by the CLI).
+        n_members: independent models trained at once; member k is initialised with seed + k.
+        seed: initialisation seed of member 0.
+        n_layers, n_heads, d_model, d_head, attention, positions, mlp, d_mlp, norm: the
+            architecture (see ``devinterp.model``).
+        lr, weight_decay, betas: AdamW.
+        warmup_steps: linear warm-up from 0; then ``schedule``: constant, or cosine to
+            ``min_lr_ratio * lr`` at ``trainer.max_steps``.
+    """
+
+    def __init__(self, d_vocab: int = 0, n_ctx: int = 64, label_names: list[str] | None = None,
+                 n_members: int = 1, seed: int = 0, n_layers: int = 2, n_heads: int = 4,
+                 d_model: int = 64, d_head: int = 16, attention: Attention = "bilinear",
+                 positions: Positions = "rope", mlp: bool = False, d_mlp: int = 256,
+                 norm: bool = False, lr: float = 3e-3, weight_decay: float = 0.01,
+                 betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 200,
+                 schedule: Schedule = "constant", min_lr_ratio: float = 0.1):
+        super().__init__()
+        self.save_hyperparameters()
+        if d_vocab < 1:
+            raise ValueError("model.d_vocab: must be set from the language (got 0)")
+        self.cfg = ModelConfig(d_vocab=d_vocab, n_ctx=n_ctx, n_members=n_members,
+                               n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_head=d_head,
+                               attention=attention, positions=positions, mlp=mlp, d_mlp=d_mlp,
+                               norm=norm)
+        self.model = TensorTransformer(self.cfg, seed=seed)
+        self.label_names = list(label_names or ["start"])
+        self._loss_rows: list[tuple[int, Tensor]] = []  # (step, (member, 1 + n_labels)) on device
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens)
+
+    def member_losses(self, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens, labels (member, batch, pos) -> mean loss per member (member,) and per label
+        (member, n_labels), predicting tokens[..., 1:] from tokens[..., :-1]."""
+        M = tokens.shape[0]
+        logits = self.model(tokens[..., :-1])  # (M, B, T-1, V)
+        nll = F.cross_entropy(logits.flatten(0, 2).float(), tokens[..., 1:].flatten(),
+                              reduction="none").view(M, -1)  # (M, B*(T-1))
+        per_label = grouped_mean(nll, labels[..., 1:].reshape(M, -1), len(self.label_names))
+        return nll.mean(1), per_label
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        member_loss, per_label = self.member_losses(batch["tokens"], batch["labels"])
+        self._loss_rows.append((self.global_step, torch.cat([member_loss[:, None], per_label], 1).detach()))
+        return member_loss.sum()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if len(self._loss_rows) >= self.trainer.log_every_n_steps:
+            self.flush_losses()
+
+    def on_train_end(self) -> None:
+        self.flush_losses()
+
+    def flush_losses(self) -> None:
+        """Send buffered per-step losses (median over members) to every logger, one dict per step."""
+        if not self._loss_rows:
+            return
+        steps = [s for s, _ in self._loss_rows]
+        values = torch.stack([v for _, v in self._loss_rows]).median(dim=1).values.cpu()  # (steps, 1 + n_labels)
+        self._loss_rows.clear()
+        names = ["train/loss"] + [f"train_loss/{n}" for n in self.label_names]
+        for step, row in zip(steps, values.tolist()):
+            metrics = {n: v for n, v in zip(names, row) if not math.isnan(v)}
+            for logger in self.trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        tokens = batch["tokens"]
+        logits = self.model(tokens[..., :-1]).float()  # (M, B, T-1, V)
+        true_next = batch["true_next"]  # (B, T-1, V)
+        kl = (true_next * (true_next.clamp_min(1e-30).log() - logits.log_softmax(-1))).sum(-1)
+        self.log("val/excess", kl.mean(), prog_bar=True)
+        self.log("val/loss", F.cross_entropy(logits.flatten(0, 2), tokens[..., 1:].flatten()))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=hp.betas,
+                                      weight_decay=hp.weight_decay)
+        max_steps = self.trainer.max_steps if self.trainer is not None else -1
+
+        def lr_factor(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            if hp.schedule == "constant" or max_steps <= hp.warmup_steps:
+                return 1.0
+            progress = min(1.0, (step - hp.warmup_steps) / (max_steps - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

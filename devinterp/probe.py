@@ -1,0 +1,69 @@
+"""Probe-set evaluation: per-primitive and per-rule excess loss and accuracy of every member.
+
+Excess loss at a position is the model's expected cross-entropy minus the exact entropy of the
+next token, i.e. KL(true next-token distribution || model), computed exactly from
+``Language.true_next_dist`` rather than from the one sampled token. Accuracy is whether the
+model's top token equals the true distribution's top token (the Bayes-optimal guess), so a
+stochastic rule learned perfectly scores 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from devinterp.data import ProbeSet
+from devinterp.model import TensorTransformer
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    excess_by_label: Tensor  # (member, n_labels): mean KL over positions of each label (NaN if none)
+    accuracy_by_label: Tensor  # (member, n_labels)
+    excess_by_rule: Tensor  # (member, n_rules)
+    excess: Tensor  # (member,): mean KL over all predicted positions
+
+
+def grouped_mean(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
+    """Mean of values per group id, member by member.
+
+    values (member, n); groups (n,) shared by members or (member, n), ids in [0, n_groups) or
+    -1 (ignored) -> (member, n_groups), NaN where a member's group is empty.
+    """
+    M = values.shape[0]
+    groups = groups.expand(M, -1)
+    member_offset = n_groups * torch.arange(M, device=values.device)[:, None]
+    flat = torch.where(groups >= 0, groups + member_offset, M * n_groups).flatten()  # -1 -> spare bin
+    sums = values.new_zeros(M * n_groups + 1).index_add_(0, flat, values.flatten())
+    counts = torch.bincount(flat, minlength=M * n_groups + 1).to(values.dtype)
+    return (sums / counts)[:-1].view(M, n_groups)  # 0 / 0 = NaN marks an empty group
+
+
+@torch.inference_mode()
+def evaluate_probe(model: TensorTransformer, probe: ProbeSet, n_labels: int, n_rules: int,
+                   batch_size: int = 64) -> ProbeResult:
+    """Every member on the shared probe set. Values stay on the model's device."""
+    device = model.W_E.device
+    M = model.cfg.n_members
+    kl_parts, correct_parts = [], []
+    for start in range(0, probe.tokens.shape[0], batch_size):
+        tokens = probe.tokens[start:start + batch_size].to(device)
+        true_next = probe.true_next[start:start + batch_size].to(device)  # (B, T-1, V)
+        logits = model(tokens[None, :, :-1].expand(M, -1, -1)).float()  # (M, B, T-1, V)
+        log_q = logits.log_softmax(-1)
+        log_p = true_next.clamp_min(1e-30).log()
+        kl = (true_next * (log_p - log_q)).sum(-1)  # (M, B, T-1)
+        correct = logits.argmax(-1) == true_next.argmax(-1)  # (M, B, T-1)
+        kl_parts.append(kl.flatten(1))
+        correct_parts.append(correct.flatten(1).float())
+    kl, correct = torch.cat(kl_parts, 1), torch.cat(correct_parts, 1)  # (M, n_positions)
+    labels = probe.labels[:, 1:].reshape(-1).to(device)
+    rules = probe.rules[:, 1:].reshape(-1).to(device)
+    return ProbeResult(
+        excess_by_label=grouped_mean(kl, labels, n_labels),
+        accuracy_by_label=grouped_mean(correct, labels, n_labels),
+        excess_by_rule=grouped_mean(kl, rules, n_rules),
+        excess=kl.mean(1),
+    )
