@@ -120,15 +120,29 @@ class Language:
         index = (cdf < (uniform * cdf[:, -1])[:, None]).sum(axis=1)
         return np.minimum(index, dist.shape[1] - 1)
 
+    def _walk(self, tokens: np.ndarray):
+        """For given tokens (n, T), yield (t, distribution of token t + 1, its label, its rule)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        states = [p.begin(tokens.shape[0]) for p in self.primitives]
+        for t in range(tokens.shape[1]):
+            yield (t, *self._next_at(states, tokens, t))
+
     def true_next_dist(self, tokens: np.ndarray) -> np.ndarray:
         """(n, T) tokens -> (n, T, V): entry t is p(token t + 1 | tokens <= t)."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        n, T = tokens.shape
+        n, T = np.shape(tokens)
         out = np.zeros((n, T, self.vocab.size))
-        states = [p.begin(n) for p in self.primitives]
-        for t in range(T):
-            out[:, t], _, _ = self._next_at(states, tokens, t)
+        for t, dist, _, _ in self._walk(tokens):
+            out[:, t] = dist
         return out
+
+    def label(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, T) tokens -> labels and rules (n, T) as ``sample`` gives them (entry t: token t)."""
+        n, T = np.shape(tokens)
+        labels = np.zeros((n, T), dtype=np.int64)
+        rules = np.full((n, T), -1, dtype=np.int64)
+        for t, _, label, rule in self._walk(np.asarray(tokens)[:, :-1]):
+            labels[:, t + 1], rules[:, t + 1] = label, rule
+        return labels, rules
 
     def decode(self, tokens: np.ndarray) -> list[str]:
         return [self.vocab.tokens[i] for i in np.asarray(tokens).tolist()]

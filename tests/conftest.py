@@ -1,0 +1,40 @@
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_SPEC_PATH = ROOT / "configs" / "languages" / "seed.yaml"
+
+# A small language where every rule mixes (p < 1), windows are short and triggers collide, so
+# short random sequences exercise every branch of the precedence and mixture.
+MIXING_SPEC = {
+    "name": "mixing",
+    "categories": {"N": ["x", "y", "z"], "V": {"u": 2.0, "v": 1.0}, "P": ["a", "b"]},
+    "start": {"N": 0.5, "P": 0.5},
+    "primitives": [
+        {"type": "induction", "eligible": ["N", "a"], "p": 0.6},
+        {"type": "skip_trigram", "max_skip": 2, "p": 0.7, "rules": [
+            {"anchor": "a", "trigger": "u", "output": "z"},
+            {"anchor": "b", "trigger": "u", "output": "y"},
+            {"anchor": "x", "trigger": "v", "output": "b"},
+        ]},
+        {"type": "bigram", "p": 0.8, "table": {"x": {"u": 0.5, "v": 0.5}, "u": {"a": 0.9, "x": 0.1}}},
+        {"type": "category", "transitions": {"N": {"V": 1.0}, "V": {"N": 0.5, "P": 0.5},
+                                              "P": {"N": 0.3, "P": 0.3, "V": 0.4}}},
+    ],
+}
+
+
+def seed_spec() -> dict:
+    return yaml.safe_load(SEED_SPEC_PATH.read_text())
+
+
+@pytest.fixture
+def mixing_spec() -> dict:
+    return copy.deepcopy(MIXING_SPEC)

@@ -1,0 +1,78 @@
+"""A deliberately simple, per-sequence reference of the DGP, sharing no code with the sampler.
+
+It reads the raw spec mapping (as YAML gives it) and, for one sequence of token strings, works
+out each position's next-token distribution with plain Python loops and dicts, following
+DESIGN.md ("The DGP") literally.
+"""
+
+from __future__ import annotations
+
+
+def vocabulary(spec: dict) -> tuple[list[str], dict[str, str], dict[str, float]]:
+    tokens, category_of, within = [], {}, {}
+    for category, members in spec["categories"].items():
+        weights = dict(members) if isinstance(members, dict) else {m: 1.0 for m in members}
+        total = sum(weights.values())
+        for token, weight in weights.items():
+            tokens.append(token)
+            category_of[token] = category
+            within[token] = weight / total
+    return tokens, category_of, within
+
+
+def eligible_tokens(names: list[str], category_of: dict[str, str]) -> set[str]:
+    out = set()
+    for name in names:
+        out |= {t for t, c in category_of.items() if c == name} if name in category_of.values() else {name}
+    return out
+
+
+def own_distribution(primitive: dict, seq: list[str], t: int, category_of, within):
+    """The primitive's own distribution at position t, or None if its condition does not hold."""
+    current = seq[t]
+    kind = primitive["type"]
+    if kind == "category":
+        row = primitive["transitions"][category_of[current]]
+        return {tok: row.get(category_of[tok], 0.0) * within[tok] for tok in category_of}
+    if kind == "bigram":
+        return dict(primitive["table"][current]) if current in primitive["table"] else None
+    if kind == "skip_trigram":
+        window = seq[max(0, t - primitive["max_skip"]):t]
+        for rule in primitive["rules"]:
+            if current == rule["trigger"] and rule["anchor"] in window:
+                return {rule["output"]: 1.0}
+        return None
+    if kind == "induction":
+        if current not in eligible_tokens(primitive["eligible"], category_of):
+            return None
+        for j in range(t - 1, -1, -1):
+            if seq[j] == current:
+                return {seq[j + 1]: 1.0}
+        return None
+    raise ValueError(kind)
+
+
+def reference_next_dist(spec: dict, seq: list[str]) -> list[list[float]]:
+    """For each position t, the distribution of token t + 1 given seq[:t + 1], in vocab order."""
+    tokens, category_of, within = vocabulary(spec)
+    out = []
+    for t in range(len(seq)):
+        # the lowest rule that holds is the start; each higher rule that holds mixes over it
+        mixed: dict[str, float] = {}
+        for primitive in reversed(spec["primitives"]):
+            own = own_distribution(primitive, seq, t, category_of, within)
+            if own is None:
+                continue
+            p = primitive.get("p", 1.0)
+            mixed = {tok: p * own.get(tok, 0.0) + (1 - p) * mixed.get(tok, 0.0) for tok in tokens}
+        out.append([mixed[tok] for tok in tokens])
+    return out
+
+
+def reference_label(spec: dict, seq: list[str], t: int) -> str:
+    """Name of the first primitive in priority order whose condition holds at position t."""
+    _, category_of, within = vocabulary(spec)
+    for primitive in spec["primitives"]:
+        if own_distribution(primitive, seq, t, category_of, within) is not None:
+            return primitive.get("name", primitive["type"])
+    raise AssertionError("the category fallback always holds")

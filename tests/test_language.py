@@ -1,0 +1,219 @@
+import copy
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from devinterp.language import SpecError, load_language, parse_language
+from tests.conftest import MIXING_SPEC, SEED_SPEC_PATH, seed_spec
+from tests.reference_dgp import reference_label, reference_next_dist
+
+SPECS = {"seed": seed_spec(), "mixing": MIXING_SPEC}
+
+
+@pytest.fixture(scope="module")
+def seed_language():
+    return load_language(SEED_SPEC_PATH)
+
+
+@pytest.fixture(scope="module")
+def seed_sample(seed_language):
+    return seed_language.sample(4000, 64, seed=7)
+
+
+# ---- exact distributions against the independent reference ----------------------------------
+
+@pytest.mark.parametrize("name", SPECS)
+def test_true_next_dist_matches_reference_on_random_sequences(name):
+    spec = SPECS[name]
+    language = parse_language(copy.deepcopy(spec))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, language.d_vocab, size=(150, 14))
+    ours = language.true_next_dist(tokens)
+    for row in range(tokens.shape[0]):
+        seq = language.decode(tokens[row])
+        np.testing.assert_allclose(ours[row], reference_next_dist(spec, seq), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_true_next_dist_matches_reference_on_sampled_sequences(name):
+    spec = SPECS[name]
+    language = parse_language(copy.deepcopy(spec))
+    sample = language.sample(40, 24, seed=3)
+    ours = language.true_next_dist(sample.tokens)
+    for row in range(sample.tokens.shape[0]):
+        np.testing.assert_allclose(ours[row], reference_next_dist(spec, language.decode(sample.tokens[row])),
+                                   atol=1e-12)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_labels_match_reference_precedence(name):
+    spec = SPECS[name]
+    language = parse_language(copy.deepcopy(spec))
+    sample = language.sample(60, 20, seed=5)
+    for row in range(sample.tokens.shape[0]):
+        seq = language.decode(sample.tokens[row])
+        got = [language.label_names[i] for i in sample.labels[row, 1:]]
+        assert got == [reference_label(spec, seq, t) for t in range(len(seq) - 1)]
+    np.testing.assert_array_equal(language.label(sample.tokens)[0], sample.labels)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_logp_is_log_of_true_next_dist_at_the_sampled_token(name):
+    language = parse_language(copy.deepcopy(SPECS[name]))
+    sample = language.sample(200, 32, seed=11)
+    dist = language.true_next_dist(sample.tokens)
+    n, T = sample.tokens.shape
+    picked = dist[np.arange(n)[:, None], np.arange(T - 1)[None, :], sample.tokens[:, 1:]]
+    np.testing.assert_allclose(sample.logp[:, 1:], np.log(picked), rtol=1e-12)
+    np.testing.assert_allclose(sample.logp[:, 0], np.log(language.start_dist[sample.tokens[:, 0]]))
+    np.testing.assert_allclose(dist.sum(-1), 1.0, atol=1e-12)
+
+
+def test_sampling_is_reproducible_and_seed_dependent(seed_language):
+    a, b, c = (seed_language.sample(8, 32, seed=s) for s in (1, 1, 2))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, c.tokens)
+
+
+# ---- sampled frequencies against the spec (chi-square) ---------------------------------------
+
+def next_token_counts(language, sample, label, current, vocab_subset):
+    """Counts of the next token over positions with this label whose current token is given."""
+    label_id = language.label_names.index(label)
+    at = (sample.labels[:, 1:] == label_id) & (sample.tokens[:, :-1] == language.vocab.tokens.index(current))
+    following = sample.tokens[:, 1:][at]
+    return np.array([(following == language.vocab.tokens.index(t)).sum() for t in vocab_subset])
+
+
+@pytest.mark.parametrize("source,table", [
+    ("alice", {"sees": .7, "helps": .2, "finds": .1}),
+    ("bob", {"knows": .7, "likes": .2, "meets": .1}),
+    ("carol", {"calls": .7, "tells": .2, "sees": .1}),
+])
+def test_bigram_frequencies_match_spec(seed_language, seed_sample, source, table):
+    counts = next_token_counts(seed_language, seed_sample, "bigram", source, list(table))
+    expected = np.array(list(table.values())) * counts.sum()
+    assert counts.sum() > 300
+    assert chisquare(counts, expected).pvalue > 1e-3
+
+
+def test_category_transition_frequencies_match_spec(seed_language, seed_sample):
+    # after a verb at a category-labelled position: DET .7, NAME .3, each token uniform within
+    label_id = seed_language.label_names.index("category")
+    verbs = np.isin(seed_sample.tokens[:, :-1], [seed_language.vocab.tokens.index(v) for v in
+                                                ("sees", "helps", "finds", "knows", "likes", "meets", "calls", "tells")])
+    following = seed_sample.tokens[:, 1:][(seed_sample.labels[:, 1:] == label_id) & verbs]
+    targets = ["the", "a", "alice", "bob", "carol", "dave", "erin", "frank", "grace", "henry"]
+    counts = np.array([(following == seed_language.vocab.tokens.index(t)).sum() for t in targets])
+    expected = np.array([.35, .35] + [.3 / 8] * 8) * counts.sum()
+    assert counts.sum() == following.size > 1000
+    assert chisquare(counts, expected).pvalue > 1e-3
+
+
+def test_start_distribution_matches_spec(seed_language, seed_sample):
+    counts = np.bincount(seed_sample.tokens[:, 0], minlength=seed_language.d_vocab)
+    names = [seed_language.vocab.tokens.index(n) for n in ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "henry")]
+    assert counts.sum() == counts[names].sum()
+    assert chisquare(counts[names]).pvalue > 1e-3
+
+
+def test_mixture_frequencies_match_p(mixing_spec):
+    # bigram x -> {u .5, v .5} with p .8 over the category fallback N -> V (u 2/3, v 1/3)
+    language = parse_language(mixing_spec)
+    sample = language.sample(6000, 12, seed=2)
+    counts = next_token_counts(language, sample, "bigram", "x", ["u", "v"])
+    expected = np.array([.8 * .5 + .2 * 2 / 3, .8 * .5 + .2 / 3]) * counts.sum()
+    assert counts.sum() > 1000
+    assert chisquare(counts, expected).pvalue > 1e-3
+
+
+def test_skip_trigram_and_induction_are_deterministic_at_p1(seed_language, seed_sample):
+    for label in ("skip_trigram", "induction"):
+        at = seed_sample.labels == seed_language.label_names.index(label)
+        assert at.sum() > 1000
+        np.testing.assert_allclose(seed_sample.logp[at], 0.0, atol=1e-12)
+
+
+# ---- hand-checked labels ----------------------------------------------------------------------
+
+HAND_CHECKED = [
+    # sentence, label of each token (position 0 is start)
+    ("alice sees the beach . bob finds a big at the lake",
+     "start bigram category bigram category category bigram category bigram skip_trigram category bigram"),
+    # a name's repeat copies what followed it last time; its first occurrence uses its table
+    ("alice sees bob . alice sees a lake near dave helps",
+     "start bigram category bigram category induction category bigram category category bigram"),
+    ("carol tells the lake . carol tells a new or",
+     "start bigram category bigram category category induction category bigram skip_trigram"),
+    # the anchor 9 tokens before the trigger is outside max_skip 8 ...
+    ("erin likes the beach . bob knows the old lake near a big office",
+     "start bigram category bigram category category bigram category bigram category category category bigram category"),
+    # ... and 8 tokens before it is inside
+    ("erin likes the beach . bob knows the old lake near big at",
+     "start bigram category bigram category category bigram category bigram category category category skip_trigram"),
+]
+
+
+@pytest.mark.parametrize("sentence,expected", HAND_CHECKED)
+def test_labels_on_hand_checked_sequences(seed_language, sentence, expected):
+    tokens = np.array([[seed_language.vocab.tokens.index(w) for w in sentence.split()]])
+    labels, _ = seed_language.label(tokens)
+    assert [seed_language.label_names[i] for i in labels[0]] == expected.split()
+
+
+# ---- bad specs ---------------------------------------------------------------------------------
+
+def mutate(change):
+    spec = seed_spec()
+    change(spec)
+    return spec
+
+
+BAD_SPECS = {
+    "unknown token": (lambda s: s["primitives"][2]["table"]["alice"].update({"flies": 0.0}), "primitives[2].table.alice.flies: unknown token 'flies'"),
+    "unknown category": (lambda s: s["primitives"][3]["transitions"]["NAME"].update({"ANIMAL": 0.0}), "transitions.NAME.ANIMAL: unknown category 'ANIMAL'"),
+    "duplicate token": (lambda s: s["categories"]["VERB"].append("alice"), "categories.VERB: duplicate token 'alice'"),
+    "probabilities not summing to 1": (lambda s: s["primitives"][2]["table"]["alice"].update({"sees": 0.6}), "primitives[2].table.alice: probabilities sum to 0.9, not 1"),
+    "negative probability": (lambda s: s["primitives"][2]["table"]["bob"].update({"knows": 0.9, "meets": -0.1}), "primitives[2].table.bob.meets: negative probability -0.1"),
+    "max_skip below 1": (lambda s: s["primitives"][1].update({"max_skip": 0}), "primitives[1].max_skip: must be at least 1, got 0"),
+    "empty category": (lambda s: s["categories"].update({"ADJ": []}), "categories.ADJ: empty category"),
+    "unknown primitive": (lambda s: s["primitives"].insert(0, {"type": "trigram"}), "primitives[0].type: unknown primitive 'trigram'"),
+    "p above 1": (lambda s: s["primitives"][0].update({"p": 1.5}), "primitives[0].p: probability 1.5 is above 1"),
+    "start unknown category": (lambda s: s.update({"start": {"PERSON": 1.0}}), "start.PERSON: unknown category 'PERSON'"),
+    "missing fallback": (lambda s: s["primitives"].pop(), "exactly one 'category' primitive"),
+    "unknown key": (lambda s: s["primitives"][1].update({"max_skp": 3}), "primitives[1]: unknown key 'max_skp'"),
+    "missing transition row": (lambda s: s["primitives"][3]["transitions"].pop("END"), "no row for category 'END'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SPECS)
+def test_bad_spec_gives_one_clear_error(case, tmp_path):
+    change, message = BAD_SPECS[case]
+    path = tmp_path / "bad.yaml"
+    import yaml
+    path.write_text(yaml.safe_dump(mutate(change)))
+    with pytest.raises(SpecError) as error:
+        load_language(path)
+    text = str(error.value)
+    assert message in text and str(path) in text and "\n" not in text
+
+
+def test_max_skip_checked_against_sequence_length_at_compile_time(tmp_path):
+    language = load_language(SEED_SPEC_PATH)  # max_skip 8 loads fine
+    language.check_sequence_length(9)
+    with pytest.raises(SpecError, match=r"max_skip: 8 must be below the sequence length 8"):
+        language.check_sequence_length(8)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("categories: [unclosed", "not valid YAML"),
+    ("- just\n- a list\n", "expected a mapping"),
+    (None, "cannot read language spec"),
+])
+def test_unreadable_spec_files(tmp_path, content, message):
+    path = tmp_path / "spec.yaml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SpecError, match=message):
+        load_language(path)
