@@ -58,10 +58,10 @@ class ModelConfig:
 
 
 def rope_angles(n_ctx: int, d_head: int, base: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotation angles, each (n_ctx, d_head // 2)."""
+    """cos and sin of the rotation angles, each (n_ctx, d_head // 2), in float64 (cast at use)."""
     inv_freq = base ** (-torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)
     angles = torch.arange(n_ctx, dtype=torch.float64)[:, None] * inv_freq[None, :]
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -97,6 +97,7 @@ class TensorTransformer(nn.Module):
             self.W_out = empty(M, L, F, D)
         if cfg.positions == "rope":
             cos, sin = rope_angles(cfg.n_ctx, dh, cfg.rope_base)
+            # float64, cast to the activations' dtype at use, so a float64 model is exact
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters(seed)
@@ -128,7 +129,7 @@ class TensorTransformer(nn.Module):
         q = torch.einsum("mbtd,mphde->mpbhte", x, self.W_Q[:, layer])  # (M, P, B, H, T, dh)
         k = torch.einsum("mbtd,mphde->mpbhte", x, self.W_K[:, layer])
         if cfg.positions == "rope":
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+            cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         if cfg.attention == "softmax":

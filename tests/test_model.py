@@ -1,0 +1,115 @@
+import math
+
+import pytest
+import torch
+
+from devinterp.model import ModelConfig, TensorTransformer
+
+VARIANTS = [(a, p) for a in ("bilinear", "squared", "softmax") for p in ("rope", "learned")]
+
+
+def make_model(attention="bilinear", positions="rope", mlp=False, n_members=2, seed=0, norm=False):
+    cfg = ModelConfig(d_vocab=11, n_ctx=16, n_members=n_members, n_layers=2, n_heads=3, d_model=12,
+                      d_head=4, attention=attention, positions=positions, mlp=mlp, d_mlp=10, norm=norm)
+    model = TensorTransformer(cfg, seed=seed)
+    with torch.no_grad():  # W_O and W_U start at zero; make every path live for these checks
+        g = torch.Generator().manual_seed(123)
+        model.W_O.normal_(0, 0.5, generator=g)
+        model.W_U.normal_(0, 0.5, generator=g)
+    return model
+
+
+def test_initial_logits_are_exactly_zero():
+    cfg = ModelConfig(d_vocab=11, n_ctx=16, n_members=3)
+    model = TensorTransformer(cfg, seed=0)
+    tokens = torch.randint(0, 11, (3, 2, 16))
+    assert torch.equal(model(tokens), torch.zeros(3, 2, 16, 11))
+    assert model.W_O.abs().sum() == 0 and model.W_U.abs().sum() == 0 and model.W_Q.abs().sum() > 0
+
+
+@pytest.mark.parametrize("attention,positions", VARIANTS)
+@pytest.mark.parametrize("mlp", [False, True])
+def test_model_is_causal(attention, positions, mlp):
+    model = make_model(attention, positions, mlp)
+    tokens = torch.randint(0, 11, (2, 3, 16), generator=torch.Generator().manual_seed(0))
+    changed = tokens.clone()
+    changed[:, :, 9] = (changed[:, :, 9] + 1) % 11
+    before, after = model(tokens), model(changed)
+    torch.testing.assert_close(before[:, :, :9], after[:, :, :9], rtol=0, atol=0)
+    assert not torch.allclose(before[:, :, 9:], after[:, :, 9:])
+
+
+def explicit_rotation(position: int, d_head: int, base: float = 10000.0) -> torch.Tensor:
+    """Block-diagonal rotation matrix R(position), acting on row vectors as v @ R."""
+    R = torch.zeros(d_head, d_head, dtype=torch.float64)
+    for k in range(d_head // 2):
+        angle = position * base ** (-2 * k / d_head)
+        c, s = math.cos(angle), math.sin(angle)
+        R[2 * k, 2 * k], R[2 * k, 2 * k + 1] = c, s
+        R[2 * k + 1, 2 * k], R[2 * k + 1, 2 * k + 1] = -s, c
+    return R
+
+
+def test_bilinear_pattern_equals_explicit_formula():
+    model = make_model("bilinear", "rope").double().requires_grad_(False)
+    x = torch.randn(2, 2, 7, 12, dtype=torch.float64)  # (member, batch, pos, d_model)
+    pattern = model.attention_pattern(x, layer=1)  # (M, B, H, T, T)
+    d_head = 4
+    for m in range(2):
+        for b in range(2):
+            for h in range(3):
+                for i in range(7):
+                    for j in range(7):
+                        scores = []
+                        for r in range(2):
+                            q = x[m, b, i] @ model.W_Q[m, 1, r, h].double() @ explicit_rotation(i, d_head)
+                            k = x[m, b, j] @ model.W_K[m, 1, r, h].double() @ explicit_rotation(j, d_head)
+                            scores.append((q @ k).item() / d_head)
+                        expected = scores[0] * scores[1] if j <= i else 0.0
+                        assert pattern[m, b, h, i, j].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def pattern_between(model, u, w, i, j):
+    """Layer-0 pattern from position i to j of a residual stream that is zero except u at i and w at j."""
+    x = torch.zeros(2, 1, 16, 12, dtype=torch.float64)
+    x[:, 0, i], x[:, 0, j] = u, w
+    return model.attention_pattern(x, 0)[:, 0, :, i, j]  # (member, head)
+
+
+@pytest.mark.parametrize("attention", ["bilinear", "squared"])
+def test_rope_pattern_depends_on_relative_position_only(attention):
+    model = make_model(attention, "rope").double()
+    u, w = torch.randn(12, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    reference = pattern_between(model, u, w, 3, 1)
+    for shift in (1, 5, 12):
+        torch.testing.assert_close(pattern_between(model, u, w, 3 + shift, 1 + shift), reference,
+                                   rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(pattern_between(model, u, w, 4, 1), reference)  # offset matters
+
+
+def test_learned_positions_depend_on_absolute_position():
+    model = make_model("bilinear", "learned").double()
+    tokens = torch.tensor([[[1, 2, 3, 1, 2, 3, 1, 2, 3]]]).expand(2, 1, -1)
+    pattern = model.attention_pattern(model.embed(tokens), 0)  # (M, B, H, T, T)
+    # the same token pair (3 attending to the 2 before it) at two absolute places differs
+    assert not torch.allclose(pattern[:, 0, :, 3, 2], pattern[:, 0, :, 6, 5])
+
+
+def test_members_are_independent_models():
+    ensemble = make_model(n_members=3, seed=10)
+    tokens = torch.randint(0, 11, (3, 2, 16))
+    logits = ensemble(tokens)
+    for k in range(3):
+        alone = TensorTransformer(ModelConfig(**{**ensemble.cfg.__dict__, "n_members": 1}), seed=10 + k)
+        with torch.no_grad():
+            alone.W_O.copy_(ensemble.W_O[k:k + 1])
+            alone.W_U.copy_(ensemble.W_U[k:k + 1])
+        torch.testing.assert_close(alone.W_Q[0], ensemble.W_Q[k], rtol=0, atol=0)
+        torch.testing.assert_close(alone(tokens[k:k + 1])[0], logits[k], rtol=1e-5, atol=1e-5)
+
+
+def test_bilinear_mlp_is_the_elementwise_product_of_two_linear_maps():
+    model = make_model(mlp=True)
+    x = torch.randn(2, 1, 5, 12)
+    expected = ((x @ model.W_in[:, None, 0]) * (x @ model.W_gate[:, None, 0])) @ model.W_out[:, None, 0]
+    torch.testing.assert_close(model.mlp(x, 0), expected, rtol=1e-5, atol=1e-6)
