@@ -51,6 +51,7 @@ class DevinterpCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand != "fit":
+            self.save_config_callback = None  # only a fit owns a run folder
             return
         config = self.config[self.subcommand]
         name = config.run.name
@@ -58,18 +59,20 @@ class DevinterpCLI(LightningCLI):
             files = config.get("config") or []
             name = Path(str(files[0])).stem if files else "run"
         self.run_dir = unique_run_dir(Path(config.run.root), name)
-        self.run_dir.mkdir(parents=True)
         config.trainer.default_root_dir = str(self.run_dir)
-        print(f"run folder: {self.run_dir}", flush=True)
 
     def instantiate_trainer(self, **kwargs):
         if self.subcommand == "fit":
+            # made only now, after the language, data and model were built without error
+            self.run_dir.mkdir(parents=True)
+            print(f"run folder: {self.run_dir}", flush=True)
             run = self.config[self.subcommand].run
             kwargs.setdefault("logger", WandbLogger(
                 save_dir=str(self.run_dir), project=run.wandb_project, name=self.run_dir.name,
                 mode=run.wandb_mode))
         else:
             kwargs.setdefault("logger", False)
+            kwargs.setdefault("limit_val_batches", 1.0)  # the probe set, whatever fit used
         trainer = super().instantiate_trainer(**kwargs)
         for callback in trainer.callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None and self.run_dir:

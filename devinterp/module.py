@@ -94,13 +94,24 @@ class TensorTransformerModule(L.LightningModule):
             for logger in self.trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_kl: list[Tensor] = []
+        self._val_labels: list[Tensor] = []
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        tokens = batch["tokens"]
-        logits = self.model(tokens[..., :-1]).float()  # (M, B, T-1, V)
-        true_next = batch["true_next"]  # (B, T-1, V)
-        kl = (true_next * (true_next.clamp_min(1e-30).log() - logits.log_softmax(-1))).sum(-1)
-        self.log("val/excess", kl.mean(), prog_bar=True)
-        self.log("val/loss", F.cross_entropy(logits.flatten(0, 2), tokens[..., 1:].flatten()))
+        """Exact excess loss KL(true || model) on the probe set, per member and position."""
+        tokens, true_next = batch["tokens"], batch["true_next"]  # (M, B, T), (B, T-1, V)
+        log_q = self.model(tokens[..., :-1]).float().log_softmax(-1)  # (M, B, T-1, V)
+        kl = (true_next * (true_next.clamp_min(1e-30).log() - log_q)).sum(-1)  # (M, B, T-1)
+        self._val_kl.append(kl.flatten(1))
+        self._val_labels.append(batch["labels"][0, :, 1:].flatten())
+
+    def on_validation_epoch_end(self) -> None:
+        kl, labels = torch.cat(self._val_kl, 1), torch.cat(self._val_labels)
+        per_label = grouped_mean(kl, labels, len(self.label_names)).nanmedian(0).values
+        metrics = {"val/excess": kl.mean(1).median()}
+        metrics.update({f"val_excess/{n}": v for n, v in zip(self.label_names, per_label) if not v.isnan()})
+        self.log_dict(metrics)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -1,0 +1,82 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from devinterp.cli import main
+from tests.conftest import ROOT, SEED_SPEC_PATH
+
+TINY = ROOT / "tests" / "data" / "tiny.yaml"
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "devinterp", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_fit_in_a_subprocess_writes_its_run_folder(tmp_path):
+    result = run_cli("fit", "--config", TINY, "--run.root", tmp_path, "--run.wandb_mode", "offline",
+                     "--data.language", SEED_SPEC_PATH)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "tiny"
+    assert f"run folder: {run}" in result.stdout
+    assert "Excess loss on the probe set" in result.stdout and "skip_trigram" in result.stdout
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    # linked options (data.n_members, model.n_ctx, ...) are left out so the file loads again
+    assert config["model"]["n_members"] == 2 and config["data"]["seq_len"] == 16
+    assert "n_members" not in config["data"] and "n_ctx" not in config["model"]
+    assert list((run / "checkpoints").glob("*.ckpt"))
+    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0
+    summary = json.loads((run / "probe_summary.json").read_text())
+    assert summary["first_step"] == 0 and summary["last_step"] == 6
+    assert set(summary["primitives"]) == {"induction", "skip_trigram", "bigram", "category"}
+
+    # a second run of the same name never touches the first
+    before = sorted(p.name for p in run.rglob("*"))
+    again = run_cli("fit", "--config", TINY, "--run.root", tmp_path, "--run.wandb_mode", "disabled",
+                    "--data.language", SEED_SPEC_PATH, "--trainer.max_steps", "2")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"run folder: {tmp_path / 'tiny-2'}" in again.stdout
+    assert sorted(p.name for p in run.rglob("*")) == before
+    assert json.loads((tmp_path / "tiny-2" / "probe_summary.json").read_text())["last_step"] == 2
+
+
+def test_command_line_overrides_and_print_config(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(TINY), "--model.n_layers", "1", "--model.attention", "softmax",
+              "--print_config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["n_layers"] == 1 and printed["model"]["attention"] == "softmax"
+    assert printed["run"]["wandb_mode"] == "offline"
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--data.language", "missing.yaml"], "missing.yaml: cannot read language spec"),
+    (["--data.seq_len", "8"], "max_skip: 8 must be below the sequence length 8"),
+])
+def test_bad_language_gives_one_line_error_and_no_run_folder(tmp_path, capsys, override, message):
+    code = main(["fit", "--config", str(TINY), "--run.root", str(tmp_path), "--run.wandb_mode", "disabled",
+                 "--data.language", str(SEED_SPEC_PATH), *override])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("devinterp: error: ") and message in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_language_show_prints_rules_shares_and_bayes_loss(capsys):
+    assert main(["language", "show", str(SEED_SPEC_PATH), "--n", "2", "--n-stats", "300"]) == 0
+    out = capsys.readouterr().out
+    assert "priority: induction > skip_trigram > bigram > category" in out
+    assert out.count("sequence ") == 2
+    table = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+             if line.split() and line.split()[0] in ("induction", "skip_trigram", "bigram", "category")}
+    shares = {k: float(v[0].rstrip("%")) for k, v in table.items()}
+    assert set(shares) == {"induction", "skip_trigram", "bigram", "category"}
+    assert sum(shares.values()) == pytest.approx(100, abs=0.5)
+    assert float(table["skip_trigram"][1]) == pytest.approx(0.0, abs=1e-9)  # deterministic at p = 1
+    assert float(table["bigram"][1]) > 0.5
