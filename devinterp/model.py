@@ -131,13 +131,19 @@ class TensorTransformer(nn.Module):
         if cfg.positions == "rope":
             cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         if cfg.attention == "softmax":
             scores = (q[:, 0] @ k[:, 0].transpose(-1, -2)) / math.sqrt(cfg.d_head)  # (M, B, H, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             return scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        scores = (q @ k.transpose(-1, -2)) / cfg.d_head  # (M, P, B, H, T, T)
-        pattern = scores[:, 0] * scores[:, 1] if cfg.attention == "bilinear" else scores[:, 0] ** 2
-        return pattern * causal
+        # scale q (T x d_head) rather than the scores (T x T); unbind, not index, the pairs so
+        # the backward pass allocates no zero-filled copies of the full score tensor
+        q_pairs, k_pairs = (q / cfg.d_head).unbind(1), k.unbind(1)
+        first = q_pairs[0] @ k_pairs[0].transpose(-1, -2)  # (M, B, H, T, T)
+        if cfg.attention == "bilinear":
+            pattern = first * (q_pairs[1] @ k_pairs[1].transpose(-1, -2))
+        else:
+            pattern = first * first
+        return pattern.tril()
 
     def attention(self, x: Tensor, layer: int) -> Tensor:
         """One attention layer's output. x (member, batch, pos, d_model) -> same shape."""
