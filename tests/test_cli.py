@@ -80,3 +80,17 @@ def test_language_show_prints_rules_shares_and_bayes_loss(capsys):
     assert sum(shares.values()) == pytest.approx(100, abs=0.5)
     assert float(table["skip_trigram"][1]) == pytest.approx(0.0, abs=1e-9)  # deterministic at p = 1
     assert float(table["bigram"][1]) > 0.5
+
+
+@pytest.mark.parametrize("name", ["quickstart", "reference", "mlp"])
+def test_shipped_configs_train(tmp_path, name):
+    code = main(["fit", "--config", str(ROOT / "configs" / f"{name}.yaml"), "--run.root", str(tmp_path),
+                 "--run.wandb_mode", "disabled", "--data.language", str(SEED_SPEC_PATH),
+                 "--trainer.max_steps", "2", "--data.batch_size", "2", "--data.probe_size", "4",
+                 "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"])
+    assert code == 0
+    saved = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+    shipped = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    assert saved["model"]["mlp"] == shipped["model"]["mlp"]
+    assert saved["data"]["seq_len"] == shipped["data"]["seq_len"]
+    assert json.loads((tmp_path / name / "probe_summary.json").read_text())["last_step"] == 2
