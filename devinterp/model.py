@@ -122,14 +122,25 @@ class TensorTransformer(nn.Module):
 
     # ---- pieces ----------------------------------------------------------------------------
 
-    def attention_pattern(self, x: Tensor, layer: int) -> Tensor:
-        """Causal pattern per head. x (member, batch, pos, d_model) -> (member, batch, head, pos, pos)."""
+    def attention_pattern(self, x: Tensor, layer: int, positions: Tensor | None = None) -> Tensor:
+        """Causal pattern per head. x (member, batch, pos, d_model) -> (member, batch, head, pos, pos).
+
+        ``positions`` (pos,) or (batch, pos), increasing along pos, gives each row's absolute
+        position (default 0..T-1), so a context whose empty positions are left out (circuits.py)
+        rotates as the full one.
+        """
         cfg = self.cfg
         T = x.shape[2]
         q = torch.einsum("mbtd,mphde->mpbhte", x, self.W_Q[:, layer])  # (M, P, B, H, T, dh)
         k = torch.einsum("mbtd,mphde->mpbhte", x, self.W_K[:, layer])
         if cfg.positions == "rope":
-            cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)
+            if positions is None:
+                cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, dh/2)
+            else:  # (T, dh/2) or (B, 1, T, dh/2), broadcasting over heads
+                cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+                if positions.dim() == 2:
+                    cos, sin = cos[:, None], sin[:, None]
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cfg.attention == "softmax":
             scores = (q[:, 0] @ k[:, 0].transpose(-1, -2)) / math.sqrt(cfg.d_head)  # (M, B, H, T, T)
@@ -145,9 +156,9 @@ class TensorTransformer(nn.Module):
             pattern = first * first
         return pattern.tril()
 
-    def attention(self, x: Tensor, layer: int) -> Tensor:
+    def attention(self, x: Tensor, layer: int, positions: Tensor | None = None) -> Tensor:
         """One attention layer's output. x (member, batch, pos, d_model) -> same shape."""
-        pattern = self.attention_pattern(x, layer)  # (M, B, H, T, T)
+        pattern = self.attention_pattern(x, layer, positions)  # (M, B, H, T, T)
         v = torch.einsum("mbtd,mhde->mbhte", x, self.W_V[:, layer])  # (M, B, H, T, dh)
         z = pattern @ v  # (M, B, H, T, dh)
         return torch.einsum("mbhte,mhed->mbtd", z, self.W_O[:, layer])
@@ -158,7 +169,7 @@ class TensorTransformer(nn.Module):
         right = torch.einsum("mbtd,mdf->mbtf", x, self.W_gate[:, layer])
         return torch.einsum("mbtf,mfd->mbtd", left * right, self.W_out[:, layer])
 
-    def embed(self, tokens: Tensor) -> Tensor:
+    def embed(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
         """tokens (member, batch, pos) -> residual stream (member, batch, pos, d_model)."""
         M, _, T = tokens.shape
         assert M == self.cfg.n_members, f"expected {self.cfg.n_members} members, got {M}"
@@ -166,15 +177,27 @@ class TensorTransformer(nn.Module):
         member = torch.arange(M, device=tokens.device)[:, None, None]
         x = self.W_E[member, tokens]
         if self.W_pos is not None:
-            x = x + self.W_pos[:, None, :T]
+            if positions is None:
+                x = x + self.W_pos[:, None, :T]
+            else:  # (pos,) -> (M, 1, T, D); (batch, pos) -> (M, B, T, D)
+                x = x + (self.W_pos[:, None, positions] if positions.dim() == 1 else self.W_pos[:, positions])
         return x
+
+    def _norm(self, x: Tensor) -> Tensor:
+        return rms_norm(x) if self.cfg.norm else x
+
+    def blocks(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Residual stream after every layer. x (member, batch, pos, d_model) -> same shape."""
+        for layer in range(self.cfg.n_layers):
+            x = x + self.attention(self._norm(x), layer, positions)
+            if self.cfg.mlp:
+                x = x + self.mlp(self._norm(x), layer)
+        return x
+
+    def unembed(self, x: Tensor) -> Tensor:
+        """(member, batch, pos, d_model) -> logits (member, batch, pos, d_vocab)."""
+        return torch.einsum("mbtd,mdv->mbtv", self._norm(x), self.W_U)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens (member, batch, pos) int -> logits (member, batch, pos, d_vocab)."""
-        x = self.embed(tokens)
-        norm = rms_norm if self.cfg.norm else (lambda y: y)
-        for layer in range(self.cfg.n_layers):
-            x = x + self.attention(norm(x), layer)
-            if self.cfg.mlp:
-                x = x + self.mlp(norm(x), layer)
-        return torch.einsum("mbtd,mdv->mbtv", norm(x), self.W_U)
+        return self.unembed(self.blocks(self.embed(tokens)))

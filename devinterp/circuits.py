@@ -1,0 +1,148 @@
+"""Weight-only circuits of a tensor-transformer, batched over members and heads.
+
+Conventions (shared/reference/science.md; weights right-multiply as in model.py):
+- E = W_E (member, V, d_model), U = W_U (member, d_model, V); rows of every V x V object are
+  the *current* (query / source) token, columns the other one.
+- Direct path: E U [current, next].
+- QK_r at relative offset d >= 0 (query d positions after key), under RoPE:
+  QK_r[a, b] = rope(E_a W_Q,r, d) . (E_b W_K,r) / d_head. The bilinear pattern of a head at
+  offset d is QK_1 * QK_2 (Hadamard); the squared variant QK_1 * QK_1.
+- OV = E W_V W_O U [source, output].
+- Trigram tensor T_h,d[query, key, out] = pattern_h,d[query, key] * OV_h[key, out]; a
+  one-layer model's logits are exactly Dir[t_i, c] + sum_h sum_{j <= i} T_h,i-j[t_i, t_j, c],
+  because nothing normalises over positions. Signs matter: a negative pattern times a negative
+  OV pushes the output up.
+Objects are kept factored and gathered by rule indices: nothing here builds a V^3 tensor, and
+norms and spectra come from d_head x d_head Gram matrices, not SVDs of V x V products.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from devinterp.model import TensorTransformer, apply_rope
+
+
+def _rotate(x: Tensor, offset: int, model: TensorTransformer) -> Tensor:
+    """Rotate the last axis (d_head) of x by RoPE at position ``offset`` (identity without RoPE)."""
+    if model.cfg.positions != "rope" or offset == 0:
+        return x
+    cos, sin = model.rope_cos[offset].to(x.dtype), model.rope_sin[offset].to(x.dtype)
+    return apply_rope(x, cos, sin)
+
+
+def direct_path(model: TensorTransformer) -> Tensor:
+    """E U: (member, V, V) [current, next]."""
+    return model.W_E @ model.W_U
+
+
+def query_key_vectors(model: TensorTransformer, layer: int) -> tuple[Tensor, Tensor]:
+    """E W_Q and E W_K of every token: each (member, pair, head, V, d_head)."""
+    E = model.W_E[:, None, None]  # (M, 1, 1, V, D)
+    return E @ model.W_Q[:, layer], E @ model.W_K[:, layer]
+
+
+def qk(model: TensorTransformer, layer: int, offset: int) -> Tensor:
+    """QK_r at relative offset: (member, pair, head, V, V) [query, key], divided by d_head."""
+    q, k = query_key_vectors(model, layer)
+    return _rotate(q, offset, model) @ k.transpose(-1, -2) / model.cfg.d_head
+
+
+def combine_pairs(scores: Tensor, attention: str) -> Tensor:
+    """Per-pair scores (member, pair, ...) -> pattern entries (member, ...)."""
+    if attention == "bilinear":
+        return scores[:, 0] * scores[:, 1]
+    return scores[:, 0] * scores[:, 0]  # squared (and softmax's raw score, squared: a diagnostic)
+
+
+def pattern_at_offset(model: TensorTransformer, layer: int, offset: int) -> Tensor:
+    """Pattern of every head between every token pair at a relative offset: (member, head, V, V)."""
+    return combine_pairs(qk(model, layer, offset), model.cfg.attention)
+
+
+def ov_factors(model: TensorTransformer, layer: int) -> tuple[Tensor, Tensor]:
+    """OV = left @ right: left = E W_V (member, head, V, d_head), right = W_O U (member, head, d_head, V)."""
+    return model.W_E[:, None] @ model.W_V[:, layer], model.W_O[:, layer] @ model.W_U[:, None]
+
+
+def ov(model: TensorTransformer, layer: int) -> Tensor:
+    """OV circuit through the unembedding: (member, head, V, V) [source, output]."""
+    left, right = ov_factors(model, layer)
+    return left @ right
+
+
+def trigram_entries(model: TensorTransformer, layer: int, query: Tensor, key: Tensor, out: Tensor,
+                    offsets: list[int]) -> Tensor:
+    """T_h,d[query_i, key_i, out_i] for n gathered triples: (member, head, n, n_offsets)."""
+    q, k = query_key_vectors(model, layer)  # (M, P, H, V, dh)
+    q, k = q[..., query, :], k[..., key, :]  # (M, P, H, n, dh)
+    scores = torch.stack([(_rotate(q, d, model) * k).sum(-1) for d in offsets], -1) / model.cfg.d_head
+    pattern = combine_pairs(scores, model.cfg.attention)  # (M, H, n, n_offsets)
+    left, right = ov_factors(model, layer)  # (M, H, V, dh), (M, H, dh, V)
+    ov_entries = (left[..., key, :] * right[..., out].transpose(-1, -2)).sum(-1)  # (M, H, n)
+    return pattern * ov_entries[..., None]
+
+
+def positional_profile(model: TensorTransformer, layer: int, offsets: list[int]) -> Tensor:
+    """Mean pattern over all (query, key) token pairs at each offset: (member, head, n_offsets)."""
+    return torch.stack([pattern_at_offset(model, layer, d).mean((-1, -2)) for d in offsets], -1)
+
+
+def mlp_direct_path(model: TensorTransformer, layer: int) -> Tensor:
+    """A bilinear MLP's contribution to the direct path: MLP_layer(E_s) U, (member, V, V)."""
+    x = model.W_E[:, None]  # (M, 1, V, D): one batch of V one-token residuals
+    return (model.mlp(x, layer) @ model.W_U[:, None])[:, 0]
+
+
+def head_ov_matrices(model: TensorTransformer, layer: int) -> Tensor:
+    """W_V W_O of every head in the residual basis: (member, head, d_model, d_model)."""
+    return model.W_V[:, layer] @ model.W_O[:, layer]
+
+
+def head_qk_matrices(model: TensorTransformer, layer: int) -> Tensor:
+    """W_Q,r W_K,r^T in the residual basis (offset 0): (member, pair, head, d_model, d_model)."""
+    return model.W_Q[:, layer] @ model.W_K[:, layer].transpose(-1, -2)
+
+
+def composition_scores(left: Tensor, right: Tensor) -> Tensor:
+    """||left @ right||_F / (||left||_F ||right||_F) over the last two axes (broadcast), 0 where
+    either is zero (Elhage et al. 2021's composition score)."""
+    product = (left @ right).flatten(-2).norm(dim=-1)
+    scale = left.flatten(-2).norm(dim=-1) * right.flatten(-2).norm(dim=-1)
+    return torch.where(scale > 0, product / scale.clamp_min(1e-30), torch.zeros_like(product))
+
+
+def composition(model: TensorTransformer, earlier: int, later: int) -> dict[str, Tensor]:
+    """Q-, K- and V-composition of every head of layer ``earlier`` into every head of ``later``:
+    each (member, head_earlier, head_later); Q/K scores average the Q/K pairs.
+
+    Head h1 writes y OV1; head h2 reads queries x W_Q W_K^T keys^T and values x W_V W_O.
+    K: keys built by h1 -> ||QK2 OV1^T||; Q: queries built by h1 -> ||OV1 QK2||; V: ||OV1 OV2||.
+    """
+    ov1 = head_ov_matrices(model, earlier)  # (M, H1, D, D)
+    qk2 = head_qk_matrices(model, later)[:, :, None]  # (M, P, 1, H2, D, D)
+    ov1_by_pair = ov1[:, None, :, None]  # (M, 1, H1, 1, D, D)
+    return {
+        "k": composition_scores(qk2, ov1_by_pair.transpose(-1, -2)).mean(1),  # (M, H1, H2)
+        "q": composition_scores(ov1_by_pair, qk2).mean(1),
+        "v": composition_scores(ov1[:, :, None], head_ov_matrices(model, later)[:, None]),
+    }
+
+
+def gram_spectrum(left: Tensor, right: Tensor) -> Tensor:
+    """Squared singular values of left @ right^T without forming it: eigenvalues of
+    (left^T left)(right^T right). left (..., n, r), right (..., m, r) -> (..., r), descending."""
+    gram = (left.transpose(-1, -2) @ left) @ (right.transpose(-1, -2) @ right)
+    return torch.linalg.eigvals(gram).real.clamp_min(0).sort(-1, descending=True).values
+
+
+def frobenius_and_effective_rank(squared_singular_values: Tensor) -> tuple[Tensor, Tensor]:
+    """Frobenius norm and entropy effective rank (Roy & Vetterli 2007) from squared singular
+    values (..., r). A zero matrix has norm 0 and effective rank 0 (no NaN)."""
+    sigma = squared_singular_values.sqrt()
+    total = sigma.sum(-1, keepdim=True)
+    p = sigma / total.clamp_min(1e-30)
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    rank = torch.where(total[..., 0] > 0, entropy.exp(), torch.zeros_like(entropy))
+    return squared_singular_values.sum(-1).sqrt(), rank
