@@ -85,8 +85,28 @@ def trigram_entries(model: TensorTransformer, layer: int, query: Tensor, key: Te
 
 
 def positional_profile(model: TensorTransformer, layer: int, offsets: list[int]) -> Tensor:
-    """Mean pattern over all (query, key) token pairs at each offset: (member, head, n_offsets)."""
-    return torch.stack([pattern_at_offset(model, layer, d).mean((-1, -2)) for d in offsets], -1)
+    """How a head's pattern depends on the offset alone: (member, head, n_offsets).
+
+    RoPE: the mean pattern over all (query, key) token pairs at each offset, from d_head x d_head
+    Grams: mean_{a,b} (q1_a . k1_b)(q2_a . k2_b) / d_head^2 = <Q1^T Q2, K1^T K2> / (V d_head)^2.
+    Learned positions: the pattern between the position embeddings alone, W_pos[i] and
+    W_pos[i - d], averaged over i.
+    """
+    cfg = model.cfg
+    second = 1 if cfg.attention == "bilinear" else 0
+    if cfg.positions == "learned":
+        P = model.W_pos[:, None, None]  # (M, 1, 1, n_ctx, D)
+        scores = (P @ model.W_Q[:, layer]) @ (P @ model.W_K[:, layer]).transpose(-1, -2) / cfg.d_head
+        pattern = combine_pairs(scores, cfg.attention)  # (M, H, n_ctx, n_ctx) [i, j]
+        return torch.stack([pattern.diagonal(-d, dim1=-2, dim2=-1).mean(-1) for d in offsets], -1)
+    q, k = query_key_vectors(model, layer)  # (M, P, H, V, dh)
+    scale = (q.shape[-2] * cfg.d_head) ** 2
+    key_gram = k[:, 0].transpose(-1, -2) @ k[:, second]  # (M, H, dh, dh)
+    profile = []
+    for d in offsets:
+        rotated = _rotate(q, d, model)
+        profile.append(((rotated[:, 0].transpose(-1, -2) @ rotated[:, second]) * key_gram).sum((-1, -2)) / scale)
+    return torch.stack(profile, -1)
 
 
 def mlp_direct_path(model: TensorTransformer, layer: int) -> Tensor:
@@ -105,28 +125,47 @@ def head_qk_matrices(model: TensorTransformer, layer: int) -> Tensor:
     return model.W_Q[:, layer] @ model.W_K[:, layer].transpose(-1, -2)
 
 
-def composition_scores(left: Tensor, right: Tensor) -> Tensor:
-    """||left @ right||_F / (||left||_F ||right||_F) over the last two axes (broadcast), 0 where
-    either is zero (Elhage et al. 2021's composition score)."""
-    product = (left @ right).flatten(-2).norm(dim=-1)
-    scale = left.flatten(-2).norm(dim=-1) * right.flatten(-2).norm(dim=-1)
-    return torch.where(scale > 0, product / scale.clamp_min(1e-30), torch.zeros_like(product))
+def gram(factor: Tensor) -> Tensor:
+    """factor^T factor over the last two axes: (..., n, r) -> (..., r, r)."""
+    return factor.transpose(-1, -2) @ factor
+
+
+def factored_norm(left: Tensor, middle: Tensor, right: Tensor) -> Tensor:
+    """||left @ middle @ right^T||_F from r x r pieces: tr(G_l X G_r X^T) with G = f^T f.
+    left (..., n, r), middle (..., r, s), right (..., m, s) -> (...)."""
+    squared = ((gram(left) @ middle @ gram(right)) * middle).sum((-1, -2))
+    return squared.clamp_min(0).sqrt()
+
+
+def composition_scores(product_norm: Tensor, left_norm: Tensor, right_norm: Tensor) -> Tensor:
+    """||left right||_F / (||left||_F ||right||_F) (Elhage et al. 2021), 0 where either is zero."""
+    scale = left_norm * right_norm
+    return torch.where(scale > 0, product_norm / scale.clamp_min(1e-30), torch.zeros_like(product_norm))
 
 
 def composition(model: TensorTransformer, earlier: int, later: int) -> dict[str, Tensor]:
     """Q-, K- and V-composition of every head of layer ``earlier`` into every head of ``later``:
     each (member, head_earlier, head_later); Q/K scores average the Q/K pairs.
 
-    Head h1 writes y OV1; head h2 reads queries x W_Q W_K^T keys^T and values x W_V W_O.
-    K: keys built by h1 -> ||QK2 OV1^T||; Q: queries built by h1 -> ||OV1 QK2||; V: ||OV1 OV2||.
+    Head h1 writes y OV1 (OV = W_V W_O); head h2 scores queries x QK2 keys^T (QK = W_Q W_K^T)
+    and moves values x OV2. K: keys built by h1, ||QK2 OV1^T||; Q: queries built by h1,
+    ||OV1 QK2||; V: ||OV1 OV2||. All norms come from d_head x d_head factors, as in
+    TransformerLens's FactoredMatrix, never from d_model x d_model products.
     """
-    ov1 = head_ov_matrices(model, earlier)  # (M, H1, D, D)
-    qk2 = head_qk_matrices(model, later)[:, :, None]  # (M, P, 1, H2, D, D)
-    ov1_by_pair = ov1[:, None, :, None]  # (M, 1, H1, 1, D, D)
+    V1, O1 = model.W_V[:, earlier][:, None, :, None], model.W_O[:, earlier][:, None, :, None]  # (M, 1, H1, 1, ., .)
+    Q2, K2 = model.W_Q[:, later][:, :, None], model.W_K[:, later][:, :, None]  # (M, P, 1, H2, D, dh)
+    V2, O2 = model.W_V[:, later][:, None, None], model.W_O[:, later][:, None, None]  # (M, 1, 1, H2, ., .)
+    O1_t = O1.transpose(-1, -2)  # (.., D, dh)
+    ov1_norm = factored_norm(V1, torch.eye(V1.shape[-1], device=V1.device, dtype=V1.dtype), O1_t)
+    qk2_norm = factored_norm(Q2, torch.eye(Q2.shape[-1], device=Q2.device, dtype=Q2.dtype), K2)
+    ov2_norm = factored_norm(V2, torch.eye(V2.shape[-1], device=V2.device, dtype=V2.dtype), O2.transpose(-1, -2))
+    k_norm = factored_norm(Q2, K2.transpose(-1, -2) @ O1_t, V1)  # Q2 (K2^T O1^T) V1^T
+    q_norm = factored_norm(V1, O1 @ Q2, K2)  # V1 (O1 Q2) K2^T
+    v_norm = factored_norm(V1, O1 @ V2, O2.transpose(-1, -2))  # V1 (O1 V2) O2
     return {
-        "k": composition_scores(qk2, ov1_by_pair.transpose(-1, -2)).mean(1),  # (M, H1, H2)
-        "q": composition_scores(ov1_by_pair, qk2).mean(1),
-        "v": composition_scores(ov1[:, :, None], head_ov_matrices(model, later)[:, None]),
+        "k": composition_scores(k_norm, qk2_norm, ov1_norm).mean(1),  # (M, H1, H2)
+        "q": composition_scores(q_norm, ov1_norm, qk2_norm).mean(1),
+        "v": composition_scores(v_norm, ov1_norm, ov2_norm)[:, 0],
     }
 
 

@@ -65,10 +65,13 @@ def rope_angles(n_ctx: int, d_head: int, base: float) -> tuple[Tensor, Tensor]:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate consecutive pairs of the last axis by position. x (..., pos, d_head)."""
-    x_even, x_odd = x[..., 0::2], x[..., 1::2]
-    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return rotated.flatten(-2)
+    """Rotate consecutive pairs (x_2i, x_2i+1) of the last axis by position. x (..., pos, d_head).
+
+    The pair is read as the complex number x_2i + i x_2i+1 and multiplied by exp(i angle),
+    which costs one complex product instead of slicing and re-stacking halves.
+    """
+    pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
 
 
 def rms_norm(x: Tensor, eps: float = 1e-6) -> Tensor:

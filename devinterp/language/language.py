@@ -144,6 +144,13 @@ class Language:
             labels[:, t + 1], rules[:, t + 1] = label, rule
         return labels, rules
 
+    def next_label(self, tokens: np.ndarray) -> np.ndarray:
+        """(n, k) contexts -> (n,) label of the token that would follow each."""
+        labels = np.zeros(len(tokens), dtype=np.int64)
+        for t, _, label, _ in self._walk(tokens):
+            labels = label
+        return labels
+
     def decode(self, tokens: np.ndarray) -> list[str]:
         return [self.vocab.tokens[i] for i in np.asarray(tokens).tolist()]
 

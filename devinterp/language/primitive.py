@@ -17,6 +17,17 @@ import numpy as np
 from devinterp.language.spec import SpecError, Vocab, check_keys, require_probability
 
 
+@dataclass(frozen=True)
+class MinimalContext:
+    """The fewest visible tokens that make one rule fire, with their positions; positions not
+    listed are empty (zero embedding). The weight-derived headline metric contracts the weights
+    with exactly these one-hot tokens (DESIGN.md, "Weight-derived circuits and metrics")."""
+
+    rule: int  # index into the primitive's rule_names
+    tokens: tuple[int, ...]
+    positions: tuple[int, ...]
+
+
 @dataclass
 class Firing:
     """What a primitive says at one position, for n sequences."""
@@ -31,6 +42,8 @@ class Primitive(ABC):
 
     kind: ClassVar[str]
     extra_keys: ClassVar[set[str]] = set()
+    # headline metric compares distributions over categories instead of tokens
+    category_level: ClassVar[bool] = False
 
     def __init__(self, name: str, p: float, vocab: Vocab, rule_names: list[str]):
         self.name = name
@@ -65,6 +78,10 @@ class Primitive(ABC):
 
         Called once per position in increasing t; stateful primitives update ``state`` here.
         """
+
+    def minimal_contexts(self) -> list[MinimalContext]:
+        """Contexts for the weight-derived headline metric (default: none, probe metrics only)."""
+        return []
 
     @abstractmethod
     def ground_truth(self) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from devinterp.language.primitive import Firing, Primitive
+from devinterp.language.primitive import Firing, MinimalContext, Primitive
 from devinterp.language.spec import Vocab, distribution, require_mapping
 
 
@@ -43,6 +43,9 @@ class Bigram(Primitive):
         current = tokens[:, t]
         rule = self.rule_of_token[current]
         return Firing(fires=rule >= 0, rule=rule, dist=self.table[current])
+
+    def minimal_contexts(self):
+        return [MinimalContext(r, (int(s),), (0,)) for r, s in enumerate(self.sources)]
 
     def ground_truth(self):
         return {"sources": self.sources, "table": self.table}

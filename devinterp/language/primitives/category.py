@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from devinterp.language.primitive import Firing, Primitive
+from devinterp.language.primitive import Firing, MinimalContext, Primitive
 from devinterp.language.spec import SpecError, Vocab, distribution, require_mapping
 
 
 class CategoryTransition(Primitive):
     kind = "category"
     extra_keys = {"transitions"}
+    category_level = True
 
     def __init__(self, name: str, p: float, vocab: Vocab, category_table: np.ndarray):
         super().__init__(name, p, vocab, rule_names=list(vocab.categories))
@@ -52,6 +53,10 @@ class CategoryTransition(Primitive):
             rule=self.vocab.token_category[current],
             dist=self.token_table[current],
         )
+
+    def minimal_contexts(self):
+        """Every token alone; its category is the rule (contexts another rule claims are dropped)."""
+        return [MinimalContext(int(c), (s,), (0,)) for s, c in enumerate(self.vocab.token_category)]
 
     def ground_truth(self):
         return {"category_table": self.category_table, "token_table": self.token_table}

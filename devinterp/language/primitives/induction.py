@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from devinterp.language.primitive import Firing, Primitive
+from devinterp.language.primitive import Firing, MinimalContext, Primitive
 from devinterp.language.spec import Vocab
 
 
@@ -44,6 +44,11 @@ class Induction(Primitive):
         copied = follower[rows, current]
         fires = self.eligible[current] & (copied >= 0)
         return Firing(fires=fires, rule=np.where(fires, 0, -1), dist=np.maximum(copied, 0))
+
+    def minimal_contexts(self):
+        """[x, y, x] for every eligible x and every token y (the prediction should be y)."""
+        return [MinimalContext(0, (int(x), y, int(x)), (0, 1, 2))
+                for x in np.flatnonzero(self.eligible) for y in range(self.vocab.size)]
 
     def ground_truth(self):
         return {"eligible": np.flatnonzero(self.eligible)}

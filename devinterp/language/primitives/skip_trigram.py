@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from devinterp.language.primitive import Firing, Primitive
+from devinterp.language.primitive import Firing, MinimalContext, Primitive
 from devinterp.language.spec import SpecError, Vocab, check_keys, require_int
 
 NEVER = -(10**9)  # "last seen" position of an anchor not yet seen
@@ -68,6 +68,11 @@ class SkipTrigram(Primitive):
         is_anchor = current[:, None] == self.anchors[None, :]
         last_seen[is_anchor] = t
         return Firing(fires=fires, rule=rule, dist=self.rules[np.maximum(rule, 0), 2])
+
+    def minimal_contexts(self):
+        """A at offset d before B, the positions between empty, for d = 1..max_skip."""
+        return [MinimalContext(r, (int(a), int(b)), (0, d))
+                for r, (a, b, _) in enumerate(self.rules.tolist()) for d in range(1, self.max_skip + 1)]
 
     def ground_truth(self):
         return {"rules": self.rules, "max_skip": np.array(self.max_skip)}

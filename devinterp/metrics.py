@@ -1,0 +1,294 @@
+"""Weight-derived metrics: functions from the weights and the language's ground truth to named values.
+
+Headline metrics (one per rule, with progress values). A tensor-transformer is a polynomial of
+its one-hot inputs, so the model's prediction in a rule's minimal context (bigram [s];
+skip-trigram A at offset d before B, the positions between empty, d = 1..max_skip; induction
+[x, y, x]) is an exact contraction of the weights with those tokens and needs no sampled data.
+The metric is KL(rule's true next-token distribution || that prediction), averaged over the
+rule's contexts; "nothing learned" is the same KL for the uniform prediction (what the
+zero-initialised unembedding gives) and "learned" is 0, so progress = 1 - KL / KL_uniform.
+Category transitions compare distributions over categories.
+
+Diagnostics (no progress values): skip-rule trigram push as a z-score against other anchors and
+the rank of the output; previous-token score of layer-0 heads; sign-aware copying score of
+last-layer heads; Q/K/V composition between layers and one combined induction-circuit score;
+per-head QK and OV norms and effective ranks; MLP contribution to the direct path; total norm.
+
+Names follow DESIGN.md: ``<primitive>/<rule>/<metric>``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from devinterp import circuits
+from devinterp.language import Language
+from devinterp.model import ModelConfig, TensorTransformer
+
+NAN = float("nan")
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """A metric's name and attributes, shared by the HDF5 timeline and W&B."""
+
+    name: str
+    kind: str  # weight | diagnostic | probe | train
+    primitive: str
+    rule: str
+    nothing: float = NAN  # value meaning "nothing learned" (progress metrics only)
+    learned: float = NAN  # value meaning "learned"
+
+
+def context_logits(model: TensorTransformer, tokens: Tensor, positions: Tensor, live: Tensor | None = None) -> Tensor:
+    """Exact logits after sparse contexts: tokens, positions, live (n, k) -> (member, n, V) at
+    each context's last slot. Slots with live = False, like positions not listed at all, are
+    empty (zero embedding). In bilinear and squared attention an empty position stays zero
+    through every layer (its query, key and value are zero, and it adds nothing to others), so
+    leaving it out is exact. (Softmax attention would still attend to it; for that comparison
+    variant the contexts are the listed tokens alone.)"""
+    M = model.cfg.n_members
+    x = model.embed(tokens[None].expand(M, -1, -1), positions)  # (M, n, k, D)
+    if live is not None:
+        x = x * live[None, :, :, None]
+    return model.unembed(model.blocks(x, positions)[:, :, -1:])[:, :, 0]
+
+
+class HeadlineMetrics:
+    """One KL metric per rule that has minimal contexts, computed from the weights alone.
+
+    All contexts go through the model in one batch: shorter ones are padded in front with empty
+    slots. Category-level rules compare the model's category distribution (token
+    probabilities summed within categories) with the true one.
+    """
+
+    def __init__(self, language: Language, n_ctx: int, max_contexts_per_rule: int = 64):
+        V = language.d_vocab
+        category_onehot = np.eye(len(language.vocab.categories))[language.vocab.token_category]  # (V, C)
+        infos: list[MetricInfo] = []
+        entries = []  # (metric, tokens, positions, category_level)
+        for index, primitive in enumerate(language.primitives, start=1):
+            by_rule: dict[int, list] = {}
+            for context in primitive.minimal_contexts():
+                if max(context.positions) < n_ctx:
+                    by_rule.setdefault(context.rule, []).append(context)
+            for rule, contexts in sorted(by_rule.items()):
+                if len(contexts) > max_contexts_per_rule:  # evenly spaced, deterministic subset
+                    keep = np.linspace(0, len(contexts) - 1, max_contexts_per_rule).round().astype(int)
+                    contexts = [contexts[i] for i in keep]
+                labels = language.next_label(np.array([c.tokens for c in contexts]))
+                # contexts where a higher-priority rule takes over do not show this rule
+                contexts = [c for c, label in zip(contexts, labels) if label == index]
+                if contexts:
+                    infos.append(MetricInfo(f"{primitive.name}/{primitive.rule_names[rule]}/kl", "weight",
+                                            primitive.name, primitive.rule_names[rule], learned=0.0))
+                    entries += [(len(infos) - 1, c, primitive.category_level) for c in contexts]
+        k = max((len(c.tokens) for _, c, _ in entries), default=1)
+        pad = lambda row, fill: (fill,) * (k - len(row)) + tuple(row)  # noqa: E731
+        tokens = np.array([pad(c.tokens, 0) for _, c, _ in entries], dtype=np.int64).reshape(-1, k)
+        positions = np.array([pad(c.positions, c.positions[0]) for _, c, _ in entries], dtype=np.int64).reshape(-1, k)
+        live = np.array([pad((True,) * len(c.tokens), False) for _, c, _ in entries], dtype=bool).reshape(-1, k)
+        metric = np.array([m for m, _, _ in entries], dtype=np.int64)
+        category_level = np.array([level for _, _, level in entries], dtype=bool)
+        true_next = np.zeros((len(entries), V))  # from the visible tokens only, length by length
+        for length in {len(c.tokens) for _, c, _ in entries}:
+            rows = [i for i, (_, c, _) in enumerate(entries) if len(c.tokens) == length]
+            true_next[rows] = language.true_next_dist(tokens[rows, k - length:])[:, -1]
+        self.tensors: dict[str, Tensor] = {
+            "tokens": torch.from_numpy(tokens), "positions": torch.from_numpy(positions),
+            "live": torch.from_numpy(live), "category_onehot": torch.from_numpy(category_onehot).float()}
+        nothing = np.zeros(len(infos))
+        for level, name in ((False, "token"), (True, "category")):
+            chosen = np.flatnonzero(category_level == level)
+            target = true_next[chosen]
+            uniform = np.full(V, 1.0 / V)
+            if level:
+                target, uniform = target @ category_onehot, uniform @ category_onehot
+            plogp = (target * np.log(np.where(target > 0, target, 1.0))).sum(-1)
+            average = np.zeros((len(infos), len(chosen)))
+            average[metric[chosen], np.arange(len(chosen))] = 1.0
+            average /= np.maximum(average.sum(1, keepdims=True), 1)
+            nothing += average @ (plogp - target @ np.log(uniform))
+            self.tensors.update({
+                f"{name}_index": torch.from_numpy(chosen), f"{name}_target": torch.from_numpy(target).float(),
+                f"{name}_plogp": torch.from_numpy(plogp).float(), f"{name}_average": torch.from_numpy(average).float()})
+        self.infos = [MetricInfo(i.name, i.kind, i.primitive, i.rule, float(n), 0.0) for i, n in zip(infos, nothing)]
+
+    def to(self, device: torch.device) -> "HeadlineMetrics":
+        self.tensors = {name: t.to(device) for name, t in self.tensors.items()}
+        return self
+
+    def compute(self, model: TensorTransformer) -> Tensor:
+        """(n_headline, member) KL values."""
+        t = self.tensors
+        log_q = context_logits(model, t["tokens"], t["positions"], t["live"]).float().log_softmax(-1)  # (M, n, V)
+        token_kl = t["token_plogp"] - (t["token_target"] * log_q[:, t["token_index"]]).sum(-1)  # (M, n_token)
+        category_q = log_q[:, t["category_index"]].exp() @ t["category_onehot"]  # (M, n_category, C)
+        category_kl = t["category_plogp"] - (t["category_target"] * category_q.clamp_min(1e-30).log()).sum(-1)
+        return t["token_average"] @ token_kl.T + t["category_average"] @ category_kl.T
+
+
+def _safe_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """numerator / denominator, 0 where the denominator is 0 (weights at initialisation)."""
+    return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-30), torch.zeros_like(numerator))
+
+
+class Diagnostics:
+    """Mechanism diagnostics of the circuits; no progress values."""
+
+    def __init__(self, language: Language, cfg: ModelConfig, profile_window: int = 16):
+        self.cfg = cfg
+        self.offsets = list(range(min(profile_window, cfg.n_ctx - 1) + 1))  # 0..W
+        self.infos: list[MetricInfo] = []
+        add = lambda name, primitive, rule: self.infos.append(MetricInfo(name, "diagnostic", primitive, rule))  # noqa: E731
+        self.skip_rules = []  # (primitive name, rules (R, 3), max_skip)
+        for p in language.primitives:
+            if p.kind == "skip_trigram":
+                self.skip_rules.append((p.name, torch.from_numpy(p.rules), p.max_skip))
+                for rule in p.rule_names:
+                    add(f"{p.name}/{rule}/push_z", p.name, rule)
+                    add(f"{p.name}/{rule}/out_rank", p.name, rule)
+        induction = next((p.name for p in language.primitives if p.kind == "induction"), "model")
+        L, H, P = cfg.n_layers, cfg.n_heads, cfg.n_pairs
+        self.has_induction_circuit = L >= 2
+        if self.has_induction_circuit:
+            for h in range(H):
+                add(f"{induction}/L0H{h}/prev_token", induction, f"L0H{h}")
+            for h in range(H):
+                add(f"{induction}/L{L - 1}H{h}/copying", induction, f"L{L - 1}H{h}")
+            add(f"{induction}/circuit/score", induction, "circuit")
+        for kind in ("k", "q", "v"):
+            for l1 in range(L):
+                for l2 in range(l1 + 1, L):
+                    for a in range(H):
+                        for b in range(H):
+                            add(f"comp/{kind}/L{l1}H{a}->L{l2}H{b}", "comp", f"L{l1}H{a}->L{l2}H{b}")
+        for layer in range(L):
+            for h in range(H):
+                for r in range(P):
+                    add(f"model/L{layer}H{h}/qk{r + 1}_norm", "model", f"L{layer}H{h}")
+                    add(f"model/L{layer}H{h}/qk{r + 1}_rank", "model", f"L{layer}H{h}")
+                add(f"model/L{layer}H{h}/ov_norm", "model", f"L{layer}H{h}")
+                add(f"model/L{layer}H{h}/ov_rank", "model", f"L{layer}H{h}")
+            if cfg.mlp:
+                add(f"model/L{layer}/mlp_direct_norm", "model", f"L{layer}")
+        add("model/all/direct_norm", "model", "all")
+        add("model/all/weight_norm", "model", "all")
+
+    def to(self, device: torch.device) -> "Diagnostics":
+        self.skip_rules = [(n, r.to(device), m) for n, r, m in self.skip_rules]
+        return self
+
+    def compute(self, model: TensorTransformer) -> Tensor:
+        """(n_diagnostics, member) values, in the order of ``infos``."""
+        cfg, rows = self.cfg, []
+        for _, rules, max_skip in self.skip_rules:
+            rows += self._skip_push(model, rules, max_skip)
+        if self.has_induction_circuit:
+            profile0 = circuits.positional_profile(model, 0, self.offsets)  # (M, H, W+1)
+            prev_token = _safe_ratio(profile0[..., 1].abs(), profile0.abs().sum(-1))  # (M, H)
+            last = cfg.n_layers - 1
+            copying = self._copying(model, profile0[..., 1], last)  # (M, H)
+            k_comp = circuits.composition(model, 0, last)["k"]  # (M, H0, H_last)
+            circuit = (prev_token[:, :, None] * k_comp * copying.clamp_min(0)[:, None, :]).flatten(1).amax(1)
+            rows += list(prev_token.T) + list(copying.T) + [circuit]
+        compositions = {}
+        for l1 in range(cfg.n_layers):
+            for l2 in range(l1 + 1, cfg.n_layers):
+                compositions[(l1, l2)] = circuits.composition(model, l1, l2)
+        for kind in ("k", "q", "v"):
+            for l1 in range(cfg.n_layers):
+                for l2 in range(l1 + 1, cfg.n_layers):
+                    rows += list(compositions[(l1, l2)][kind].flatten(1).T)
+        for layer in range(cfg.n_layers):
+            q, k = circuits.query_key_vectors(model, layer)  # (M, P, H, V, dh)
+            qk_norm, qk_rank = circuits.frobenius_and_effective_rank(circuits.gram_spectrum(q, k))
+            left, right = circuits.ov_factors(model, layer)
+            ov_norm, ov_rank = circuits.frobenius_and_effective_rank(
+                circuits.gram_spectrum(left, right.transpose(-1, -2)))  # (M, H)
+            qk_norm, qk_rank = qk_norm / cfg.d_head, qk_rank
+            for h in range(cfg.n_heads):
+                for r in range(cfg.n_pairs):
+                    rows += [qk_norm[:, r, h], qk_rank[:, r, h]]
+                rows += [ov_norm[:, h], ov_rank[:, h]]
+            if cfg.mlp:
+                rows.append(circuits.mlp_direct_path(model, layer).flatten(1).norm(dim=1))
+        rows.append(circuits.direct_path(model).flatten(1).norm(dim=1))
+        rows.append(torch.stack([p.flatten(1).pow(2).sum(1) for p in model.parameters()]).sum(0).sqrt())
+        assert len(rows) == len(self.infos), f"{len(rows)} values for {len(self.infos)} diagnostics"
+        return torch.stack(rows).float()
+
+    @staticmethod
+    def _copying(model: TensorTransformer, previous_weight: Tensor, layer: int) -> Tensor:
+        """Sign-aware copying score of each head of ``layer``: the z-score of its OV diagonal
+        (output = source token) against all OV entries, times the sign of its pattern in the
+        induction match (query token x, key holding x written by the layer-0 heads, each
+        weighted by its signed pattern at offset 1). A negative match times a negative OV
+        diagonal copies. (member, head)."""
+        cfg = model.cfg
+        ov = circuits.ov(model, layer)  # (M, H, V, V)
+        diag_excess = ov.diagonal(dim1=-2, dim2=-1).mean(-1) - ov.mean((-1, -2))
+        z = _safe_ratio(diag_excess, ov.flatten(-2).std(-1))
+        written = (model.W_E[:, None] @ circuits.head_ov_matrices(model, 0))  # (M, H0, V, D)
+        key_input = (previous_weight[..., None, None] * written).sum(1)  # (M, V, D)
+        q = model.W_E[:, None, None] @ model.W_Q[:, layer]  # (M, P, H, V, dh)
+        k = key_input[:, None, None] @ model.W_K[:, layer]
+        match = circuits.combine_pairs((q * k).sum(-1) / cfg.d_head, cfg.attention).mean(-1)  # (M, H)
+        return match.sign() * z
+
+    def _skip_push(self, model: TensorTransformer, rules: Tensor, max_skip: int) -> list[Tensor]:
+        """Per rule: z-score of the trigram push on C from anchor A against all other keys, and
+        the rank of C among outputs pushed from (B, A) (0 = top). Summed over heads and layers,
+        averaged over offsets 1..max_skip."""
+        V = model.cfg.d_vocab
+        R = rules.shape[0]
+        anchor, trigger, out = rules[:, 0], rules[:, 1], rules[:, 2]
+        every = torch.arange(V, device=rules.device)
+        offsets = list(range(1, max_skip + 1))
+        by_key = by_out = 0
+        for layer in range(model.cfg.n_layers):
+            by_key = by_key + circuits.trigram_entries(  # query B, key: every token, out C
+                model, layer, trigger.repeat_interleave(V), every.repeat(R), out.repeat_interleave(V), offsets
+            ).sum(1).mean(-1).view(-1, R, V)
+            by_out = by_out + circuits.trigram_entries(  # query B, key A, out: every token
+                model, layer, trigger.repeat_interleave(V), anchor.repeat_interleave(V), every.repeat(R), offsets
+            ).sum(1).mean(-1).view(-1, R, V)
+        own = by_key.gather(2, anchor[None, :, None].expand(by_key.shape[0], -1, -1))[..., 0]  # (M, R)
+        z = _safe_ratio(own - by_key.mean(-1), by_key.std(-1))
+        pushed = by_out.gather(2, out[None, :, None].expand(by_out.shape[0], -1, -1))  # (M, R, 1)
+        rank = (by_out > pushed).sum(-1).float()  # (M, R)
+        return [v for r in range(R) for v in (z[:, r], rank[:, r])]
+
+
+class WeightMetrics:
+    """Headline metrics and diagnostics together: ``compute(model)`` -> (n_metrics, member)."""
+
+    def __init__(self, language: Language, cfg: ModelConfig, diagnostics: bool = True):
+        self.headline = HeadlineMetrics(language, cfg.n_ctx)
+        self.diagnostics = Diagnostics(language, cfg) if diagnostics else None
+        self.infos = self.headline.infos + (self.diagnostics.infos if self.diagnostics else [])
+
+    def to(self, device: torch.device) -> "WeightMetrics":
+        self.headline.to(device)
+        if self.diagnostics:
+            self.diagnostics.to(device)
+        return self
+
+    @torch.inference_mode()
+    def compute(self, model: TensorTransformer) -> Tensor:
+        values = [self.headline.compute(model)]
+        if self.diagnostics:
+            values.append(self.diagnostics.compute(model))
+        return torch.cat(values)
+
+
+def progress(value: np.ndarray | float, info: MetricInfo) -> np.ndarray | float:
+    """(value - nothing) / (learned - nothing): 0 = nothing learned, 1 = learned."""
+    if math.isnan(info.nothing) or info.nothing == info.learned:
+        raise ValueError(f"{info.name}: not a progress metric")
+    return (np.asarray(value) - info.nothing) / (info.learned - info.nothing)

@@ -1,0 +1,144 @@
+"""Weight-derived metrics: planted models report their rule learned; zero and random weights do
+not; and every headline value equals the same KL recomputed from activations of the model run
+forward on the crafted inputs."""
+
+import numpy as np
+import pytest
+import torch
+
+from devinterp.language import load_language
+from devinterp.metrics import HeadlineMetrics, WeightMetrics, progress
+from devinterp.model import ModelConfig, TensorTransformer
+from tests.conftest import SEED_SPEC_PATH
+from tests.planted import planted_bigram, planted_induction, planted_skip_trigram
+
+
+@pytest.fixture(scope="module")
+def language():
+    return load_language(SEED_SPEC_PATH)
+
+
+def progress_by_name(model, language, primitive):
+    metrics = WeightMetrics(language, model.cfg)
+    values = metrics.compute(model)[:, 0].double().numpy()
+    return {i.name: float(progress(v, i)) for i, v in zip(metrics.infos, values)
+            if i.kind == "weight" and i.primitive == primitive}
+
+
+@pytest.mark.parametrize("primitive,build", [
+    ("bigram", planted_bigram), ("skip_trigram", planted_skip_trigram), ("induction", planted_induction),
+])
+def test_planted_model_reports_its_rule_learned(language, primitive, build):
+    planted = progress_by_name(build(language), language, primitive)
+    assert planted and all(p > 0.99 for p in planted.values()), planted
+    others = [p for name, p in progress_by_name(build(language), language, "category").items()]
+    assert all(p < 0.5 for p in others)  # the planted rule only
+
+
+@pytest.mark.parametrize("primitive", ["bigram", "skip_trigram", "induction", "category"])
+def test_zero_and_random_weights_report_nothing_learned(language, primitive):
+    cfg = ModelConfig(d_vocab=language.d_vocab, n_ctx=16, n_members=3, d_model=32, d_head=8)
+    initial = TensorTransformer(cfg, seed=0)  # W_O = W_U = 0: the uniform prediction
+    assert all(p == pytest.approx(0.0, abs=1e-5) for p in progress_by_name(initial, language, primitive).values())
+    random = TensorTransformer(cfg, seed=1)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        random.W_O.normal_(0, 0.3, generator=generator)
+        random.W_U.normal_(0, 0.1, generator=generator)
+    for member in range(3):
+        metrics = WeightMetrics(language, cfg)
+        values = metrics.compute(random)[:, member].numpy()
+        progresses = [progress(v, i) for i, v in zip(metrics.infos, values) if i.primitive == primitive and i.kind == "weight"]
+        assert max(progresses) < 0.5
+
+
+def test_planted_induction_diagnostics(language):
+    model = planted_induction(language)
+    metrics = WeightMetrics(language, model.cfg)
+    values = dict(zip([i.name for i in metrics.infos], metrics.compute(model)[:, 0].tolist()))
+    assert values["induction/L0H0/prev_token"] == pytest.approx(1.0)
+    assert values["induction/L0H1/prev_token"] == 0.0
+    assert values["induction/L1H0/copying"] > 3 and values["induction/L1H1/copying"] == 0.0
+    assert values["comp/k/L0H0->L1H0"] > 0.1 and values["comp/k/L0H1->L1H0"] == 0.0
+    assert values["induction/circuit/score"] > 0.1
+
+
+def test_planted_skip_trigram_diagnostics(language):
+    model = planted_skip_trigram(language)
+    metrics = WeightMetrics(language, model.cfg)
+    values = dict(zip([i.name for i in metrics.infos], metrics.compute(model)[:, 0].tolist()))
+    for rule in ("beach..big->at", "garden..old->and", "lake..new->or", "office..small->to"):
+        assert values[f"skip_trigram/{rule}/out_rank"] == 0.0
+        assert values[f"skip_trigram/{rule}/push_z"] > 4
+
+
+def test_negative_pattern_times_negative_ov_still_pushes(language):
+    model = planted_skip_trigram(language)
+    with torch.no_grad():
+        model.W_K[0, 0, 0] *= -1  # pattern = (-s1) * s2 < 0
+        model.W_O[0, 0, 0] *= -1  # OV < 0
+    assert all(p > 0.99 for p in progress_by_name(model, language, "skip_trigram").values())
+
+
+def test_nothing_is_nan_at_initialisation(language):
+    for mlp in (False, True):
+        for attention in ("bilinear", "squared", "softmax"):
+            cfg = ModelConfig(d_vocab=language.d_vocab, n_ctx=16, n_members=2, mlp=mlp, attention=attention,
+                              d_model=16, d_head=4, d_mlp=8)
+            metrics = WeightMetrics(language, cfg)
+            values = metrics.compute(TensorTransformer(cfg, seed=0))
+            assert torch.isfinite(values).all()
+            assert values.shape == (len(metrics.infos), 2)
+            assert len({i.name for i in metrics.infos}) == len(metrics.infos)
+
+
+# ---- weight-derived equals activation-derived --------------------------------------------------
+
+def activation_kl(model, language, tokens_by_slot, n_ctx):
+    """KL(true || model) at the last token of each crafted sequence, run through the full model.
+
+    tokens_by_slot: list of dicts {position: token}; other positions up to the last are empty:
+    their embedding (and position embedding) is set to zero before the first layer."""
+    kls = []
+    for context in tokens_by_slot:
+        length = max(context) + 1
+        tokens = torch.zeros(model.cfg.n_members, 1, length, dtype=torch.long)
+        empty = torch.ones(length, dtype=torch.bool)
+        for position, token in context.items():
+            tokens[:, :, position] = token
+            empty[position] = False
+        x = model.embed(tokens)
+        x[:, :, empty] = 0.0
+        log_q = model.unembed(model.blocks(x))[:, 0, -1].double().log_softmax(-1).detach().numpy()  # (M, V)
+        visible = np.array([[context[p] for p in sorted(context)]])
+        p = language.true_next_dist(visible)[0, -1]
+        kls.append((p * (np.log(np.where(p > 0, p, 1)) - log_q)).sum(-1))
+    return np.mean(kls, axis=0)  # (M,)
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+@pytest.mark.parametrize("attention", ["bilinear", "squared"])
+def test_weight_derived_kl_equals_activation_derived(language, n_layers, positions, attention):
+    n_ctx = 12
+    cfg = ModelConfig(d_vocab=language.d_vocab, n_ctx=n_ctx, n_members=2, n_layers=n_layers, n_heads=2,
+                      d_model=16, d_head=4, attention=attention, positions=positions, mlp=n_layers == 2)
+    model = TensorTransformer(cfg, seed=3).double()
+    with torch.no_grad():
+        model.W_O.normal_(0, 0.5)
+        model.W_U.normal_(0, 0.5)
+    headline = HeadlineMetrics(language, n_ctx)
+    values = dict(zip([i.name for i in headline.infos], headline.compute(model).detach().numpy()))
+    tok = language.vocab.tokens.index
+    # bigram alice: [alice]
+    np.testing.assert_allclose(values["bigram/alice/kl"], activation_kl(model, language, [{0: tok("alice")}], n_ctx),
+                               rtol=1e-5)
+    # skip-trigram beach .. big -> at: beach at offset d before big, d = 1..8, the rest empty
+    contexts = [{0: tok("beach"), d: tok("big")} for d in range(1, 9)]
+    np.testing.assert_allclose(values["skip_trigram/beach..big->at/kl"],
+                               activation_kl(model, language, contexts, n_ctx), rtol=1e-5)
+    # induction: [x, y, x] over eligible x and every y
+    names = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "henry"]
+    contexts = [{0: tok(x), 1: y, 2: tok(x)} for x in names for y in range(language.d_vocab)]
+    np.testing.assert_allclose(values["induction/copy/kl"], activation_kl(model, language, contexts, n_ctx),
+                               rtol=1e-5)
