@@ -88,6 +88,7 @@ class HeadlineMetrics:
                     infos.append(MetricInfo(f"{primitive.name}/{primitive.rule_names[rule]}/kl", "weight",
                                             primitive.name, primitive.rule_names[rule], learned=0.0))
                     entries += [(len(infos) - 1, c, primitive.category_level) for c in contexts]
+        self.contexts = [(m, c) for m, c, _ in entries]  # (metric index, MinimalContext)
         k = max((len(c.tokens) for _, c, _ in entries), default=1)
         pad = lambda row, fill: (fill,) * (k - len(row)) + tuple(row)  # noqa: E731
         tokens = np.array([pad(c.tokens, 0) for _, c, _ in entries], dtype=np.int64).reshape(-1, k)

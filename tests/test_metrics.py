@@ -128,17 +128,23 @@ def test_weight_derived_kl_equals_activation_derived(language, n_layers, positio
         model.W_O.normal_(0, 0.5)
         model.W_U.normal_(0, 0.5)
     headline = HeadlineMetrics(language, n_ctx)
-    values = dict(zip([i.name for i in headline.infos], headline.compute(model).detach().numpy()))
-    tok = language.vocab.tokens.index
-    # bigram alice: [alice]
-    np.testing.assert_allclose(values["bigram/alice/kl"], activation_kl(model, language, [{0: tok("alice")}], n_ctx),
-                               rtol=1e-5)
-    # skip-trigram beach .. big -> at: beach at offset d before big, d = 1..8, the rest empty
-    contexts = [{0: tok("beach"), d: tok("big")} for d in range(1, 9)]
-    np.testing.assert_allclose(values["skip_trigram/beach..big->at/kl"],
-                               activation_kl(model, language, contexts, n_ctx), rtol=1e-5)
-    # induction: [x, y, x] over eligible x and every y
-    names = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "henry"]
-    contexts = [{0: tok(x), 1: y, 2: tok(x)} for x in names for y in range(language.d_vocab)]
-    np.testing.assert_allclose(values["induction/copy/kl"], activation_kl(model, language, contexts, n_ctx),
-                               rtol=1e-5)
+    values = headline.compute(model).detach().numpy()  # (n_metrics, M)
+    names = [i.name for i in headline.infos]
+    for name in ("bigram/alice/kl", "skip_trigram/beach..big->at/kl", "induction/copy/kl", "category/PLACE/kl"):
+        metric = names.index(name)
+        contexts = [dict(zip(c.positions, c.tokens)) for m, c in headline.contexts if m == metric]
+        assert contexts
+        if name.startswith("category"):  # distributions over categories
+            onehot = np.eye(len(language.vocab.categories))[language.vocab.token_category]
+            kls = []
+            for context in contexts:
+                tokens = torch.tensor([[list(context.values())]]).expand(2, 1, -1)
+                q = model(tokens)[:, 0, -1].double().softmax(-1).detach().numpy() @ onehot  # (M, C)
+                p = language.true_next_dist(np.array([list(context.values())]))[0, -1] @ onehot
+                kls.append((p * (np.log(np.where(p > 0, p, 1)) - np.log(q))).sum(-1))
+            np.testing.assert_allclose(values[metric], np.mean(kls, axis=0), rtol=1e-5)
+            continue
+        np.testing.assert_allclose(values[metric], activation_kl(model, language, contexts, n_ctx), rtol=1e-5)
+    # the skip-trigram contexts are beach at offset d before big, d = 1..8, the rest empty
+    skip = [c for m, c in headline.contexts if m == names.index("skip_trigram/beach..big->at/kl")]
+    assert sorted(c.positions for c in skip) == [(0, d) for d in range(1, 9)]
