@@ -1,10 +1,13 @@
 """ProbeMetrics: the learning curves users look at first.
 
 Every ``every_n_steps`` steps (and at step 0 and the last step) every member is evaluated on
-the fixed probe set: per-primitive (and optionally per-rule) excess loss, i.e. the exact
-KL(true next-token distribution || model), and accuracy against the Bayes-optimal guess.
-Medians over members go to ``trainer.loggers`` as ``probe_excess/<primitive>`` and
-``probe_acc/<primitive>``; at the end a table of step 0 against the last step is printed and
+the fixed probe set shared by all members: per-primitive and per-rule excess loss, i.e. the
+exact KL(true next-token distribution || model), accuracy against the Bayes-optimal guess, the
+loss at each position, and the in-context-learning score of Olsson et al. (2022): the loss late
+in the sequence minus the loss early in it (negative once context helps). Rows go to the
+TimelineWriter (group ``probe``, one value per member); medians over members go to
+``trainer.loggers`` grouped by primitive (``<primitive>/probe_excess``,
+``<primitive>/probe_acc``). At the end a table of step 0 against the last step is printed and
 written to ``<run folder>/probe_summary.json``.
 """
 
@@ -15,10 +18,19 @@ import math
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from devinterp.probe import ProbeResult, evaluate_probe
+from callbacks.circuit_metrics import find_writer
+from devinterp.metrics import MetricInfo
+from devinterp.probe import ProbeResult, evaluate_probe, grouped_mean
+
+
+def icl_positions(seq_len: int) -> tuple[int, int]:
+    """(early, late) predicted positions for the ICL score: a tenth of the way in, and the last
+    (Olsson et al. use tokens 50 and 500 of 512)."""
+    return max(1, round(0.1 * (seq_len - 1))), seq_len - 2
 
 
 class ProbeMetrics(L.Callback):
@@ -26,7 +38,7 @@ class ProbeMetrics(L.Callback):
 
     Args:
         every_n_steps: evaluation cadence in optimiser steps (step 0 and the last step always).
-        log_rules: also log every rule's excess loss (``probe_excess/<primitive>/<rule>``).
+        log_rules: also send every rule's excess loss to the loggers (the timeline has them always).
         batch_size: probe sequences per forward pass.
     """
 
@@ -39,6 +51,48 @@ class ProbeMetrics(L.Callback):
         self.first: tuple[int, ProbeResult] | None = None
         self.last: tuple[int, ProbeResult] | None = None
         self.summary: dict | None = None
+        self.infos: list[MetricInfo] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        datamodule = trainer.datamodule
+        language, probe = datamodule.language, datamodule.probe
+        true_next = probe.true_next.double()  # (n, T-1, V)
+        plogp = (true_next * torch.where(true_next > 0, true_next, 1).log()).sum(-1)
+        uniform_kl = (plogp + math.log(language.d_vocab)).flatten()[None]  # (1, positions)
+        labels, rules = probe.labels[:, 1:].flatten(), probe.rules[:, 1:].flatten()
+        by_label = grouped_mean(uniform_kl, labels, len(language.label_names))[0].tolist()
+        by_rule = grouped_mean(uniform_kl, rules, len(language.rule_names))[0].tolist()
+        self.label_columns = [i for i, v in enumerate(by_label) if not math.isnan(v)]
+        self.rule_columns = [i for i, v in enumerate(by_rule) if not math.isnan(v)]
+        names = language.label_names
+        self.infos = [MetricInfo("probe/excess", "probe", "all", "all", float(uniform_kl.mean()), 0.0)]
+        self.infos += [MetricInfo(f"probe_excess/{names[i]}", "probe", names[i], "all", by_label[i], 0.0)
+                       for i in self.label_columns]
+        self.infos += [MetricInfo(f"probe_acc/{names[i]}", "probe", names[i], "all") for i in self.label_columns]
+        for i in self.rule_columns:
+            primitive, rule = language.rule_names[i].split("/", 1)
+            self.infos.append(MetricInfo(f"probe_excess/{primitive}/{rule}", "probe", primitive, rule, by_rule[i], 0.0))
+        T = datamodule.seq_len
+        self.infos += [MetricInfo(f"probe_loss/pos{t + 1}", "probe", "all", f"pos{t + 1}") for t in range(T - 1)]
+        self.icl_early, self.icl_late = icl_positions(T)
+        self.infos.append(MetricInfo("icl/score", "probe", "all", f"pos{self.icl_late + 1}-pos{self.icl_early + 1}"))
+        writer = find_writer(trainer)
+        if writer is not None:
+            writer.declare("probe", self.infos, pl_module.cfg.n_members)
+
+    def values(self, result: ProbeResult) -> torch.Tensor:
+        """One timeline row, (n_metrics, member), in the order of ``infos``."""
+        loss = result.loss_by_position  # (M, T-1)
+        return torch.cat([
+            result.excess[None],
+            result.excess_by_label[:, self.label_columns].T,
+            result.accuracy_by_label[:, self.label_columns].T,
+            result.excess_by_rule[:, self.rule_columns].T,
+            loss.T,
+            (loss[:, self.icl_late] - loss[:, self.icl_early])[None],
+        ])
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
@@ -50,25 +104,27 @@ class ProbeMetrics(L.Callback):
         result = evaluate_probe(pl_module.model, trainer.datamodule.probe, len(language.label_names),
                                 len(language.rule_names), self.batch_size)
         pl_module.train(was_training)
-        result = ProbeResult(*(t.cpu() for t in (result.excess_by_label, result.accuracy_by_label,
-                                                 result.excess_by_rule, result.excess)))
+        result = ProbeResult(*(t.float().cpu() for t in (result.excess_by_label, result.accuracy_by_label,
+                                                         result.excess_by_rule, result.excess, result.loss_by_position)))
         if self.first is None:
             self.first = (step, result)
         self.last = (step, result)
-        self._log(trainer, step, result, language)
+        row = self.values(result).numpy()
+        writer = find_writer(trainer)
+        if writer is not None:
+            writer.append("probe", np.array([step]), row[None])
+        self._log(trainer, step, row)
 
-    def _log(self, trainer, step: int, result: ProbeResult, language) -> None:
-        metrics = {"probe/excess": result.excess.median().item()}
-        excess = result.excess_by_label.nanmedian(0).values.tolist()
-        accuracy = result.accuracy_by_label.nanmedian(0).values.tolist()
-        for name, e, a in zip(language.label_names, excess, accuracy):
-            if not math.isnan(e):
-                metrics[f"probe_excess/{name}"] = e
-                metrics[f"probe_acc/{name}"] = a
-        if self.log_rules:
-            for name, e in zip(language.rule_names, result.excess_by_rule.nanmedian(0).values.tolist()):
-                if not math.isnan(e):
-                    metrics[f"probe_excess/{name}"] = e
+    def _log(self, trainer, step: int, row: np.ndarray) -> None:
+        medians = np.median(row, axis=-1)
+        metrics = {"probe/excess": float(medians[0])}
+        for info, value in zip(self.infos, medians):
+            kind = info.name.split("/")[0]
+            if kind in ("probe_excess", "probe_acc") and info.rule == "all":
+                metrics[f"{info.primitive}/{kind}"] = float(value)
+            elif kind == "probe_excess" and self.log_rules:
+                metrics[info.name] = float(value)
+        metrics["icl/score"] = float(medians[-1])
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
@@ -88,21 +144,18 @@ class ProbeMetrics(L.Callback):
     def make_summary(self, datamodule) -> dict:
         """Per-primitive excess loss (median over members) at the first and last evaluation."""
         (first_step, first), (last_step, last) = self.first, self.last
-        probe = datamodule.probe
-        labels = probe.labels[:, 1:]
+        labels = datamodule.probe.labels[:, 1:]
         rows = {}
-        for i, name in enumerate(datamodule.language.label_names):
-            share = (labels == i).float().mean().item()
-            if share == 0:
-                continue
-            initial = first.excess_by_label[:, i].nanmedian().item()
-            final = last.excess_by_label[:, i].nanmedian().item()
+        for i in self.label_columns:
+            name = datamodule.language.label_names[i]
+            initial = first.excess_by_label[:, i].median().item()
+            final = last.excess_by_label[:, i].median().item()
             rows[name] = {
-                "share": share,
+                "share": (labels == i).float().mean().item(),
                 "initial": initial,
                 "final": final,
                 "fall": 1 - final / initial if initial > 0 else float("nan"),
-                "final_accuracy": last.accuracy_by_label[:, i].nanmedian().item(),
+                "final_accuracy": last.accuracy_by_label[:, i].median().item(),
                 "final_by_member": last.excess_by_label[:, i].tolist(),
             }
         return {"first_step": first_step, "last_step": last_step,
@@ -114,9 +167,6 @@ class ProbeMetrics(L.Callback):
         path = Path(trainer.default_root_dir) / "probe_summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.summary, indent=2))
-
-    def state_dict(self) -> dict:
-        return {"every_n_steps": self.every_n_steps}
 
 
 def format_summary(summary: dict) -> str:

@@ -1,7 +1,7 @@
 """The ``devinterp`` command: LightningCLI for fit/validate, plus ``language show``.
 
-Each ``fit`` writes to ``<run.root>/<run.name>/`` (resolved config.yaml, checkpoints/, wandb/,
-probe_summary.json). The name defaults to the first config file's stem; a folder that already
+Each ``fit`` writes to ``<run.root>/<run.name>/`` (resolved config.yaml, timeline.h5,
+checkpoints/, wandb/, probe_summary.json). The name defaults to the first config file's stem; a folder that already
 exists is never reused: the run gets ``name-2``, ``name-3``, ... and the folder is printed.
 W&B runs offline by default (``--run.wandb_mode online`` to stream, ``disabled`` for none).
 """
@@ -17,7 +17,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
+from callbacks.circuit_metrics import CircuitMetrics
 from callbacks.probe_metrics import ProbeMetrics
+from callbacks.timeline_writer import NonFiniteMetricError, TimelineWriter
 from devinterp.data import ToyLanguageData
 from devinterp.language import SpecError
 from devinterp.module import TensorTransformerModule
@@ -43,6 +45,8 @@ class DevinterpCLI(LightningCLI):
                             default="offline", help="W&B mode; offline files sync later with `wandb sync`")
         parser.add_argument("--run.wandb_project", type=str, default="devinterp")
         parser.add_lightning_class_args(ProbeMetrics, "probe")
+        parser.add_lightning_class_args(CircuitMetrics, "circuits")
+        parser.add_lightning_class_args(TimelineWriter, "timeline")
         parser.link_arguments("model.n_members", "data.n_members")
         parser.link_arguments("model.seed", "data.seed")
         parser.link_arguments("data.seq_len", "model.n_ctx")
@@ -102,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as error:
         print(f"devinterp: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteMetricError as error:
+        print(f"devinterp: error: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

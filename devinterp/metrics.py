@@ -43,6 +43,7 @@ class MetricInfo:
     rule: str
     nothing: float = NAN  # value meaning "nothing learned" (progress metrics only)
     learned: float = NAN  # value meaning "learned"
+    sparse: bool = False  # NaN means "no data at this step" (e.g. no position of a label in a batch)
 
 
 def context_logits(model: TensorTransformer, tokens: Tensor, positions: Tensor, live: Tensor | None = None) -> Tensor:

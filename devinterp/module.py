@@ -2,9 +2,9 @@
 
 Loss = sum over members of each member's mean cross-entropy, so member k's gradients are
 exactly those it would get trained alone, and AdamW (element-wise) updates each member as if it
-were alone. Per-primitive training losses are computed on the device every step, buffered, and
-sent to ``trainer.loggers`` as one dict per step every ``trainer.log_every_n_steps`` steps (one
-host transfer per flush, not one per value).
+were alone. Per-primitive training losses of every member are computed on the device every step
+and left in ``last_loss_row``; the CircuitMetrics callback buffers them with the weight metrics
+and sends them to the timeline and ``trainer.loggers`` in blocks (one host transfer per block).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class TensorTransformerModule(L.LightningModule):
                                norm=norm)
         self.model = TensorTransformer(self.cfg, seed=seed)
         self.label_names = list(label_names or ["start"])
-        self._loss_rows: list[tuple[int, Tensor]] = []  # (step, (member, 1 + n_labels)) on device
+        self.last_loss_row: Tensor | None = None  # (member, 1 + n_labels): loss, then per label
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.model(tokens)
@@ -71,28 +71,10 @@ class TensorTransformerModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         member_loss, per_label = self.member_losses(batch["tokens"], batch["labels"])
-        self._loss_rows.append((self.global_step, torch.cat([member_loss[:, None], per_label], 1).detach()))
-        return member_loss.sum()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if len(self._loss_rows) >= self.trainer.log_every_n_steps:
-            self.flush_losses()
-
-    def on_train_end(self) -> None:
-        self.flush_losses()
-
-    def flush_losses(self) -> None:
-        """Send buffered per-step losses (median over members) to every logger, one dict per step."""
-        if not self._loss_rows:
-            return
-        steps = [s for s, _ in self._loss_rows]
-        values = torch.stack([v for _, v in self._loss_rows]).median(dim=1).values.cpu()  # (steps, 1 + n_labels)
-        self._loss_rows.clear()
-        names = ["train/loss"] + [f"train_loss/{n}" for n in self.label_names]
-        for step, row in zip(steps, values.tolist()):
-            metrics = {n: v for n, v in zip(names, row) if not math.isnan(v)}
-            for logger in self.trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+        self.last_loss_row = torch.cat([member_loss[:, None], per_label], 1).detach()
+        loss = member_loss.sum()
+        self.log("loss", loss / member_loss.shape[0], prog_bar=True, logger=False)
+        return loss
 
     def on_validation_epoch_start(self) -> None:
         self._val_kl: list[Tensor] = []

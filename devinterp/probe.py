@@ -24,6 +24,7 @@ class ProbeResult:
     accuracy_by_label: Tensor  # (member, n_labels)
     excess_by_rule: Tensor  # (member, n_rules)
     excess: Tensor  # (member,): mean KL over all predicted positions
+    loss_by_position: Tensor  # (member, T - 1): cross-entropy of the sampled token t + 1 at each t
 
 
 def grouped_mean(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
@@ -47,7 +48,7 @@ def evaluate_probe(model: TensorTransformer, probe: ProbeSet, n_labels: int, n_r
     """Every member on the shared probe set. Values stay on the model's device."""
     device = model.W_E.device
     M = model.cfg.n_members
-    kl_parts, correct_parts = [], []
+    kl_parts, correct_parts, nll_parts = [], [], []
     for start in range(0, probe.tokens.shape[0], batch_size):
         tokens = probe.tokens[start:start + batch_size].to(device)
         true_next = probe.true_next[start:start + batch_size].to(device)  # (B, T-1, V)
@@ -56,6 +57,7 @@ def evaluate_probe(model: TensorTransformer, probe: ProbeSet, n_labels: int, n_r
         log_p = true_next.clamp_min(1e-30).log()
         kl = (true_next * (log_p - log_q)).sum(-1)  # (M, B, T-1)
         correct = logits.argmax(-1) == true_next.argmax(-1)  # (M, B, T-1)
+        nll_parts.append(-log_q.gather(-1, tokens[None, :, 1:, None].expand(M, -1, -1, 1))[..., 0].sum(1))
         kl_parts.append(kl.flatten(1))
         correct_parts.append(correct.flatten(1).float())
     kl, correct = torch.cat(kl_parts, 1), torch.cat(correct_parts, 1)  # (M, n_positions)
@@ -66,4 +68,5 @@ def evaluate_probe(model: TensorTransformer, probe: ProbeSet, n_labels: int, n_r
         accuracy_by_label=grouped_mean(correct, labels, n_labels),
         excess_by_rule=grouped_mean(kl, rules, n_rules),
         excess=kl.mean(1),
+        loss_by_position=torch.stack(nll_parts).sum(0) / probe.tokens.shape[0],
     )

@@ -1,0 +1,267 @@
+"""TimelineWriter: every metric row of a run in one HDF5 file (DESIGN.md, "HDF5 timeline").
+
+Layout (schema version 1):
+
+    meta/            schema_version, package_version, config, language_spec (string datasets)
+    ground_truth/    vocab, categories, token_category, label_names, rule_names,
+                     <primitive>/<array> (tables and rule indices of the language)
+    <group>/         one per cadence: every_step/, diagnostics/, probe/
+        step         (N,) int64, row r holds the metrics at step[r]
+        values       (N, n_metrics, n_members) float32, chunked along N, resizable
+        names        (n_metrics,) metric names, shared with W&B
+        metric_info/ kind, primitive, rule (strings), nothing, learned (float; NaN if not progress),
+                     sparse (bool: NaN means no data at that step)
+        committed    (1,) int64: rows written and flushed; rows past it may be half-written
+    snapshots/       step (n,) int64 (-1 = not yet), <parameter> (n, *shape) float32: weights
+                     at log-spaced steps, preallocated
+
+Row 0 is step 0, the initial weights. Rows are buffered by their producers and written here in
+blocks; ``commit`` flushes the file, so a killed run keeps every row up to its last commit.
+Non-finite values are caught when a block arrives (no per-step host sync): the rows are written
+and committed, then the run stops with the first bad step and metric named. Only global rank
+zero writes. A run resumed from a checkpoint drops rows at or past the restored step and
+continues. Live mode opens the file with SWMR so another process can read while it is written
+(``h5py.File(path, "r", swmr=True, libver="latest")``; analysis.load_timeline does this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import lightning as L
+import numpy as np
+import yaml
+
+import devinterp
+from devinterp.metrics import MetricInfo
+
+SCHEMA_VERSION = 1
+STRING = h5py.string_dtype()
+
+
+class NonFiniteMetricError(RuntimeError):
+    """A metric became NaN or infinite: the run diverged."""
+
+
+@dataclass
+class _Group:
+    infos: list[MetricInfo]
+    n_members: int
+    pending_rows: int = 0  # rows written since the last commit
+
+
+def _strings(values) -> np.ndarray:
+    return np.array([str(v) for v in values], dtype=object)
+
+
+class TimelineWriter(L.Callback):
+    """Write metric rows to ``<run folder>/<filename>``.
+
+    Args:
+        filename: file name inside the trainer's ``default_root_dir``.
+        flush_every_n_steps: commit cadence; producers hand over their buffered rows first.
+        live: SWMR mode, so another process can read the file while it is written.
+        n_snapshots: weight snapshots at this many log-spaced steps (0 = none); the last
+            snapshot holds the final weights.
+    """
+
+    def __init__(self, filename: str = "timeline.h5", flush_every_n_steps: int = 100, live: bool = False,
+                 n_snapshots: int = 16):
+        if flush_every_n_steps < 1:
+            raise ValueError(f"timeline.flush_every_n_steps: must be at least 1, got {flush_every_n_steps}")
+        self.filename = filename
+        self.flush_every_n_steps = flush_every_n_steps
+        self.live = live
+        self.n_snapshots = n_snapshots
+        self.groups: dict[str, _Group] = {}
+        self.file: h5py.File | None = None
+        self.path: Path | None = None
+        self.snapshot_steps: np.ndarray = np.zeros(0, dtype=np.int64)
+
+    # ---- producers -----------------------------------------------------------------------
+
+    def declare(self, group: str, infos: list[MetricInfo], n_members: int) -> None:
+        """Register a cadence group before training starts (called from producers' ``setup``)."""
+        names = [i.name for i in infos]
+        if len(set(names)) != len(names):
+            raise ValueError(f"timeline group {group!r}: duplicate metric names")
+        self.groups[group] = _Group(infos, n_members)
+
+    def append(self, group: str, steps: np.ndarray, values: np.ndarray) -> None:
+        """Write rows: steps (n,), values (n, n_metrics, n_members). Raises NonFiniteMetricError
+        (after committing the rows) if any value is NaN or infinite."""
+        self._open()
+        if self.file is None:
+            return  # not rank zero, or not training
+        g = self.file[group]
+        n_old = g["step"].shape[0]
+        n_new = n_old + len(steps)
+        g["step"].resize((n_new,))
+        g["values"].resize((n_new, *g["values"].shape[1:]))
+        g["step"][n_old:] = steps
+        g["values"][n_old:] = values.astype(np.float32)
+        self.groups[group].pending_rows += len(steps)
+        dense = ~np.array([i.sparse for i in self.groups[group].infos])  # sparse metrics may be NaN
+        bad = ~np.isfinite(values) & dense[None, :, None]
+        if bad.any():
+            row, metric, member = np.argwhere(bad)[0]
+            self.commit()
+            name = self.groups[group].infos[metric].name
+            raise NonFiniteMetricError(
+                f"training diverged: {name} is {values[row, metric, member]} for member {member} at step "
+                f"{int(steps[row])}; the timeline {self.path} keeps every row up to it")
+
+    def commit(self) -> None:
+        """Mark every written row as committed and flush the file to disk."""
+        if self.file is None:
+            return
+        for name in self.groups:
+            self.file[name]["committed"][0] = self.file[name]["step"].shape[0]
+            self.groups[name].pending_rows = 0
+        self.file.flush()
+
+    # ---- file set-up ---------------------------------------------------------------------
+
+    def _create(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        libver = "latest" if self.live else None  # never "latest" without SWMR (DESIGN.md)
+        f = h5py.File(self.path, "w", libver=libver)
+        meta = f.create_group("meta")
+        meta["schema_version"] = str(SCHEMA_VERSION)
+        meta["package_version"] = devinterp.__version__
+        config = {"model": dict(pl_module.hparams), "data": dict(trainer.datamodule.hparams)}
+        meta["config"] = yaml.safe_dump(config, sort_keys=False)
+        language = trainer.datamodule.language
+        meta["language_spec"] = Path(trainer.datamodule.language_path).read_text()
+        truth = f.create_group("ground_truth")
+        truth["vocab"] = _strings(language.vocab.tokens).astype(STRING)
+        truth["categories"] = _strings(language.vocab.categories).astype(STRING)
+        truth["token_category"] = language.vocab.token_category
+        truth["label_names"] = _strings(language.label_names).astype(STRING)
+        truth["rule_names"] = _strings(language.rule_names).astype(STRING)
+        for key, array in language.ground_truth().items():
+            truth[key] = np.asarray(array)
+        for name, group in self.groups.items():
+            self._create_group(f, name, group)
+        self._create_snapshots(f, trainer, pl_module)
+        self.file = f
+        if self.live:
+            f.swmr_mode = True  # every dataset exists by now, as SWMR requires
+
+    @staticmethod
+    def _create_group(f: h5py.File, name: str, group: _Group) -> None:
+        g = f.create_group(name)
+        n_metrics, M = len(group.infos), group.n_members
+        chunk_rows = max(1, min(1024, 2**18 // max(1, n_metrics * M * 4)))
+        g.create_dataset("step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(chunk_rows,))
+        g.create_dataset("values", shape=(0, n_metrics, M), maxshape=(None, n_metrics, M), dtype=np.float32,
+                         chunks=(chunk_rows, n_metrics, M))
+        g["names"] = _strings(i.name for i in group.infos).astype(STRING)
+        info = g.create_group("metric_info")
+        for field in ("kind", "primitive", "rule"):
+            info[field] = _strings(getattr(i, field) for i in group.infos).astype(STRING)
+        info["nothing"] = np.array([i.nothing for i in group.infos], dtype=np.float64)
+        info["learned"] = np.array([i.learned for i in group.infos], dtype=np.float64)
+        info["sparse"] = np.array([i.sparse for i in group.infos], dtype=bool)
+        g.create_dataset("committed", data=np.zeros(1, dtype=np.int64))
+
+    def _create_snapshots(self, f: h5py.File, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.snapshot_steps = log_spaced_steps(trainer.max_steps, self.n_snapshots)
+        s = f.create_group("snapshots")
+        s.create_dataset("step", data=np.full(len(self.snapshot_steps), -1, dtype=np.int64))
+        s["planned_step"] = self.snapshot_steps
+        for name, param in pl_module.model.named_parameters():
+            s.create_dataset(name, shape=(len(self.snapshot_steps), *param.shape), dtype=np.float32)
+
+    def _reopen_for_resume(self, step: int) -> None:
+        """Open an existing file and drop every row at or past ``step``."""
+        f = h5py.File(self.path, "r+", libver="latest" if self.live else None)
+        for name in self.groups:
+            steps = f[name]["step"][:]
+            keep = int(np.searchsorted(steps, step, side="left"))  # steps are increasing
+            keep = min(keep, int(f[name]["committed"][0]))
+            f[name]["step"].resize((keep,))
+            f[name]["values"].resize((keep, *f[name]["values"].shape[1:]))
+            f[name]["committed"][0] = keep
+        self.snapshot_steps = f["snapshots"]["planned_step"][:]
+        written = f["snapshots"]["step"][:]
+        f["snapshots"]["step"][:] = np.where(written >= step, -1, written)
+        f.flush()
+        self.file = f
+        if self.live:
+            f.swmr_mode = True
+
+    # ---- hooks ---------------------------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer, self._module = (trainer, pl_module) if stage == "fit" else (None, None)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._open()
+
+    def _open(self) -> None:
+        """Create (or, resuming, reopen) the file once training has started and the restored
+        step is known; producers may call in first, from their own on_train_start."""
+        trainer, pl_module = getattr(self, "_trainer", None), getattr(self, "_module", None)
+        if self.file is not None or trainer is None or not trainer.is_global_zero:
+            return
+        self.path = Path(trainer.default_root_dir) / self.filename
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if trainer.global_step > 0 and self.path.exists():
+            self._reopen_for_resume(trainer.global_step)
+        elif self.path.exists():
+            raise FileExistsError(f"{self.path}: a timeline already exists; a new run needs a new folder")
+        else:
+            self._create(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._snapshot(trainer.global_step, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.flush_every_n_steps == 0:
+            self.commit()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._snapshot(trainer.global_step, pl_module, final=True)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        """Close after every callback's on_train_end has handed over its last rows."""
+        self.close()
+        self._trainer = self._module = None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.commit()
+            self.file.close()
+            self.file = None
+
+    def _snapshot(self, step: int, pl_module: L.LightningModule, final: bool = False) -> None:
+        if self.file is None or not len(self.snapshot_steps):
+            return
+        slot = len(self.snapshot_steps) - 1 if final else np.flatnonzero(self.snapshot_steps == step)
+        if not final and not len(slot):
+            return
+        slot = int(slot if final else slot[0])
+        s = self.file["snapshots"]
+        for name, param in pl_module.model.named_parameters():
+            s[name][slot] = param.detach().float().cpu().numpy()  # a host copy, at log-spaced steps only
+        s["step"][slot] = step
+
+    def state_dict(self) -> dict:
+        """Rows per group when the checkpoint was taken; a resume truncates to the restored step."""
+        rows = {}
+        if self.file is not None:
+            rows = {name: int(self.file[name]["step"].shape[0]) for name in self.groups}
+        return {"filename": self.filename, "rows": rows}
+
+
+def log_spaced_steps(max_steps: int, n: int) -> np.ndarray:
+    """About n distinct steps from 0 to max_steps, log-spaced in step + 1, both ends included."""
+    if n <= 0 or max_steps is None or max_steps < 0:
+        return np.zeros(0, dtype=np.int64)
+    steps = np.round(np.geomspace(1, max_steps + 1, num=n)).astype(np.int64) - 1
+    return np.union1d(steps, [0, max_steps])
