@@ -104,11 +104,15 @@ class CircuitMetrics(L.Callback):
         self.flush(trainer)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        if not isinstance(exception, NonFiniteMetricError):
-            try:
-                self.flush(trainer)
-            except NonFiniteMetricError:
-                pass
+        self.drain(trainer)
+
+    def drain(self, trainer: L.Trainer) -> None:
+        """Hand every buffered row over while the run is stopping; a non-finite value here is
+        already the reason it stops (the rows are written either way)."""
+        try:
+            self.flush(trainer)
+        except NonFiniteMetricError:
+            pass
 
     def flush(self, trainer: L.Trainer) -> None:
         """Move buffered rows to the host (one transfer per buffer) and hand them on."""

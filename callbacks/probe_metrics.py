@@ -130,7 +130,8 @@ class ProbeMetrics(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.first = self.last = None
-        self._evaluate(trainer, pl_module)
+        if trainer.global_step % self.every_n_steps == 0:  # step 0; a resumed run keeps the cadence
+            self._evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps == 0:

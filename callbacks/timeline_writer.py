@@ -231,6 +231,9 @@ class TimelineWriter(L.Callback):
         self._trainer = self._module = None
 
     def on_exception(self, trainer, pl_module, exception) -> None:
+        for callback in trainer.callbacks:  # producers first hand over what they buffered
+            if callback is not self and hasattr(callback, "drain"):
+                callback.drain(trainer)
         self.close()
 
     def close(self) -> None:

@@ -44,8 +44,10 @@ class DevinterpCLI(LightningCLI):
         parser.add_argument("--run.wandb_mode", type=Literal["offline", "online", "disabled"],
                             default="offline", help="W&B mode; offline files sync later with `wandb sync`")
         parser.add_argument("--run.wandb_project", type=str, default="devinterp")
-        parser.add_lightning_class_args(ProbeMetrics, "probe")
+        # order matters at a step's end: weight rows are buffered before a probe can stop the
+        # run, and the writer (last) closes only after the others handed over their rows
         parser.add_lightning_class_args(CircuitMetrics, "circuits")
+        parser.add_lightning_class_args(ProbeMetrics, "probe")
         parser.add_lightning_class_args(TimelineWriter, "timeline")
         parser.link_arguments("model.n_members", "data.n_members")
         parser.link_arguments("model.seed", "data.seed")

@@ -1,0 +1,175 @@
+"""The HDF5 timeline: one row per step, resumable, live-readable, and stops on divergence."""
+
+import re
+import subprocess
+import sys
+import time
+
+import h5py
+import lightning as L
+import numpy as np
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+
+from callbacks import CircuitMetrics, NonFiniteMetricError, ProbeMetrics, TimelineWriter
+from devinterp.cli import main
+from devinterp.data import ToyLanguageData
+from devinterp.metrics import MetricInfo
+from devinterp.module import TensorTransformerModule
+from tests.conftest import ROOT, SEED_SPEC_PATH
+
+TINY = ROOT / "tests" / "data" / "tiny.yaml"
+NAME = re.compile(r"^[a-z_]+/[^/\s]+(/[a-z_0-9]+)?$")
+
+
+class RecordingLogger(Logger):
+    """Keeps every log_metrics call, as W&B would receive them."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[int, dict]] = []
+
+    name = "recording"
+    version = 0
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def fit(root, max_steps, ckpt_path=None, live=False, lr=3e-3, every_n_train_steps=None, logger=None):
+    data = ToyLanguageData(language=str(SEED_SPEC_PATH), seq_len=16, batch_size=4, n_members=2, seed=0,
+                           probe_size=8, steps_per_block=4)
+    module = TensorTransformerModule(d_vocab=data.d_vocab, n_ctx=16, label_names=data.label_names, n_members=2,
+                                     n_layers=2, n_heads=2, d_model=16, d_head=8, warmup_steps=2, lr=lr)
+    callbacks = [CircuitMetrics(diagnostics_every_n_steps=3, flush_every_n_steps=4),
+                 ProbeMetrics(every_n_steps=5), TimelineWriter(flush_every_n_steps=4, live=live, n_snapshots=5)]
+    if every_n_train_steps:
+        callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=every_n_train_steps,
+                                         save_top_k=-1))
+    trainer = L.Trainer(max_steps=max_steps, default_root_dir=root, logger=logger or False, callbacks=callbacks,
+                        enable_checkpointing=bool(every_n_train_steps), enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", deterministic=True)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return root / "timeline.h5"
+
+
+def read(path, group):
+    with h5py.File(path, "r") as f:
+        g = f[group]
+        return g["step"][:], g["values"][:], [n.decode() for n in g["names"][:]], int(g["committed"][0])
+
+
+def test_one_row_per_step_with_design_names_and_ground_truth(tmp_path):
+    logger = RecordingLogger()
+    path = fit(tmp_path, 12, logger=logger)
+    steps, values, names, committed = read(path, "every_step")
+    np.testing.assert_array_equal(steps, np.arange(12))
+    assert committed == 12 and values.shape[1:] == (len(names), 2)
+    assert all(NAME.match(n) for n in names), [n for n in names if not NAME.match(n)]
+    assert {"bigram/alice/kl", "skip_trigram/beach..big->at/kl", "induction/copy/kl", "train/loss",
+            "train_loss/bigram"} <= set(names)
+    # row 0 is the initial weights: W_U = 0, so every headline KL equals its "nothing learned" value
+    with h5py.File(path, "r") as f:
+        nothing = f["every_step/metric_info/nothing"][:]
+        kinds = [k.decode() for k in f["every_step/metric_info/kind"][:]]
+        weight = np.array([k == "weight" for k in kinds])
+        np.testing.assert_allclose(values[0, weight], np.repeat(nothing[weight, None], 2, 1), rtol=1e-5)
+        assert f["meta/schema_version"][()].decode() == "1"
+        assert "skip_trigram" in f["meta/language_spec"][()].decode()
+        assert [t.decode() for t in f["ground_truth/vocab"][:3]] == ["alice", "bob", "carol"]
+        np.testing.assert_array_equal(f["ground_truth/skip_trigram/rules"][0], [22, 18, 26])  # beach, big, at
+        snapshot_steps = f["snapshots/step"][:]
+        assert snapshot_steps[0] == 0 and snapshot_steps[-1] == 12 and (snapshot_steps >= 0).all()
+        np.testing.assert_array_equal(f["snapshots/W_U"][0], 0.0)  # initial unembedding
+        assert np.abs(f["snapshots/W_U"][-1]).sum() > 0
+    probe_steps, _, probe_names, _ = read(path, "probe")
+    np.testing.assert_array_equal(probe_steps, [0, 5, 10, 12])
+    assert {"probe_excess/bigram", "probe_excess/bigram/alice", "icl/score", "probe_loss/pos1"} <= set(probe_names)
+    np.testing.assert_array_equal(read(path, "diagnostics")[0], [0, 3, 6, 9])
+    # loggers: one dict per step for the weight rows, keys grouped by primitive
+    per_step = [step for step, metrics in logger.calls if "bigram/weight_progress" in metrics]
+    assert per_step == list(range(12))
+    first = next(m for s, m in logger.calls if "bigram/weight_progress" in m)
+    assert first["bigram/weight_progress"] == pytest.approx(0.0, abs=1e-5)
+    assert {"train/loss", "bigram/train_loss", "skip_trigram/weight_progress"} <= set(first)
+    assert any("bigram/probe_excess" in m for _, m in logger.calls)
+
+
+def test_resumed_run_has_every_step_once_and_equals_an_uninterrupted_run(tmp_path):
+    whole = fit(tmp_path / "whole", 12)
+    first_part = tmp_path / "parts"
+    fit(first_part, 8, every_n_train_steps=4)  # rows up to step 7, then resume from step 4
+    fit(first_part, 12, ckpt_path=first_part / "checkpoints" / "epoch=0-step=4.ckpt")
+    for group in ("every_step", "probe", "diagnostics"):
+        steps, values, names, committed = read(first_part / "timeline.h5", group)
+        whole_steps, whole_values, whole_names, _ = read(whole, group)
+        np.testing.assert_array_equal(steps, whole_steps)
+        assert committed == len(steps) and names == whole_names
+        np.testing.assert_allclose(values, whole_values, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_rows(tmp_path, capsys):
+    code = main(["fit", "--config", str(TINY), "--run.root", str(tmp_path), "--run.wandb_mode", "disabled",
+                 "--data.language", str(SEED_SPEC_PATH), "--model.lr", "1000", "--model.warmup_steps", "1",
+                 "--trainer.max_steps", "40"])
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 3
+    match = re.search(r"training diverged: (\S+) is (nan|inf|-inf) for member \d at step (\d+)", message)
+    assert match, message
+    bad_step = int(match.group(3))
+    steps, values, names, committed = read(tmp_path / "tiny" / "timeline.h5", "every_step")
+    assert committed == len(steps) and steps[-1] >= bad_step - 1 and bad_step < 40
+    probe_steps, probe_values, _, _ = read(tmp_path / "tiny" / "timeline.h5", "probe")
+    everything = np.concatenate([values.ravel(), probe_values.ravel()])
+    assert not np.isfinite(everything).all()  # the non-finite values themselves are recorded
+
+
+def test_writer_flags_dense_but_not_sparse_nan(tmp_path):
+    writer = TimelineWriter()
+    infos = [MetricInfo("a/x/kl", "weight", "a", "x"), MetricInfo("train_loss/a", "train", "a", "all", sparse=True)]
+    writer.declare("every_step", infos, n_members=1)
+    writer.path = tmp_path / "t.h5"
+    writer.file = h5py.File(writer.path, "w")
+    writer._create_group(writer.file, "every_step", writer.groups["every_step"])
+    writer.append("every_step", np.array([0, 1]), np.array([[[1.0], [np.nan]], [[0.5], [2.0]]]))
+    with pytest.raises(NonFiniteMetricError, match=r"a/x/kl is inf for member 0 at step 2"):
+        writer.append("every_step", np.array([2]), np.array([[[np.inf], [1.0]]]))
+    writer.file.close()
+    steps, values, _, committed = read(writer.path, "every_step")
+    np.testing.assert_array_equal(steps, [0, 1, 2])
+    assert committed == 3 and np.isinf(values[2, 0, 0])
+
+
+def test_live_mode_can_be_read_while_the_run_writes(tmp_path):
+    run = subprocess.Popen(
+        [sys.executable, "-m", "devinterp", "fit", "--config", str(TINY), "--run.root", str(tmp_path),
+         "--run.wandb_mode", "disabled", "--data.language", str(SEED_SPEC_PATH), "--trainer.max_steps", "400",
+         "--timeline.live", "true", "--timeline.flush_every_n_steps", "5", "--circuits.flush_every_n_steps", "5"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    path = tmp_path / "tiny" / "timeline.h5"
+    seen = []
+    deadline = time.time() + 240
+    try:
+        while run.poll() is None and time.time() < deadline:
+            if path.exists():
+                try:
+                    with h5py.File(path, "r", swmr=True, libver="latest") as f:
+                        committed = int(f["every_step/committed"][0])
+                        steps = f["every_step/step"][:committed]
+                        values = f["every_step/values"][:committed]
+                except (OSError, KeyError):
+                    time.sleep(0.2)  # created but not yet in SWMR mode
+                    continue
+                np.testing.assert_array_equal(steps, np.arange(committed))
+                assert np.isfinite(values[:, 0]).all()
+                seen.append(committed)
+            time.sleep(0.3)
+    finally:
+        run.wait(timeout=300)
+    assert run.returncode == 0, run.stderr.read()[-2000:]
+    assert len({s for s in seen if 0 < s < 400}) >= 2, seen  # rows grew while the run was live
+    assert read(path, "every_step")[3] == 400
