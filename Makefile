@@ -28,6 +28,7 @@ test-slow: install
 
 bench: install
 	$(BIN)/python bench/dgp_throughput.py
+	$(BIN)/python bench/tracking_overhead.py
 
 clean:
 	rm -rf $(VENV) runs

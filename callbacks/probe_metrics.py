@@ -42,7 +42,7 @@ class ProbeMetrics(L.Callback):
         batch_size: probe sequences per forward pass.
     """
 
-    def __init__(self, every_n_steps: int = 10, log_rules: bool = False, batch_size: int = 64):
+    def __init__(self, every_n_steps: int = 10, log_rules: bool = False, batch_size: int = 128):
         if every_n_steps < 1:
             raise ValueError(f"probe.every_n_steps: must be at least 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps

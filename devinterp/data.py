@@ -28,6 +28,8 @@ class ProbeSet:
     labels: torch.Tensor  # (n_probe, T) int64, entry t labels token t
     rules: torch.Tensor  # (n_probe, T) int64
     true_next: torch.Tensor  # (n_probe, T - 1, V) float32: p(token t + 1 | tokens <= t)
+    true_plogp: torch.Tensor  # (n_probe, T - 1): sum_v p log p, the negative exact entropy
+    true_top: torch.Tensor  # (n_probe, T - 1) int64: the Bayes-optimal guess
 
 
 class MemberStreams(IterableDataset):
@@ -117,11 +119,14 @@ class ToyLanguageData(L.LightningDataModule):
         if self._probe is None:
             sample = self.language.sample(self.probe_size, self.seq_len, seed=self.probe_seed)
             true_next = self.language.true_next_dist(sample.tokens)[:, :-1]
+            plogp = (true_next * np.log(np.where(true_next > 0, true_next, 1.0))).sum(-1)
             self._probe = ProbeSet(
                 tokens=torch.from_numpy(sample.tokens),
                 labels=torch.from_numpy(sample.labels),
                 rules=torch.from_numpy(sample.rules),
                 true_next=torch.from_numpy(true_next).float(),
+                true_plogp=torch.from_numpy(plogp).float(),
+                true_top=torch.from_numpy(true_next.argmax(-1)),
             )
         return self._probe
 

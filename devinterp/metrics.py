@@ -68,7 +68,7 @@ class HeadlineMetrics:
     probabilities summed within categories) with the true one.
     """
 
-    def __init__(self, language: Language, n_ctx: int, max_contexts_per_rule: int = 64):
+    def __init__(self, language: Language, n_ctx: int, max_contexts_per_rule: int = 32):
         V = language.d_vocab
         category_onehot = np.eye(len(language.vocab.categories))[language.vocab.token_category]  # (V, C)
         infos: list[MetricInfo] = []

@@ -44,19 +44,18 @@ def grouped_mean(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
 
 @torch.inference_mode()
 def evaluate_probe(model: TensorTransformer, probe: ProbeSet, n_labels: int, n_rules: int,
-                   batch_size: int = 64) -> ProbeResult:
+                   batch_size: int = 128) -> ProbeResult:
     """Every member on the shared probe set. Values stay on the model's device."""
     device = model.W_E.device
     M = model.cfg.n_members
     kl_parts, correct_parts, nll_parts = [], [], []
     for start in range(0, probe.tokens.shape[0], batch_size):
-        tokens = probe.tokens[start:start + batch_size].to(device)
-        true_next = probe.true_next[start:start + batch_size].to(device)  # (B, T-1, V)
-        logits = model(tokens[None, :, :-1].expand(M, -1, -1)).float()  # (M, B, T-1, V)
-        log_q = logits.log_softmax(-1)
-        log_p = true_next.clamp_min(1e-30).log()
-        kl = (true_next * (log_p - log_q)).sum(-1)  # (M, B, T-1)
-        correct = logits.argmax(-1) == true_next.argmax(-1)  # (M, B, T-1)
+        rows = slice(start, start + batch_size)
+        tokens = probe.tokens[rows].to(device)
+        true_next = probe.true_next[rows].to(device)  # (B, T-1, V)
+        log_q = model(tokens[None, :, :-1].expand(M, -1, -1)).float().log_softmax(-1)  # (M, B, T-1, V)
+        kl = probe.true_plogp[rows].to(device) - torch.einsum("btv,mbtv->mbt", true_next, log_q)
+        correct = log_q.argmax(-1) == probe.true_top[rows].to(device)  # (M, B, T-1)
         nll_parts.append(-log_q.gather(-1, tokens[None, :, 1:, None].expand(M, -1, -1, 1))[..., 0].sum(1))
         kl_parts.append(kl.flatten(1))
         correct_parts.append(correct.flatten(1).float())

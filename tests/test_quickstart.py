@@ -5,7 +5,10 @@ excess loss on the probe set, median over members, falls by at least 80% from st
 """
 
 import json
+import re
 
+import h5py
+import numpy as np
 import pytest
 
 from devinterp.cli import main
@@ -27,3 +30,17 @@ def test_quickstart_learns_bigrams_and_skip_trigrams(tmp_path, capsys):
     # step 0 is the uniform prediction (zero unembedding): the same for every primitive with a
     # deterministic next token
     assert rows["skip_trigram"]["initial"] == pytest.approx(rows["induction"]["initial"], rel=1e-4)
+
+    # the timeline: one row per training step, in order, named as DESIGN.md says
+    with h5py.File(tmp_path / "quickstart" / "timeline.h5", "r") as f:
+        np.testing.assert_array_equal(f["every_step/step"][:], np.arange(1500))
+        assert int(f["every_step/committed"][0]) == 1500
+        names = [n.decode() for n in f["every_step/names"][:]]
+        assert all(re.fullmatch(r"(bigram|skip_trigram|induction|category)/[^/]+/kl|train/loss|train_loss/\w+", n)
+                   for n in names), names
+        np.testing.assert_array_equal(f["probe/step"][:], np.arange(0, 1501, 10))
+        # the weight-derived bigram metric agrees with the probe: learned at the end
+        values = f["every_step/values"][-1]
+        nothing = f["every_step/metric_info/nothing"][:]
+        alice = names.index("bigram/alice/kl")
+        assert np.median(1 - values[alice] / nothing[alice]) > 0.8
