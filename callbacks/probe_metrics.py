@@ -39,10 +39,12 @@ class ProbeMetrics(L.Callback):
     Args:
         every_n_steps: evaluation cadence in optimiser steps (step 0 and the last step always).
         log_rules: also send every rule's excess loss to the loggers (the timeline has them always).
-        batch_size: probe sequences per forward pass.
+        batch_size: probe sequences per forward pass (per member). Small batches keep the
+            (member, batch, head, pos, pos) attention tensors in cache: on 2 CPU cores 8 sequences
+            at a time evaluated the quickstart's probe set about twice as fast as 64.
     """
 
-    def __init__(self, every_n_steps: int = 10, log_rules: bool = False, batch_size: int = 128):
+    def __init__(self, every_n_steps: int = 10, log_rules: bool = False, batch_size: int = 8):
         if every_n_steps < 1:
             raise ValueError(f"probe.every_n_steps: must be at least 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps

@@ -44,7 +44,7 @@ def grouped_mean(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
 
 @torch.inference_mode()
 def evaluate_probe(model: TensorTransformer, probe: ProbeSet, n_labels: int, n_rules: int,
-                   batch_size: int = 128) -> ProbeResult:
+                   batch_size: int = 8) -> ProbeResult:
     """Every member on the shared probe set. Values stay on the model's device."""
     device = model.W_E.device
     M = model.cfg.n_members

@@ -12,13 +12,13 @@ from tests.conftest import SEED_SPEC_PATH
 SEQ_LEN = 24
 
 
-def small_run(n_members: int, seed: int, steps: int = 20, share_data: bool = False):
+def small_run(n_members: int, seed: int, steps: int = 20, share_data: bool = False, **module_args):
     data = ToyLanguageData(language=str(SEED_SPEC_PATH), seq_len=SEQ_LEN, batch_size=8,
                            n_members=n_members, seed=seed, share_data=share_data, probe_size=16,
                            steps_per_block=4)
     module = TensorTransformerModule(d_vocab=data.d_vocab, n_ctx=SEQ_LEN, label_names=data.label_names,
                                      n_members=n_members, seed=seed, n_layers=2, n_heads=2,
-                                     d_model=16, d_head=8, warmup_steps=5)
+                                     d_model=16, d_head=8, **{"warmup_steps": 5, **module_args})
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         accelerator="cpu")
@@ -107,3 +107,13 @@ def test_training_lowers_the_per_primitive_loss():
                              len(data.label_names), len(data.language.rule_names))
     bigram = data.label_names.index("bigram")
     assert (trained.excess_by_label[:, bigram] < 0.6 * initial.excess_by_label[:, bigram]).all()
+
+
+@pytest.mark.parametrize("schedule,final_factor", [("constant", 1.0), ("cosine", 0.1)])
+def test_learning_rate_warms_up_then_follows_the_schedule(schedule, final_factor):
+    module = small_run(n_members=1, seed=0, steps=20, schedule=schedule, lr=0.01, warmup_steps=5)
+    scheduler = module.trainer.lr_scheduler_configs[0].scheduler
+    factors = [scheduler.lr_lambdas[0](step) for step in range(21)]
+    assert factors[0] == pytest.approx(0.2) and factors[4] == pytest.approx(1.0)  # linear warm-up over 5 steps
+    assert factors[20] == pytest.approx(final_factor)
+    assert module.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * final_factor)
