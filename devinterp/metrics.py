@@ -3,7 +3,8 @@
 Headline metrics (one per rule, with progress values). A tensor-transformer is a polynomial of
 its one-hot inputs, so the model's prediction in a rule's minimal context (bigram [s];
 skip-trigram A at offset d before B, the positions between empty, d = 1..max_skip; induction
-[x, y, x]) is an exact contraction of the weights with those tokens and needs no sampled data.
+[x, y, x] for eligible x and every y the language can put after x) is an exact contraction of
+the weights with those tokens and needs no sampled data.
 The metric is KL(rule's true next-token distribution || that prediction), averaged over the
 rule's contexts; "nothing learned" is the same KL for the uniform prediction (what the
 zero-initialised unembedding gives) and "learned" is 0, so progress = 1 - KL / KL_uniform.
@@ -60,6 +61,24 @@ def context_logits(model: TensorTransformer, tokens: Tensor, positions: Tensor, 
     return model.unembed(model.blocks(x, positions)[:, :, -1:])[:, :, 0]
 
 
+def possible_under(language: Language, contexts: list) -> np.ndarray:
+    """(n,) bool: every step between adjacent listed positions of the context has non-zero
+    probability under the language. [x, y, x] for induction then ranges over the pairs the
+    language can produce (y that can follow x), so the metric asks for copying where copying
+    is what the data teaches, not on token pairs the model never sees."""
+    if not contexts:
+        return np.zeros(0, dtype=bool)
+    tokens = np.array([c.tokens for c in contexts])  # (n, k): one rule's contexts share k
+    positions = np.array([c.positions for c in contexts])
+    dist = language.true_next_dist(tokens)  # (n, k, V)
+    rows = np.arange(len(contexts))
+    ok = np.ones(len(contexts), dtype=bool)
+    for i in range(tokens.shape[1] - 1):
+        adjacent = positions[:, i + 1] == positions[:, i] + 1
+        ok &= ~adjacent | (dist[rows, i, tokens[:, i + 1]] > 0)
+    return ok
+
+
 class HeadlineMetrics:
     """One KL metric per rule that has minimal contexts, computed from the weights alone.
 
@@ -79,6 +98,8 @@ class HeadlineMetrics:
                 if max(context.positions) < n_ctx:
                     by_rule.setdefault(context.rule, []).append(context)
             for rule, contexts in sorted(by_rule.items()):
+                if primitive.possible_contexts_only:
+                    contexts = [c for c, ok in zip(contexts, possible_under(language, contexts)) if ok]
                 if len(contexts) > max_contexts_per_rule:  # evenly spaced, deterministic subset
                     keep = np.linspace(0, len(contexts) - 1, max_contexts_per_rule).round().astype(int)
                     contexts = [contexts[i] for i in keep]

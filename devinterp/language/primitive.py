@@ -44,6 +44,8 @@ class Primitive(ABC):
     extra_keys: ClassVar[set[str]] = set()
     # headline metric compares distributions over categories instead of tokens
     category_level: ClassVar[bool] = False
+    # keep only minimal contexts the language can produce (adjacent tokens with p > 0)
+    possible_contexts_only: ClassVar[bool] = False
 
     def __init__(self, name: str, p: float, vocab: Vocab, rule_names: list[str]):
         self.name = name

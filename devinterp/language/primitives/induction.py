@@ -23,6 +23,7 @@ from devinterp.language.spec import Vocab
 class Induction(Primitive):
     kind = "induction"
     extra_keys = {"eligible"}
+    possible_contexts_only = True  # copy y only where the language can put y after x
 
     def __init__(self, name: str, p: float, vocab: Vocab, eligible: list[int]):
         super().__init__(name, p, vocab, rule_names=["copy"])
@@ -46,7 +47,8 @@ class Induction(Primitive):
         return Firing(fires=fires, rule=np.where(fires, 0, -1), dist=np.maximum(copied, 0))
 
     def minimal_contexts(self):
-        """[x, y, x] for every eligible x and every token y (the prediction should be y)."""
+        """[x, y, x] for every eligible x and token y (the prediction should be y); the metric
+        keeps the pairs the language can produce (``possible_contexts_only``)."""
         return [MinimalContext(0, (int(x), y, int(x)), (0, 1, 2))
                 for x in np.flatnonzero(self.eligible) for y in range(self.vocab.size)]
 
