@@ -49,7 +49,6 @@ class NonFiniteMetricError(RuntimeError):
 class _Group:
     infos: list[MetricInfo]
     n_members: int
-    pending_rows: int = 0  # rows written since the last commit
 
 
 def _strings(values) -> np.ndarray:
@@ -102,7 +101,6 @@ class TimelineWriter(L.Callback):
         g["values"].resize((n_new, *g["values"].shape[1:]))
         g["step"][n_old:] = steps
         g["values"][n_old:] = values.astype(np.float32)
-        self.groups[group].pending_rows += len(steps)
         dense = ~np.array([i.sparse for i in self.groups[group].infos])  # sparse metrics may be NaN
         bad = ~np.isfinite(values) & dense[None, :, None]
         if bad.any():
@@ -119,7 +117,6 @@ class TimelineWriter(L.Callback):
             return
         for name in self.groups:
             self.file[name]["committed"][0] = self.file[name]["step"].shape[0]
-            self.groups[name].pending_rows = 0
         self.file.flush()
 
     # ---- file set-up ---------------------------------------------------------------------
