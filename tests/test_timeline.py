@@ -12,6 +12,7 @@ import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
+from analysis import TimelineError, load_timeline
 from callbacks import CircuitMetrics, NonFiniteMetricError, ProbeMetrics, TimelineWriter
 from devinterp.cli import main
 from devinterp.data import ToyLanguageData
@@ -157,19 +158,49 @@ def test_live_mode_can_be_read_while_the_run_writes(tmp_path):
         while run.poll() is None and time.time() < deadline:
             if path.exists():
                 try:
-                    with h5py.File(path, "r", swmr=True, libver="latest") as f:
-                        committed = int(f["every_step/committed"][0])
-                        steps = f["every_step/step"][:committed]
-                        values = f["every_step/values"][:committed]
-                except (OSError, KeyError):
-                    time.sleep(0.2)  # created but not yet in SWMR mode
+                    timeline = load_timeline(path)
+                except (TimelineError, KeyError):
+                    time.sleep(0.2)  # created, groups not yet in place
                     continue
-                np.testing.assert_array_equal(steps, np.arange(committed))
-                assert np.isfinite(values[:, 0]).all()
-                seen.append(committed)
+                steps = timeline.steps("every_step")
+                np.testing.assert_array_equal(steps, np.arange(len(steps)))
+                assert np.isfinite(timeline.values("train/loss")).all()
+                seen.append(len(steps))
             time.sleep(0.3)
     finally:
         run.wait(timeout=300)
     assert run.returncode == 0, run.stderr.read()[-2000:]
     assert len({s for s in seen if 0 < s < 400}) >= 2, seen  # rows grew while the run was live
     assert read(path, "every_step")[3] == 400
+
+
+def test_load_timeline_reads_committed_rows_and_progress(tmp_path):
+    path = fit(tmp_path, 12)
+    timeline = load_timeline(path)
+    assert timeline.n_members == 2 and set(timeline.groups) == {"every_step", "diagnostics", "probe"}
+    assert timeline.names("skip_trigram/*/kl") == [f"skip_trigram/{r}/kl" for r in
+                                                   ("beach..big->at", "garden..old->and", "lake..new->or", "office..small->to")]
+    progress = timeline.progress("bigram/alice/kl")
+    assert progress.shape == (12, 2) and progress[0] == pytest.approx(0.0, abs=1e-6)
+    assert ((progress >= 0) & (progress <= 1)).all()
+    np.testing.assert_array_equal(timeline.steps("probe_excess/bigram"), [0, 5, 10, 12])
+    with pytest.raises(KeyError, match="not a progress metric"):
+        timeline.progress("probe_acc/bigram")
+    # a killed writer: rows past the last commit are not read back
+    with h5py.File(path, "r+") as f:
+        f["every_step/committed"][0] = 7
+    assert len(load_timeline(path).steps("every_step")) == 7
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p.write_text("not hdf5"), "not a readable HDF5 file"),
+    (lambda p: h5py.File(p, "w").close(), "not a timeline"),
+    (lambda p: h5py.File(p, "w").create_dataset("meta/schema_version", data="99"), "unknown timeline schema version '99'"),
+    (lambda p: None, "no such timeline file"),
+])
+def test_load_timeline_refuses_other_files(tmp_path, make, message):
+    path = tmp_path / "t.h5"
+    make(path)
+    with pytest.raises(TimelineError, match=message) as error:
+        load_timeline(path)
+    assert str(path) in str(error.value)
