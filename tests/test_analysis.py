@@ -1,0 +1,125 @@
+"""Onsets and ordering recover planted truth on synthetic timelines with known onsets."""
+
+import math
+
+import numpy as np
+import pytest
+
+from analysis.onset import Onset, changepoint_onsets, logistic_onsets, pelt, threshold_onsets
+from analysis.ordering import compare, holm, infer_ordering, lead_lag, transitive_reduction
+
+STEPS = np.arange(0, 5001, 5)
+X = np.log(STEPS + 1)
+
+
+def curves(midpoints, width=0.25, noise=0.03, seed=0):
+    """Logistic progress in log-step, one column per midpoint, with Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    mid = np.asarray(midpoints, dtype=float)
+    return 1 / (1 + np.exp(-(X[:, None] - mid[None]) / width)) + rng.normal(0, noise, (len(X), len(mid)))
+
+
+@pytest.mark.parametrize("midpoint", [3.5, 4.5, 6.5])
+def test_detectors_recover_a_planted_midpoint(midpoint):
+    progress = curves([midpoint, midpoint])
+    planted = math.exp(midpoint) - 1
+    t50 = threshold_onsets("m", STEPS, progress, 0.5)
+    fit = logistic_onsets("m", STEPS, progress, n_boot=30)
+    for onset in t50 + fit:
+        assert not onset.censored
+        assert abs(math.log(onset.step + 1) - midpoint) < 0.1, onset  # steps are 5 apart
+    assert all(o.low <= o.step <= o.high for o in fit)
+    assert fit[0].low <= planted * 1.2 and fit[0].high >= planted / 1.2
+    change = changepoint_onsets("m", STEPS, progress)[0]
+    assert not change.censored and math.log(change.step + 1) < midpoint  # learning starts before t50
+
+
+def test_levels_are_ordered_and_never_learned_is_censored():
+    progress = curves([4.0, 20.0])  # the second never rises within 5000 steps
+    t10, t50, t90 = (threshold_onsets("m", STEPS, progress, level) for level in (0.1, 0.5, 0.9))
+    assert t10[0].step < t50[0].step < t90[0].step
+    for detector in (lambda: t50, lambda: logistic_onsets("m", STEPS, progress, n_boot=5),
+                     lambda: changepoint_onsets("m", STEPS, progress)):
+        never = detector()[1]
+        assert never.censored and never.step == 5000.0
+
+
+def test_pelt_finds_planted_changepoints():
+    rng = np.random.default_rng(1)
+    signal = np.concatenate([np.zeros(30), np.ones(40), 0.3 * np.ones(30)]) + rng.normal(0, 0.05, 100)
+    assert pelt(signal, penalty=2 * 0.05 ** 2 * math.log(100)) == [30, 70]
+    assert pelt(rng.normal(0, 0.05, 100), penalty=2 * 0.05 ** 2 * math.log(100)) == []
+
+
+def onset(step, member, censored=False):
+    return Onset("m", member, float(step), float(step), float(step), censored, "t50")
+
+
+def test_compare_counts_censoring_and_clopper_pearson():
+    xs = [onset(100, k) for k in range(10)]
+    ys = [onset(300, k) for k in range(8)] + [onset(5000, 8, censored=True), onset(50, 9)]
+    pair = compare("x", xs, "y", ys)
+    assert (pair.n_units, pair.x_first, pair.y_first) == (10, 9, 1)
+    assert pair.p_x_first == 0.9 and pair.p_x_first_low == pytest.approx(0.5550, abs=1e-3)
+    assert pair.sign_p == pytest.approx(0.021484375)
+    both_censored = compare("x", [onset(5000, 0, True)], "y", [onset(5000, 0, True)])
+    assert both_censored.n_units == 0 and both_censored.sign_p == 1.0
+
+
+def test_holm_and_transitive_reduction():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    edges = [("a", "b"), ("b", "c"), ("a", "c"), ("c", "d"), ("a", "d")]
+    assert sorted(transitive_reduction(edges)) == [("a", "b"), ("b", "c"), ("c", "d")]
+
+
+def synthetic_instance(rng, members=16, spread=0.3, noise=0.05):
+    """Five primitives: A, then B after gap g1, C after g2, D tied with C, N never learned."""
+    g1, g2 = rng.choice([0.3, 0.6, 0.9, 1.5], 2)
+    start = rng.uniform(3.0, 4.0)
+    planted = {"A": start, "B": start + g1, "C": start + g1 + g2, "D": start + g1 + g2, "N": 20.0}
+    onsets = {}
+    for name, midpoint in planted.items():
+        member_midpoints = midpoint + rng.normal(0, spread, members)
+        progress = 1 / (1 + np.exp(-(X[:, None] - member_midpoints[None]) / 0.25))
+        progress = progress + rng.normal(0, noise, progress.shape)
+        onsets[name] = threshold_onsets(name, STEPS, progress, 0.5)
+    return planted, onsets
+
+
+def test_ordering_recovers_planted_edges_over_100_synthetic_instances():
+    rng = np.random.default_rng(2024)
+    spread, alpha = 0.3, 0.01
+    by_gap: dict[float, list[bool]] = {}
+    true_positive = false_positive = missed = tie_edges = tie_pairs = 0
+    for _ in range(100):
+        planted, onsets = synthetic_instance(rng, spread=spread)
+        ordering = infer_ordering(onsets, alpha=alpha)
+        found = set(ordering.edges)
+        for pair in ordering.pairs:
+            gap = planted[pair.y] - planted[pair.x]
+            truth = (pair.x, pair.y) if gap > 0 else (pair.y, pair.x)
+            if gap == 0:
+                tie_pairs += 1
+                tie_edges += bool(pair.edge)
+                continue
+            by_gap.setdefault(round(min(abs(gap), 9.9), 1), []).append(truth in found)
+            wrong_way = (truth[1], truth[0]) in found
+            false_positive += wrong_way
+            if abs(gap) >= 2 * spread:
+                true_positive += truth in found
+                missed += truth not in found
+    precision = true_positive / (true_positive + false_positive)
+    recall = true_positive / (true_positive + missed)
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall, {g: np.mean(v) for g, v in by_gap.items()})
+    # ties: an edge no more often than alpha allows (binomial upper tail at 0.001)
+    assert tie_pairs == 100 and tie_edges <= 4
+    # recall grows with the gap; at the spread itself it is low, as it must be with 16 members
+    recall_by_gap = {g: float(np.mean(v)) for g, v in sorted(by_gap.items())}
+    assert recall_by_gap[0.3] < 0.6 and recall_by_gap[0.6] >= 0.9 and recall_by_gap[0.9] == 1.0
+
+
+def test_lead_lag_recovers_a_planted_lag():
+    progress = curves([3.5, 4.5], noise=0.0)
+    lag = lead_lag(STEPS, progress[:, 0], progress[:, 1])
+    assert lag == pytest.approx(1.0, abs=0.15)
+    assert lead_lag(STEPS, progress[:, 1], progress[:, 0]) == pytest.approx(-lag, abs=0.15)
