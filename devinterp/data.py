@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from devinterp.language import Language, load_language
+from devinterp.language import Language, SpecError, load_language
 
 
 @dataclass
@@ -33,39 +33,62 @@ class ProbeSet:
 
 
 class MemberStreams(IterableDataset):
-    """Yields {tokens, labels} of shape (member, batch, pos) for steps start_step, start_step+1, ..."""
+    """Yields {tokens, labels} of shape (member, batch, pos) for steps start_step, start_step+1, ...
+
+    With a curriculum (``first_language`` for the first ``first_steps`` steps), the block that
+    holds the switch is sampled from both languages and each step takes its own.
+    """
 
     def __init__(self, language: Language, seq_len: int, batch_size: int, stream_seeds: list[int],
-                 steps_per_block: int, start_step: int = 0):
+                 steps_per_block: int, start_step: int = 0, first_language: Language | None = None,
+                 first_steps: int = 0):
         self.language = language
+        self.first_language = first_language
+        self.first_steps = first_steps if first_language is not None else 0
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.stream_seeds = stream_seeds
         self.steps_per_block = steps_per_block
         self.start_step = start_step
 
-    def block(self, block_index: int) -> tuple[np.ndarray, np.ndarray]:
+    def block(self, block_index: int, language: Language | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(member, steps_per_block * batch, pos) tokens and labels of one block."""
+        language = language or self.language
         n = self.steps_per_block * self.batch_size
         cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         tokens, labels = [], []
         for seed in self.stream_seeds:
             if seed not in cache:  # shared data: sample once
-                sample = self.language.sample(n, self.seq_len, seed=[seed, block_index])
+                sample = language.sample(n, self.seq_len, seed=[seed, block_index])
                 cache[seed] = (sample.tokens, sample.labels)
             tokens.append(cache[seed][0])
             labels.append(cache[seed][1])
         return np.stack(tokens), np.stack(labels)
 
+    def _block_for_steps(self, block_index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        first = block_index * self.steps_per_block
+        sources = {}
+        for i in range(self.steps_per_block):
+            language = self.first_language if first + i < self.first_steps else self.language
+            if id(language) not in sources:
+                tokens, labels = self.block(block_index, language)
+                # label ids in the full language's numbering, whichever language sampled them
+                to_full = np.array([self.language.label_names.index(n) for n in language.label_names])
+                sources[id(language)] = (torch.from_numpy(tokens), torch.from_numpy(to_full[labels]))
+        out = []
+        for i in range(self.steps_per_block):
+            language = self.first_language if first + i < self.first_steps else self.language
+            tokens, labels = sources[id(language)]
+            rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            out.append((tokens[:, rows], labels[:, rows]))
+        return out
+
     def __iter__(self):
         step = self.start_step
         while True:
             block_index, offset = divmod(step, self.steps_per_block)
-            tokens, labels = self.block(block_index)
-            tokens, labels = torch.from_numpy(tokens), torch.from_numpy(labels)
-            for i in range(offset, self.steps_per_block):
-                rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
-                yield {"tokens": tokens[:, rows], "labels": labels[:, rows]}
+            for tokens, labels in self._block_for_steps(block_index)[offset:]:
+                yield {"tokens": tokens, "labels": labels}
                 step += 1
 
 
@@ -82,16 +105,27 @@ class ToyLanguageData(L.LightningDataModule):
         probe_size: sequences in the fixed probe set shared by all members.
         probe_seed: seed of the probe set (kept apart from training streams).
         steps_per_block: steps sampled at once per member.
+        knockout: primitives removed from the language (their positions fall back to the next
+            rule down); the probe set and metrics follow the knocked-out language.
+        knockin: a curriculum: train on these primitives alone (with the category fallback)
+            for ``knockin_steps`` steps, then on the full language; probes use the full language.
     """
 
     def __init__(self, language: str = "configs/languages/seed.yaml", seq_len: int = 64,
                  batch_size: int = 32, n_members: int = 1, seed: int = 0, share_data: bool = False,
-                 probe_size: int = 256, probe_seed: int = 2**31 - 1, steps_per_block: int = 16):
+                 probe_size: int = 256, probe_seed: int = 2**31 - 1, steps_per_block: int = 16,
+                 knockout: list[str] | None = None, knockin: list[str] | None = None, knockin_steps: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.language_path = str(language)
         self.language = load_language(Path(language))
         self.language.check_sequence_length(seq_len)
+        if knockout:
+            self.language = self.language.knock_out(list(knockout))
+        self.first_language = self.language.only(list(knockin)) if knockin else None
+        if knockin and knockin_steps < 1:
+            raise SpecError(f"data.knockin_steps: a knock-in needs at least 1 step, got {knockin_steps}")
+        self.knockin_steps = knockin_steps
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.n_members = n_members
@@ -133,7 +167,8 @@ class ToyLanguageData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         start = self.trainer.global_step if self.trainer is not None else 0
         streams = MemberStreams(self.language, self.seq_len, self.batch_size, self.stream_seeds,
-                                self.steps_per_block, start_step=start)
+                                self.steps_per_block, start_step=start, first_language=self.first_language,
+                                first_steps=self.knockin_steps)
         return DataLoader(streams, batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:

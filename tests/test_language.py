@@ -217,3 +217,21 @@ def test_unreadable_spec_files(tmp_path, content, message):
         path.write_text(content)
     with pytest.raises(SpecError, match=message):
         load_language(path)
+
+
+def test_knock_out_falls_back_to_the_next_rule(seed_language):
+    spec = seed_spec()
+    knocked = seed_language.knock_out(["skip_trigram"])
+    assert knocked.label_names == ["start", "induction", "bigram", "category"]
+    reference = {**spec, "primitives": [p for p in spec["primitives"] if p["type"] != "skip_trigram"]}
+    sample = knocked.sample(30, 20, seed=4)
+    dist = knocked.true_next_dist(sample.tokens)
+    for row in range(30):
+        np.testing.assert_allclose(dist[row], reference_next_dist(reference, knocked.decode(sample.tokens[row])),
+                                   atol=1e-12)
+    only = seed_language.only(["bigram"])
+    assert only.label_names == ["start", "bigram", "category"]
+    with pytest.raises(SpecError, match="cannot knock out 'category'"):
+        seed_language.knock_out(["category"])
+    with pytest.raises(SpecError, match="cannot knock out 'trigram': no such primitive"):
+        seed_language.knock_out(["trigram"])

@@ -117,3 +117,17 @@ def test_learning_rate_warms_up_then_follows_the_schedule(schedule, final_factor
     assert factors[0] == pytest.approx(0.2) and factors[4] == pytest.approx(1.0)  # linear warm-up over 5 steps
     assert factors[20] == pytest.approx(final_factor)
     assert module.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * final_factor)
+
+
+def test_knock_in_curriculum_switches_language_at_the_set_step():
+    data = ToyLanguageData(language=str(SEED_SPEC_PATH), seq_len=SEQ_LEN, batch_size=16, n_members=2, seed=3,
+                           steps_per_block=4, knockin=["bigram"], knockin_steps=6)
+    stream = iter(data.train_dataloader().dataset)
+    full = data.language.label_names
+    for step in range(12):
+        labels = next(stream)["labels"]
+        if step < 6:  # bigram alone: no induction or skip-trigram positions can occur
+            assert not torch.isin(labels, torch.tensor([full.index("induction"), full.index("skip_trigram")])).any()
+        else:
+            assert (labels == full.index("induction")).any()
+    assert data.probe.labels.eq(full.index("induction")).any()  # probes use the full language

@@ -151,6 +151,29 @@ class Language:
             labels = label
         return labels
 
+    def knock_out(self, names: list[str]) -> "Language":
+        """The language without these primitives: their positions fall back to the next rule
+        down in priority. The category fallback cannot be knocked out."""
+        return self._keep([p for p in self.primitives if p.name not in names], names, "knock out")
+
+    def only(self, names: list[str]) -> "Language":
+        """The language with just these primitives and the category fallback (a curriculum's
+        first phase: train on X alone)."""
+        return self._keep([p for p in self.primitives if p.name in names or p.kind == "category"], names,
+                          "keep")
+
+    def _keep(self, kept: list[Primitive], names: list[str], verb: str) -> "Language":
+        known = {p.name for p in self.primitives}
+        for name in names:
+            if name not in known:
+                raise SpecError(f"{self.source}: cannot {verb} {name!r}: no such primitive "
+                                f"(primitives: {', '.join(p.name for p in self.primitives)})")
+            if verb == "knock out" and name == self.primitives[-1].name:
+                raise SpecError(f"{self.source}: cannot knock out {name!r}: it is the fallback every position needs")
+        language = Language(self.name, self.vocab, self.start_dist, kept, self.source)
+        language.seq_len = self.seq_len
+        return language
+
     def decode(self, tokens: np.ndarray) -> list[str]:
         return [self.vocab.tokens[i] for i in np.asarray(tokens).tolist()]
 
