@@ -89,6 +89,29 @@ class DevinterpCLI(LightningCLI):
         print(f"run folder: {self.run_dir}", flush=True)
 
 
+def analyze_main(argv: list[str]) -> int:
+    """``devinterp analyze RUN [RUN ...] --out DIR``: onsets, ordering, dependence, report."""
+    import argparse
+
+    from analysis.report import write_report
+    from analysis.timeline import TimelineError
+
+    parser = argparse.ArgumentParser(prog="devinterp analyze", description=analyze_main.__doc__)
+    parser.add_argument("runs", nargs="+", help="run folders, timeline files, or folders of run folders")
+    parser.add_argument("--out", required=True, help="folder for report.md, ordering.json and the PNGs")
+    parser.add_argument("--level", type=float, default=0.5, help="onset level (0.5: t50)")
+    parser.add_argument("--source", choices=["probe", "weight"], default="probe", help="onsets for the ordering")
+    parser.add_argument("--alpha", type=float, default=0.01)
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.runs, args.out, args.level, args.source, args.alpha)
+    except (TimelineError, KeyError) as error:
+        print(f"devinterp: error: {str(error).strip(chr(39))}", file=sys.stderr)
+        return 2
+    print(f"report: {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -98,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             from devinterp.language_show import main as language_main
 
             return language_main(argv[1:])
+        if argv and argv[0] == "analyze":
+            return analyze_main(argv[1:])
+        if argv and argv[0] == "dependence":
+            from devinterp.experiments import main as dependence_main
+
+            return dependence_main(argv[1:])
         DevinterpCLI(
             TensorTransformerModule,
             ToyLanguageData,

@@ -1,0 +1,206 @@
+"""``devinterp analyze``: onsets, ordering, dependence, figures and a report from run folders.
+
+Runs of the full language pool their members (each (run, member) is one unit); knock-out and
+knock-in runs (recognised from their stored config) feed the dependence verdicts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from analysis.dependence import Dependence, dependence, variant_of
+from analysis.onset import Onset, primitive_onsets, primitive_progress
+from analysis.ordering import Ordering, infer_ordering, lead_lag
+from analysis.plots import plot_dag, plot_direct_path, plot_progress, plot_qk_slices, plot_weight_vs_probe
+from analysis.timeline import Timeline, TimelineError, load_timeline
+
+
+@dataclass(frozen=True)
+class Analysis:
+    primitives: list[str]
+    onsets: dict[str, dict[str, list[Onset]]]  # source -> primitive -> onsets over units
+    ordering: Ordering
+    lead_lag: dict[str, float]  # "X->Y": log-step lag of Y behind X (positive: X leads)
+    dependence: list[Dependence]
+    n_units: int
+
+
+def find_timelines(paths: list[str | Path]) -> list[Path]:
+    """Timeline files under the given paths: a file, a run folder, or a folder of run folders."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_file():
+            found.append(path)
+        elif (path / "timeline.h5").is_file():
+            found.append(path / "timeline.h5")
+        elif path.is_dir() and sorted(path.glob("*/timeline.h5")):
+            found += sorted(path.glob("*/timeline.h5"))
+        else:
+            raise TimelineError(f"{path}: no timeline.h5 here or in its run folders")
+    return found
+
+
+def pooled_onsets(timelines: list[Timeline], primitives: list[str], level: float, source: str) -> dict[str, list[Onset]]:
+    pooled: dict[str, list[Onset]] = {p: [] for p in primitives}
+    for timeline in timelines:
+        onsets = primitive_onsets(timeline, primitives, level=level, source=source)
+        for p in primitives:
+            pooled[p] += onsets[p]
+    return pooled
+
+
+def analyze_timelines(timelines: list[Timeline], level: float = 0.5, source: str = "probe",
+                      alpha: float = 0.01) -> Analysis:
+    full = [t for t in timelines if variant_of(t)[0] == "full"]
+    variants = [t for t in timelines if variant_of(t)[0] != "full"]
+    if not full:
+        raise TimelineError("no run of the full language among the timelines (only knock-out/knock-in variants)")
+    primitives = [p for p in full[0].label_names if p != "start"]
+    onsets = {s: pooled_onsets(full, primitives, level, s) for s in ("probe", "weight")}
+    ordering = infer_ordering(onsets[source], alpha=alpha)
+    curves = {p: primitive_progress(full[0], p, source) for p in primitives}
+    lags = {f"{a}->{b}": lead_lag(curves[a][0], curves[a][1], curves[b][1])
+            for i, a in enumerate(primitives) for b in primitives[i + 1:]}
+    found = dependence(full[0], variants, level=level, source=source, alpha=alpha) if variants else []
+    return Analysis(primitives, onsets, ordering, lags, found, len(onsets[source][primitives[0]]))
+
+
+def _median_iqr(onsets: list[Onset]) -> str:
+    learned = [o.step for o in onsets if not o.censored]
+    censored = sum(o.censored for o in onsets)
+    if not learned:
+        return f"censored ({censored}/{len(onsets)} never learned)"
+    q1, q2, q3 = np.percentile(learned, [25, 50, 75])
+    text = f"{q2:.0f} [{q1:.0f}, {q3:.0f}]"
+    return text + (f", {censored}/{len(onsets)} censored" if censored else "")
+
+
+def _disagree(probe: list[Onset], weight: list[Onset]) -> str:
+    a = [math.log(o.step + 1) for o in probe if not o.censored]
+    b = [math.log(o.step + 1) for o in weight if not o.censored]
+    if not a or not b:
+        return "yes (censored in one)" if bool(a) != bool(b) else ""
+    gap = float(np.median(b) - np.median(a))
+    return f"yes (weights {'later' if gap > 0 else 'earlier'} by x{math.exp(abs(gap)):.1f})" if abs(gap) > 0.5 else ""
+
+
+def snapshot_model(timeline_path: Path, slot: int):
+    """The model of a timeline's snapshot ``slot``, rebuilt from its stored config."""
+    import h5py
+
+    from devinterp.model import ModelConfig, TensorTransformer
+
+    with h5py.File(timeline_path, "r") as f:
+        config = yaml.safe_load(f["meta/config"][()].decode())["model"]
+        fields = ModelConfig.__dataclass_fields__
+        cfg = ModelConfig(**{k: v for k, v in config.items() if k in fields})
+        model = TensorTransformer(cfg)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(torch.from_numpy(f["snapshots"][name][slot]))
+        step = int(f["snapshots/step"][slot])
+        truth = {k: [v.decode() for v in f[f"ground_truth/{k}"][()]] for k in ("vocab", "categories")}
+        truth["token_category"] = f["ground_truth/token_category"][()]
+        truth["skip_rules"] = {name: f[f"ground_truth/{name}/rules"][()] for name in f["ground_truth"]
+                               if isinstance(f["ground_truth"][name], h5py.Group) and "rules" in f["ground_truth"][name]}
+        steps = f["snapshots/step"][()]
+    return model, step, truth, steps
+
+
+def circuit_figures(timeline_path: Path, out: Path, n_steps: int = 2) -> list[Path]:
+    """Direct-path heatmaps and skip-rule QK slices at the last snapshot and one midway."""
+    from devinterp import circuits
+
+    _, _, _, steps = snapshot_model(timeline_path, -1)
+    written = np.flatnonzero(steps >= 0)
+    if not len(written):
+        return []
+    slots = sorted({int(written[-1]), int(written[len(written) // 2])})[-n_steps:]
+    paths = []
+    for slot in slots:
+        model, step, truth, _ = snapshot_model(timeline_path, slot)
+        with torch.no_grad():
+            direct = circuits.direct_path(model)[0].numpy()
+            paths.append(plot_direct_path(direct, truth["vocab"], truth["token_category"], truth["categories"],
+                                          step, out / f"direct_path_step{step}.png"))
+            for name, rules in truth["skip_rules"].items():
+                max_skip = min(model.cfg.n_ctx - 1, 8)
+                triggers, anchors = sorted(set(rules[:, 1])), sorted(set(rules[:, 0]))
+                slices = {}
+                for layer in range(model.cfg.n_layers):
+                    pattern = sum(circuits.pattern_at_offset(model, layer, d)[0].sum(0) for d in range(1, max_skip + 1))
+                    slices[f"layer {layer}"] = (pattern / max_skip).numpy()[np.ix_(triggers, anchors)]
+                paths.append(plot_qk_slices(slices, [truth["vocab"][t] for t in triggers],
+                                            [truth["vocab"][a] for a in anchors], step, out / f"qk_{name}_step{step}.png"))
+    return paths
+
+
+def write_report(paths: list[str | Path], out: str | Path, level: float = 0.5, source: str = "probe",
+                 alpha: float = 0.01) -> Path:
+    """Analyse runs and write report.md, ordering.json and the PNGs into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = find_timelines(paths)
+    timelines = [load_timeline(p) for p in files]
+    result = analyze_timelines(timelines, level, source, alpha)
+    full = [(f, t) for f, t in zip(files, timelines) if variant_of(t)[0] == "full"]
+    first_file, first = full[0]
+    figures = []
+    curves = {p: primitive_progress(first, p, source) for p in result.primitives}
+    first_onsets = {p: result.onsets[source][p][:first.n_members] for p in result.primitives}
+    figures.append(plot_progress(curves, first_onsets, out / "progress.png",
+                                 f"{source} progress per primitive ({first.n_members} members, t{round(level * 100)} marked)"))
+    both = {p: {s: primitive_progress(first, p, s) for s in ("weight", "probe")} for p in result.primitives}
+    figures.append(plot_weight_vs_probe(both, out / "weight_vs_probe.png"))
+    figures.append(plot_dag(result.primitives, list(result.ordering.dag), out / "ordering_dag.png"))
+    figures += circuit_figures(first_file, out)
+
+    t = f"t{round(level * 100)}"
+    lines = [f"# Analysis of {len(files)} run(s)", "",
+             f"Runs: {', '.join(str(f.parent) for f in files)}. Units (run, member) of the full language: "
+             f"{result.n_units}. Onset = {t} of each primitive's progress (median over its rules); "
+             f"ordering from the {source} onsets, Holm-corrected Wilcoxon at alpha = {alpha}.", "",
+             "## Onsets (step; median [IQR] over units)", "",
+             f"| primitive | probe {t} | weight {t} | probe and weights disagree |", "|---|---|---|---|"]
+    for p in result.primitives:
+        probe, weight = result.onsets["probe"][p], result.onsets["weight"][p]
+        lines.append(f"| {p} | {_median_iqr(probe)} | {_median_iqr(weight)} | {_disagree(probe, weight)} |")
+    lines += ["", "A censored onset means the primitive was never learned by the last step: it is reported as "
+              "censored, not as a late number.", "", "## Ordering", "",
+              "| X | Y | units | X first | Y first | P(X first) [95% CI] | median gap (log step) | sign p | "
+              "Wilcoxon p | Holm p | edge | lead-lag (log step) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for pair in result.ordering.pairs:
+        edge = {"x->y": f"{pair.x} -> {pair.y}", "y->x": f"{pair.y} -> {pair.x}"}.get(pair.edge, "")
+        lag = result.lead_lag.get(f"{pair.x}->{pair.y}", math.nan)
+        lines.append(f"| {pair.x} | {pair.y} | {pair.n_units} | {pair.x_first} | {pair.y_first} | "
+                     f"{pair.p_x_first:.2f} [{pair.p_x_first_low:.2f}, {pair.p_x_first_high:.2f}] | "
+                     f"{pair.median_log_gap:+.2f} | {pair.sign_p:.2g} | {pair.wilcoxon_p:.2g} | {pair.holm_p:.2g} | "
+                     f"{edge} | {lag:+.2f} |")
+    dag = ", ".join(f"{a} -> {b}" for a, b in result.ordering.dag) or "no significant edge"
+    lines += ["", f"Ordering DAG (transitive reduction): {dag}.", "", "![ordering](ordering_dag.png)", ""]
+    if result.dependence:
+        lines += ["## Dependence (knock-out / knock-in)", "",
+                  "| Y | X | knock-out shift [95% CI], blocked | knock-in shift [95% CI] | verdict |", "|---|---|---|---|---|"]
+        for d in result.dependence:
+            fmt = lambda s: ("-" if s is None else f"{s.median:+.2f} [{s.low:+.2f}, {s.high:+.2f}], p {s.p:.2g}"  # noqa: E731
+                             + (f", blocked {s.blocked}/{s.n_units}" if s.blocked else ""))
+            lines.append(f"| {d.y} | {d.x} | {fmt(d.knock_out)} | {fmt(d.knock_in)} | {d.verdict.replace('Y', d.y).replace('X', d.x)} |")
+        lines.append("")
+    lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    (out / "ordering.json").write_text(json.dumps({
+        "level": level, "source": source, "alpha": alpha, "units": result.n_units,
+        "onsets": {s: {p: [asdict(o) for o in v] for p, v in per.items()} for s, per in result.onsets.items()},
+        "pairs": [asdict(p) for p in result.ordering.pairs],
+        "edges": result.ordering.edges, "dag": result.ordering.dag, "lead_lag": result.lead_lag,
+        "dependence": [asdict(d) for d in result.dependence],
+    }, indent=2, default=float))
+    return report
