@@ -64,6 +64,7 @@ def log_grid(steps: np.ndarray, values: np.ndarray, n_points: int = 200) -> tupl
 
 def moving_average(values: np.ndarray, width: int) -> np.ndarray:
     """Centred moving average along axis 0, the window shrinking at the ends."""
+    width = min(width, len(values))  # "same" convolution would return the kernel's length otherwise
     if width <= 1:
         return values
     kernel = np.ones(width)

@@ -94,3 +94,32 @@ def test_shipped_configs_train(tmp_path, name):
     assert saved["model"]["mlp"] == shipped["model"]["mlp"]
     assert saved["data"]["seq_len"] == shipped["data"]["seq_len"]
     assert json.loads((tmp_path / name / "probe_summary.json").read_text())["last_step"] == 2
+
+
+def test_dependence_command_trains_variants_that_analyze_reads(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "devinterp", "dependence", "--config", str(TINY), "--primitives", "bigram",
+         "--knockin-steps", "3", "--name", "dep", "--root", str(tmp_path), "--", "--run.wandb_mode", "disabled",
+         "--data.language", str(SEED_SPEC_PATH), "--trainer.max_steps", "6"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = sorted(p.name for p in (tmp_path / "dep").iterdir())
+    assert runs == ["full", "knockin-bigram", "knockout-bigram"]
+    knocked = yaml.safe_load((tmp_path / "dep" / "knockout-bigram" / "config.yaml").read_text())
+    assert knocked["data"]["knockout"] == ["bigram"]
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(tmp_path / "dep"), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "## Onsets" in report and "## Ordering" in report and "## Dependence" in report
+    assert "| induction | bigram |" in report  # Y = induction, X = bigram
+    ordering = json.loads((out / "ordering.json").read_text())
+    assert ordering["units"] == 2 and {d["x"] for d in ordering["dependence"]} == {"bigram"}
+    for png in ("progress.png", "weight_vs_probe.png", "ordering_dag.png"):
+        assert (out / png).stat().st_size > 5000
+    assert list(out.glob("direct_path_step*.png")) and list(out.glob("qk_skip_trigram_step*.png"))
+
+
+def test_analyze_refuses_folders_without_timelines(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no timeline.h5 here or in its run folders" in err[0]
