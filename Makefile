@@ -29,6 +29,7 @@ test-slow: install
 bench: install
 	$(BIN)/python bench/dgp_throughput.py
 	$(BIN)/python bench/tracking_overhead.py
+	$(BIN)/python bench/analysis_scale.py
 
 clean:
 	rm -rf $(VENV) runs
