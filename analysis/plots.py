@@ -71,9 +71,10 @@ def plot_dag(nodes: list[str], edges: list[tuple[str, str]], path: Path) -> Path
         layers.setdefault(depth[n], []).append(n)
     position = {n: (d, i - (len(layer) - 1) / 2) for d, layer in layers.items() for i, n in enumerate(layer)}
     fig, ax = plt.subplots(figsize=(2.2 * (max(layers) + 1) + 1, 1.2 * max(len(v) for v in layers.values()) + 1))
+    half_width = lambda name: 3.6 * len(name) + 10  # noqa: E731  (points: keep heads outside the boxes)
     for a, b in edges:
         ax.annotate("", xy=position[b], xytext=position[a],
-                    arrowprops=dict(arrowstyle="-|>", color="0.3", shrinkA=28, shrinkB=28))
+                    arrowprops=dict(arrowstyle="-|>", color="0.3", shrinkA=half_width(a), shrinkB=half_width(b)))
     for n, (x, y) in position.items():
         ax.text(x, y, n, ha="center", va="center", bbox=dict(boxstyle="round", fc="white", ec="0.3"))
     ax.set_xlim(-0.7, max(layers) + 0.7)
