@@ -114,15 +114,20 @@ def snapshot_model(timeline_path: Path, slot: int):
     return model, step, truth, steps
 
 
-def circuit_figures(timeline_path: Path, out: Path, n_steps: int = 2) -> list[Path]:
-    """Direct-path heatmaps and skip-rule QK slices at the last snapshot and one midway."""
+def circuit_figures(timeline_path: Path, out: Path, at_steps: list[int] | None = None) -> list[Path]:
+    """Direct-path heatmaps and skip-rule QK slices at the snapshots nearest ``at_steps`` in
+    log(step + 1) (default: one midway and the last)."""
     from devinterp import circuits
 
     _, _, _, steps = snapshot_model(timeline_path, -1)
     written = np.flatnonzero(steps >= 0)
     if not len(written):
         return []
-    slots = sorted({int(written[-1]), int(written[len(written) // 2])})[-n_steps:]
+    if at_steps:
+        nearest = lambda s: int(written[np.argmin(np.abs(np.log1p(steps[written]) - np.log1p(s)))])  # noqa: E731
+        slots = sorted({nearest(s) for s in at_steps})
+    else:
+        slots = sorted({int(written[-1]), int(written[len(written) // 2])})
     paths = []
     for slot in slots:
         model, step, truth, _ = snapshot_model(timeline_path, slot)
@@ -143,7 +148,7 @@ def circuit_figures(timeline_path: Path, out: Path, n_steps: int = 2) -> list[Pa
 
 
 def write_report(paths: list[str | Path], out: str | Path, level: float = 0.5, source: str = "probe",
-                 alpha: float = 0.01) -> Path:
+                 alpha: float = 0.01, at_steps: list[int] | None = None) -> Path:
     """Analyse runs and write report.md, ordering.json and the PNGs into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,7 +165,7 @@ def write_report(paths: list[str | Path], out: str | Path, level: float = 0.5, s
     both = {p: {s: primitive_progress(first, p, s) for s in ("weight", "probe")} for p in result.primitives}
     figures.append(plot_weight_vs_probe(both, out / "weight_vs_probe.png"))
     figures.append(plot_dag(result.primitives, list(result.ordering.dag), out / "ordering_dag.png"))
-    figures += circuit_figures(first_file, out)
+    figures += circuit_figures(first_file, out, at_steps)
 
     t = f"t{round(level * 100)}"
     lines = [f"# Analysis of {len(files)} run(s)", "",

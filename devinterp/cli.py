@@ -102,9 +102,11 @@ def analyze_main(argv: list[str]) -> int:
     parser.add_argument("--level", type=float, default=0.5, help="onset level (0.5: t50)")
     parser.add_argument("--source", choices=["probe", "weight"], default="probe", help="onsets for the ordering")
     parser.add_argument("--alpha", type=float, default=0.01)
+    parser.add_argument("--steps", type=int, nargs="*", default=None,
+                        help="steps for the direct-path and QK figures (nearest weight snapshots)")
     args = parser.parse_args(argv)
     try:
-        report = write_report(args.runs, args.out, args.level, args.source, args.alpha)
+        report = write_report(args.runs, args.out, args.level, args.source, args.alpha, args.steps)
     except (TimelineError, KeyError) as error:
         print(f"devinterp: error: {str(error).strip(chr(39))}", file=sys.stderr)
         return 2
