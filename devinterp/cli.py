@@ -65,6 +65,7 @@ class DevinterpCLI(LightningCLI):
             files = config.get("config") or []
             name = Path(str(files[0])).stem if files else "run"
         self.run_dir = unique_run_dir(Path(config.run.root), name)
+        config.run.name = name  # the saved config.yaml re-runs under the same name (name-2, ...)
         config.trainer.default_root_dir = str(self.run_dir)
 
     def instantiate_trainer(self, **kwargs):

@@ -27,6 +27,7 @@ def test_fit_in_a_subprocess_writes_its_run_folder(tmp_path):
     # linked options (data.n_members, model.n_ctx, ...) are left out so the file loads again
     assert config["model"]["n_members"] == 2 and config["data"]["seq_len"] == 16
     assert "n_members" not in config["data"] and "n_ctx" not in config["model"]
+    assert config["run"]["name"] == "tiny"  # re-running the saved config keeps the run's name
     assert list((run / "checkpoints").glob("*.ckpt"))
     offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1 and offline[0].stat().st_size > 0
