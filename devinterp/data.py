@@ -176,7 +176,8 @@ class ToyLanguageData(L.LightningDataModule):
         batches = [
             {"tokens": probe.tokens[i:i + self.batch_size].expand(self.n_members, -1, -1),
              "labels": probe.labels[i:i + self.batch_size].expand(self.n_members, -1, -1),
-             "true_next": probe.true_next[i:i + self.batch_size]}
+             "true_next": probe.true_next[i:i + self.batch_size],
+             "true_plogp": probe.true_plogp[i:i + self.batch_size]}
             for i in range(0, self.probe_size, self.batch_size)
         ]
         return DataLoader(batches, batch_size=None)

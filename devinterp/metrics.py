@@ -212,18 +212,18 @@ class Diagnostics:
         cfg, rows = self.cfg, []
         for _, rules, max_skip in self.skip_rules:
             rows += self._skip_push(model, rules, max_skip)
+        compositions = {}
+        for l1 in range(cfg.n_layers):
+            for l2 in range(l1 + 1, cfg.n_layers):
+                compositions[(l1, l2)] = circuits.composition(model, l1, l2)
         if self.has_induction_circuit:
             profile0 = circuits.positional_profile(model, 0, self.offsets)  # (M, H, W+1)
             prev_token = _safe_ratio(profile0[..., 1].abs(), profile0.abs().sum(-1))  # (M, H)
             last = cfg.n_layers - 1
             copying = self._copying(model, profile0[..., 1], last)  # (M, H)
-            k_comp = circuits.composition(model, 0, last)["k"]  # (M, H0, H_last)
+            k_comp = compositions[(0, last)]["k"]  # (M, H0, H_last), computed once above
             circuit = (prev_token[:, :, None] * k_comp * copying.clamp_min(0)[:, None, :]).flatten(1).amax(1)
             rows += list(prev_token.T) + list(copying.T) + [circuit]
-        compositions = {}
-        for l1 in range(cfg.n_layers):
-            for l2 in range(l1 + 1, cfg.n_layers):
-                compositions[(l1, l2)] = circuits.composition(model, l1, l2)
         for kind in ("k", "q", "v"):
             for l1 in range(cfg.n_layers):
                 for l2 in range(l1 + 1, cfg.n_layers):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from devinterp.model import Attention, ModelConfig, Positions, TensorTransformer
-from devinterp.probe import grouped_mean
+from devinterp.probe import excess_kl, grouped_mean
 
 Schedule = Literal["constant", "cosine"]
 
@@ -84,7 +84,7 @@ class TensorTransformerModule(L.LightningModule):
         """Exact excess loss KL(true || model) on the probe set, per member and position."""
         tokens, true_next = batch["tokens"], batch["true_next"]  # (M, B, T), (B, T-1, V)
         log_q = self.model(tokens[..., :-1]).float().log_softmax(-1)  # (M, B, T-1, V)
-        kl = (true_next * (true_next.clamp_min(1e-30).log() - log_q)).sum(-1)  # (M, B, T-1)
+        kl = excess_kl(log_q, true_next, batch["true_plogp"])  # (M, B, T-1)
         self._val_kl.append(kl.flatten(1))
         self._val_labels.append(batch["labels"][0, :, 1:].flatten())
 

@@ -42,6 +42,12 @@ def grouped_mean(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
     return (sums / counts)[:-1].view(M, n_groups)  # 0 / 0 = NaN marks an empty group
 
 
+def excess_kl(log_q: Tensor, true_next: Tensor, true_plogp: Tensor) -> Tensor:
+    """KL(true || model) per position: log_q (member, batch, pos, V) model log-probabilities,
+    true_next (batch, pos, V), true_plogp (batch, pos) = sum p log p -> (member, batch, pos)."""
+    return true_plogp - torch.einsum("btv,mbtv->mbt", true_next, log_q)
+
+
 @torch.inference_mode()
 def evaluate_probe(model: TensorTransformer, probe: ProbeSet, n_labels: int, n_rules: int,
                    batch_size: int = 8) -> ProbeResult:
@@ -54,7 +60,7 @@ def evaluate_probe(model: TensorTransformer, probe: ProbeSet, n_labels: int, n_r
         tokens = probe.tokens[rows].to(device)
         true_next = probe.true_next[rows].to(device)  # (B, T-1, V)
         log_q = model(tokens[None, :, :-1].expand(M, -1, -1)).float().log_softmax(-1)  # (M, B, T-1, V)
-        kl = probe.true_plogp[rows].to(device) - torch.einsum("btv,mbtv->mbt", true_next, log_q)
+        kl = excess_kl(log_q, true_next, probe.true_plogp[rows].to(device))
         correct = log_q.argmax(-1) == probe.true_top[rows].to(device)  # (M, B, T-1)
         nll_parts.append(-log_q.gather(-1, tokens[None, :, 1:, None].expand(M, -1, -1, 1))[..., 0].sum(1))
         kl_parts.append(kl.flatten(1))
