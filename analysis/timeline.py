@@ -137,7 +137,8 @@ def load_timeline(path: str | Path) -> Timeline:
         if not version.isdigit() or int(version) not in KNOWN_SCHEMA_VERSIONS:
             raise TimelineError(f"{path}: unknown timeline schema version {version!r} "
                                 f"(this version reads {sorted(KNOWN_SCHEMA_VERSIONS)})")
-        meta = {k: (v[()].decode() if isinstance(v[()], bytes) else str(v[()])) for k, v in f["meta"].items()}
+        meta = {k: (v[()].decode() if isinstance(v[()], bytes) else str(v[()]))
+                for k, v in f["meta"].items() if v.shape == ()}  # the string fields
         groups = {name: _read_group(f, name, path) for name in ("every_step", "diagnostics", "probe") if name in f}
         if not groups:
             raise TimelineError(f"{path}: no metric groups")

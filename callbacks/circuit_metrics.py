@@ -5,8 +5,8 @@ devinterp.metrics) are computed under inference_mode; at its end they are joined
 step's per-member training losses (per primitive) into one row, kept in a buffer on the model's
 device. Diagnostics run every ``diagnostics_every_n_steps`` steps into their own buffer. Every
 ``flush_every_n_steps`` steps the buffers move to the host in one transfer and go to the
-TimelineWriter (groups ``every_step`` and ``diagnostics``) and to ``trainer.loggers`` as one
-dict per step: per-primitive summaries (``<primitive>/weight_progress``, median over members of
+TimelineWriter (groups ``every_step`` and ``diagnostics``) and, at its commit, to
+``trainer.loggers`` as one dict per step: per-primitive summaries (``<primitive>/weight_progress``, median over members of
 the mean progress over its rules; ``<primitive>/train_loss``), grouped by primitive so W&B shows
 a section per primitive, and every metric by its timeline name when ``log_all`` is set.
 """
@@ -19,12 +19,9 @@ import lightning as L
 import numpy as np
 import torch
 
-from callbacks.timeline_writer import NonFiniteMetricError, TimelineWriter
+from callbacks.timeline_writer import NonFiniteMetricError, find_writer, log_metrics
+from devinterp.errors import at_least
 from devinterp.metrics import Diagnostics, HeadlineMetrics, MetricInfo
-
-
-def find_writer(trainer: L.Trainer) -> TimelineWriter | None:
-    return next((c for c in trainer.callbacks if isinstance(c, TimelineWriter)), None)
 
 
 def train_infos(label_names: list[str]) -> list[MetricInfo]:
@@ -45,10 +42,8 @@ class CircuitMetrics(L.Callback):
     """
 
     def __init__(self, diagnostics_every_n_steps: int = 10, flush_every_n_steps: int = 100, log_all: bool = False):
-        if flush_every_n_steps < 1:
-            raise ValueError(f"circuits.flush_every_n_steps: must be at least 1, got {flush_every_n_steps}")
-        if diagnostics_every_n_steps < 0:
-            raise ValueError(f"circuits.diagnostics_every_n_steps: must be 0 or more, got {diagnostics_every_n_steps}")
+        at_least(flush_every_n_steps, 1, "circuits.flush_every_n_steps")
+        at_least(diagnostics_every_n_steps, 0, "circuits.diagnostics_every_n_steps")
         self.diagnostics_every_n_steps = diagnostics_every_n_steps
         self.flush_every_n_steps = flush_every_n_steps
         self.log_all = log_all
@@ -130,6 +125,12 @@ class CircuitMetrics(L.Callback):
                 writer.append(group, steps, values)
             writer.commit()
 
+    def replay_logs(self, trainer: L.Trainer, group: str, steps: np.ndarray, values: np.ndarray) -> None:
+        """Send timeline rows (n, n_metrics, member) to the loggers again (a resume fills the
+        steps a killed run's W&B writer lost)."""
+        if group == "every_step":
+            self._log(trainer, steps, values)
+
     def _log(self, trainer: L.Trainer, steps: np.ndarray, values: np.ndarray) -> None:
         if not trainer.loggers:
             return
@@ -148,5 +149,4 @@ class CircuitMetrics(L.Callback):
             if self.log_all:
                 medians = np.median(values[r], axis=-1)
                 metrics.update({i.name: float(v) for i, v in zip(self.infos, medians) if np.isfinite(v)})
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+            log_metrics(trainer, step, metrics)

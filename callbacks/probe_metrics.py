@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import fields
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from callbacks.circuit_metrics import find_writer
+from callbacks.timeline_writer import find_writer, log_metrics
+from devinterp.errors import at_least
 from devinterp.metrics import MetricInfo
 from devinterp.probe import ProbeResult, evaluate_probe, grouped_mean
 
@@ -45,8 +47,8 @@ class ProbeMetrics(L.Callback):
     """
 
     def __init__(self, every_n_steps: int = 10, log_rules: bool = False, batch_size: int = 8):
-        if every_n_steps < 1:
-            raise ValueError(f"probe.every_n_steps: must be at least 1, got {every_n_steps}")
+        at_least(every_n_steps, 1, "probe.every_n_steps")
+        at_least(batch_size, 1, "probe.batch_size")
         self.every_n_steps = every_n_steps
         self.log_rules = log_rules
         self.batch_size = batch_size
@@ -117,6 +119,12 @@ class ProbeMetrics(L.Callback):
             writer.append("probe", np.array([step]), row[None])
         self._log(trainer, step, row)
 
+    def replay_logs(self, trainer: L.Trainer, group: str, steps: np.ndarray, values: np.ndarray) -> None:
+        """Send timeline rows to the loggers again (a resume fills what W&B lost)."""
+        if group == "probe":
+            for step, row in zip(steps.tolist(), values):
+                self._log(trainer, step, row)
+
     def _log(self, trainer, step: int, row: np.ndarray) -> None:
         medians = np.median(row, axis=-1)
         metrics = {"probe/excess": float(medians[0])}
@@ -127,11 +135,22 @@ class ProbeMetrics(L.Callback):
             elif kind == "probe_excess" and self.log_rules:
                 metrics[info.name] = float(value)
         metrics["icl/score"] = float(medians[-1])
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        log_metrics(trainer, step, metrics)
+
+    def state_dict(self) -> dict:
+        """The first evaluation, so a resumed run's summary still starts at step 0."""
+        if self.first is None:
+            return {}
+        step, result = self.first
+        return {"first_step": step, "first": [getattr(result, f.name).clone() for f in fields(result)]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            self._restored_first = (int(state_dict["first_step"]), ProbeResult(*state_dict["first"]))
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.first = self.last = None
+        self.first = getattr(self, "_restored_first", None) if trainer.global_step > 0 else None
+        self.last = None
         if trainer.global_step % self.every_n_steps == 0:  # step 0; a resumed run keeps the cadence
             self._evaluate(trainer, pl_module)
 

@@ -2,7 +2,8 @@
 
 Layout (schema version 1):
 
-    meta/            schema_version, package_version, config, language_spec (string datasets)
+    meta/            schema_version, package_version, config, language_spec (string datasets);
+                     logged_through (1,) int64: the last step handed to the loggers (W&B)
     ground_truth/    vocab, categories, token_category, label_names, rule_names,
                      <primitive>/<array> (tables and rule indices of the language)
     <group>/         one per cadence: every_step/, diagnostics/, probe/
@@ -19,13 +20,27 @@ Row 0 is step 0, the initial weights. Rows are buffered by their producers and w
 blocks; ``commit`` flushes the file, so a killed run keeps every row up to its last commit.
 Non-finite values are caught when a block arrives (no per-step host sync): the rows are written
 and committed, then the run stops with the first bad step and metric named. Only global rank
-zero writes. A run resumed from a checkpoint drops rows at or past the restored step and
-continues. Live mode opens the file with SWMR so another process can read while it is written
+zero writes. Live mode opens the file with SWMR so another process can read while it is written
 (``h5py.File(path, "r", swmr=True, libver="latest")``; analysis.load_timeline does this).
+
+Resume: a run restored from a checkpoint at step r copies the old file's committed rows before
+r into a fresh file, checked against the metrics this run declares, and replaces the old file
+only once the copy is complete (a killed SWMR writer leaves flags that forbid reopening the file
+for writing; a copy needs none of that). Rows from r on are computed again.
+
+Loggers: producers hand their per-step logger dicts to ``queue_log``; they reach ``trainer.loggers``
+only at a commit, after ``meta/logged_through`` was flushed. A resumed run skips every step at
+or below the old file's ``logged_through``, so no step reaches W&B twice across the segments of
+a run (a kill between the flush and the hand-over can leave a gap in W&B, never a repeat; the
+timeline has every row either way). W&B's own writer loses what it had not put on disk when its
+process is killed; a resume reads the earlier segments' files and sends those lost rows again
+from the timeline (producers' ``replay_logs``), so the segments together hold every step once.
 """
 
 from __future__ import annotations
 
+import os
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +50,9 @@ import numpy as np
 import yaml
 
 import devinterp
+from devinterp.errors import at_least
 from devinterp.metrics import MetricInfo
+from devinterp.wandb_files import last_logged_step
 
 SCHEMA_VERSION = 1
 STRING = h5py.string_dtype()
@@ -43,6 +60,24 @@ STRING = h5py.string_dtype()
 
 class NonFiniteMetricError(RuntimeError):
     """A metric became NaN or infinite: the run diverged."""
+
+
+class TimelineWriteError(RuntimeError):
+    """The timeline cannot be written or resumed; the message names the file and the reason."""
+
+
+def find_writer(trainer: L.Trainer) -> "TimelineWriter | None":
+    return next((c for c in trainer.callbacks if isinstance(c, TimelineWriter)), None)
+
+
+def log_metrics(trainer: L.Trainer, step: int, metrics: dict[str, float]) -> None:
+    """Send one step's logger dict: through the writer (at its next commit) when there is one."""
+    writer = find_writer(trainer)
+    if writer is not None:
+        writer.queue_log(step, metrics)
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
 
 
 @dataclass
@@ -68,8 +103,8 @@ class TimelineWriter(L.Callback):
 
     def __init__(self, filename: str = "timeline.h5", flush_every_n_steps: int = 100, live: bool = False,
                  n_snapshots: int = 16):
-        if flush_every_n_steps < 1:
-            raise ValueError(f"timeline.flush_every_n_steps: must be at least 1, got {flush_every_n_steps}")
+        at_least(flush_every_n_steps, 1, "timeline.flush_every_n_steps")
+        at_least(n_snapshots, 0, "timeline.n_snapshots")
         self.filename = filename
         self.flush_every_n_steps = flush_every_n_steps
         self.live = live
@@ -78,6 +113,9 @@ class TimelineWriter(L.Callback):
         self.file: h5py.File | None = None
         self.path: Path | None = None
         self.snapshot_steps: np.ndarray = np.zeros(0, dtype=np.int64)
+        self._pending_logs: list[tuple[int, dict[str, float]]] = []
+        self._logged_through = -1  # last step handed to the loggers, this segment or earlier ones
+        self._logged_before = -1  # last step an earlier segment of this run handed to them
 
     # ---- producers -----------------------------------------------------------------------
 
@@ -97,10 +135,14 @@ class TimelineWriter(L.Callback):
         g = self.file[group]
         n_old = g["step"].shape[0]
         n_new = n_old + len(steps)
-        g["step"].resize((n_new,))
-        g["values"].resize((n_new, *g["values"].shape[1:]))
-        g["step"][n_old:] = steps
-        g["values"][n_old:] = values.astype(np.float32)
+        try:
+            g["step"].resize((n_new,))
+            g["values"].resize((n_new, *g["values"].shape[1:]))
+            g["step"][n_old:] = steps
+            g["values"][n_old:] = values.astype(np.float32)
+        except OSError as error:
+            raise TimelineWriteError(f"{self.path}: cannot write the timeline ({error}); "
+                                     f"rows committed before are kept") from None
         dense = ~np.array([i.sparse for i in self.groups[group].infos])  # sparse metrics may be NaN
         bad = ~np.isfinite(values) & dense[None, :, None]
         if bad.any():
@@ -111,24 +153,48 @@ class TimelineWriter(L.Callback):
                 f"training diverged: {name} is {values[row, metric, member]} for member {member} at step "
                 f"{int(steps[row])}; the timeline {self.path} keeps every row up to it")
 
+    def queue_log(self, step: int, metrics: dict[str, float]) -> None:
+        """Queue one step's logger dict until the next commit."""
+        if self.file is not None:
+            self._pending_logs.append((step, metrics))
+
     def commit(self) -> None:
-        """Mark every written row as committed and flush the file to disk."""
+        """Mark every written row as committed, flush the file to disk, then hand the queued
+        logger dicts over (merged per step, in step order; steps an earlier segment sent are
+        skipped)."""
         if self.file is None:
             return
-        for name in self.groups:
-            self.file[name]["committed"][0] = self.file[name]["step"].shape[0]
-        self.file.flush()
+        try:
+            for name in self.groups:
+                self.file[name]["committed"][0] = self.file[name]["step"].shape[0]
+            by_step: dict[int, dict[str, float]] = defaultdict(dict)
+            for step, metrics in self._pending_logs:
+                if step > self._logged_before:
+                    by_step[step].update(metrics)
+            self._pending_logs.clear()
+            if by_step:
+                self._logged_through = max(self._logged_through, max(by_step))
+                self.file["meta/logged_through"][0] = self._logged_through
+            self.file.flush()
+        except OSError as error:
+            raise TimelineWriteError(f"{self.path}: cannot write the timeline ({error}); "
+                                     f"rows committed before are kept") from None
+        for step in sorted(by_step):
+            for logger in self._trainer.loggers if self._trainer is not None else ():
+                logger.log_metrics(by_step[step], step=step)
 
     # ---- file set-up ---------------------------------------------------------------------
 
-    def _create(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _create(self, trainer: L.Trainer, pl_module: L.LightningModule, path: Path) -> h5py.File:
+        """A new file with meta, ground truth, empty groups and snapshot slots (not yet SWMR)."""
         libver = "latest" if self.live else None  # never "latest" without SWMR (DESIGN.md)
-        f = h5py.File(self.path, "w", libver=libver)
+        f = h5py.File(path, "w", libver=libver)
         meta = f.create_group("meta")
         meta["schema_version"] = str(SCHEMA_VERSION)
         meta["package_version"] = devinterp.__version__
         config = {"model": dict(pl_module.hparams), "data": dict(trainer.datamodule.hparams)}
         meta["config"] = yaml.safe_dump(config, sort_keys=False)
+        meta.create_dataset("logged_through", data=np.full(1, -1, dtype=np.int64))
         language = trainer.datamodule.language
         meta["language_spec"] = Path(trainer.datamodule.language_path).read_text()
         truth = f.create_group("ground_truth")
@@ -142,6 +208,9 @@ class TimelineWriter(L.Callback):
         for name, group in self.groups.items():
             self._create_group(f, name, group)
         self._create_snapshots(f, trainer, pl_module)
+        return f
+
+    def _start(self, f: h5py.File) -> None:
         self.file = f
         if self.live:
             f.swmr_mode = True  # every dataset exists by now, as SWMR requires
@@ -171,23 +240,80 @@ class TimelineWriter(L.Callback):
         for name, param in pl_module.model.named_parameters():
             s.create_dataset(name, shape=(len(self.snapshot_steps), *param.shape), dtype=np.float32)
 
-    def _reopen_for_resume(self, step: int) -> None:
-        """Open an existing file and drop every row at or past ``step``."""
-        f = h5py.File(self.path, "r+", libver="latest" if self.live else None)
+    def _resume(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        """Copy the old file's committed rows before ``step`` into a fresh file that replaces it."""
+        try:
+            old = _open_killed(self.path)
+        except OSError as error:
+            raise TimelineWriteError(f"{self.path}: cannot resume, the old timeline does not open ({error})") from None
+        partial = self.path.with_name(self.path.name + ".resume")
+        with old:
+            new = self._create(trainer, pl_module, partial)
+            try:
+                for name, group in self.groups.items():
+                    if name not in old:
+                        raise TimelineWriteError(f"{self.path}: cannot resume, the old timeline has no group {name!r}")
+                    old_names = [v.decode() if isinstance(v, bytes) else str(v) for v in old[name]["names"][()]]
+                    if old_names != [i.name for i in group.infos] or old[name]["values"].shape[2] != group.n_members:
+                        raise TimelineWriteError(
+                            f"{self.path}: cannot resume, group {name!r} was written with other metrics or "
+                            "members than this run computes; resume with the run's own config.yaml")
+                    steps = old[name]["step"][: int(old[name]["committed"][0])]
+                    keep = int(np.searchsorted(steps, step, side="left"))  # steps are increasing
+                    target = new[name]
+                    target["step"].resize((keep,))
+                    target["values"].resize((keep, *target["values"].shape[1:]))
+                    target["step"][:] = steps[:keep]
+                    block = max(1, target["values"].chunks[0]) * 16
+                    for begin in range(0, keep, block):
+                        end = min(keep, begin + block)
+                        target["values"][begin:end] = old[name]["values"][begin:end]
+                    target["committed"][0] = keep
+                self._copy_snapshots(old, new, step)
+                if "logged_through" in old["meta"]:
+                    self._logged_before = self._logged_through = int(old["meta/logged_through"][0])
+                    new["meta/logged_through"][0] = self._logged_through
+                new.flush()
+            finally:
+                new.close()
+        os.replace(partial, self.path)  # the old file stays whole until the copy is complete
+        self._start(h5py.File(self.path, "r+", libver="latest" if self.live else None))
+        self._replay_lost_logs(trainer, step)
+
+    def _replay_lost_logs(self, trainer: L.Trainer, step: int) -> None:
+        """Send again the rows before ``step`` that earlier W&B segments lost when their process
+        was killed (their writer had not yet put them on disk), from the timeline."""
+        try:
+            persisted = last_logged_step(Path(trainer.default_root_dir) / "wandb")
+        except Exception:  # an unreadable W&B file: trust what was handed over
+            persisted = None
+        if persisted is None or persisted >= self._logged_before:
+            return
+        self._logged_before = persisted
         for name in self.groups:
-            steps = f[name]["step"][:]
-            keep = int(np.searchsorted(steps, step, side="left"))  # steps are increasing
-            keep = min(keep, int(f[name]["committed"][0]))
-            f[name]["step"].resize((keep,))
-            f[name]["values"].resize((keep, *f[name]["values"].shape[1:]))
-            f[name]["committed"][0] = keep
-        self.snapshot_steps = f["snapshots"]["planned_step"][:]
-        written = f["snapshots"]["step"][:]
-        f["snapshots"]["step"][:] = np.where(written >= step, -1, written)
-        f.flush()
-        self.file = f
-        if self.live:
-            f.swmr_mode = True
+            steps = self.file[name]["step"][()]
+            lost = np.flatnonzero((steps > persisted) & (steps < step))
+            if len(lost):
+                values = self.file[name]["values"][lost[0]:lost[-1] + 1]
+                for callback in trainer.callbacks:
+                    if hasattr(callback, "replay_logs"):
+                        callback.replay_logs(trainer, name, steps[lost], values)
+
+    @staticmethod
+    def _copy_snapshots(old: h5py.File, new: h5py.File, step: int) -> None:
+        """Snapshots taken before ``step`` at steps the new plan also has."""
+        if "snapshots" not in old:
+            return
+        old_s, new_s = old["snapshots"], new["snapshots"]
+        old_steps, planned = old_s["step"][()], list(new_s["planned_step"][()])
+        for old_slot, taken in enumerate(old_steps):
+            if 0 <= taken < step and taken in planned:
+                slot = planned.index(taken)
+                for name in new_s:
+                    if name not in ("step", "planned_step") and name in old_s:
+                        if old_s[name].shape[1:] == new_s[name].shape[1:]:
+                            new_s[name][slot] = old_s[name][old_slot]
+                new_s["step"][slot] = taken
 
     # ---- hooks ---------------------------------------------------------------------------
 
@@ -204,13 +330,16 @@ class TimelineWriter(L.Callback):
         if self.file is not None or trainer is None or not trainer.is_global_zero:
             return
         self.path = Path(trainer.default_root_dir) / self.filename
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if trainer.global_step > 0 and self.path.exists():
-            self._reopen_for_resume(trainer.global_step)
-        elif self.path.exists():
-            raise FileExistsError(f"{self.path}: a timeline already exists; a new run needs a new folder")
-        else:
-            self._create(trainer, pl_module)
+            self._resume(trainer, pl_module, trainer.global_step)
+            return
+        if self.path.exists():
+            raise TimelineWriteError(f"{self.path}: a timeline already exists; a new run needs a new folder")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._start(self._create(trainer, pl_module, self.path))
+        except OSError as error:
+            raise TimelineWriteError(f"{self.path}: cannot write the timeline ({error})") from None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._snapshot(trainer.global_step, pl_module)
@@ -247,9 +376,12 @@ class TimelineWriter(L.Callback):
             return
         slot = int(slot if final else slot[0])
         s = self.file["snapshots"]
-        for name, param in pl_module.model.named_parameters():
-            s[name][slot] = param.detach().float().cpu().numpy()  # a host copy, at log-spaced steps only
-        s["step"][slot] = step
+        try:
+            for name, param in pl_module.model.named_parameters():
+                s[name][slot] = param.detach().float().cpu().numpy()  # a host copy, at log-spaced steps only
+            s["step"][slot] = step
+        except OSError as error:
+            raise TimelineWriteError(f"{self.path}: cannot write a weight snapshot ({error})") from None
 
     def state_dict(self) -> dict:
         """Rows per group when the checkpoint was taken; a resume truncates to the restored step."""
@@ -257,6 +389,15 @@ class TimelineWriter(L.Callback):
         if self.file is not None:
             rows = {name: int(self.file[name]["step"].shape[0]) for name in self.groups}
         return {"filename": self.filename, "rows": rows}
+
+
+def _open_killed(path: Path) -> h5py.File:
+    """Open a timeline for reading whatever state its writer left it in (a killed SWMR writer's
+    file opens only as an SWMR reader)."""
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        return h5py.File(path, "r", swmr=True, libver="latest")
 
 
 def log_spaced_steps(max_steps: int, n: int) -> np.ndarray:

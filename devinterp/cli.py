@@ -1,26 +1,40 @@
-"""The ``devinterp`` command: LightningCLI for fit/validate, plus ``language show``.
+"""The ``devinterp`` command: LightningCLI for fit/validate, plus ``language``, ``analyze``,
+``dependence`` and ``resume``.
 
 Each ``fit`` writes to ``<run.root>/<run.name>/`` (resolved config.yaml, timeline.h5,
-checkpoints/, wandb/, probe_summary.json). The name defaults to the first config file's stem; a folder that already
-exists is never reused: the run gets ``name-2``, ``name-3``, ... and the folder is printed.
-W&B runs offline by default (``--run.wandb_mode online`` to stream, ``disabled`` for none).
+checkpoints/, wandb/, probe_summary.json). The name defaults to the first config file's stem; a
+folder that already exists is never reused: the run gets ``name-2``, ``name-3``, ... and the
+folder is printed. ``devinterp resume RUN`` continues a stopped run in its own folder from its
+last checkpoint (``checkpoints/last.ckpt``, written every ``run.checkpoint_every_n_steps`` steps
+unless the config names its own ModelCheckpoint); a finished run is never resumed.
+W&B runs offline by default (``--run.wandb_mode online`` to stream, ``disabled`` for none); every
+segment of a run (the first, then one per resume) is a W&B run in the group named after the run
+folder.
+
+Errors a user can make (a bad argument, config, spec, corpus, folder or file) end the command
+with one line ``devinterp: error: ...`` on stderr and a non-zero exit code, before anything in
+an existing run folder is touched.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Literal, Optional
 
+import torch
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.circuit_metrics import CircuitMetrics
 from callbacks.probe_metrics import ProbeMetrics
-from callbacks.timeline_writer import NonFiniteMetricError, TimelineWriter
+from callbacks.timeline_writer import NonFiniteMetricError, TimelineWriteError, TimelineWriter
 from devinterp.data import ToyLanguageData
+from devinterp.errors import UsageError
 from devinterp.language import SpecError
 from devinterp.module import TensorTransformerModule
 
@@ -34,6 +48,38 @@ def unique_run_dir(root: Path, name: str) -> Path:
     return candidate
 
 
+def last_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a resume starts from: checkpoints/last.ckpt, else the newest .ckpt."""
+    folder = run_dir / "checkpoints"
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    if not found:
+        raise UsageError(f"{run_dir}: no checkpoint in {folder} to resume from")
+    return found[-1]
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step a checkpoint was taken at (loaded with weights_only: no pickle)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(checkpoint["global_step"])
+    except Exception as error:  # a truncated file, another format, a foreign pickle
+        raise UsageError(f"{path}: not a readable checkpoint ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+
+
+def check_writable(folder: Path) -> None:
+    """Fail now, before any training, if ``folder`` cannot be made or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".devinterp-write-check"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"{folder}: cannot write the run folder ({error.strerror or error})") from None
+
+
 class DevinterpCLI(LightningCLI):
     run_dir: Path | None = None
 
@@ -44,6 +90,10 @@ class DevinterpCLI(LightningCLI):
         parser.add_argument("--run.wandb_mode", type=Literal["offline", "online", "disabled"],
                             default="offline", help="W&B mode; offline files sync later with `wandb sync`")
         parser.add_argument("--run.wandb_project", type=str, default="devinterp")
+        parser.add_argument("--run.resume", type=Optional[str], default=None,
+                            help="continue the run in this folder from its last checkpoint (see `devinterp resume`)")
+        parser.add_argument("--run.checkpoint_every_n_steps", type=int, default=500,
+                            help="checkpoints/last.ckpt cadence when the config names no ModelCheckpoint")
         # order matters at a step's end: weight rows are buffered before a probe can stop the
         # run, and the writer (last) closes only after the others handed over their rows
         parser.add_lightning_class_args(CircuitMetrics, "circuits")
@@ -60,22 +110,51 @@ class DevinterpCLI(LightningCLI):
             self.save_config_callback = None  # only a fit owns a run folder
             return
         config = self.config[self.subcommand]
-        name = config.run.name
-        if not name:
-            files = config.get("config") or []
-            name = Path(str(files[0])).stem if files else "run"
-        self.run_dir = unique_run_dir(Path(config.run.root), name)
-        config.run.name = name  # the saved config.yaml re-runs under the same name (name-2, ...)
+        if config.run.checkpoint_every_n_steps < 1:
+            raise UsageError(f"run.checkpoint_every_n_steps: must be at least 1, got {config.run.checkpoint_every_n_steps}")
+        self.resume_step = None
+        if config.run.resume:
+            self.run_dir = Path(config.run.resume)
+            if not (self.run_dir / "config.yaml").is_file():
+                raise UsageError(f"{self.run_dir}: not a run folder (no config.yaml)")
+            checkpoint = last_checkpoint(self.run_dir)
+            self.resume_step = checkpoint_step(checkpoint)
+            if config.trainer.max_steps is not None and self.resume_step >= config.trainer.max_steps:
+                raise UsageError(f"{self.run_dir}: the run already finished (step {self.resume_step} of "
+                                 f"trainer.max_steps {config.trainer.max_steps}); raise --trainer.max_steps to extend it")
+            config.ckpt_path = str(checkpoint)
+            self.save_config_callback = None  # the folder's config.yaml stays as the run wrote it
+        else:
+            name = config.run.name
+            if not name:
+                files = config.get("config") or []
+                name = Path(str(files[0])).stem if files else "run"
+            self.run_dir = unique_run_dir(Path(config.run.root), name)
+            config.run.name = name  # the saved config.yaml re-runs under the same name (name-2, ...)
+        if "weights_only" in config:
+            config.weights_only = True  # checkpoints hold tensors and plain values only: no pickle
         config.trainer.default_root_dir = str(self.run_dir)
+        callbacks = config.trainer.get("callbacks") or []
+        if not any("ModelCheckpoint" in str(c.get("class_path", "")) for c in callbacks):
+            callbacks.append(Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint", init_args=Namespace(
+                save_last=True, save_top_k=0, every_n_train_steps=config.run.checkpoint_every_n_steps)))
+            config.trainer.callbacks = callbacks
 
     def instantiate_trainer(self, **kwargs):
         if self.subcommand == "fit":
-            # made only now, after the language, data and model were built without error
-            self.run_dir.mkdir(parents=True)
-            print(f"run folder: {self.run_dir}", flush=True)
+            # made (or checked) only now, after the language, data and model were built without error
+            if self.resume_step is None:
+                if self.run_dir.exists():  # made by another run since the name was chosen
+                    raise UsageError(f"{self.run_dir}: the run folder already exists")
+                check_writable(self.run_dir)
+            else:
+                check_writable(self.run_dir / "checkpoints")
+            print(f"run folder: {self.run_dir}" + (f" (resumed at step {self.resume_step})"
+                                                  if self.resume_step is not None else ""), flush=True)
             run = self.config[self.subcommand].run
+            segment = self.run_dir.name if self.resume_step is None else f"{self.run_dir.name}@{self.resume_step}"
             kwargs.setdefault("logger", WandbLogger(
-                save_dir=str(self.run_dir), project=run.wandb_project, name=self.run_dir.name,
+                save_dir=str(self.run_dir), project=run.wandb_project, name=segment, group=self.run_dir.name,
                 mode=run.wandb_mode))
         else:
             kwargs.setdefault("logger", False)
@@ -115,10 +194,36 @@ def analyze_main(argv: list[str]) -> int:
     return 0
 
 
+def resume_argv(argv: list[str]) -> list[str]:
+    """``devinterp resume RUN [overrides]`` is ``fit --config RUN/config.yaml --run.resume RUN``."""
+    if not argv or argv[0].startswith("-"):
+        raise UsageError("resume: name the run folder to resume, e.g. `devinterp resume runs/quickstart`")
+    run_dir = Path(argv[0])
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: no such run folder")
+    if not (run_dir / "config.yaml").is_file():
+        raise UsageError(f"{run_dir}: not a run folder (no config.yaml)")
+    return ["fit", "--config", str(run_dir / "config.yaml"), "--run.resume", str(run_dir), *argv[1:]]
+
+
+def one_line(error: BaseException) -> str:
+    """An error message on one line: argument-parser messages span several."""
+    text = " ".join(part.strip() for part in str(error).strip().splitlines() if part.strip())
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a KeyError's repr
+        text = text[1:-1]
+    return text or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    from jsonargparse import ArgumentError
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from analysis.timeline import TimelineError
+
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     os.environ.setdefault("WANDB_SILENT", "true")
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # the seed is in config.yaml
     try:
         if argv and argv[0] == "language":
             from devinterp.language_show import main as language_main
@@ -130,19 +235,29 @@ def main(argv: list[str] | None = None) -> int:
             from devinterp.experiments import main as dependence_main
 
             return dependence_main(argv[1:])
+        if argv and argv[0] == "resume":
+            argv = resume_argv(argv[1:])
+            if from_command_line:
+                sys.argv[1:] = argv
         DevinterpCLI(
             TensorTransformerModule,
             ToyLanguageData,
             args=None if from_command_line else argv,
             trainer_defaults={"max_steps": 1000, "log_every_n_steps": 50},
-            parser_kwargs={"default_env": False},
+            seed_everything_default=0,
+            parser_kwargs={"default_env": False, "exit_on_error": False},
         )
-    except SpecError as error:
-        print(f"devinterp: error: {error}", file=sys.stderr)
-        return 2
-    except NonFiniteMetricError as error:
-        print(f"devinterp: error: {error}", file=sys.stderr)
-        return 3
+    except (NonFiniteMetricError, SpecError, UsageError, TimelineError, TimelineWriteError, ArgumentError,
+            MisconfigurationException, ValueError, OSError) as error:
+        # ValueError: a config value a class refused in its __init__ (the field is named there);
+        # OSError: a full disk or a folder that vanished (the file is named)
+        if os.environ.get("DEVINTERP_TRACEBACK"):  # for developers: the full traceback
+            raise
+        message = one_line(error)
+        if isinstance(error, OSError) and error.filename:
+            message = f"{error.filename}: {error.strerror or message}"
+        print(f"devinterp: error: {message}", file=sys.stderr)
+        return 3 if isinstance(error, NonFiniteMetricError) else 2
     return 0
 
 

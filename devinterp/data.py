@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from devinterp.errors import at_least
 from devinterp.language import Language, SpecError, load_language
 
 
@@ -117,6 +118,10 @@ class ToyLanguageData(L.LightningDataModule):
                  knockout: list[str] | None = None, knockin: list[str] | None = None, knockin_steps: int = 0):
         super().__init__()
         self.save_hyperparameters()
+        for field, value in (("batch_size", batch_size), ("n_members", n_members), ("probe_size", probe_size),
+                             ("steps_per_block", steps_per_block)):
+            at_least(value, 1, f"data.{field}")
+        at_least(knockin_steps, 0, "data.knockin_steps")
         self.language_path = str(language)
         self.language = load_language(Path(language))
         self.language.check_sequence_length(seq_len)

@@ -26,6 +26,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from devinterp.errors import UsageError, at_least, one_of
+
 Attention = Literal["bilinear", "squared", "softmax"]
 Positions = Literal["rope", "learned"]
 
@@ -52,9 +54,12 @@ class ModelConfig:
         return 2 if self.attention == "bilinear" else 1
 
     def __post_init__(self):
-        assert self.attention in ("bilinear", "squared", "softmax"), f"unknown attention {self.attention!r}"
-        assert self.positions in ("rope", "learned"), f"unknown positions {self.positions!r}"
-        assert self.d_head % 2 == 0 or self.positions != "rope", "RoPE needs an even d_head"
+        one_of(self.attention, ("bilinear", "squared", "softmax"), "model.attention")
+        one_of(self.positions, ("rope", "learned"), "model.positions")
+        for field in ("d_vocab", "n_ctx", "n_members", "n_layers", "n_heads", "d_model", "d_head", "d_mlp"):
+            at_least(getattr(self, field), 1, f"model.{field}")
+        if self.positions == "rope" and self.d_head % 2:
+            raise UsageError(f"model.d_head: RoPE needs an even d_head, got {self.d_head}")
 
 
 def rope_angles(n_ctx: int, d_head: int, base: float) -> tuple[Tensor, Tensor]:

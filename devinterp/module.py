@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from devinterp.errors import UsageError, at_least
 from devinterp.model import Attention, ModelConfig, Positions, TensorTransformer
 from devinterp.probe import excess_kl, grouped_mean
 
@@ -47,7 +48,15 @@ class TensorTransformerModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if d_vocab < 1:
-            raise ValueError("model.d_vocab: must be set from the language (got 0)")
+            raise UsageError("model.d_vocab: must be set from the language (got 0)")
+        if not lr > 0:
+            raise UsageError(f"model.lr: must be above 0, got {lr}")
+        at_least(weight_decay, 0, "model.weight_decay")
+        at_least(warmup_steps, 0, "model.warmup_steps")
+        if not all(0 <= b < 1 for b in betas):
+            raise UsageError(f"model.betas: both must be in [0, 1), got {list(betas)}")
+        if not 0 <= min_lr_ratio <= 1:
+            raise UsageError(f"model.min_lr_ratio: must be in [0, 1], got {min_lr_ratio}")
         self.cfg = ModelConfig(d_vocab=d_vocab, n_ctx=n_ctx, n_members=n_members,
                                n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_head=d_head,
                                attention=attention, positions=positions, mlp=mlp, d_mlp=d_mlp,
