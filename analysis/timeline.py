@@ -111,9 +111,14 @@ def _read_group(f: h5py.File, name: str, path: Path) -> Group:
     if f.swmr_mode:  # see what a live writer has flushed so far
         for key in ("committed", "step", "values"):
             g[key].refresh()
+    if g["values"].ndim != 3 or g["step"].ndim != 1 or g["committed"].shape != (1,):
+        raise TimelineError(f"{path}: group {name!r} has datasets of the wrong shape")
     n = min(int(g["committed"][0]), g["step"].shape[0], g["values"].shape[0])
     names = _strings(g["names"])
     info = g["metric_info"]
+    for key in ("kind", "primitive", "rule", "nothing", "learned"):
+        if key not in info or info[key].shape != (len(names),):
+            raise TimelineError(f"{path}: group {name!r}: metric_info/{key} is missing or not one per metric")
     fields = [_strings(info[k]) for k in ("kind", "primitive", "rule")]
     sparse = info["sparse"][()] if "sparse" in info else np.zeros(len(names), dtype=bool)
     infos = tuple(MetricInfo(n_, k, p, r, float(a), float(b), bool(s)) for n_, k, p, r, a, b, s in
@@ -121,7 +126,10 @@ def _read_group(f: h5py.File, name: str, path: Path) -> Group:
     values = g["values"][:n]
     if values.shape[1] != len(names):
         raise TimelineError(f"{path}: group {name!r} has {values.shape[1]} value columns for {len(names)} names")
-    return Group(steps=g["step"][:n], values=values, infos=infos)
+    steps = g["step"][:n]
+    if n > 1 and not np.all(np.diff(steps) > 0):
+        raise TimelineError(f"{path}: group {name!r}: steps are not increasing")
+    return Group(steps=steps, values=values, infos=infos)
 
 
 def load_timeline(path: str | Path) -> Timeline:
@@ -129,6 +137,16 @@ def load_timeline(path: str | Path) -> Timeline:
     path = Path(path)
     if not path.is_file():
         raise TimelineError(f"{path}: no such timeline file")
+    try:
+        return _load(path)
+    except (OSError, KeyError, ValueError) as error:
+        if isinstance(error, TimelineError):
+            raise
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise TimelineError(f"{path}: damaged timeline ({message})") from None
+
+
+def _load(path: Path) -> Timeline:
     with _open(path) as f:
         if "meta" not in f or "schema_version" not in f["meta"]:
             raise TimelineError(f"{path}: not a timeline (no meta/schema_version)")

@@ -66,7 +66,8 @@ class CircuitMetrics(L.Callback):
         if writer is not None:
             writer.declare("every_step", self.infos, pl_module.cfg.n_members)
             if self.diagnostics is not None:
-                writer.declare("diagnostics", self.diagnostics.infos, pl_module.cfg.n_members)
+                writer.declare("diagnostics", self.diagnostics.infos, pl_module.cfg.n_members,
+                              self.diagnostics_every_n_steps)
         # per-primitive summary: which headline rows belong to which primitive
         primitives = sorted({i.primitive for i in self.headline.infos})
         self._summary_primitives = primitives

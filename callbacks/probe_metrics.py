@@ -84,7 +84,7 @@ class ProbeMetrics(L.Callback):
         self.infos.append(MetricInfo("icl/score", "probe", "all", f"pos{self.icl_late + 1}-pos{self.icl_early + 1}"))
         writer = find_writer(trainer)
         if writer is not None:
-            writer.declare("probe", self.infos, pl_module.cfg.n_members)
+            writer.declare("probe", self.infos, pl_module.cfg.n_members, self.every_n_steps)
 
     def values(self, result: ProbeResult) -> torch.Tensor:
         """One timeline row, (n_metrics, member), in the order of ``infos``."""

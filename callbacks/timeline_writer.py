@@ -40,6 +40,8 @@ from the timeline (producers' ``replay_logs``), so the segments together hold ev
 from __future__ import annotations
 
 import os
+import resource
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +86,7 @@ def log_metrics(trainer: L.Trainer, step: int, metrics: dict[str, float]) -> Non
 class _Group:
     infos: list[MetricInfo]
     n_members: int
+    every_n_steps: int = 1
 
 
 def _strings(values) -> np.ndarray:
@@ -119,12 +122,13 @@ class TimelineWriter(L.Callback):
 
     # ---- producers -----------------------------------------------------------------------
 
-    def declare(self, group: str, infos: list[MetricInfo], n_members: int) -> None:
-        """Register a cadence group before training starts (called from producers' ``setup``)."""
+    def declare(self, group: str, infos: list[MetricInfo], n_members: int, every_n_steps: int = 1) -> None:
+        """Register a cadence group before training starts (called from producers' ``setup``);
+        ``every_n_steps`` sizes the file for the space check."""
         names = [i.name for i in infos]
         if len(set(names)) != len(names):
             raise ValueError(f"timeline group {group!r}: duplicate metric names")
-        self.groups[group] = _Group(infos, n_members)
+        self.groups[group] = _Group(infos, n_members, every_n_steps)
 
     def append(self, group: str, steps: np.ndarray, values: np.ndarray) -> None:
         """Write rows: steps (n,), values (n, n_metrics, n_members). Raises NonFiniteMetricError
@@ -240,6 +244,35 @@ class TimelineWriter(L.Callback):
         for name, param in pl_module.model.named_parameters():
             s.create_dataset(name, shape=(len(self.snapshot_steps), *param.shape), dtype=np.float32)
 
+    def expected_bytes(self, max_steps: int, n_parameters: int) -> int:
+        """About how large the finished file will be: every group's rows, the snapshots, and
+        1 MiB for meta, ground truth and HDF5's own structures."""
+        rows = sum((max_steps // g.every_n_steps + 2) * (len(g.infos) * g.n_members * 4 + 8)
+                   for g in self.groups.values())
+        snapshots = len(log_spaced_steps(max_steps, self.n_snapshots)) * n_parameters * 4
+        return rows + snapshots + 2**20
+
+    def _check_space(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refuse to start a run whose timeline or checkpoints will not fit: a file-size limit or
+        the free space of the run folder's disk (checked before the first step, not hours in)."""
+        if trainer.max_steps is None or trainer.max_steps < 0:
+            return
+        n_parameters = sum(p.numel() for p in pl_module.parameters())
+        timeline = self.expected_bytes(trainer.max_steps, n_parameters)
+        checkpoint = 3 * 4 * n_parameters + 2**16  # weights and two AdamW moments
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        mib = 2**20
+        if limit != resource.RLIM_INFINITY and max(timeline, checkpoint) > limit:
+            raise TimelineWriteError(
+                f"{self.path}: the timeline needs about {timeline / mib:.1f} MiB for {trainer.max_steps} steps "
+                f"and a checkpoint {checkpoint / mib:.1f} MiB, but the file-size limit (ulimit -f) is "
+                f"{limit / mib:.1f} MiB")
+        free = shutil.disk_usage(self.path.parent).free
+        if timeline + checkpoint > free:
+            raise TimelineWriteError(
+                f"{self.path}: the timeline needs about {timeline / mib:.1f} MiB for {trainer.max_steps} steps "
+                f"and checkpoints {checkpoint / mib:.1f} MiB, but the disk has {free / mib:.1f} MiB free")
+
     def _resume(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         """Copy the old file's committed rows before ``step`` into a fresh file that replaces it."""
         try:
@@ -337,6 +370,10 @@ class TimelineWriter(L.Callback):
             raise TimelineWriteError(f"{self.path}: a timeline already exists; a new run needs a new folder")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise TimelineWriteError(f"{self.path}: cannot write the timeline ({error})") from None
+        self._check_space(trainer, pl_module)
+        try:
             self._start(self._create(trainer, pl_module, self.path))
         except OSError as error:
             raise TimelineWriteError(f"{self.path}: cannot write the timeline ({error})") from None

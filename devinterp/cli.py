@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -34,7 +35,7 @@ from callbacks.circuit_metrics import CircuitMetrics
 from callbacks.probe_metrics import ProbeMetrics
 from callbacks.timeline_writer import NonFiniteMetricError, TimelineWriteError, TimelineWriter
 from devinterp.data import ToyLanguageData
-from devinterp.errors import UsageError
+from devinterp.errors import ArgumentParser, UsageError
 from devinterp.language import SpecError
 from devinterp.module import TensorTransformerModule
 
@@ -171,12 +172,10 @@ class DevinterpCLI(LightningCLI):
 
 def analyze_main(argv: list[str]) -> int:
     """``devinterp analyze RUN [RUN ...] --out DIR``: onsets, ordering, dependence, report."""
-    import argparse
-
     from analysis.report import write_report
     from analysis.timeline import TimelineError
 
-    parser = argparse.ArgumentParser(prog="devinterp analyze", description=analyze_main.__doc__)
+    parser = ArgumentParser(prog="devinterp analyze", description=analyze_main.__doc__)
     parser.add_argument("runs", nargs="+", help="run folders, timeline files, or folders of run folders")
     parser.add_argument("--out", required=True, help="folder for report.md, ordering.json and the PNGs")
     parser.add_argument("--level", type=float, default=0.5, help="onset level (0.5: t50)")
@@ -185,10 +184,14 @@ def analyze_main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, nargs="*", default=None,
                         help="steps for the direct-path and QK figures (nearest weight snapshots)")
     args = parser.parse_args(argv)
+    if not 0 < args.level < 1:
+        parser.error(f"--level: must be between 0 and 1 (0.5 is the t50 onset), got {args.level}")
+    if not 0 < args.alpha < 1:
+        parser.error(f"--alpha: must be between 0 and 1, got {args.alpha}")
     try:
         report = write_report(args.runs, args.out, args.level, args.source, args.alpha, args.steps)
     except (TimelineError, KeyError) as error:
-        print(f"devinterp: error: {str(error).strip(chr(39))}", file=sys.stderr)
+        print(f"devinterp: error: {one_line(error)}", file=sys.stderr)
         return 2
     print(f"report: {report}")
     return 0
@@ -204,6 +207,21 @@ def resume_argv(argv: list[str]) -> list[str]:
     if not (run_dir / "config.yaml").is_file():
         raise UsageError(f"{run_dir}: not a run folder (no config.yaml)")
     return ["fit", "--config", str(run_dir / "config.yaml"), "--run.resume", str(run_dir), *argv[1:]]
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Name the file when a ``--config`` file is missing or not YAML (the parser would not)."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--config":
+            path = Path(value)
+            try:
+                yaml.safe_load(path.read_text())
+            except OSError as error:
+                raise UsageError(f"{path}: cannot read the run config ({error.strerror or error})") from None
+            except yaml.YAMLError as error:
+                mark = getattr(error, "problem_mark", None)
+                where = f" (line {mark.line + 1})" if mark is not None else ""
+                raise UsageError(f"{path}: the run config is not valid YAML{where}") from None
 
 
 def one_line(error: BaseException) -> str:
@@ -235,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             from devinterp.experiments import main as dependence_main
 
             return dependence_main(argv[1:])
+        check_config_files(argv)
         if argv and argv[0] == "resume":
             argv = resume_argv(argv[1:])
             if from_command_line:
@@ -245,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             args=None if from_command_line else argv,
             trainer_defaults={"max_steps": 1000, "log_every_n_steps": 50},
             seed_everything_default=0,
-            parser_kwargs={"default_env": False, "exit_on_error": False},
+            parser_kwargs={"default_env": False, "exit_on_error": False, "allow_abbrev": False},
         )
     except (NonFiniteMetricError, SpecError, UsageError, TimelineError, TimelineWriteError, ArgumentError,
             MisconfigurationException, ValueError, OSError) as error:

@@ -6,6 +6,8 @@ line can print it as one line (``devinterp: error: model.n_layers: must be at le
 
 from __future__ import annotations
 
+import argparse
+
 
 class UsageError(ValueError):
     """A bad argument, config value, folder or file; the message names it and what is wrong."""
@@ -19,3 +21,10 @@ def at_least(value: float, minimum: float, field: str) -> None:
 def one_of(value: object, allowed: tuple, field: str) -> None:
     if value not in allowed:
         raise UsageError(f"{field}: must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError (printed as one line) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:
+        raise UsageError(f"{self.prog}: {message}")

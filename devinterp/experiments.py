@@ -10,10 +10,14 @@ the verdicts.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
+
+from devinterp.errors import ArgumentParser, UsageError
+from devinterp.language import load_language
 
 
 def variant_arguments(primitives: list[str], knockin_steps: int) -> dict[str, list[str]]:
@@ -26,8 +30,23 @@ def variant_arguments(primitives: list[str], knockin_steps: int) -> dict[str, li
     return variants
 
 
+def check_primitives(config: str, extra: list[str], primitives: list[str]) -> None:
+    """Fail before any run starts if a primitive is not in the language the runs would train on."""
+    try:
+        settings = yaml.safe_load(Path(config).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise UsageError(f"{config}: cannot read the run config ({getattr(error, 'strerror', None) or error})") from None
+    language = (settings.get("data") or {}).get("language", "configs/languages/seed.yaml")
+    if "--data.language" in extra[:-1]:
+        language = extra[extra.index("--data.language") + 1]
+    names = load_language(Path(language)).label_names[1:]
+    unknown = [p for p in primitives if p not in names]
+    if unknown:
+        raise UsageError(f"--primitives: {unknown[0]!r} is not a primitive of {language} ({', '.join(names)})")
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="devinterp dependence", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="devinterp dependence", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="run config (YAML), as for devinterp fit")
     parser.add_argument("--primitives", nargs="+", required=True, help="primitives X to knock out and in")
     parser.add_argument("--knockin-steps", type=int, default=200, help="steps on X alone (0: no knock-in runs)")
@@ -35,6 +54,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--root", default="runs")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
+    check_primitives(args.config, extra, args.primitives)
     root = Path(args.root) / args.name
     if root.exists():
         print(f"devinterp: error: {root}: exists; a dependence experiment needs a new folder", file=sys.stderr)

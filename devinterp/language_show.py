@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
+from devinterp.errors import ArgumentParser
 from devinterp.language import Language, load_language
 
 SHORT = {"start": "^"}
@@ -60,7 +59,7 @@ def show(spec: str, n_sequences: int, seq_len: int, seed: int, n_stats: int) -> 
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="devinterp language", description=__doc__)
+    parser = ArgumentParser(prog="devinterp language", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("show", help="sample sequences with each token's rule, shares and Bayes losses")
     p.add_argument("spec", help="language spec (YAML)")

@@ -152,7 +152,7 @@ def test_live_mode_can_be_read_while_the_run_writes(tmp_path):
          "--timeline.live", "true", "--timeline.flush_every_n_steps", "5", "--circuits.flush_every_n_steps", "5"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     path = tmp_path / "tiny" / "timeline.h5"
-    seen = []
+    seen, previous = [], {}
     deadline = time.time() + 240
     try:
         while run.poll() is None and time.time() < deadline:
@@ -165,13 +165,22 @@ def test_live_mode_can_be_read_while_the_run_writes(tmp_path):
                 steps = timeline.steps("every_step")
                 np.testing.assert_array_equal(steps, np.arange(len(steps)))
                 assert np.isfinite(timeline.values("train/loss")).all()
+                for name, group in timeline.groups.items():  # each read extends the one before it
+                    if name in previous:
+                        old_steps, old_values = previous[name]
+                        np.testing.assert_array_equal(group.steps[:len(old_steps)], old_steps)
+                        np.testing.assert_array_equal(group.values[:len(old_steps)], old_values)
+                    previous[name] = (group.steps, group.values)
                 seen.append(len(steps))
-            time.sleep(0.3)
+            time.sleep(0.1)
     finally:
         run.wait(timeout=300)
     assert run.returncode == 0, run.stderr.read()[-2000:]
-    assert len({s for s in seen if 0 < s < 400}) >= 2, seen  # rows grew while the run was live
-    assert read(path, "every_step")[3] == 400
+    assert len({s for s in seen if 0 < s < 400}) >= 3, seen  # rows grew while the run was live
+    final = load_timeline(path)
+    assert len(final.steps("every_step")) == 400
+    for name, (steps, values) in previous.items():  # what was read live is what the file keeps
+        np.testing.assert_array_equal(final.groups[name].values[:len(steps)], values)
 
 
 def test_load_timeline_reads_committed_rows_and_progress(tmp_path):
@@ -204,3 +213,17 @@ def test_load_timeline_refuses_other_files(tmp_path, make, message):
     with pytest.raises(TimelineError, match=message) as error:
         load_timeline(path)
     assert str(path) in str(error.value)
+
+
+def test_expected_size_bounds_the_finished_file(tmp_path):
+    """The space check before training must not underestimate what the run writes."""
+    path = fit(tmp_path, 12)
+    writer = TimelineWriter(n_snapshots=5)
+    with h5py.File(path, "r") as f:
+        for group in ("every_step", "diagnostics", "probe"):
+            names = [n.decode() for n in f[group]["names"][()]]
+            writer.declare(group, [MetricInfo(n, "k", "p", "r") for n in names], f[group]["values"].shape[2],
+                           {"every_step": 1, "diagnostics": 3, "probe": 5}[group])
+        n_parameters = sum(f["snapshots"][k].size // f["snapshots"][k].shape[0] for k in f["snapshots"]
+                           if k not in ("step", "planned_step"))
+    assert path.stat().st_size <= writer.expected_bytes(12, n_parameters)
