@@ -27,9 +27,7 @@ test-slow: install
 	WANDB_MODE=offline $(BIN)/python -m pytest -q -m slow
 
 bench: install
-	$(BIN)/python bench/dgp_throughput.py
-	$(BIN)/python bench/tracking_overhead.py
-	$(BIN)/python bench/analysis_scale.py
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) runs

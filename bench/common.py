@@ -26,3 +26,8 @@ def seconds_per_call(fn, repeats: int, warmup: int = 2) -> float:
         times.append(time.perf_counter() - start)
     times.sort()
     return times[len(times) // 2]
+
+
+def report(figure: str, value: float, target: str = "", unit: str = "") -> None:
+    """One figure for the table ``make bench`` prints (bench/run_all.py collects these lines)."""
+    print(f"BENCH\t{figure}\t{value:.4g}{unit}\t{target}", flush=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, load_run_config, seconds_per_call  # noqa: E402
+from common import ROOT, load_run_config, report, seconds_per_call  # noqa: E402
 
 from devinterp.data import MemberStreams  # noqa: E402
 from devinterp.language import load_language  # noqa: E402
@@ -58,6 +58,8 @@ def main() -> None:
     print(f"{'DGP sampled tokens/s':<34}{dgp_tokens_per_s:>14,.0f}")
     print(f"{'training consumes tokens/s':<34}{train_tokens_per_s:>14,.0f}")
     print(f"{'ratio (target >= 10)':<34}{dgp_tokens_per_s / train_tokens_per_s:>14.1f}")
+    report(f"DGP / training tokens per s ({args.config}, {language.name})", dgp_tokens_per_s / train_tokens_per_s,
+           ">= 10")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, load_run_config  # noqa: E402
+from common import ROOT, load_run_config, report  # noqa: E402
 
 from callbacks import CircuitMetrics, ProbeMetrics, TimelineWriter  # noqa: E402
 from devinterp.data import MemberStreams, ToyLanguageData  # noqa: E402
@@ -52,8 +52,8 @@ class StepClock(L.Callback):
         self.end = time.perf_counter()
 
 
-def make(members: int):
-    cfg = load_run_config("quickstart")
+def make(members: int, config: str = "quickstart"):
+    cfg = load_run_config(config)
     data = ToyLanguageData(language=str(ROOT / cfg["data"]["language"]), seq_len=cfg["data"]["seq_len"],
                            batch_size=cfg["data"]["batch_size"], n_members=members, seed=0,
                            probe_size=cfg["data"]["probe_size"])
@@ -80,17 +80,18 @@ def bare_seconds_per_step(members: int, steps: int, warmup: int) -> float:
     return (time.perf_counter() - start) / (steps - warmup)
 
 
-def tracked_seconds_per_step(members: int, steps: int, warmup: int, probes: bool, tracking: bool = True) -> float:
+def tracked_seconds_per_step(members: int, steps: int, warmup: int, probes: bool, tracking: bool = True,
+                             config: str = "quickstart", probe_every: int = 10) -> float:
     from lightning.pytorch.loggers import WandbLogger
 
-    data, module = make(members)
+    data, module = make(members, config)
     clock = StepClock(warmup)
     with tempfile.TemporaryDirectory() as root:
         callbacks = [clock]
         if tracking:
             callbacks.append(CircuitMetrics(diagnostics_every_n_steps=10, flush_every_n_steps=100))
         if probes:
-            callbacks.append(ProbeMetrics(every_n_steps=10))
+            callbacks.append(ProbeMetrics(every_n_steps=probe_every))
         if tracking:
             callbacks.append(TimelineWriter(flush_every_n_steps=100))
         logger = WandbLogger(save_dir=root, project="bench", mode="offline") if tracking else False
@@ -141,7 +142,10 @@ def main() -> None:
     print(f"{'configuration':<12}{'ms/step':>10}{'ratio':>8}{'target':>8}")
     for name, target in (("bare", ""), ("lightning", ""), ("tracked", "<= 1.10"), ("+probes", "<= 1.15")):
         print(f"{name:<12}{best[name] * 1000:>10.1f}{best[name] / best['bare']:>8.3f}{target:>8}")
-    print(f"one weight snapshot = {snapshot_fraction(args.members, best['bare']):.3f} of a training step")
+    snapshot = snapshot_fraction(args.members, best["bare"])
+    print(f"one weight snapshot = {snapshot:.3f} of a training step")
+    report("tracking: tracked / bare step time", best["tracked"] / best["bare"], "<= 1.10")
+    report("tracking: +probes / bare step time", best["+probes"] / best["bare"], "<= 1.15")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ At the start of step s (weights before the s-th update) the headline metrics (on
 devinterp.metrics) are computed under inference_mode; at its end they are joined with the
 step's per-member training losses (per primitive) into one row, kept in a buffer on the model's
 device. Diagnostics run every ``diagnostics_every_n_steps`` steps into their own buffer. Every
-``flush_every_n_steps`` steps the buffers move to the host in one transfer and go to the
+``flush_every_n_steps`` steps (and at every timeline commit) the buffers move to the host in one
+transfer (``hand_over``) and go to the
 TimelineWriter (groups ``every_step`` and ``diagnostics``) and, at its commit, to
 ``trainer.loggers`` as one dict per step: per-primitive summaries (``<primitive>/weight_progress``, median over members of
 the mean progress over its rules; ``<primitive>/train_loss``), grouped by primitive so W&B shows
@@ -100,18 +101,21 @@ class CircuitMetrics(L.Callback):
         self.flush(trainer)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self.drain(trainer)
-
-    def drain(self, trainer: L.Trainer) -> None:
-        """Hand every buffered row over while the run is stopping; a non-finite value here is
-        already the reason it stops (the rows are written either way)."""
-        try:
-            self.flush(trainer)
+        try:  # a non-finite value here is already the reason the run stops
+            self.hand_over(trainer)
         except NonFiniteMetricError:
             pass
 
     def flush(self, trainer: L.Trainer) -> None:
-        """Move buffered rows to the host (one transfer per buffer) and hand them on."""
+        """Hand the buffered rows over and commit them (the writer's commit asks every producer)."""
+        writer = find_writer(trainer)
+        if writer is not None:
+            writer.commit()
+        else:
+            self.hand_over(trainer)
+
+    def hand_over(self, trainer: L.Trainer) -> None:
+        """Move buffered rows to the host (one transfer per buffer), to the writer and the loggers."""
         blocks = {}
         for group, rows in (("every_step", self._rows), ("diagnostics", self._diagnostic_rows)):
             if rows:
@@ -124,7 +128,6 @@ class CircuitMetrics(L.Callback):
         if writer is not None:
             for group, (steps, values) in blocks.items():
                 writer.append(group, steps, values)
-            writer.commit()
 
     def replay_logs(self, trainer: L.Trainer, group: str, steps: np.ndarray, values: np.ndarray) -> None:
         """Send timeline rows (n, n_metrics, member) to the loggers again (a resume fills the
@@ -133,8 +136,6 @@ class CircuitMetrics(L.Callback):
             self._log(trainer, steps, values)
 
     def _log(self, trainer: L.Trainer, steps: np.ndarray, values: np.ndarray) -> None:
-        if not trainer.loggers:
-            return
         n_headline = len(self.headline.infos)
         progress = 1 - values[:, :n_headline] / self._nothing[None, :, None]  # (n, n_headline, M)
         summaries = {f"{p}/weight_progress": np.median(progress[:, rows].mean(1), axis=-1)
@@ -143,6 +144,8 @@ class CircuitMetrics(L.Callback):
             warnings.simplefilter("ignore", RuntimeWarning)
             train = np.nanmedian(values[:, n_headline:], axis=-1)
         summaries["train/loss"] = train[:, 0]
+        if np.isfinite(train[-1, 0]):
+            trainer.lightning_module.flushed_loss = (int(steps[-1]), float(train[-1, 0]))
         for column, info in enumerate(self.train[1:], start=1):
             summaries[f"{info.primitive}/train_loss"] = train[:, column]
         for r, step in enumerate(steps.tolist()):

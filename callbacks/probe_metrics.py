@@ -56,6 +56,7 @@ class ProbeMetrics(L.Callback):
         self.last: tuple[int, ProbeResult] | None = None
         self.summary: dict | None = None
         self.infos: list[MetricInfo] = []
+        self._rows: list[tuple[int, torch.Tensor]] = []  # (step, (n_metrics, member)) on the device
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -99,25 +100,38 @@ class ProbeMetrics(L.Callback):
         ])
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Evaluate on the device; the row waits there for the next timeline commit."""
         step = trainer.global_step
         if self.last is not None and self.last[0] == step:
             return
         language = trainer.datamodule.language
         was_training = pl_module.training
         pl_module.eval()
-        result = evaluate_probe(pl_module.model, trainer.datamodule.probe, len(language.label_names),
+        result = evaluate_probe(pl_module.model, self._probe, len(language.label_names),
                                 len(language.rule_names), self.batch_size)
         pl_module.train(was_training)
-        result = ProbeResult(*(t.float().cpu() for t in (result.excess_by_label, result.accuracy_by_label,
-                                                         result.excess_by_rule, result.excess, result.loss_by_position)))
+        result = ProbeResult(*(getattr(result, f.name).float() for f in fields(result)))
         if self.first is None:
             self.first = (step, result)
         self.last = (step, result)
-        row = self.values(result).numpy()
+        self._rows.append((step, self.values(result)))
+
+    def hand_over(self, trainer: L.Trainer) -> None:
+        """Buffered rows to the host in one transfer, then to the writer and the loggers."""
+        if not self._rows:
+            return
+        steps = np.array([s for s, _ in self._rows], dtype=np.int64)
+        values = torch.stack([v for _, v in self._rows]).cpu().numpy()  # (n, n_metrics, member)
+        self._rows.clear()
+        for step, row in zip(steps.tolist(), values):
+            self._log(trainer, step, row)
         writer = find_writer(trainer)
         if writer is not None:
-            writer.append("probe", np.array([step]), row[None])
-        self._log(trainer, step, row)
+            writer.append("probe", steps, values)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if find_writer(trainer) is None:
+            self.hand_over(trainer)  # with a writer, its on_exception asks for the rows
 
     def replay_logs(self, trainer: L.Trainer, group: str, steps: np.ndarray, values: np.ndarray) -> None:
         """Send timeline rows to the loggers again (a resume fills what W&B lost)."""
@@ -142,15 +156,20 @@ class ProbeMetrics(L.Callback):
         if self.first is None:
             return {}
         step, result = self.first
-        return {"first_step": step, "first": [getattr(result, f.name).clone() for f in fields(result)]}
+        return {"first_step": step, "first": [getattr(result, f.name).cpu().clone() for f in fields(result)]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict:
             self._restored_first = (int(state_dict["first_step"]), ProbeResult(*state_dict["first"]))
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.first = getattr(self, "_restored_first", None) if trainer.global_step > 0 else None
-        self.last = None
+        self._probe = trainer.datamodule.probe.to(pl_module.device)  # moved once, not per evaluation
+        self._rows = []
+        restored = getattr(self, "_restored_first", None) if trainer.global_step > 0 else None
+        if restored is not None:
+            restored = (restored[0], ProbeResult(*(getattr(restored[1], f.name).to(pl_module.device)
+                                                   for f in fields(restored[1]))))
+        self.first, self.last = restored, None
         if trainer.global_step % self.every_n_steps == 0:  # step 0; a resumed run keeps the cadence
             self._evaluate(trainer, pl_module)
 
@@ -160,12 +179,18 @@ class ProbeMetrics(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._evaluate(trainer, pl_module)
+        writer = find_writer(trainer)
+        if writer is not None:
+            writer.commit()
+        else:
+            self.hand_over(trainer)
         self.summary = self.make_summary(trainer.datamodule)
         self._report(trainer)
 
     def make_summary(self, datamodule) -> dict:
         """Per-primitive excess loss (median over members) at the first and last evaluation."""
         (first_step, first), (last_step, last) = self.first, self.last
+        first, last = (ProbeResult(*(getattr(r, f.name).cpu() for f in fields(r))) for r in (first, last))
         labels = datamodule.probe.labels[:, 1:]
         rows = {}
         for i in self.label_columns:

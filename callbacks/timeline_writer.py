@@ -16,8 +16,10 @@ Layout (schema version 1):
     snapshots/       step (n,) int64 (-1 = not yet), <parameter> (n, *shape) float32: weights
                      at log-spaced steps, preallocated
 
-Row 0 is step 0, the initial weights. Rows are buffered by their producers and written here in
-blocks; ``commit`` flushes the file, so a killed run keeps every row up to its last commit.
+Row 0 is step 0, the initial weights. Rows are buffered by their producers on the model's device
+and written here in blocks: ``commit`` asks every producer to ``hand_over`` its buffer, writes
+the weight snapshots copied since the last commit, and flushes the file, so a killed run keeps
+every row up to its last commit and a training step makes no host synchronisation.
 Non-finite values are caught when a block arrives (no per-step host sync): the rows are written
 and committed, then the run stops with the first bad step and metric named. Only global rank
 zero writes. Live mode opens the file with SWMR so another process can read while it is written
@@ -49,6 +51,7 @@ from pathlib import Path
 import h5py
 import lightning as L
 import numpy as np
+import torch
 import yaml
 
 import devinterp
@@ -117,6 +120,8 @@ class TimelineWriter(L.Callback):
         self.path: Path | None = None
         self.snapshot_steps: np.ndarray = np.zeros(0, dtype=np.int64)
         self._pending_logs: list[tuple[int, dict[str, float]]] = []
+        self._pending_snapshots: list[tuple[int, int, dict[str, torch.Tensor]]] = []
+        self._trainer = self._module = None
         self._logged_through = -1  # last step handed to the loggers, this segment or earlier ones
         self._logged_before = -1  # last step an earlier segment of this run handed to them
 
@@ -168,7 +173,12 @@ class TimelineWriter(L.Callback):
         skipped)."""
         if self.file is None:
             return
+        trainer = getattr(self, "_trainer", None)
+        for callback in trainer.callbacks if trainer is not None else ():
+            if callback is not self and hasattr(callback, "hand_over"):
+                callback.hand_over(trainer)  # producers' device buffers -> append()
         try:
+            self._write_snapshots()
             for name in self.groups:
                 self.file[name]["committed"][0] = self.file[name]["step"].shape[0]
             by_step: dict[int, dict[str, float]] = defaultdict(dict)
@@ -184,7 +194,7 @@ class TimelineWriter(L.Callback):
             raise TimelineWriteError(f"{self.path}: cannot write the timeline ({error}); "
                                      f"rows committed before are kept") from None
         for step in sorted(by_step):
-            for logger in self._trainer.loggers if self._trainer is not None else ():
+            for logger in trainer.loggers if trainer is not None else ():
                 logger.log_metrics(by_step[step], step=step)
 
     # ---- file set-up ---------------------------------------------------------------------
@@ -394,31 +404,45 @@ class TimelineWriter(L.Callback):
         self._trainer = self._module = None
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        for callback in trainer.callbacks:  # producers first hand over what they buffered
-            if callback is not self and hasattr(callback, "drain"):
-                callback.drain(trainer)
-        self.close()
+        try:  # producers hand over what they buffered, then everything is committed
+            self.close()
+        except NonFiniteMetricError:  # already the reason the run stops; the rows are committed
+            self.close()
 
     def close(self) -> None:
         if self.file is not None:
-            self.commit()
-            self.file.close()
-            self.file = None
+            try:
+                self.commit()
+            finally:
+                self.file.close()
+                self.file = None
 
     def _snapshot(self, step: int, pl_module: L.LightningModule, final: bool = False) -> None:
+        """Copy the weights at a planned step on their device; they reach the file at the next
+        commit, so a snapshot costs no host synchronisation in the step."""
         if self.file is None or not len(self.snapshot_steps):
             return
         slot = len(self.snapshot_steps) - 1 if final else np.flatnonzero(self.snapshot_steps == step)
         if not final and not len(slot):
             return
         slot = int(slot if final else slot[0])
+        with torch.no_grad():
+            weights = {name: param.detach().clone() for name, param in pl_module.model.named_parameters()}
+        self._pending_snapshots.append((slot, step, weights))
+
+    def _write_snapshots(self) -> None:
+        if not self._pending_snapshots:
+            return
         s = self.file["snapshots"]
         try:
-            for name, param in pl_module.model.named_parameters():
-                s[name][slot] = param.detach().float().cpu().numpy()  # a host copy, at log-spaced steps only
-            s["step"][slot] = step
+            for slot, step, weights in self._pending_snapshots:
+                for name, value in weights.items():
+                    s[name][slot] = value.float().cpu().numpy()
+                s["step"][slot] = step
         except OSError as error:
             raise TimelineWriteError(f"{self.path}: cannot write a weight snapshot ({error})") from None
+        finally:
+            self._pending_snapshots.clear()
 
     def state_dict(self) -> dict:
         """Rows per group when the checkpoint was taken; a resume truncates to the restored step."""

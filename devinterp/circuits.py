@@ -173,7 +173,12 @@ def gram_spectrum(left: Tensor, right: Tensor) -> Tensor:
     """Squared singular values of left @ right^T without forming it: eigenvalues of
     (left^T left)(right^T right). left (..., n, r), right (..., m, r) -> (..., r), descending."""
     gram = (left.transpose(-1, -2) @ left) @ (right.transpose(-1, -2) @ right)
-    return torch.linalg.eigvals(gram).real.clamp_min(0).sort(-1, descending=True).values
+    # LAPACK's eigensolver can crash on NaN or inf (weights of a diverged run): those matrices
+    # get NaN eigenvalues without being decomposed, decided on the device (no host sync)
+    finite = torch.isfinite(gram).all(-1).all(-1)[..., None]  # (..., 1)
+    safe = torch.where(finite[..., None], gram, torch.zeros_like(gram))
+    values = torch.linalg.eigvals(safe).real.clamp_min(0).sort(-1, descending=True).values
+    return torch.where(finite, values, torch.full_like(values, float("nan")))
 
 
 def frobenius_and_effective_rank(squared_singular_values: Tensor) -> tuple[Tensor, Tensor]:

@@ -27,12 +27,13 @@ from typing import Literal, Optional
 import torch
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.circuit_metrics import CircuitMetrics
 from callbacks.probe_metrics import ProbeMetrics
+from callbacks.progress_bar import FlushedLossBar
 from callbacks.timeline_writer import NonFiniteMetricError, TimelineWriteError, TimelineWriter
 from devinterp.data import ToyLanguageData
 from devinterp.errors import ArgumentParser, UsageError
@@ -160,6 +161,11 @@ class DevinterpCLI(LightningCLI):
         else:
             kwargs.setdefault("logger", False)
             kwargs.setdefault("limit_val_batches", 1.0)  # the probe set, whatever fit used
+        trainer_init = self.config_init[self.subcommand].trainer
+        configured = list(trainer_init.get("callbacks") or [])
+        if trainer_init.get("enable_progress_bar") is not False and not any(
+                isinstance(c, ProgressBar) for c in configured):
+            kwargs.setdefault("callbacks", configured + [FlushedLossBar()])  # not in config.yaml
         trainer = super().instantiate_trainer(**kwargs)
         for callback in trainer.callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None and self.run_dir:

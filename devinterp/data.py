@@ -9,7 +9,7 @@ of the sampler and lets a resumed run continue the stream at any step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import lightning as L
@@ -31,6 +31,12 @@ class ProbeSet:
     true_next: torch.Tensor  # (n_probe, T - 1, V) float32: p(token t + 1 | tokens <= t)
     true_plogp: torch.Tensor  # (n_probe, T - 1): sum_v p log p, the negative exact entropy
     true_top: torch.Tensor  # (n_probe, T - 1) int64: the Bayes-optimal guess
+
+    def to(self, device: torch.device | str) -> "ProbeSet":
+        """The same set on ``device`` (itself when it is there already)."""
+        if self.tokens.device == torch.device(device):
+            return self
+        return ProbeSet(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 class MemberStreams(IterableDataset):

@@ -24,12 +24,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from devinterp.errors import UsageError, at_least, one_of
 
 Attention = Literal["bilinear", "squared", "softmax"]
 Positions = Literal["rope", "learned"]
+AttentionPath = Literal["auto", "quadratic", "linear"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class ModelConfig:
     d_mlp: int = 256
     norm: bool = False  # parameter-free RMSNorm before attention, MLP and unembedding
     rope_base: float = 10000.0
+    attention_path: AttentionPath = "auto"  # quadratic (T x T patterns) or linear (chunked scan)
+    linear_chunk: int = 64  # positions per chunk of the linear path
 
     @property
     def n_pairs(self) -> int:
@@ -60,6 +64,24 @@ class ModelConfig:
             at_least(getattr(self, field), 1, f"model.{field}")
         if self.positions == "rope" and self.d_head % 2:
             raise UsageError(f"model.d_head: RoPE needs an even d_head, got {self.d_head}")
+        one_of(self.attention_path, ("auto", "quadratic", "linear"), "model.attention_path")
+        at_least(self.linear_chunk, 1, "model.linear_chunk")
+        if self.attention_path == "linear" and self.attention == "softmax":
+            raise UsageError("model.attention_path: softmax attention has no linear path; use auto or quadratic")
+
+    def uses_linear_path(self, seq_len: int) -> bool:
+        """Whether attention over ``seq_len`` positions takes the chunked linear path. ``auto``
+        compares multiply-adds per position per head: the quadratic path's T (P + 1) d_head (P
+        score products and the pattern times values) against the linear path's C (P + 1) d_head
+        within a chunk of C plus 2 d_head^2 (d_head + 1) for the d_head^2-feature state."""
+        if self.attention == "softmax" or self.attention_path == "quadratic":
+            return False
+        if self.attention_path == "linear":
+            return True
+        P, dh, C = self.n_pairs, self.d_head, self.linear_chunk
+        quadratic = seq_len * (P + 1) * dh
+        linear = min(C, seq_len) * (P + 1) * dh + 2 * dh * dh * (dh + 1)
+        return linear < quadratic
 
 
 def rope_angles(n_ctx: int, d_head: int, base: float) -> tuple[Tensor, Tensor]:
@@ -77,6 +99,34 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """
     pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
     return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
+
+
+def chunked_linear_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tensor, chunk: int) -> Tensor:
+    """z_t = sum_{s <= t} (q1_t . k1_s)(q2_t . k2_s) v_s, without a T x T pattern.
+
+    Bilinear attention is causal linear attention with the feature map phi(a, b) = a (x) b
+    (outer product, d_head^2 features): (q1 . k1)(q2 . k2) = phi(q1, q2) . phi(k1, k2). Positions
+    are split into chunks of ``chunk``; within a chunk the pattern is formed directly (C x C),
+    across chunks a running state S = sum_s phi(k1_s, k2_s) v_s^T (d_head^2 x d_head) carries the
+    past, one chunk at a time, so memory is O(T d_head^2) and never O(T^2). Squared attention is
+    the case q2 = q1, k2 = k1. All inputs (..., T, d); returns (..., T, d_v).
+    """
+    T, dh = v.shape[-2], q1.shape[-1]
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    if pad:
+        q1, k1, q2, k2, v = (F.pad(t, (0, 0, 0, pad)) for t in (q1, k1, q2, k2, v))
+    q1, k1, q2, k2, v = (t.unflatten(-2, (n, chunk)) for t in (q1, k1, q2, k2, v))  # (..., n, C, d)
+    within = ((q1 @ k1.transpose(-1, -2)) * (q2 @ k2.transpose(-1, -2))).tril() @ v  # (..., n, C, d_v)
+    phi_q = (q1[..., :, None] * q2[..., None, :]).flatten(-2)  # (..., n, C, d_head^2)
+    phi_k = (k1[..., :, None] * k2[..., None, :]).flatten(-2)
+    state = v.new_zeros(*v.shape[:-3], dh * dh, v.shape[-1])  # (..., d_head^2, d_v)
+    earlier = []
+    for c in range(n):
+        earlier.append(phi_q[..., c, :, :] @ state)
+        state = state + phi_k[..., c, :, :].transpose(-1, -2) @ v[..., c, :, :]
+    z = within + torch.stack(earlier, -3)
+    return z.flatten(-3, -2)[..., :T, :]
 
 
 def rms_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -130,8 +180,9 @@ class TensorTransformer(nn.Module):
 
     # ---- pieces ----------------------------------------------------------------------------
 
-    def attention_pattern(self, x: Tensor, layer: int, positions: Tensor | None = None) -> Tensor:
-        """Causal pattern per head. x (member, batch, pos, d_model) -> (member, batch, head, pos, pos).
+    def queries_keys(self, x: Tensor, layer: int, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Rotated queries and keys. x (member, batch, pos, d_model) -> q, k (member, pair,
+        batch, head, pos, d_head); q is divided by d_head for bilinear and squared attention.
 
         ``positions`` (pos,) or (batch, pos), increasing along pos, gives each row's absolute
         position (default 0..T-1), so a context whose empty positions are left out (circuits.py)
@@ -150,13 +201,22 @@ class TensorTransformer(nn.Module):
                     cos, sin = cos[:, None], sin[:, None]
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cfg.attention != "softmax":
+            q = q / cfg.d_head  # scale q (T x d_head) rather than the scores (T x T)
+        return q, k
+
+    def attention_pattern(self, x: Tensor, layer: int, positions: Tensor | None = None) -> Tensor:
+        """Causal pattern per head. x (member, batch, pos, d_model) -> (member, batch, head, pos, pos)."""
+        cfg = self.cfg
+        T = x.shape[2]
+        q, k = self.queries_keys(x, layer, positions)
         if cfg.attention == "softmax":
             scores = (q[:, 0] @ k[:, 0].transpose(-1, -2)) / math.sqrt(cfg.d_head)  # (M, B, H, T, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             return scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        # scale q (T x d_head) rather than the scores (T x T); unbind, not index, the pairs so
-        # the backward pass allocates no zero-filled copies of the full score tensor
-        q_pairs, k_pairs = (q / cfg.d_head).unbind(1), k.unbind(1)
+        # unbind, not index, the pairs so the backward pass allocates no zero-filled copies of
+        # the full score tensor
+        q_pairs, k_pairs = q.unbind(1), k.unbind(1)
         first = q_pairs[0] @ k_pairs[0].transpose(-1, -2)  # (M, B, H, T, T)
         if cfg.attention == "bilinear":
             pattern = first * (q_pairs[1] @ k_pairs[1].transpose(-1, -2))
@@ -165,10 +225,17 @@ class TensorTransformer(nn.Module):
         return pattern.tril()
 
     def attention(self, x: Tensor, layer: int, positions: Tensor | None = None) -> Tensor:
-        """One attention layer's output. x (member, batch, pos, d_model) -> same shape."""
-        pattern = self.attention_pattern(x, layer, positions)  # (M, B, H, T, T)
+        """One attention layer's output. x (member, batch, pos, d_model) -> same shape. Takes
+        the chunked linear path when ``cfg.uses_linear_path(pos)`` (equal to float tolerance)."""
+        cfg = self.cfg
         v = torch.einsum("mbtd,mhde->mbhte", x, self.W_V[:, layer])  # (M, B, H, T, dh)
-        z = pattern @ v  # (M, B, H, T, dh)
+        if cfg.uses_linear_path(x.shape[2]):
+            q, k = self.queries_keys(x, layer, positions)  # (M, P, B, H, T, dh)
+            q_pairs, k_pairs = q.unbind(1), k.unbind(1)
+            q2, k2 = (q_pairs[1], k_pairs[1]) if cfg.attention == "bilinear" else (q_pairs[0], k_pairs[0])
+            z = chunked_linear_attention(q_pairs[0], k_pairs[0], q2, k2, v, cfg.linear_chunk)
+        else:
+            z = self.attention_pattern(x, layer, positions) @ v  # (M, B, H, T, dh)
         return torch.einsum("mbhte,mhed->mbtd", z, self.W_O[:, layer])
 
     def mlp(self, x: Tensor, layer: int) -> Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from devinterp.errors import UsageError, at_least
-from devinterp.model import Attention, ModelConfig, Positions, TensorTransformer
+from devinterp.model import Attention, AttentionPath, ModelConfig, Positions, TensorTransformer
 from devinterp.probe import excess_kl, grouped_mean
 
 Schedule = Literal["constant", "cosine"]
@@ -33,6 +33,9 @@ class TensorTransformerModule(L.LightningModule):
         seed: initialisation seed of member 0.
         n_layers, n_heads, d_model, d_head, attention, positions, mlp, d_mlp, norm: the
             architecture (see ``devinterp.model``).
+        attention_path: ``auto`` (the cheaper of the two), ``quadratic`` (T x T patterns) or
+            ``linear`` (chunked linear attention, ``linear_chunk`` positions per chunk; long
+            sequences); both compute the same function.
         lr, weight_decay, betas: AdamW.
         warmup_steps: linear warm-up from 0; then ``schedule``: constant, or cosine to
             ``min_lr_ratio * lr`` at ``trainer.max_steps``.
@@ -42,7 +45,8 @@ class TensorTransformerModule(L.LightningModule):
                  n_members: int = 1, seed: int = 0, n_layers: int = 2, n_heads: int = 4,
                  d_model: int = 64, d_head: int = 16, attention: Attention = "bilinear",
                  positions: Positions = "rope", mlp: bool = False, d_mlp: int = 256,
-                 norm: bool = False, lr: float = 3e-3, weight_decay: float = 0.01,
+                 norm: bool = False, attention_path: AttentionPath = "auto", linear_chunk: int = 64,
+                 lr: float = 3e-3, weight_decay: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 200,
                  schedule: Schedule = "constant", min_lr_ratio: float = 0.1):
         super().__init__()
@@ -60,10 +64,11 @@ class TensorTransformerModule(L.LightningModule):
         self.cfg = ModelConfig(d_vocab=d_vocab, n_ctx=n_ctx, n_members=n_members,
                                n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_head=d_head,
                                attention=attention, positions=positions, mlp=mlp, d_mlp=d_mlp,
-                               norm=norm)
+                               norm=norm, attention_path=attention_path, linear_chunk=linear_chunk)
         self.model = TensorTransformer(self.cfg, seed=seed)
         self.label_names = list(label_names or ["start"])
         self.last_loss_row: Tensor | None = None  # (member, 1 + n_labels): loss, then per label
+        self.flushed_loss: tuple[int, float] | None = None  # (step, median loss) at the last flush
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.model(tokens)
@@ -82,7 +87,8 @@ class TensorTransformerModule(L.LightningModule):
         member_loss, per_label = self.member_losses(batch["tokens"], batch["labels"])
         self.last_loss_row = torch.cat([member_loss[:, None], per_label], 1).detach()
         loss = member_loss.sum()
-        self.log("loss", loss / member_loss.shape[0], prog_bar=True, logger=False)
+        # nothing is self.log-ged: Lightning would read it on the host every step. The progress
+        # bar (callbacks/progress_bar.py) shows the loss of the last flushed step instead.
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -106,8 +112,10 @@ class TensorTransformerModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
+        # fused: one kernel for all parameters, and its step counters stay on the device (the
+        # default implementation reads them on the host every step)
         optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=hp.betas,
-                                      weight_decay=hp.weight_decay)
+                                      weight_decay=hp.weight_decay, fused=True)
         max_steps = self.trainer.max_steps if self.trainer is not None else -1
 
         def lr_factor(step: int) -> float:

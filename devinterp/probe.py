@@ -38,7 +38,8 @@ def grouped_mean(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
     member_offset = n_groups * torch.arange(M, device=values.device)[:, None]
     flat = torch.where(groups >= 0, groups + member_offset, M * n_groups).flatten()  # -1 -> spare bin
     sums = values.new_zeros(M * n_groups + 1).index_add_(0, flat, values.flatten())
-    counts = torch.bincount(flat, minlength=M * n_groups + 1).to(values.dtype)
+    # index_add of ones, not bincount: bincount reads the largest id on the host (a GPU sync)
+    counts = values.new_zeros(M * n_groups + 1).index_add_(0, flat, torch.ones_like(values).flatten())
     return (sums / counts)[:-1].view(M, n_groups)  # 0 / 0 = NaN marks an empty group
 
 
@@ -53,21 +54,22 @@ def evaluate_probe(model: TensorTransformer, probe: ProbeSet, n_labels: int, n_r
                    batch_size: int = 8) -> ProbeResult:
     """Every member on the shared probe set. Values stay on the model's device."""
     device = model.W_E.device
+    probe = probe.to(device)  # a no-op for a set already there (ProbeMetrics moves it once)
     M = model.cfg.n_members
     kl_parts, correct_parts, nll_parts = [], [], []
     for start in range(0, probe.tokens.shape[0], batch_size):
         rows = slice(start, start + batch_size)
-        tokens = probe.tokens[rows].to(device)
-        true_next = probe.true_next[rows].to(device)  # (B, T-1, V)
+        tokens = probe.tokens[rows]
+        true_next = probe.true_next[rows]  # (B, T-1, V)
         log_q = model(tokens[None, :, :-1].expand(M, -1, -1)).float().log_softmax(-1)  # (M, B, T-1, V)
-        kl = excess_kl(log_q, true_next, probe.true_plogp[rows].to(device))
-        correct = log_q.argmax(-1) == probe.true_top[rows].to(device)  # (M, B, T-1)
+        kl = excess_kl(log_q, true_next, probe.true_plogp[rows])
+        correct = log_q.argmax(-1) == probe.true_top[rows]  # (M, B, T-1)
         nll_parts.append(-log_q.gather(-1, tokens[None, :, 1:, None].expand(M, -1, -1, 1))[..., 0].sum(1))
         kl_parts.append(kl.flatten(1))
         correct_parts.append(correct.flatten(1).float())
     kl, correct = torch.cat(kl_parts, 1), torch.cat(correct_parts, 1)  # (M, n_positions)
-    labels = probe.labels[:, 1:].reshape(-1).to(device)
-    rules = probe.rules[:, 1:].reshape(-1).to(device)
+    labels = probe.labels[:, 1:].reshape(-1)
+    rules = probe.rules[:, 1:].reshape(-1)
     return ProbeResult(
         excess_by_label=grouped_mean(kl, labels, n_labels),
         accuracy_by_label=grouped_mean(correct, labels, n_labels),

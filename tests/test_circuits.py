@@ -113,3 +113,13 @@ def test_mlp_direct_path_is_the_mlp_on_each_token():
     for s in range(7):
         x = model.W_E[:, s][:, None, None]  # (M, 1, 1, D)
         torch.testing.assert_close(table[:, s], (model.mlp(x, 0) @ model.W_U[:, None])[:, 0, 0])
+
+
+def test_gram_spectrum_of_diverged_weights_is_nan_not_a_crash():
+    left, right = torch.randn(3, 6, 4, dtype=torch.float64), torch.randn(3, 5, 4, dtype=torch.float64)
+    left[1, 2, 0] = float("nan")
+    right[2, 0, 1] = float("inf")
+    spectrum = circuits.gram_spectrum(left, right)
+    assert torch.isnan(spectrum[1:]).all()
+    expected = torch.linalg.svdvals(left[0] @ right[0].T)[:4] ** 2
+    torch.testing.assert_close(spectrum[0], expected)

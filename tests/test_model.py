@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -113,3 +114,48 @@ def test_bilinear_mlp_is_the_elementwise_product_of_two_linear_maps():
     x = torch.randn(2, 1, 5, 12)
     expected = ((x @ model.W_in[:, None, 0]) * (x @ model.W_gate[:, None, 0])) @ model.W_out[:, None, 0]
     torch.testing.assert_close(model.mlp(x, 0), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["bilinear", "squared"])
+@pytest.mark.parametrize("seq_len,chunk", [(16, 64), (100, 32), (512, 64)])
+def test_linear_attention_path_equals_the_quadratic_one(attention, seq_len, chunk):
+    """Chunked linear attention (d_head^2 features) computes the same function as the T x T
+    pattern, with RoPE, for outputs and gradients."""
+    cfg = ModelConfig(d_vocab=12, n_ctx=512, n_members=2, n_layers=2, n_heads=2, d_model=16, d_head=8,
+                      attention=attention, positions="rope", attention_path="quadratic", linear_chunk=chunk)
+    model = TensorTransformer(cfg, seed=3).double()
+    with torch.no_grad():
+        model.W_O.normal_(0, 0.3)
+        model.W_U.normal_(0, 0.3)
+    tokens = torch.randint(0, 12, (2, 2, seq_len), generator=torch.Generator().manual_seed(0))
+    outputs, grads = {}, {}
+    for path in ("quadratic", "linear"):
+        model.cfg = dataclasses.replace(cfg, attention_path=path)
+        model.zero_grad()
+        logits = model(tokens)
+        logits.square().mean().backward()
+        outputs[path], grads[path] = logits.detach(), model.W_Q.grad.clone()
+    torch.testing.assert_close(outputs["linear"], outputs["quadratic"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grads["linear"], grads["quadratic"], rtol=1e-9, atol=1e-9)
+
+
+def test_linear_path_with_given_positions_and_in_float32():
+    cfg = ModelConfig(d_vocab=12, n_ctx=64, n_members=1, n_layers=1, n_heads=2, d_model=16, d_head=8,
+                      attention_path="linear", linear_chunk=8)
+    model = TensorTransformer(cfg, seed=1)
+    with torch.no_grad():
+        model.W_O.normal_(0, 0.3)
+    x = torch.randn(1, 3, 20, 16, generator=torch.Generator().manual_seed(2))
+    positions = torch.arange(20) * 2 + 5  # a context placed later in the sequence
+    linear = model.attention(x, 0, positions)
+    model.cfg = dataclasses.replace(cfg, attention_path="quadratic")
+    torch.testing.assert_close(linear, model.attention(x, 0, positions), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_path_takes_the_linear_scan_only_for_long_sequences():
+    cfg = ModelConfig(d_vocab=33, n_ctx=4096, n_heads=4, d_model=64, d_head=16)  # the quickstart's heads
+    assert not cfg.uses_linear_path(64) and not cfg.uses_linear_path(128)
+    assert cfg.uses_linear_path(512) and cfg.uses_linear_path(2048)
+    assert not dataclasses.replace(cfg, attention="softmax").uses_linear_path(2048)
+    assert dataclasses.replace(cfg, attention_path="linear").uses_linear_path(16)
+    assert not dataclasses.replace(cfg, attention_path="quadratic").uses_linear_path(4096)

@@ -1,0 +1,89 @@
+"""The tracking path makes no host synchronisation per step (issue: Speed and scale).
+
+Every way a tensor reaches the host (``.item()``, ``float()``, ``int()``, ``bool()``,
+``.tolist()``, ``.numpy()``, ``.cpu()``, ``.to("cpu")``) is counted between one step's start and
+the next's, with weight metrics every step, diagnostics, probes, snapshots, the timeline writer
+and the progress bar on. Only flush steps may read values. On CPU a ``.to(device)`` that places data on the model's device looks like a move to the
+host; Lightning's ``move_data_to_device`` (the input batch, and values given to ``self.log``) is
+that placement and is not counted.
+"""
+
+import collections
+import traceback
+
+import lightning as L
+import pytest
+import torch
+
+from analysis import load_timeline
+from callbacks import CircuitMetrics, ProbeMetrics, TimelineWriter
+from callbacks.progress_bar import FlushedLossBar
+from devinterp.data import ToyLanguageData
+from devinterp.module import TensorTransformerModule
+from tests.conftest import SEED_SPEC_PATH
+
+HOST_READS = ("item", "__float__", "__int__", "__bool__", "tolist", "numpy", "cpu")
+
+
+class StepWindow(L.Callback):
+    """Attributes everything from one step's start to the next step's start to that step."""
+
+    def __init__(self):
+        self.step = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step = trainer.global_step
+
+    def on_train_end(self, trainer, pl_module):
+        self.step = None
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    window = StepWindow()
+    reads = collections.defaultdict(list)  # step -> [(how, where)]
+
+    def counted(name, original, only_to_host=False):
+        def method(self, *args, **kwargs):
+            if window.step is not None:
+                target = args[0] if args else kwargs.get("device")
+                to_host = not only_to_host or (isinstance(target, (str, torch.device))
+                                               and torch.device(target).type == "cpu")
+                stack = traceback.extract_stack(limit=20)[:-1]
+                placement = any(frame.name == "move_data_to_device" for frame in stack)
+                if to_host and not placement:
+                    reads[window.step].append((name, " < ".join(f.name for f in reversed(stack[-12:]))))
+            return original(self, *args, **kwargs)
+        return method
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch.Tensor, "to", counted("to", torch.Tensor.to, only_to_host=True))
+    return window, reads
+
+
+def test_tracked_training_steps_read_nothing_on_the_host_between_flushes(tmp_path, host_reads):
+    window, reads = host_reads
+    flush, max_steps = 10, 30
+    data = ToyLanguageData(language=str(SEED_SPEC_PATH), seq_len=16, batch_size=4, n_members=2, seed=0,
+                           probe_size=8, steps_per_block=4)
+    module = TensorTransformerModule(d_vocab=data.d_vocab, n_ctx=16, label_names=data.label_names, n_members=2,
+                                     n_layers=2, n_heads=2, d_model=16, d_head=8, warmup_steps=2)
+    callbacks = [window, CircuitMetrics(diagnostics_every_n_steps=3, flush_every_n_steps=flush),
+                 ProbeMetrics(every_n_steps=5), TimelineWriter(flush_every_n_steps=flush, n_snapshots=8),
+                 FlushedLossBar()]
+    trainer = L.Trainer(max_steps=max_steps, default_root_dir=tmp_path, logger=False, callbacks=callbacks,
+                        enable_checkpointing=False, enable_progress_bar=True, log_every_n_steps=1,
+                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
+    trainer.fit(module, datamodule=data)
+
+    # the check itself must see reads: at flushes and at the end
+    assert reads[flush - 1] and reads[2 * flush - 1] and reads[max_steps - 1]
+    quiet = [s for s in range(max_steps - 1) if (s + 1) % flush and s != 0]
+    assert len(quiet) >= 20
+    loud = {s: reads[s] for s in quiet if reads[s]}
+    assert not loud, loud
+    # snapshots, probes and diagnostics all ran in the quiet steps
+    timeline = load_timeline(tmp_path / "timeline.h5")
+    assert len(timeline.steps("probe")) == 7 and len(timeline.steps("diagnostics")) == 10
+    assert module.flushed_loss is not None and module.flushed_loss[0] == max_steps - 1
