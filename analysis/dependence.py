@@ -77,24 +77,40 @@ def variant_of(timeline: Timeline) -> tuple[str, list[str]]:
     return "full", []
 
 
-def dependence(full: Timeline, variants: list[Timeline], level: float = 0.5, source: str = "probe",
-               alpha: float = 0.01) -> list[Dependence]:
-    """Verdicts for every (Y, X) where X has a knock-out or knock-in variant."""
-    full_onsets = primitive_onsets(full, level=level, source=source)
-    by_x: dict[str, dict[str, dict[str, list[Onset]]]] = {}
+def seed_of(timeline: Timeline) -> int | None:
+    """The run's model seed (member k was initialised with seed + k) from its stored config."""
+    return ((yaml.safe_load(timeline.meta.get("config", "")) or {}).get("model") or {}).get("seed")
+
+
+def dependence(full: Timeline | list[Timeline], variants: list[Timeline], level: float = 0.5,
+               source: str = "probe", alpha: float = 0.01) -> list[Dependence]:
+    """Verdicts for every (Y, X) where X has a knock-out or knock-in variant. With several full
+    runs (a sweep over seeds) each variant pairs with the full run of its own seed, and the
+    paired members of all seeds are pooled."""
+    fulls = full if isinstance(full, list) else [full]
+    full_by_seed = {}
+    for timeline in fulls:
+        full_by_seed.setdefault(seed_of(timeline), primitive_onsets(timeline, level=level, source=source))
+    first = next(iter(full_by_seed.values()))
+    by_x: dict[str, dict[str, list[tuple[dict, dict]]]] = {}  # x -> kind -> [(full onsets, variant onsets)]
     for timeline in variants:
         kind, primitives = variant_of(timeline)
         if kind == "full":
             continue
-        onsets = primitive_onsets(timeline, level=level, source=source)
+        pair = (full_by_seed.get(seed_of(timeline), first), primitive_onsets(timeline, level=level, source=source))
         for x in primitives:
-            by_x.setdefault(x, {})[kind] = onsets
+            by_x.setdefault(x, {}).setdefault(kind, []).append(pair)
+    full_onsets = first
     results = []
     for x, kinds in by_x.items():
-        for y, y_full in full_onsets.items():
+        for y in full_onsets:
             if y == x:
                 continue
-            shifts = {kind: onset_shift(y_full, onsets[y]) for kind, onsets in kinds.items() if y in onsets}
+            shifts = {}
+            for kind, pairs in kinds.items():
+                pairs = [(a, b) for a, b in pairs if y in a and y in b]
+                if pairs:
+                    shifts[kind] = onset_shift([o for a, _ in pairs for o in a[y]], [o for _, b in pairs for o in b[y]])
             out, into = shifts.get("knockout"), shifts.get("knockin")
             hindered = out is not None and out.n_units > 0 and (
                 out.blocked > out.n_units / 2 or (out.p < alpha and out.median > 0))

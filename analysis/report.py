@@ -68,7 +68,7 @@ def analyze_timelines(timelines: list[Timeline], level: float = 0.5, source: str
     curves = {p: primitive_progress(full[0], p, source) for p in primitives}
     lags = {f"{a}->{b}": lead_lag(curves[a][0], curves[a][1], curves[b][1])
             for i, a in enumerate(primitives) for b in primitives[i + 1:]}
-    found = dependence(full[0], variants, level=level, source=source, alpha=alpha) if variants else []
+    found = dependence(full, variants, level=level, source=source, alpha=alpha) if variants else []
     return Analysis(primitives, onsets, ordering, lags, found, len(onsets[source][primitives[0]]))
 
 

@@ -171,12 +171,14 @@ class TimelineWriter(L.Callback):
         """Mark every written row as committed, flush the file to disk, then hand the queued
         logger dicts over (merged per step, in step order; steps an earlier segment sent are
         skipped)."""
-        if self.file is None:
-            return
         trainer = getattr(self, "_trainer", None)
         for callback in trainer.callbacks if trainer is not None else ():
             if callback is not self and hasattr(callback, "hand_over"):
                 callback.hand_over(trainer)  # producers' device buffers -> append()
+        if self.file is None:  # not rank zero (or not training): the buffers are emptied all the same
+            self._pending_logs.clear()
+            self._pending_snapshots.clear()
+            return
         try:
             self._write_snapshots()
             for name in self.groups:

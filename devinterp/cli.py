@@ -1,5 +1,5 @@
 """The ``devinterp`` command: LightningCLI for fit/validate, plus ``language``, ``analyze``,
-``dependence`` and ``resume``.
+``dependence``, ``sweep`` and ``resume``.
 
 Each ``fit`` writes to ``<run.root>/<run.name>/`` (resolved config.yaml, timeline.h5,
 checkpoints/, wandb/, probe_summary.json). The name defaults to the first config file's stem; a
@@ -39,6 +39,9 @@ from devinterp.data import ToyLanguageData
 from devinterp.errors import ArgumentParser, UsageError
 from devinterp.language import SpecError
 from devinterp.module import TensorTransformerModule
+
+
+RUN_DIR_VARIABLE = "DEVINTERP_RUN_DIR"  # rank zero's run folder, for the DDP processes it launches
 
 
 def unique_run_dir(root: Path, name: str) -> Path:
@@ -115,7 +118,13 @@ class DevinterpCLI(LightningCLI):
         if config.run.checkpoint_every_n_steps < 1:
             raise UsageError(f"run.checkpoint_every_n_steps: must be at least 1, got {config.run.checkpoint_every_n_steps}")
         self.resume_step = None
-        if config.run.resume:
+        self.child_rank = os.environ.get("LOCAL_RANK", "0") != "0" and RUN_DIR_VARIABLE in os.environ
+        if self.child_rank:  # a DDP process launched by rank zero: its run folder, nothing to make
+            self.run_dir = Path(os.environ[RUN_DIR_VARIABLE])
+            if config.run.resume:  # as rank zero does (the config callback takes part in a broadcast)
+                config.ckpt_path = str(last_checkpoint(self.run_dir))
+                self.save_config_callback = None
+        elif config.run.resume:
             self.run_dir = Path(config.run.resume)
             if not (self.run_dir / "config.yaml").is_file():
                 raise UsageError(f"{self.run_dir}: not a run folder (no config.yaml)")
@@ -145,14 +154,18 @@ class DevinterpCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         if self.subcommand == "fit":
             # made (or checked) only now, after the language, data and model were built without error
-            if self.resume_step is None:
+            if self.child_rank:
+                pass
+            elif self.resume_step is None:
                 if self.run_dir.exists():  # made by another run since the name was chosen
                     raise UsageError(f"{self.run_dir}: the run folder already exists")
                 check_writable(self.run_dir)
             else:
                 check_writable(self.run_dir / "checkpoints")
-            print(f"run folder: {self.run_dir}" + (f" (resumed at step {self.resume_step})"
-                                                  if self.resume_step is not None else ""), flush=True)
+            if not self.child_rank:
+                os.environ[RUN_DIR_VARIABLE] = str(self.run_dir)  # DDP processes it launches join this run
+                print(f"run folder: {self.run_dir}" + (f" (resumed at step {self.resume_step})"
+                                                      if self.resume_step is not None else ""), flush=True)
             run = self.config[self.subcommand].run
             segment = self.run_dir.name if self.resume_step is None else f"{self.run_dir.name}@{self.resume_step}"
             kwargs.setdefault("logger", WandbLogger(
@@ -173,7 +186,8 @@ class DevinterpCLI(LightningCLI):
         return trainer
 
     def after_fit(self) -> None:
-        print(f"run folder: {self.run_dir}", flush=True)
+        if not self.child_rank:
+            print(f"run folder: {self.run_dir}", flush=True)
 
 
 def analyze_main(argv: list[str]) -> int:
@@ -255,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
             return language_main(argv[1:])
         if argv and argv[0] == "analyze":
             return analyze_main(argv[1:])
+        if argv and argv[0] == "sweep":
+            from devinterp.sweep import main as sweep_main
+
+            return sweep_main(argv[1:])
         if argv and argv[0] == "dependence":
             from devinterp.experiments import main as dependence_main
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from devinterp.errors import at_least
+from devinterp.errors import UsageError, at_least
 from devinterp.language import Language, SpecError, load_language
 
 
@@ -48,7 +48,7 @@ class MemberStreams(IterableDataset):
 
     def __init__(self, language: Language, seq_len: int, batch_size: int, stream_seeds: list[int],
                  steps_per_block: int, start_step: int = 0, first_language: Language | None = None,
-                 first_steps: int = 0):
+                 first_steps: int = 0, shard: tuple[int, int] = (0, 1)):
         self.language = language
         self.first_language = first_language
         self.first_steps = first_steps if first_language is not None else 0
@@ -57,6 +57,7 @@ class MemberStreams(IterableDataset):
         self.stream_seeds = stream_seeds
         self.steps_per_block = steps_per_block
         self.start_step = start_step
+        self.shard = shard  # (rank, world size): this process's slice of each step's batch
 
     def block(self, block_index: int, language: Language | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(member, steps_per_block * batch, pos) tokens and labels of one block."""
@@ -94,8 +95,10 @@ class MemberStreams(IterableDataset):
         step = self.start_step
         while True:
             block_index, offset = divmod(step, self.steps_per_block)
+            rank, world = self.shard
+            local = slice(rank * self.batch_size // world, (rank + 1) * self.batch_size // world)
             for tokens, labels in self._block_for_steps(block_index)[offset:]:
-                yield {"tokens": tokens, "labels": labels}
+                yield {"tokens": tokens[:, local], "labels": labels[:, local]}
                 step += 1
 
 
@@ -105,7 +108,7 @@ class ToyLanguageData(L.LightningDataModule):
     Args:
         language: path of the language spec (YAML).
         seq_len: tokens per sequence (the model predicts seq_len - 1 of them).
-        batch_size: sequences per member per step.
+        batch_size: sequences per member per step (the global batch under DDP).
         n_members: ensemble size (linked from the model's option by the CLI).
         seed: member k's stream uses seed + k (linked from the model's option by the CLI).
         share_data: every member reads the stream of ``seed`` (only initialisation differs).
@@ -176,10 +179,16 @@ class ToyLanguageData(L.LightningDataModule):
         return self._probe
 
     def train_dataloader(self) -> DataLoader:
+        """Under DDP ``batch_size`` is the global batch: every process samples it (the same
+        stream) and trains on its own slice, so n processes train exactly what one would."""
         start = self.trainer.global_step if self.trainer is not None else 0
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        if self.batch_size % world:
+            raise UsageError(f"data.batch_size: {self.batch_size} sequences do not split evenly over {world} "
+                             "processes (it is the global batch under DDP)")
         streams = MemberStreams(self.language, self.seq_len, self.batch_size, self.stream_seeds,
                                 self.steps_per_block, start_step=start, first_language=self.first_language,
-                                first_steps=self.knockin_steps)
+                                first_steps=self.knockin_steps, shard=(rank, world))
         return DataLoader(streams, batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from devinterp.errors import UsageError, at_least
 from devinterp.model import Attention, AttentionPath, ModelConfig, Positions, TensorTransformer
-from devinterp.probe import excess_kl, grouped_mean
+from devinterp.probe import excess_kl, grouped_mean, grouped_sums
 
 Schedule = Literal["constant", "cosine"]
 
@@ -73,23 +73,39 @@ class TensorTransformerModule(L.LightningModule):
     def forward(self, tokens: Tensor) -> Tensor:
         return self.model(tokens)
 
-    def member_losses(self, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """tokens, labels (member, batch, pos) -> mean loss per member (member,) and per label
-        (member, n_labels), predicting tokens[..., 1:] from tokens[..., :-1]."""
+    def token_losses(self, tokens: Tensor) -> Tensor:
+        """tokens (member, batch, pos) -> cross-entropy of every predicted token (member,
+        batch * (pos - 1)), predicting tokens[..., 1:] from tokens[..., :-1]."""
         M = tokens.shape[0]
         logits = self.model(tokens[..., :-1])  # (M, B, T-1, V)
-        nll = F.cross_entropy(logits.flatten(0, 2).float(), tokens[..., 1:].flatten(),
-                              reduction="none").view(M, -1)  # (M, B*(T-1))
-        per_label = grouped_mean(nll, labels[..., 1:].reshape(M, -1), len(self.label_names))
-        return nll.mean(1), per_label
+        return F.cross_entropy(logits.flatten(0, 2).float(), tokens[..., 1:].flatten(),
+                               reduction="none").view(M, -1)
+
+    def member_losses(self, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens, labels (member, batch, pos) -> mean loss per member (member,) and per label
+        (member, n_labels)."""
+        nll = self.token_losses(tokens)
+        return nll.mean(1), grouped_mean(nll, labels[..., 1:].reshape(nll.shape[0], -1), len(self.label_names))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        member_loss, per_label = self.member_losses(batch["tokens"], batch["labels"])
-        self.last_loss_row = torch.cat([member_loss[:, None], per_label], 1).detach()
-        loss = member_loss.sum()
+        nll = self.token_losses(batch["tokens"])  # (M, local tokens)
+        self.last_loss_row = self._loss_row(nll.detach(), batch["labels"])
         # nothing is self.log-ged: Lightning would read it on the host every step. The progress
         # bar (callbacks/progress_bar.py) shows the loss of the last flushed step instead.
-        return loss
+        return nll.mean(1).sum()
+
+    def _loss_row(self, nll: Tensor, labels: Tensor) -> Tensor:
+        """(member, 1 + n_labels): the mean loss, then per label, over the global batch. Under
+        DDP every process holds a slice of the batch: sums and counts are all-reduced (on the
+        device, no host sync) so the row equals a one-process run's."""
+        M = nll.shape[0]
+        sums, counts = grouped_sums(nll, labels[..., 1:].reshape(M, -1), len(self.label_names))
+        stats = torch.cat([nll.sum(1, keepdim=True), sums, nll.new_full((M, 1), nll.shape[1]), counts], 1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(stats)
+        total, per_label_sums, n, per_label_counts = stats.split([1, sums.shape[1], 1, counts.shape[1]], 1)
+        return torch.cat([total / n, per_label_sums / per_label_counts], 1)
 
     def on_validation_epoch_start(self) -> None:
         self._val_kl: list[Tensor] = []

@@ -27,11 +27,11 @@ class ProbeResult:
     loss_by_position: Tensor  # (member, T - 1): cross-entropy of the sampled token t + 1 at each t
 
 
-def grouped_mean(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
-    """Mean of values per group id, member by member.
+def grouped_sums(values: Tensor, groups: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
+    """Sum and count of values per group id, member by member.
 
     values (member, n); groups (n,) shared by members or (member, n), ids in [0, n_groups) or
-    -1 (ignored) -> (member, n_groups), NaN where a member's group is empty.
+    -1 (ignored) -> sums, counts, each (member, n_groups).
     """
     M = values.shape[0]
     groups = groups.expand(M, -1)
@@ -40,7 +40,14 @@ def grouped_mean(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
     sums = values.new_zeros(M * n_groups + 1).index_add_(0, flat, values.flatten())
     # index_add of ones, not bincount: bincount reads the largest id on the host (a GPU sync)
     counts = values.new_zeros(M * n_groups + 1).index_add_(0, flat, torch.ones_like(values).flatten())
-    return (sums / counts)[:-1].view(M, n_groups)  # 0 / 0 = NaN marks an empty group
+    return sums[:-1].view(M, n_groups), counts[:-1].view(M, n_groups)
+
+
+def grouped_mean(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
+    """Mean of values per group id (see grouped_sums) -> (member, n_groups), NaN where a
+    member's group is empty."""
+    sums, counts = grouped_sums(values, groups, n_groups)
+    return sums / counts  # 0 / 0 = NaN marks an empty group
 
 
 def excess_kl(log_q: Tensor, true_next: Tensor, true_plogp: Tensor) -> Tensor:
