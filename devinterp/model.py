@@ -99,6 +99,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     The pair is read as the complex number x_2i + i x_2i+1 and multiplied by exp(i angle),
     which costs one complex product instead of slicing and re-stacking halves.
     """
+    if torch.compiler.is_compiling():  # the compiler generates no code for complex numbers
+        even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], -1).flatten(-2)
     pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
     return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
 

@@ -36,6 +36,9 @@ class TensorTransformerModule(L.LightningModule):
         attention_path: ``auto`` (the cheaper of the two), ``quadratic`` (T x T patterns) or
             ``linear`` (chunked linear attention, ``linear_chunk`` positions per chunk; long
             sequences); both compute the same function.
+        compile: train through ``torch.compile(model, fullgraph=True)``: a graph break or a
+            recompilation past the limit is an error, never a silent fall-back to eager. Probes
+            and circuit metrics use the eager model.
         lr, weight_decay, betas: AdamW.
         warmup_steps: linear warm-up from 0; then ``schedule``: constant, or cosine to
             ``min_lr_ratio * lr`` at ``trainer.max_steps``.
@@ -46,6 +49,7 @@ class TensorTransformerModule(L.LightningModule):
                  d_model: int = 64, d_head: int = 16, attention: Attention = "bilinear",
                  positions: Positions = "rope", mlp: bool = False, d_mlp: int = 256,
                  norm: bool = False, attention_path: AttentionPath = "auto", linear_chunk: int = 64,
+                 compile: bool = False,
                  lr: float = 3e-3, weight_decay: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 200,
                  schedule: Schedule = "constant", min_lr_ratio: float = 0.1):
@@ -66,6 +70,10 @@ class TensorTransformerModule(L.LightningModule):
                                attention=attention, positions=positions, mlp=mlp, d_mlp=d_mlp,
                                norm=norm, attention_path=attention_path, linear_chunk=linear_chunk)
         self.model = TensorTransformer(self.cfg, seed=seed)
+        self._train_forward = self.model.forward  # a function, so it adds no parameters
+        if compile:
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
+            self._train_forward = torch.compile(self.model.forward, fullgraph=True)
         self.label_names = list(label_names or ["start"])
         self.last_loss_row: Tensor | None = None  # (member, 1 + n_labels): loss, then per label
         self.flushed_loss: tuple[int, float] | None = None  # (step, median loss) at the last flush
@@ -73,11 +81,11 @@ class TensorTransformerModule(L.LightningModule):
     def forward(self, tokens: Tensor) -> Tensor:
         return self.model(tokens)
 
-    def token_losses(self, tokens: Tensor) -> Tensor:
+    def token_losses(self, tokens: Tensor, forward=None) -> Tensor:
         """tokens (member, batch, pos) -> cross-entropy of every predicted token (member,
         batch * (pos - 1)), predicting tokens[..., 1:] from tokens[..., :-1]."""
         M = tokens.shape[0]
-        logits = self.model(tokens[..., :-1])  # (M, B, T-1, V)
+        logits = (forward or self.model)(tokens[..., :-1])  # (M, B, T-1, V)
         return F.cross_entropy(logits.flatten(0, 2).float(), tokens[..., 1:].flatten(),
                                reduction="none").view(M, -1)
 
@@ -88,7 +96,7 @@ class TensorTransformerModule(L.LightningModule):
         return nll.mean(1), grouped_mean(nll, labels[..., 1:].reshape(nll.shape[0], -1), len(self.label_names))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        nll = self.token_losses(batch["tokens"])  # (M, local tokens)
+        nll = self.token_losses(batch["tokens"], self._train_forward)  # (M, local tokens)
         self.last_loss_row = self._loss_row(nll.detach(), batch["labels"])
         # nothing is self.log-ged: Lightning would read it on the host every step. The progress
         # bar (callbacks/progress_bar.py) shows the loss of the last flushed step instead.
