@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from devinterp.errors import ArgumentParser
@@ -67,6 +69,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seq-len", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-stats", type=int, default=2000, help="sequences behind the statistics")
+    fit = sub.add_parser("fit-text", help="estimate a spec from a whitespace-tokenised text file")
+    fit.add_argument("text", help="the text file")
+    fit.add_argument("--vocab", type=int, default=100, help="most frequent tokens kept; the rest become <unk>")
+    fit.add_argument("--out", default=None, help="spec to write (default: <text stem>.yaml beside the text)")
     args = parser.parse_args(argv)
+    if args.command == "fit-text":
+        from devinterp.language.fit_text import fit_text_file
+
+        text = Path(args.text)
+        out = fit_text_file(text, Path(args.out) if args.out else text.with_suffix(".yaml"), args.vocab)
+        print(f"spec: {out}")
+        return 0
     print(show(args.spec, args.n, args.seq_len, args.seed, args.n_stats))
     return 0
