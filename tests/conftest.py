@@ -30,6 +30,25 @@ MIXING_SPEC = {
     ],
 }
 
+# Token trigrams mixed above skip-trigrams sharing their triggers, induction above both.
+TRIGRAM_SPEC = {
+    "name": "trigram",
+    "categories": {"N": ["x", "y"], "V": ["u", "v"], "P": ["a", "b"]},
+    "start": {"N": 0.5, "P": 0.5},
+    "primitives": [
+        {"type": "induction", "eligible": ["x"], "p": 0.5},
+        {"type": "token_trigram", "p": 0.7, "rules": [
+            {"first": "a", "second": "u", "output": "y"},
+            {"first": "x", "second": "u", "output": "b"},
+            {"first": "a", "second": "v", "output": "a"},
+        ]},
+        {"type": "skip_trigram", "max_skip": 3, "p": 0.8, "rules": [{"anchor": "a", "trigger": "u", "output": "x"}]},
+        {"type": "bigram", "p": 0.6, "table": {"u": {"a": 0.5, "x": 0.5}}},
+        {"type": "category", "transitions": {"N": {"V": 1.0}, "V": {"N": 0.5, "P": 0.5},
+                                              "P": {"N": 0.3, "V": 0.7}}},
+    ],
+}
+
 
 def seed_spec() -> dict:
     return yaml.safe_load(SEED_SPEC_PATH.read_text())

@@ -42,6 +42,11 @@ def own_distribution(primitive: dict, seq: list[str], t: int, category_of, withi
             if current == rule["trigger"] and rule["anchor"] in window:
                 return {rule["output"]: 1.0}
         return None
+    if kind == "token_trigram":
+        for rule in primitive["rules"]:
+            if t >= 1 and seq[t - 1] == rule["first"] and current == rule["second"]:
+                return {rule["output"]: 1.0}
+        return None
     if kind == "induction":
         if current not in eligible_tokens(primitive["eligible"], category_of):
             return None

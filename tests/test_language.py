@@ -5,10 +5,10 @@ import pytest
 from scipy.stats import chisquare
 
 from devinterp.language import SpecError, load_language, parse_language
-from tests.conftest import MIXING_SPEC, SEED_SPEC_PATH, seed_spec
+from tests.conftest import MIXING_SPEC, SEED_SPEC_PATH, TRIGRAM_SPEC, seed_spec
 from tests.reference_dgp import reference_label, reference_next_dist
 
-SPECS = {"seed": seed_spec(), "mixing": MIXING_SPEC}
+SPECS = {"seed": seed_spec(), "mixing": MIXING_SPEC, "trigram": TRIGRAM_SPEC}
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +235,15 @@ def test_knock_out_falls_back_to_the_next_rule(seed_language):
         seed_language.knock_out(["category"])
     with pytest.raises(SpecError, match="cannot knock out 'trigram': no such primitive"):
         seed_language.knock_out(["trigram"])
+
+
+@pytest.mark.parametrize("path", sorted((SEED_SPEC_PATH.parent).glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_language_loads_samples_and_shows(path, capsys):
+    from devinterp.cli import main
+
+    language = load_language(path)
+    sample = language.sample(64, 32, seed=0)
+    used = set(np.unique(sample.labels[:, 1:]).tolist())
+    assert used == set(range(1, len(language.label_names)))  # every primitive fires somewhere
+    assert main(["language", "show", str(path), "--n", "1", "--n-stats", "100"]) == 0
+    assert f"priority: {' > '.join(language.label_names[1:])}" in capsys.readouterr().out

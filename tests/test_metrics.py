@@ -148,3 +148,26 @@ def test_weight_derived_kl_equals_activation_derived(language, n_layers, positio
     # the skip-trigram contexts are beach at offset d before big, d = 1..8, the rest empty
     skip = [c for m, c in headline.contexts if m == names.index("skip_trigram/beach..big->at/kl")]
     assert sorted(c.positions for c in skip) == [(0, d) for d in range(1, 9)]
+
+
+def test_token_trigram_headline_equals_activation_derived_kl():
+    """The token trigram's minimal context [A, B] through the weights equals the model run on it."""
+    from devinterp.language import parse_language
+    from tests.conftest import TRIGRAM_SPEC
+
+    language = parse_language(TRIGRAM_SPEC)
+    n_ctx = 8
+    cfg = ModelConfig(d_vocab=language.d_vocab, n_ctx=n_ctx, n_members=2, n_layers=2, n_heads=2, d_model=16,
+                      d_head=4)
+    model = TensorTransformer(cfg, seed=5).double()
+    with torch.no_grad():
+        model.W_O.normal_(0, 0.5)
+        model.W_U.normal_(0, 0.5)
+    headline = HeadlineMetrics(language, n_ctx)
+    values = headline.compute(model).detach().numpy()
+    names = [i.name for i in headline.infos]
+    for rule in ("a,u->y", "x,u->b", "a,v->a"):
+        metric = names.index(f"token_trigram/{rule}/kl")
+        contexts = [dict(zip(c.positions, c.tokens)) for m, c in headline.contexts if m == metric]
+        assert [sorted(c) for c in contexts] == [[0, 1]]
+        np.testing.assert_allclose(values[metric], activation_kl(model, language, contexts, n_ctx), rtol=1e-5)

@@ -5,9 +5,10 @@ from devinterp.language.primitives.bigram import Bigram
 from devinterp.language.primitives.category import CategoryTransition
 from devinterp.language.primitives.induction import Induction
 from devinterp.language.primitives.skip_trigram import SkipTrigram
+from devinterp.language.primitives.token_trigram import TokenTrigram
 
 PRIMITIVES: dict[str, type[Primitive]] = {
-    cls.kind: cls for cls in (CategoryTransition, Bigram, SkipTrigram, Induction)
+    cls.kind: cls for cls in (CategoryTransition, Bigram, SkipTrigram, Induction, TokenTrigram)
 }
 
-__all__ = ["PRIMITIVES", "Bigram", "CategoryTransition", "Induction", "SkipTrigram"]
+__all__ = ["PRIMITIVES", "Bigram", "CategoryTransition", "Induction", "SkipTrigram", "TokenTrigram"]

@@ -1,0 +1,62 @@
+"""Token trigrams: (A, B) -> C.
+
+When the previous token is A and the current token is B, the next token is C (with probability
+p; otherwise the next rule down decides). Rules are tried in the order listed; the first whose
+condition holds fires. A token trigram is a skip-trigram whose anchor must sit right before the
+trigger, which a transformer can implement with previous-token attention in one layer.
+
+Example, rule ``the big -> beach``::
+
+    alice  sees  the  big  beach
+                 ^ A  ^ B  token_trigram(the,big->beach)
+
+"beach" is labelled ``token_trigram`` because "the" came right before "big"; after "a big" the
+rule does not fire and the rules below decide.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from devinterp.language.primitive import Firing, MinimalContext, Primitive
+from devinterp.language.spec import SpecError, check_keys
+
+
+class TokenTrigram(Primitive):
+    kind = "token_trigram"
+    extra_keys = {"rules"}
+
+    def __init__(self, name, p, vocab, rules: np.ndarray):
+        names = [f"{vocab.tokens[a]},{vocab.tokens[b]}->{vocab.tokens[c]}" for a, b, c in rules.tolist()]
+        super().__init__(name, p, vocab, rule_names=names)
+        self.rules = rules  # (n_rules, 3): first, second, output token ids
+
+    @classmethod
+    def parse(cls, spec, vocab, field, name, p):
+        rules = spec.get("rules")
+        if not isinstance(rules, list) or not rules:
+            raise SpecError(f"{field}.rules: expected a non-empty list of {{first, second, output}}")
+        ids = []
+        for i, rule in enumerate(rules):
+            where = f"{field}.rules[{i}]"
+            if not isinstance(rule, dict):
+                raise SpecError(f"{where}: expected a mapping with first, second and output")
+            check_keys(rule, {"first", "second", "output"}, where)
+            ids.append([vocab.token_id(rule.get(k), f"{where}.{k}") for k in ("first", "second", "output")])
+        return cls(name, p, vocab, np.array(ids))
+
+    def fire(self, state, tokens, t):
+        n = tokens.shape[0]
+        if t == 0:
+            return Firing(fires=np.zeros(n, dtype=bool), rule=np.full(n, -1), dist=np.zeros(n, dtype=np.int64))
+        holds = (tokens[:, t - 1, None] == self.rules[None, :, 0]) & (tokens[:, t, None] == self.rules[None, :, 1])
+        fires = holds.any(axis=1)
+        rule = np.where(fires, holds.argmax(axis=1), -1)
+        return Firing(fires=fires, rule=rule, dist=self.rules[np.maximum(rule, 0), 2])
+
+    def minimal_contexts(self):
+        """A then B at adjacent positions."""
+        return [MinimalContext(r, (int(a), int(b)), (0, 1)) for r, (a, b, _) in enumerate(self.rules.tolist())]
+
+    def ground_truth(self):
+        return {"rules": self.rules}
