@@ -49,6 +49,26 @@ TRIGRAM_SPEC = {
     ],
 }
 
+# A cue fixing a token at least 3 positions later, and topic markers switching bigram tables.
+RANGE_TOPIC_SPEC = {
+    "name": "range_topic",
+    "categories": {"N": ["x", "y"], "V": ["u", "v"], "P": ["a", "b"], "M": ["m1", "m2"]},
+    "start": {"N": 0.5, "M": 0.5},
+    "primitives": [
+        {"type": "long_range", "min_distance": 3, "p": 0.7, "rules": [
+            {"cue": "x", "trigger": "v", "output": "y"},
+            {"cue": "m1", "trigger": "v", "output": "b"},
+        ]},
+        {"type": "topic", "p": 0.8, "topics": {
+            "m1": {"u": {"a": 1.0}, "x": {"v": 0.5, "u": 0.5}},
+            "m2": {"u": {"b": 0.6, "m1": 0.4}},
+        }},
+        {"type": "bigram", "p": 0.5, "table": {"u": {"x": 1.0}}},
+        {"type": "category", "transitions": {"N": {"V": 1.0}, "V": {"N": 0.4, "P": 0.4, "M": 0.2},
+                                              "P": {"N": 0.5, "V": 0.5}, "M": {"V": 0.6, "N": 0.4}}},
+    ],
+}
+
 
 def seed_spec() -> dict:
     return yaml.safe_load(SEED_SPEC_PATH.read_text())

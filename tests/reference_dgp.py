@@ -47,6 +47,17 @@ def own_distribution(primitive: dict, seq: list[str], t: int, category_of, withi
             if t >= 1 and seq[t - 1] == rule["first"] and current == rule["second"]:
                 return {rule["output"]: 1.0}
         return None
+    if kind == "long_range":
+        early = seq[:max(0, t - primitive["min_distance"] + 1)]  # at least min_distance before t
+        for rule in primitive["rules"]:
+            if current == rule["trigger"] and rule["cue"] in early:
+                return {rule["output"]: 1.0}
+        return None
+    if kind == "topic":
+        seen = [tok for tok in seq[:t + 1] if tok in primitive["topics"]]
+        if seen and current in primitive["topics"][seen[-1]]:
+            return dict(primitive["topics"][seen[-1]][current])
+        return None
     if kind == "induction":
         if current not in eligible_tokens(primitive["eligible"], category_of):
             return None

@@ -124,3 +124,15 @@ def test_analyze_refuses_folders_without_timelines(tmp_path, capsys):
     assert main(["analyze", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no timeline.h5 here or in its run folders" in err[0]
+
+
+@pytest.mark.parametrize("language", sorted((ROOT / "configs" / "languages").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_language_trains_and_writes_its_curves(tmp_path, language):
+    from analysis import load_timeline
+
+    code = main(["fit", "--config", str(TINY), "--run.root", str(tmp_path), "--run.wandb_mode", "disabled",
+                 "--data.language", str(language), "--trainer.max_steps", "2", "--data.seq_len", "24"])
+    assert code == 0
+    timeline = load_timeline(tmp_path / "tiny" / "timeline.h5")
+    for primitive in timeline.label_names[1:]:  # a probe curve for every primitive
+        assert f"probe_excess/{primitive}" in timeline.names(group="probe")

@@ -1,0 +1,78 @@
+"""Long-range dependencies: a cue early in the sequence fixes a token much later.
+
+When the current token is the trigger B and the cue A occurred at least ``min_distance`` tokens
+earlier (anywhere before that), the next token is C (with probability p; otherwise the next rule
+down decides), like a subject fixing the form of a verb many tokens later. Rules are tried in
+the order listed; the first whose condition holds fires.
+
+Example (min_distance 6), rule ``alice ... . -> sees``::
+
+    alice  helps  a  new  lake  at  the  beach  .     sees
+    ^ A                                         ^ B   long_range(alice...->sees)
+
+"alice" lies 8 tokens before ".", at least 6, so "sees" follows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from devinterp.language.primitive import Firing, MinimalContext, Primitive
+from devinterp.language.spec import SpecError, check_keys, require_int
+
+NEVER = 10**9  # "first seen" position of a cue not yet seen
+
+
+class LongRange(Primitive):
+    kind = "long_range"
+    extra_keys = {"rules", "min_distance"}
+
+    def __init__(self, name, p, vocab, rules: np.ndarray, min_distance: int):
+        names = [f"{vocab.tokens[a]}...{vocab.tokens[b]}->{vocab.tokens[c]}" for a, b, c in rules.tolist()]
+        super().__init__(name, p, vocab, rule_names=names)
+        self.rules = rules  # (n_rules, 3): cue, trigger, output token ids
+        self.min_distance = min_distance
+        self.cues = np.unique(rules[:, 0])
+        self.cue_slot = np.searchsorted(self.cues, rules[:, 0])
+
+    @classmethod
+    def parse(cls, spec, vocab, field, name, p):
+        min_distance = require_int(spec.get("min_distance"), f"{field}.min_distance", minimum=1)
+        rules = spec.get("rules")
+        if not isinstance(rules, list) or not rules:
+            raise SpecError(f"{field}.rules: expected a non-empty list of {{cue, trigger, output}}")
+        ids = []
+        for i, rule in enumerate(rules):
+            where = f"{field}.rules[{i}]"
+            if not isinstance(rule, dict):
+                raise SpecError(f"{where}: expected a mapping with cue, trigger and output")
+            check_keys(rule, {"cue", "trigger", "output"}, where)
+            ids.append([vocab.token_id(rule.get(k), f"{where}.{k}") for k in ("cue", "trigger", "output")])
+        return cls(name, p, vocab, np.array(ids), min_distance)
+
+    def check_sequence_length(self, seq_len, field):
+        if self.min_distance >= seq_len:
+            raise SpecError(f"{field}.min_distance: {self.min_distance} must be below the sequence length {seq_len}")
+
+    def begin(self, n):
+        return np.full((n, len(self.cues)), NEVER)  # first position of each cue
+
+    def fire(self, first_seen, tokens, t):
+        current = tokens[:, t]
+        is_cue = current[:, None] == self.cues[None, :]
+        first_seen[is_cue & (first_seen == NEVER)] = t
+        far_enough = (t - first_seen[:, self.cue_slot]) >= self.min_distance  # (n, n_rules)
+        holds = far_enough & (current[:, None] == self.rules[None, :, 1])
+        fires = holds.any(axis=1)
+        rule = np.where(fires, holds.argmax(axis=1), -1)
+        return Firing(fires=fires, rule=rule, dist=self.rules[np.maximum(rule, 0), 2])
+
+    def minimal_contexts(self):
+        """None: whether a rule fires depends on the distance from A to B, which the
+        weight-derived contexts (visible tokens with empty positions between) do not carry into
+        the true distribution they are scored against. Long-range rules are measured on the
+        probe set (per-primitive and per-rule excess loss)."""
+        return []
+
+    def ground_truth(self):
+        return {"rules": self.rules, "min_distance": np.array(self.min_distance)}
