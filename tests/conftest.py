@@ -69,6 +69,20 @@ RANGE_TOPIC_SPEC = {
     ],
 }
 
+# Quotes opened by a bigram row, with their own table, switching skip-trigrams off inside.
+QUOTE_SPEC = {
+    "name": "quoting",
+    "categories": {"N": ["x", "y"], "V": ["u", "v", "said"], "Q": ["<<", ">>"]},
+    "start": {"N": 1.0},
+    "primitives": [
+        {"type": "quote", "open": "<<", "close": ">>", "p_close": 0.3, "p": 0.9, "suppresses": ["skip_trigram"],
+         "content": {"u": 0.5, "x": 0.5}, "table": {"x": {"v": 1.0}}},
+        {"type": "skip_trigram", "max_skip": 4, "p": 0.8, "rules": [{"anchor": "x", "trigger": "u", "output": "said"}]},
+        {"type": "bigram", "p": 0.7, "table": {"said": {"<<": 1.0}}},
+        {"type": "category", "transitions": {"N": {"V": 1.0}, "V": {"N": 0.8, "Q": 0.2}, "Q": {"N": 1.0}}},
+    ],
+}
+
 
 def seed_spec() -> dict:
     return yaml.safe_load(SEED_SPEC_PATH.read_text())

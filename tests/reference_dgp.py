@@ -58,6 +58,19 @@ def own_distribution(primitive: dict, seq: list[str], t: int, category_of, withi
         if seen and current in primitive["topics"][seen[-1]]:
             return dict(primitive["topics"][seen[-1]][current])
         return None
+    if kind == "quote":
+        inside = False
+        for tok in seq[:t + 1]:
+            if inside and tok == primitive["close"]:
+                inside = False
+            elif tok == primitive["open"]:
+                inside = True
+        if not inside:
+            return None
+        row = dict(primitive.get("table", {}).get(current, primitive["content"]))
+        out = {tok: (1 - primitive["p_close"]) * q for tok, q in row.items()}
+        out[primitive["close"]] = out.get(primitive["close"], 0.0) + primitive["p_close"]
+        return out
     if kind == "induction":
         if current not in eligible_tokens(primitive["eligible"], category_of):
             return None
@@ -68,15 +81,31 @@ def own_distribution(primitive: dict, seq: list[str], t: int, category_of, withi
     raise ValueError(kind)
 
 
+def switched_off(spec: dict, seq: list[str], t: int, category_of, within) -> set[str]:
+    """Names of the primitives some firing primitive suppresses at position t."""
+    off = set()
+    for primitive in spec["primitives"]:
+        if primitive.get("suppresses") and own_distribution(primitive, seq, t, category_of, within) is not None:
+            off |= set(primitive["suppresses"])
+    return off
+
+
+def holds(primitive: dict, seq, t, category_of, within, off: set[str]):
+    if primitive.get("name", primitive["type"]) in off:
+        return None
+    return own_distribution(primitive, seq, t, category_of, within)
+
+
 def reference_next_dist(spec: dict, seq: list[str]) -> list[list[float]]:
     """For each position t, the distribution of token t + 1 given seq[:t + 1], in vocab order."""
     tokens, category_of, within = vocabulary(spec)
     out = []
     for t in range(len(seq)):
+        off = switched_off(spec, seq, t, category_of, within)
         # the lowest rule that holds is the start; each higher rule that holds mixes over it
         mixed: dict[str, float] = {}
         for primitive in reversed(spec["primitives"]):
-            own = own_distribution(primitive, seq, t, category_of, within)
+            own = holds(primitive, seq, t, category_of, within, off)
             if own is None:
                 continue
             p = primitive.get("p", 1.0)
@@ -88,7 +117,8 @@ def reference_next_dist(spec: dict, seq: list[str]) -> list[list[float]]:
 def reference_label(spec: dict, seq: list[str], t: int) -> str:
     """Name of the first primitive in priority order whose condition holds at position t."""
     _, category_of, within = vocabulary(spec)
+    off = switched_off(spec, seq, t, category_of, within)
     for primitive in spec["primitives"]:
-        if own_distribution(primitive, seq, t, category_of, within) is not None:
+        if holds(primitive, seq, t, category_of, within, off) is not None:
             return primitive.get("name", primitive["type"])
     raise AssertionError("the category fallback always holds")

@@ -5,10 +5,10 @@ import pytest
 from scipy.stats import chisquare
 
 from devinterp.language import SpecError, load_language, parse_language
-from tests.conftest import MIXING_SPEC, RANGE_TOPIC_SPEC, SEED_SPEC_PATH, TRIGRAM_SPEC, seed_spec
+from tests.conftest import MIXING_SPEC, QUOTE_SPEC, RANGE_TOPIC_SPEC, SEED_SPEC_PATH, TRIGRAM_SPEC, seed_spec
 from tests.reference_dgp import reference_label, reference_next_dist
 
-SPECS = {"seed": seed_spec(), "mixing": MIXING_SPEC, "trigram": TRIGRAM_SPEC, "range_topic": RANGE_TOPIC_SPEC}
+SPECS = {"seed": seed_spec(), "mixing": MIXING_SPEC, "trigram": TRIGRAM_SPEC, "range_topic": RANGE_TOPIC_SPEC, "quoting": QUOTE_SPEC}
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +247,30 @@ def test_every_shipped_language_loads_samples_and_shows(path, capsys):
     assert used == set(range(1, len(language.label_names)))  # every primitive fires somewhere
     assert main(["language", "show", str(path), "--n", "1", "--n-stats", "100"]) == 0
     assert f"priority: {' > '.join(language.label_names[1:])}" in capsys.readouterr().out
+
+
+def test_a_quote_switches_skip_trigrams_off_inside_it():
+    language = parse_language(QUOTE_SPEC)
+    ids = {t: i for i, t in enumerate(language.vocab.tokens)}
+    outside = np.array([[ids[t] for t in ("x", "said", "y", "x", "u")]])
+    inside = np.array([[ids[t] for t in ("x", "said", "<<", "x", "u")]])
+    # outside a quote the skip-trigram x .. u -> said fires (x within 4 tokens before u)
+    assert language.true_next_dist(outside)[0, -1, ids["said"]] == pytest.approx(0.8)
+    assert language.label_names[language.next_label(outside)[0]] == "skip_trigram"
+    # inside, it is off: the quote's 0.9, then what remains goes to the rules below it
+    p = language.true_next_dist(inside)[0, -1]
+    assert p[ids["said"]] == 0.0
+    assert p[ids[">>"]] == pytest.approx(0.9 * 0.3 + 0.1 * 0.2 * 0.5)  # the close, and category V -> Q (half of Q)
+    assert language.label_names[language.next_label(inside)[0]] == "quote"
+
+
+@pytest.mark.parametrize("suppresses,message", [
+    (["nothing"], "'nothing' is not another primitive"),
+    (["category"], "'category' is not another primitive"),
+    (["quote"], "'quote' is not another primitive"),
+])
+def test_suppressing_an_unknown_or_the_fallback_primitive_is_an_error(suppresses, message):
+    spec = copy.deepcopy(QUOTE_SPEC)
+    spec["primitives"][0]["suppresses"] = suppresses
+    with pytest.raises(SpecError, match=message):
+        parse_language(spec)

@@ -79,8 +79,13 @@ class Language:
         rule = np.full(n, -1, dtype=np.int64)
         remaining = np.ones(n)  # probability mass not yet claimed by higher-priority rules
         rows = np.arange(n)
-        for i, (primitive, state) in enumerate(zip(self.primitives, states)):
-            firing = primitive.fire(state, tokens, t)
+        firings = [primitive.fire(state, tokens, t) for primitive, state in zip(self.primitives, states)]
+        for primitive, firing in zip(self.primitives, firings):  # suppression: off where the suppressor fires
+            for name in primitive.suppresses:
+                if name in self.label_names:  # a knocked-out primitive needs no switching off
+                    suppressed = firings[self.label_names.index(name) - 1]
+                    suppressed.fires = suppressed.fires & ~firing.fires
+        for i, (primitive, firing) in enumerate(zip(self.primitives, firings)):
             weight = remaining * (firing.fires * primitive.p)  # (n,)
             if firing.dist.ndim == 1:
                 dist[rows, firing.dist] += weight
@@ -210,6 +215,12 @@ def parse_language(data: dict, source: str = "<spec>") -> Language:
         if primitive.name in [p.name for p in primitives] or primitive.name == START:
             raise SpecError(f"{field}.name: duplicate primitive name {primitive.name!r}")
         primitives.append(primitive)
+    names = [p.name for p in primitives]
+    for i, primitive in enumerate(primitives):
+        for target in primitive.suppresses:
+            if target not in names or target == primitive.name or target == names[-1]:
+                raise SpecError(f"{source}: primitives[{i}].suppresses: {target!r} is not another primitive "
+                                f"that can be switched off ({', '.join(n for n in names[:-1] if n != primitive.name)})")
     fallbacks = [i for i, p in enumerate(primitives) if isinstance(p, CategoryTransition)]
     if fallbacks != [len(primitives) - 1]:
         raise SpecError(

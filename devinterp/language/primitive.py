@@ -52,15 +52,21 @@ class Primitive(ABC):
         self.p = p
         self.vocab = vocab
         self.rule_names = rule_names
+        self.suppresses: tuple[str, ...] = ()  # primitives switched off wherever this one fires
 
     @classmethod
     def from_spec(cls, spec: dict, vocab: Vocab, field: str) -> "Primitive":
-        check_keys(spec, {"type", "name", "p"} | cls.extra_keys, field)
+        check_keys(spec, {"type", "name", "p", "suppresses"} | cls.extra_keys, field)
         name = spec.get("name", cls.kind)
         if not isinstance(name, str) or not name or "/" in name:
             raise SpecError(f"{field}.name: expected a non-empty name without '/', got {name!r}")
         p = require_probability(spec.get("p", 1.0), f"{field}.p")
-        return cls.parse(spec, vocab, field, name, p)
+        primitive = cls.parse(spec, vocab, field, name, p)
+        suppresses = spec.get("suppresses", [])
+        if not isinstance(suppresses, list) or not all(isinstance(s, str) for s in suppresses):
+            raise SpecError(f"{field}.suppresses: expected a list of primitive names")
+        primitive.suppresses = tuple(suppresses)  # checked against the language's names later
+        return primitive
 
     @classmethod
     @abstractmethod

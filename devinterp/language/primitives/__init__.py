@@ -5,12 +5,13 @@ from devinterp.language.primitives.bigram import Bigram
 from devinterp.language.primitives.category import CategoryTransition
 from devinterp.language.primitives.induction import Induction
 from devinterp.language.primitives.long_range import LongRange
+from devinterp.language.primitives.quote import Quote
 from devinterp.language.primitives.skip_trigram import SkipTrigram
 from devinterp.language.primitives.token_trigram import TokenTrigram
 from devinterp.language.primitives.topic import Topic
 
 PRIMITIVES: dict[str, type[Primitive]] = {
-    cls.kind: cls for cls in (CategoryTransition, Bigram, SkipTrigram, Induction, TokenTrigram, LongRange, Topic)
+    cls.kind: cls for cls in (CategoryTransition, Bigram, SkipTrigram, Induction, TokenTrigram, LongRange, Topic, Quote)
 }
 
-__all__ = ["PRIMITIVES", "Bigram", "CategoryTransition", "Induction", "LongRange", "SkipTrigram", "TokenTrigram", "Topic"]
+__all__ = ["PRIMITIVES", "Bigram", "CategoryTransition", "Induction", "LongRange", "Quote", "SkipTrigram", "TokenTrigram", "Topic"]

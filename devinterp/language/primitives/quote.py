@@ -1,0 +1,75 @@
+"""Quotes: a span with its own transitions and a matching close.
+
+Once the ``open`` token occurs (produced by the rules below, e.g. a bigram row), every next token
+until the ``close`` is the quote's: the close with probability ``p_close``, otherwise a content
+token from the quote's own ``table`` row for the current token, or from ``content`` when the
+current token has none. The close ends the span. With ``suppresses: [skip_trigram]`` (a key any
+primitive may have) skip-trigrams are off inside quotes: their positions go to the next rule
+down that is not switched off.
+
+Example (p_close .3, content {big: .5, old: .5}), with ``said`` producing the open ``<<``::
+
+    alice  said  <<     big    old    >>     .
+                 ^open  quote  quote  quote  category
+
+Inside the quote "big" and "old" come from the quote's content; ">>" closes it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from devinterp.language.primitive import Firing, MinimalContext, Primitive
+from devinterp.language.spec import SpecError, distribution, require_mapping, require_probability
+
+
+class Quote(Primitive):
+    kind = "quote"
+    extra_keys = {"open", "close", "p_close", "content", "table"}
+
+    def __init__(self, name, p, vocab, open_token: int, close_token: int, p_close: float, content: np.ndarray,
+                 table: np.ndarray):
+        super().__init__(name, p, vocab, rule_names=["inside"])
+        self.open_token, self.close_token, self.p_close = open_token, close_token, p_close
+        rows = np.where(table.sum(-1, keepdims=True) > 0, table, content[None, :])  # (V, V)
+        close = np.zeros(vocab.size)
+        close[close_token] = 1.0
+        self.next_inside = p_close * close[None, :] + (1 - p_close) * rows  # (V, V): row = current token
+
+    @classmethod
+    def parse(cls, spec, vocab, field, name, p):
+        open_token = vocab.token_id(spec.get("open"), f"{field}.open")
+        close_token = vocab.token_id(spec.get("close"), f"{field}.close")
+        if open_token == close_token:
+            raise SpecError(f"{field}.close: must differ from open (a close must match an open)")
+        p_close = require_probability(spec.get("p_close"), f"{field}.p_close")
+        if p_close == 0:
+            raise SpecError(f"{field}.p_close: must be above 0, or a quote never ends")
+        content = distribution(spec.get("content"), f"{field}.content", vocab.token_id, vocab.size)
+        table = np.zeros((vocab.size, vocab.size))
+        if "table" in spec:
+            for source, row in require_mapping(spec["table"], f"{field}.table").items():
+                table[vocab.token_id(source, f"{field}.table.{source}")] = distribution(
+                    row, f"{field}.table.{source}", vocab.token_id, vocab.size)
+        for where, dist in [(f"{field}.content", content)] + [(f"{field}.table", row) for row in table]:
+            if dist[[open_token, close_token]].sum() > 0:
+                raise SpecError(f"{where}: the open and close tokens cannot be quote content")
+        return cls(name, p, vocab, open_token, close_token, p_close, content, table)
+
+    def begin(self, n):
+        return np.zeros(n, dtype=bool)  # inside a quote
+
+    def fire(self, inside, tokens, t):
+        current = tokens[:, t]
+        closes = inside & (current == self.close_token)
+        inside[closes] = False
+        inside[current == self.open_token] = True
+        return Firing(fires=inside.copy(), rule=np.where(inside, 0, -1), dist=self.next_inside[current])
+
+    def minimal_contexts(self):
+        """The open token: what follows it is the quote's."""
+        return [MinimalContext(0, (self.open_token,), (0,))]
+
+    def ground_truth(self):
+        return {"open": np.array(self.open_token), "close": np.array(self.close_token),
+                "next_inside": self.next_inside}
