@@ -83,6 +83,20 @@ QUOTE_SPEC = {
     ],
 }
 
+# Two bracket types nested up to depth 2, opened by a bigram row, above a skip-trigram.
+BRACKET_SPEC = {
+    "name": "bracketing",
+    "categories": {"N": ["x", "y"], "V": ["u", "v"], "B": ["(", ")", "[", "]"]},
+    "start": {"N": 1.0},
+    "primitives": [
+        {"type": "brackets", "pairs": [["(", ")"], ["[", "]"]], "max_depth": 2, "p_open": 0.2, "p_close": 0.3,
+         "p": 0.9, "content": {"u": 0.5, "x": 0.5}, "table": {"x": {"v": 0.6, "y": 0.4}}},
+        {"type": "skip_trigram", "max_skip": 3, "p": 0.8, "rules": [{"anchor": "x", "trigger": "u", "output": "y"}]},
+        {"type": "bigram", "p": 0.5, "table": {"v": {"(": 0.5, "[": 0.5}}},
+        {"type": "category", "transitions": {"N": {"V": 1.0}, "V": {"N": 1.0}, "B": {"N": 1.0}}},
+    ],
+}
+
 
 def seed_spec() -> dict:
     return yaml.safe_load(SEED_SPEC_PATH.read_text())

@@ -71,6 +71,25 @@ def own_distribution(primitive: dict, seq: list[str], t: int, category_of, withi
         out = {tok: (1 - primitive["p_close"]) * q for tok, q in row.items()}
         out[primitive["close"]] = out.get(primitive["close"], 0.0) + primitive["p_close"]
         return out
+    if kind == "brackets":
+        opens = [o for o, _ in primitive["pairs"]]
+        close_of = dict(primitive["pairs"])
+        stack: list[str] = []
+        for tok in seq[:t + 1]:
+            if stack and tok == close_of[stack[-1]]:
+                stack.pop()
+            elif tok in opens and len(stack) < primitive["max_depth"]:
+                stack.append(tok)
+        if not stack:
+            return None
+        p_close = primitive["p_close"]
+        p_open = primitive.get("p_open", 0.0) if len(stack) < primitive["max_depth"] else 0.0
+        row = primitive.get("table", {}).get(current, primitive["content"])
+        out = {tok: (1 - p_close - p_open) * q for tok, q in row.items()}
+        out[close_of[stack[-1]]] = out.get(close_of[stack[-1]], 0.0) + p_close
+        for o in opens:
+            out[o] = out.get(o, 0.0) + p_open / len(opens)
+        return out
     if kind == "induction":
         if current not in eligible_tokens(primitive["eligible"], category_of):
             return None

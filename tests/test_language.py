@@ -5,10 +5,10 @@ import pytest
 from scipy.stats import chisquare
 
 from devinterp.language import SpecError, load_language, parse_language
-from tests.conftest import MIXING_SPEC, QUOTE_SPEC, RANGE_TOPIC_SPEC, SEED_SPEC_PATH, TRIGRAM_SPEC, seed_spec
+from tests.conftest import BRACKET_SPEC, MIXING_SPEC, QUOTE_SPEC, RANGE_TOPIC_SPEC, SEED_SPEC_PATH, TRIGRAM_SPEC, seed_spec
 from tests.reference_dgp import reference_label, reference_next_dist
 
-SPECS = {"seed": seed_spec(), "mixing": MIXING_SPEC, "trigram": TRIGRAM_SPEC, "range_topic": RANGE_TOPIC_SPEC, "quoting": QUOTE_SPEC}
+SPECS = {"seed": seed_spec(), "mixing": MIXING_SPEC, "trigram": TRIGRAM_SPEC, "range_topic": RANGE_TOPIC_SPEC, "quoting": QUOTE_SPEC, "bracketing": BRACKET_SPEC}
 
 
 @pytest.fixture(scope="module")
@@ -274,3 +274,19 @@ def test_suppressing_an_unknown_or_the_fallback_primitive_is_an_error(suppresses
     spec["primitives"][0]["suppresses"] = suppresses
     with pytest.raises(SpecError, match=message):
         parse_language(spec)
+
+
+def test_a_close_matches_the_most_recent_open_and_depth_is_limited():
+    language = parse_language(BRACKET_SPEC)
+    ids = {t: i for i, t in enumerate(language.vocab.tokens)}
+    nested = np.array([[ids[t] for t in ("x", "v", "(", "[", "x")]])
+    p = language.true_next_dist(nested)[0, -1]
+    assert p[ids["]"]] == pytest.approx(0.9 * 0.3)  # the innermost open's close
+    assert p[ids[")"]] == 0.0 and p[ids["("]] == 0.0 and p[ids["["]] == 0.0  # no wrong close; depth 2 is the limit
+    assert p[ids["v"]] == pytest.approx(0.9 * 0.7 * 0.6 + 0.1 * 0.5)  # content: x's own row, then the fallback
+    once = np.array([[ids[t] for t in ("x", "v", "(", "[", "x", "]", "x")]])
+    p = language.true_next_dist(once)[0, -1]
+    assert p[ids[")"]] == pytest.approx(0.9 * 0.3) and p[ids["]"]] == 0.0  # back to the outer "("
+    assert p[ids["("]] == pytest.approx(0.9 * 0.2 / 2)  # below the limit again: may open
+    labels, rules = language.label(once)
+    assert [language.rule_names[r] for r in rules[0, 3:]] == ["brackets/()", "brackets/[]", "brackets/[]", "brackets/()"]

@@ -154,6 +154,7 @@ def test_weight_derived_kl_equals_activation_derived(language, n_layers, positio
     ("TRIGRAM_SPEC", ["token_trigram/a,u->y/kl", "token_trigram/x,u->b/kl", "token_trigram/a,v->a/kl"]),
     ("RANGE_TOPIC_SPEC", ["topic/m1/kl", "topic/m2/kl"]),
     ("QUOTE_SPEC", ["quote/inside/kl"]),
+    ("BRACKET_SPEC", ["brackets/()/kl", "brackets/[]/kl"]),
 ])
 def test_new_primitives_headline_equals_activation_derived_kl(spec_name, metric_names):
     """Token trigrams ([A, B]) and topics ([marker, ..., source]) through the weights equal the
@@ -175,5 +176,5 @@ def test_new_primitives_headline_equals_activation_derived_kl(spec_name, metric_
     for name in metric_names:
         metric = names.index(name)
         contexts = [dict(zip(c.positions, c.tokens)) for m, c in headline.contexts if m == metric]
-        assert contexts and all(len(c) == (1 if name.startswith("quote") else 2) for c in contexts)
+        assert contexts and all(len(c) == (1 if name.startswith(("quote", "brackets")) else 2) for c in contexts)
         np.testing.assert_allclose(values[metric], activation_kl(model, language, contexts, n_ctx), rtol=1e-5)

@@ -1,0 +1,98 @@
+"""Nested brackets: k bracket types, nesting up to a depth limit, every close matching the most
+recent open.
+
+Once an open token occurs (at the top level it is produced by the rules below, e.g. a bigram
+row), every next token until the matching close is the brackets': the close of the most recent
+open with probability ``p_close``, a new open (a type drawn uniformly) with probability
+``p_open`` while the depth is below ``max_depth``, otherwise a content token (the ``table`` row
+of the current token, or ``content``). Content inside brackets follows its own transitions.
+The rule that fires is the type of the innermost open bracket.
+
+Example (pairs ``( )`` and ``[ ]``)::
+
+    alice  sees  (     big   [     old   ]     beach  )     .
+                 ^open brackets(()  ...  brackets([])   brackets(())
+
+"]" closes the "[" opened last; the ")" after it closes the outer "(".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from devinterp.language.primitive import Firing, MinimalContext, Primitive
+from devinterp.language.spec import SpecError, distribution, require_int, require_mapping, require_probability
+
+
+class Brackets(Primitive):
+    kind = "brackets"
+    extra_keys = {"pairs", "max_depth", "p_open", "p_close", "content", "table"}
+
+    def __init__(self, name, p, vocab, opens: list[int], closes: list[int], max_depth: int, p_open: float,
+                 p_close: float, content: np.ndarray, table: np.ndarray):
+        super().__init__(name, p, vocab, rule_names=[vocab.tokens[o] + vocab.tokens[c] for o, c in zip(opens, closes)])
+        self.opens, self.closes = np.array(opens), np.array(closes)
+        self.max_depth, self.p_open, self.p_close = max_depth, p_open, p_close
+        self.content_rows = np.where(table.sum(-1, keepdims=True) > 0, table, content[None, :])  # (V, V)
+        self.type_of_open = np.full(vocab.size, -1)
+        self.type_of_open[self.opens] = np.arange(len(opens))
+        self.open_mix = np.zeros(vocab.size)
+        self.open_mix[self.opens] = 1.0 / len(opens)
+
+    @classmethod
+    def parse(cls, spec, vocab, field, name, p):
+        pairs = spec.get("pairs")
+        if not isinstance(pairs, list) or not pairs or not all(isinstance(q, list) and len(q) == 2 for q in pairs):
+            raise SpecError(f"{field}.pairs: expected a non-empty list of [open, close] token pairs")
+        opens = [vocab.token_id(o, f"{field}.pairs[{i}][0]") for i, (o, _) in enumerate(pairs)]
+        closes = [vocab.token_id(c, f"{field}.pairs[{i}][1]") for i, (_, c) in enumerate(pairs)]
+        if len(set(opens + closes)) != 2 * len(pairs):
+            raise SpecError(f"{field}.pairs: every open and close token must be distinct")
+        max_depth = require_int(spec.get("max_depth"), f"{field}.max_depth", minimum=1)
+        p_open = require_probability(spec.get("p_open", 0.0), f"{field}.p_open")
+        p_close = require_probability(spec.get("p_close"), f"{field}.p_close")
+        if p_close == 0 or p_open + p_close > 1:
+            raise SpecError(f"{field}.p_close: must be above 0 and p_open + p_close at most 1, got {p_open} + {p_close}")
+        content = distribution(spec.get("content"), f"{field}.content", vocab.token_id, vocab.size)
+        table = np.zeros((vocab.size, vocab.size))
+        if "table" in spec:
+            for source, row in require_mapping(spec["table"], f"{field}.table").items():
+                table[vocab.token_id(source, f"{field}.table.{source}")] = distribution(
+                    row, f"{field}.table.{source}", vocab.token_id, vocab.size)
+        brackets = opens + closes
+        if content[brackets].sum() > 0 or table[:, brackets].sum() > 0:
+            raise SpecError(f"{field}.content: bracket tokens cannot be content (opens and closes come from the rule)")
+        return cls(name, p, vocab, opens, closes, max_depth, p_open, p_close, content, table)
+
+    def begin(self, n):
+        return np.zeros((n, self.max_depth + 1), dtype=np.int64)  # [depth, type of open 1, ..., of open max_depth]
+
+    def fire(self, stack, tokens, t):
+        current = tokens[:, t]
+        rows = np.arange(len(current))
+        depth = stack[:, 0]
+        top = stack[rows, np.maximum(depth, 1)]  # type of the innermost open (meaningless at depth 0)
+        closes = (depth > 0) & (current == self.closes[top])
+        stack[closes, 0] -= 1
+        kind = self.type_of_open[current]
+        opens = (kind >= 0) & (stack[:, 0] < self.max_depth)
+        stack[opens, 0] += 1
+        stack[rows[opens], stack[opens, 0]] = kind[opens]
+        depth = stack[:, 0]
+        inside = depth > 0
+        top = stack[rows, np.maximum(depth, 1)]
+        can_open = (depth < self.max_depth)[:, None]
+        p_open = np.where(can_open, self.p_open, 0.0)
+        close = np.zeros((len(current), self.vocab.size))
+        close[rows, self.closes[top]] = 1.0
+        dist = (self.p_close * close + p_open * self.open_mix[None, :]
+                + (1 - self.p_close - p_open) * self.content_rows[current])
+        return Firing(fires=inside, rule=np.where(inside, top, -1), dist=dist)
+
+    def minimal_contexts(self):
+        """One open bracket of each type: what follows it is the brackets'."""
+        return [MinimalContext(k, (int(o),), (0,)) for k, o in enumerate(self.opens.tolist())]
+
+    def ground_truth(self):
+        return {"opens": self.opens, "closes": self.closes, "max_depth": np.array(self.max_depth),
+                "p_open": np.array(self.p_open), "p_close": np.array(self.p_close), "content_rows": self.content_rows}
