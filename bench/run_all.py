@@ -10,22 +10,24 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["dgp_throughput.py", "tracking_overhead.py", "ensemble_scaling.py", "reference_loop.py",
-           "attention_paths.py", "analysis_scale.py", "gpu_sync_check.py"]
+SCRIPTS = [["dgp_throughput.py"], ["dgp_throughput.py", "--language", "configs/languages/rich.yaml"],
+           ["tracking_overhead.py"], ["ensemble_scaling.py"], ["reference_loop.py"], ["attention_paths.py"],
+           ["analysis_scale.py"], ["gpu_sync_check.py"]]
 
 
 def main() -> int:
     rows, failed = [], []
-    for script in SCRIPTS:
-        print(f"\n== bench/{script}", flush=True)
-        process = subprocess.Popen([sys.executable, str(HERE / script)], stdout=subprocess.PIPE, text=True)
+    for script, *args in SCRIPTS:
+        print(f"\n== bench/{script} {' '.join(args)}", flush=True)
+        process = subprocess.Popen([sys.executable, str(HERE / script), *args], stdout=subprocess.PIPE, text=True,
+                                   cwd=HERE.parent)
         for line in process.stdout:
             if line.startswith("BENCH\t"):
                 rows.append(line.rstrip("\n").split("\t")[1:])
             else:
                 print(line, end="", flush=True)
         if process.wait() != 0:
-            failed.append(script)
+            failed.append(" ".join([script, *args]))
     width = max([len(r[0]) for r in rows] + [6])
     print(f"\n{'figure':<{width}}  {'value':>10}  target")
     for figure, value, target in rows:
