@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from callbacks.timeline_writer import find_writer, log_metrics
 from devinterp.errors import at_least
 from devinterp.metrics import MetricInfo
-from devinterp.probe import ProbeResult, evaluate_probe, grouped_mean
+from devinterp.probe import ProbeResult, attention_to_open, evaluate_probe, grouped_mean, uniform_share
 
 
 def icl_positions(seq_len: int) -> tuple[int, int]:
@@ -57,6 +57,7 @@ class ProbeMetrics(L.Callback):
         self.summary: dict | None = None
         self.infos: list[MetricInfo] = []
         self._rows: list[tuple[int, torch.Tensor]] = []  # (step, (n_metrics, member)) on the device
+        self.span_opens: torch.Tensor | None = None  # (span primitive, probe sequence, pos)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -83,6 +84,16 @@ class ProbeMetrics(L.Callback):
         self.infos += [MetricInfo(f"probe_loss/pos{t + 1}", "probe", "all", f"pos{t + 1}") for t in range(T - 1)]
         self.icl_early, self.icl_late = icl_positions(T)
         self.infos.append(MetricInfo("icl/score", "probe", "all", f"pos{self.icl_late + 1}-pos{self.icl_early + 1}"))
+        # spans (quotes, brackets): each head's attention from inside a span to its open token
+        spans = [p for p in language.primitives if hasattr(p, "open_positions")]
+        inputs = probe.tokens[:, :-1].numpy()
+        opens = [p.open_positions(inputs) for p in spans]
+        self.span_opens = torch.from_numpy(np.stack(opens)) if spans else None  # (S, n, T-1)
+        cfg = pl_module.cfg
+        for primitive, where in zip(spans, opens):
+            self.infos += [MetricInfo(f"probe_attn/{primitive.name}/L{layer}H{head}", "probe_attention",
+                                      primitive.name, f"L{layer}H{head}", uniform_share(where), 1.0)
+                           for layer in range(cfg.n_layers) for head in range(cfg.n_heads)]
         writer = find_writer(trainer)
         if writer is not None:
             writer.declare("probe", self.infos, pl_module.cfg.n_members, self.every_n_steps)
@@ -114,7 +125,11 @@ class ProbeMetrics(L.Callback):
         if self.first is None:
             self.first = (step, result)
         self.last = (step, result)
-        self._rows.append((step, self.values(result)))
+        row = self.values(result)
+        if self.span_opens is not None:
+            attention = attention_to_open(pl_module.model, self._probe.tokens[:, :-1], self.span_opens, self.batch_size)
+            row = torch.cat([row, attention.permute(0, 2, 3, 1).flatten(0, 2)])  # (S * L * H, member)
+        self._rows.append((step, row))
 
     def hand_over(self, trainer: L.Trainer) -> None:
         """Buffered rows to the host in one transfer, then to the writer and the loggers."""
@@ -148,7 +163,13 @@ class ProbeMetrics(L.Callback):
                 metrics[f"{info.primitive}/{kind}"] = float(value)
             elif kind == "probe_excess" and self.log_rules:
                 metrics[info.name] = float(value)
-        metrics["icl/score"] = float(medians[-1])
+        names = [info.name for info in self.infos]
+        metrics["icl/score"] = float(medians[names.index("icl/score")])
+        best: dict[str, float] = {}  # the head attending most to the open, per span primitive
+        for info, value in zip(self.infos, medians):
+            if info.kind == "probe_attention" and np.isfinite(value):
+                best[info.primitive] = max(best.get(info.primitive, 0.0), float(value))
+        metrics.update({f"{name}/attn_to_open": value for name, value in best.items()})
         log_metrics(trainer, step, metrics)
 
     def state_dict(self) -> dict:

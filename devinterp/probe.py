@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -84,3 +85,48 @@ def evaluate_probe(model: TensorTransformer, probe: ProbeSet, n_labels: int, n_r
         excess=kl.mean(1),
         loss_by_position=torch.stack(nll_parts).sum(0) / probe.tokens.shape[0],
     )
+
+
+@torch.inference_mode()
+def attention_to_open(model: TensorTransformer, tokens: Tensor, open_positions: Tensor,
+                      batch_size: int = 8) -> Tensor:
+    """How much each head attends from a position inside a span (quote, brackets) to the open
+    token in force, on data, for S span primitives in one pass.
+
+    tokens (batch, T); open_positions (S, batch, T): the open's position for the query at t, -1
+    outside spans (the open itself is not a query). The share of a head's attention at t on the
+    open is |A[t, open]| / sum_s |A[t, s]| (absolute values: bilinear patterns are signed and
+    unnormalised). Returns the mean share (S, member, layer, head), NaN for a span without
+    queries. ``uniform_share`` gives what a head attending evenly would score.
+    """
+    M, cfg = model.cfg.n_members, model.cfg
+    S = open_positions.shape[0]
+    device = model.W_E.device
+    tokens, open_positions = tokens.to(device), open_positions.to(device)
+    queries = ((open_positions >= 0) & (open_positions < torch.arange(tokens.shape[1], device=device))).double()
+    total = torch.zeros(S, M, cfg.n_layers, cfg.n_heads, device=device, dtype=torch.float64)
+    for start in range(0, tokens.shape[0], batch_size):
+        rows = slice(start, start + batch_size)
+        x = model.embed(tokens[rows][None].expand(M, -1, -1))
+        for layer in range(cfg.n_layers):
+            normed = model._norm(x)
+            pattern = model.attention_pattern(normed, layer).abs().double()  # (M, B, H, T, T)
+            row_mass = pattern.sum(-1).clamp_min(1e-30)  # (M, B, H, T)
+            for span in range(S):
+                where = open_positions[span, rows].clamp_min(0)  # (B, T)
+                index = where[None, :, None, :, None].expand(M, -1, cfg.n_heads, -1, 1)
+                share = pattern.gather(-1, index)[..., 0] / row_mass  # (M, B, H, T)
+                total[span, :, layer] += (share * queries[span, rows][None, :, None, :]).sum((1, 3))
+            x = x + model.attention(normed, layer)
+            if cfg.mlp:
+                x = x + model.mlp(model._norm(x), layer)
+    n = queries.sum((1, 2))  # (S,)
+    return (total / n[:, None, None, None]).float()
+
+
+def uniform_share(open_positions: np.ndarray) -> float:
+    """Mean of 1 / (t + 1) over the queries of one span primitive's (batch, T) open positions:
+    the share of a head that attends evenly to every earlier position."""
+    t = np.arange(open_positions.shape[1])
+    queries = (open_positions >= 0) & (open_positions < t)
+    return float((queries / (t + 1)).sum() / queries.sum()) if queries.any() else float("nan")

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -136,3 +137,7 @@ def test_every_shipped_language_trains_and_writes_its_curves(tmp_path, language)
     timeline = load_timeline(tmp_path / "tiny" / "timeline.h5")
     for primitive in timeline.label_names[1:]:  # a probe curve for every primitive
         assert f"probe_excess/{primitive}" in timeline.names(group="probe")
+    if language.stem in ("quote", "brackets"):  # and each head's attention to the open, per span primitive
+        heads = timeline.names(f"probe_attn/{language.stem}/*", group="probe")
+        assert len(heads) == 2 and np.isfinite(timeline.values(heads[0])).all()
+        assert 0 < timeline.info(heads[0]).nothing < 1  # a uniform head's share, the progress baseline

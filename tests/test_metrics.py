@@ -178,3 +178,55 @@ def test_new_primitives_headline_equals_activation_derived_kl(spec_name, metric_
         contexts = [dict(zip(c.positions, c.tokens)) for m, c in headline.contexts if m == metric]
         assert contexts and all(len(c) == (1 if name.startswith(("quote", "brackets")) else 2) for c in contexts)
         np.testing.assert_allclose(values[metric], activation_kl(model, language, contexts, n_ctx), rtol=1e-5)
+
+
+def brute_force_open_positions(spec_primitive: dict, seq: list[str]) -> list[int]:
+    """The open in force after each token, by a Python stack over token strings."""
+    if spec_primitive["type"] == "quote":
+        pairs = [(spec_primitive["open"], spec_primitive["close"])]
+        depth_limit = 1
+    else:
+        pairs, depth_limit = [tuple(p) for p in spec_primitive["pairs"]], spec_primitive["max_depth"]
+    close_of = dict(pairs)
+    stack, out = [], []
+    for t, tok in enumerate(seq):
+        if stack and tok == close_of[seq[stack[-1]]]:
+            stack.pop()
+        elif tok in close_of and (len(stack) < depth_limit or spec_primitive["type"] == "quote"):
+            if spec_primitive["type"] == "quote":
+                stack = [t]
+            else:
+                stack.append(t)
+        out.append(stack[-1] if stack else -1)
+    return out
+
+
+@pytest.mark.parametrize("spec_name", ["QUOTE_SPEC", "BRACKET_SPEC"])
+def test_open_positions_and_attention_to_the_open(spec_name):
+    import tests.conftest
+    from devinterp.language import parse_language
+    from devinterp.probe import attention_to_open
+
+    spec = getattr(tests.conftest, spec_name)
+    language = parse_language(spec)
+    span = language.primitives[0]
+    sample = language.sample(6, 20, seed=1)
+    opens = span.open_positions(sample.tokens)
+    for row in range(6):
+        assert opens[row].tolist() == brute_force_open_positions(spec["primitives"][0], language.decode(sample.tokens[row]))
+    assert (opens >= 0).any()
+    # a one-layer model: the share of |pattern| on the open, query by query, by a plain loop
+    cfg = ModelConfig(d_vocab=language.d_vocab, n_ctx=20, n_members=2, n_layers=1, n_heads=2, d_model=16, d_head=4)
+    model = TensorTransformer(cfg, seed=2)
+    tokens = torch.from_numpy(sample.tokens)
+    got = attention_to_open(model, tokens, torch.from_numpy(opens)[None], batch_size=4)[0]  # (M, L, H)
+    pattern = model.attention_pattern(model.embed(tokens[None].expand(2, -1, -1)), 0).abs().double()
+    shares = [[[] for _ in range(2)] for _ in range(2)]
+    for b in range(6):
+        for t in range(20):
+            if 0 <= opens[b, t] < t:
+                for m in range(2):
+                    for h in range(2):
+                        shares[m][h].append(float(pattern[m, b, h, t, opens[b, t]] / pattern[m, b, h, t].sum()))
+    expected = torch.tensor([[np.mean(shares[m][h]) for h in range(2)] for m in range(2)], dtype=torch.float32)
+    torch.testing.assert_close(got[:, 0], expected, rtol=1e-4, atol=1e-6)

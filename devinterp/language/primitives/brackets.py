@@ -89,6 +89,27 @@ class Brackets(Primitive):
                 + (1 - self.p_close - p_open) * self.content_rows[current])
         return Firing(fires=inside, rule=np.where(inside, top, -1), dist=dist)
 
+    def open_positions(self, tokens: np.ndarray) -> np.ndarray:
+        """(n, T) tokens -> (n, T): position of the innermost open in force after token t, -1
+        outside brackets (the state ``fire`` keeps, with positions instead of types)."""
+        n, T = tokens.shape
+        rows = np.arange(n)
+        out = np.full((n, T), -1)
+        depth = np.zeros(n, dtype=np.int64)
+        kinds = np.zeros((n, self.max_depth + 1), dtype=np.int64)
+        where = np.full((n, self.max_depth + 1), -1)
+        for t in range(T):
+            current = tokens[:, t]
+            closes = (depth > 0) & (current == self.closes[kinds[rows, np.maximum(depth, 1)]])
+            depth[closes] -= 1
+            kind = self.type_of_open[current]
+            opens = (kind >= 0) & (depth < self.max_depth)
+            depth[opens] += 1
+            kinds[rows[opens], depth[opens]] = kind[opens]
+            where[rows[opens], depth[opens]] = t
+            out[:, t] = np.where(depth > 0, where[rows, np.maximum(depth, 1)], -1)
+        return out
+
     def minimal_contexts(self):
         """One open bracket of each type: what follows it is the brackets'."""
         return [MinimalContext(k, (int(o),), (0,)) for k, o in enumerate(self.opens.tolist())]

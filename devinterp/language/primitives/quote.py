@@ -66,6 +66,20 @@ class Quote(Primitive):
         inside[current == self.open_token] = True
         return Firing(fires=inside.copy(), rule=np.where(inside, 0, -1), dist=self.next_inside[current])
 
+    def open_positions(self, tokens: np.ndarray) -> np.ndarray:
+        """(n, T) tokens -> (n, T): position of the open in force after token t, -1 outside."""
+        n, T = tokens.shape
+        out = np.full((n, T), -1)
+        inside, where = np.zeros(n, dtype=bool), np.full(n, -1)
+        for t in range(T):
+            current = tokens[:, t]
+            closes = inside & (current == self.close_token)
+            inside[closes] = False
+            opens = current == self.open_token
+            inside[opens], where[opens] = True, t
+            out[:, t] = np.where(inside, where, -1)
+        return out
+
     def minimal_contexts(self):
         """The open token: what follows it is the quote's."""
         return [MinimalContext(0, (self.open_token,), (0,))]
