@@ -211,11 +211,15 @@ def primitive_progress(timeline, primitive: str, source: str = "probe") -> tuple
 
 def primitive_onsets(timeline, primitives: list[str] | None = None, level: float = 0.5,
                      source: str = "probe") -> dict[str, list[Onset]]:
-    """t-level onsets (default t50) of each primitive's progress, one per member."""
+    """t-level onsets (default t50) of each primitive's progress, one per member. A primitive
+    without metrics of this source (long-range rules have no weight-derived metric) is left out."""
     if primitives is None:
         primitives = [p for p in timeline.label_names if p != "start"]
     out = {}
     for primitive in primitives:
-        steps, progress = primitive_progress(timeline, primitive, source)
+        try:
+            steps, progress = primitive_progress(timeline, primitive, source)
+        except KeyError:
+            continue
         out[primitive] = threshold_onsets(primitive, steps, progress, level)
     return out

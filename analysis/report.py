@@ -47,13 +47,20 @@ def find_timelines(paths: list[str | Path]) -> list[Path]:
     return found
 
 
+def progress_or_none(timeline: Timeline, primitive: str, source: str):
+    try:
+        return primitive_progress(timeline, primitive, source)
+    except KeyError:  # no metric of this source for the primitive
+        return None
+
+
 def pooled_onsets(timelines: list[Timeline], primitives: list[str], level: float, source: str) -> dict[str, list[Onset]]:
     pooled: dict[str, list[Onset]] = {p: [] for p in primitives}
     for timeline in timelines:
         onsets = primitive_onsets(timeline, primitives, level=level, source=source)
         for p in primitives:
-            pooled[p] += onsets[p]
-    return pooled
+            pooled[p] += onsets.get(p, [])
+    return {p: units for p, units in pooled.items() if units}  # primitives this source measures
 
 
 def analyze_timelines(timelines: list[Timeline], level: float = 0.5, source: str = "probe",
@@ -65,14 +72,17 @@ def analyze_timelines(timelines: list[Timeline], level: float = 0.5, source: str
     primitives = [p for p in full[0].label_names if p != "start"]
     onsets = {s: pooled_onsets(full, primitives, level, s) for s in ("probe", "weight")}
     ordering = infer_ordering(onsets[source], alpha=alpha)
-    curves = {p: primitive_progress(full[0], p, source) for p in primitives}
+    curves = {p: c for p in primitives if (c := progress_or_none(full[0], p, source)) is not None}
+    measured = list(curves)
     lags = {f"{a}->{b}": lead_lag(curves[a][0], curves[a][1], curves[b][1])
-            for i, a in enumerate(primitives) for b in primitives[i + 1:]}
+            for i, a in enumerate(measured) for b in measured[i + 1:]}
     found = dependence(full, variants, level=level, source=source, alpha=alpha) if variants else []
-    return Analysis(primitives, onsets, ordering, lags, found, len(onsets[source][primitives[0]]))
+    return Analysis(primitives, onsets, ordering, lags, found, len(onsets[source][measured[0]]))
 
 
 def _median_iqr(onsets: list[Onset]) -> str:
+    if not onsets:
+        return "not measured"
     learned = [o.step for o in onsets if not o.censored]
     censored = sum(o.censored for o in onsets)
     if not learned:
@@ -83,6 +93,8 @@ def _median_iqr(onsets: list[Onset]) -> str:
 
 
 def _disagree(probe: list[Onset], weight: list[Onset]) -> str:
+    if not probe or not weight:
+        return ""
     a = [math.log(o.step + 1) for o in probe if not o.censored]
     b = [math.log(o.step + 1) for o in weight if not o.censored]
     if not a or not b:
@@ -158,11 +170,12 @@ def write_report(paths: list[str | Path], out: str | Path, level: float = 0.5, s
     full = [(f, t) for f, t in zip(files, timelines) if variant_of(t)[0] == "full"]
     first_file, first = full[0]
     figures = []
-    curves = {p: primitive_progress(first, p, source) for p in result.primitives}
-    first_onsets = {p: result.onsets[source][p][:first.n_members] for p in result.primitives}
+    curves = {p: c for p in result.primitives if (c := progress_or_none(first, p, source)) is not None}
+    first_onsets = {p: result.onsets[source][p][:first.n_members] for p in curves}
     figures.append(plot_progress(curves, first_onsets, out / "progress.png",
                                  f"{source} progress per primitive ({first.n_members} members, t{round(level * 100)} marked)"))
-    both = {p: {s: primitive_progress(first, p, s) for s in ("weight", "probe")} for p in result.primitives}
+    both = {p: {s: c for s in ("weight", "probe") if (c := progress_or_none(first, p, s)) is not None}
+            for p in result.primitives}
     figures.append(plot_weight_vs_probe(both, out / "weight_vs_probe.png"))
     figures.append(plot_dag(result.primitives, list(result.ordering.dag), out / "ordering_dag.png"))
     figures += circuit_figures(first_file, out, at_steps)
@@ -175,7 +188,7 @@ def write_report(paths: list[str | Path], out: str | Path, level: float = 0.5, s
              "## Onsets (step; median [IQR] over units)", "",
              f"| primitive | probe {t} | weight {t} | probe and weights disagree |", "|---|---|---|---|"]
     for p in result.primitives:
-        probe, weight = result.onsets["probe"][p], result.onsets["weight"][p]
+        probe, weight = result.onsets["probe"].get(p, []), result.onsets["weight"].get(p, [])
         lines.append(f"| {p} | {_median_iqr(probe)} | {_median_iqr(weight)} | {_disagree(probe, weight)} |")
     lines += ["", "A censored onset means the primitive was never learned by the last step: it is reported as "
               "censored, not as a late number.", "", "## Ordering", "",

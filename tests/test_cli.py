@@ -137,6 +137,10 @@ def test_every_shipped_language_trains_and_writes_its_curves(tmp_path, language)
     timeline = load_timeline(tmp_path / "tiny" / "timeline.h5")
     for primitive in timeline.label_names[1:]:  # a probe curve for every primitive
         assert f"probe_excess/{primitive}" in timeline.names(group="probe")
+    if language.stem == "long_range":  # probe-measured only: the analysis reports it without weight onsets
+        assert main(["analyze", str(tmp_path / "tiny"), "--out", str(tmp_path / "analysis")]) == 0
+        assert "| long_range |" in (tmp_path / "analysis" / "report.md").read_text()
+        assert "not measured" in (tmp_path / "analysis" / "report.md").read_text()
     if language.stem in ("quote", "brackets"):  # and each head's attention to the open, per span primitive
         heads = timeline.names(f"probe_attn/{language.stem}/*", group="probe")
         assert len(heads) == 2 and np.isfinite(timeline.values(heads[0])).all()
