@@ -89,8 +89,11 @@ class Language:
             weight = remaining * (firing.fires * primitive.p)  # (n,)
             if firing.dist.ndim == 1:
                 dist[rows, firing.dist] += weight
-            else:
+            elif firing.fires.all():
                 dist += weight[:, None] * firing.dist
+            else:  # only the rows where it fires (spans and topics fire in few)
+                where = np.flatnonzero(weight)
+                dist[where] += weight[where, None] * firing.dist[where]
             first = firing.fires & (label == 0)
             label[first] = i + 1
             rule[first] = self.rule_offsets[i] + firing.rule[first]

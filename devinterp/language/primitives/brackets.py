@@ -36,8 +36,14 @@ class Brackets(Primitive):
         self.content_rows = np.where(table.sum(-1, keepdims=True) > 0, table, content[None, :])  # (V, V)
         self.type_of_open = np.full(vocab.size, -1)
         self.type_of_open[self.opens] = np.arange(len(opens))
-        self.open_mix = np.zeros(vocab.size)
-        self.open_mix[self.opens] = 1.0 / len(opens)
+        open_mix = np.zeros(vocab.size)
+        open_mix[self.opens] = 1.0 / len(opens)
+        # next-token distribution inside, by (innermost type, below the depth limit, current token)
+        close = np.eye(vocab.size)[self.closes]  # (k, V)
+        self.next_inside = np.stack([
+            np.stack([p_close * close[k][None, :] + p_o * open_mix[None, :] + (1 - p_close - p_o) * self.content_rows
+                      for p_o in (0.0, p_open)])
+            for k in range(len(opens))])  # (k, 2, V, V)
 
     @classmethod
     def parse(cls, spec, vocab, field, name, p):
@@ -81,13 +87,8 @@ class Brackets(Primitive):
         depth = stack[:, 0]
         inside = depth > 0
         top = stack[rows, np.maximum(depth, 1)]
-        can_open = (depth < self.max_depth)[:, None]
-        p_open = np.where(can_open, self.p_open, 0.0)
-        close = np.zeros((len(current), self.vocab.size))
-        close[rows, self.closes[top]] = 1.0
-        dist = (self.p_close * close + p_open * self.open_mix[None, :]
-                + (1 - self.p_close - p_open) * self.content_rows[current])
-        return Firing(fires=inside, rule=np.where(inside, top, -1), dist=dist)
+        can_open = (depth < self.max_depth).astype(np.int64)
+        return Firing(fires=inside, rule=np.where(inside, top, -1), dist=self.next_inside[top, can_open, current])
 
     def open_positions(self, tokens: np.ndarray) -> np.ndarray:
         """(n, T) tokens -> (n, T): position of the innermost open in force after token t, -1
@@ -116,4 +117,4 @@ class Brackets(Primitive):
 
     def ground_truth(self):
         return {"opens": self.opens, "closes": self.closes, "max_depth": np.array(self.max_depth),
-                "p_open": np.array(self.p_open), "p_close": np.array(self.p_close), "content_rows": self.content_rows}
+                "p_open": np.array(self.p_open), "p_close": np.array(self.p_close), "next_inside": self.next_inside}
