@@ -408,8 +408,8 @@ class TimelineWriter(L.Callback):
     def on_exception(self, trainer, pl_module, exception) -> None:
         try:  # producers hand over what they buffered, then everything is committed
             self.close()
-        except NonFiniteMetricError:  # already the reason the run stops; the rows are committed
-            self.close()
+        except NonFiniteMetricError:  # already the reason the run stops; close() committed the rows
+            pass
 
     def close(self) -> None:
         if self.file is not None:

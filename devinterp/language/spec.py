@@ -103,6 +103,34 @@ def distribution(mapping: Any, field: str, index: callable, size: int) -> np.nda
     return probs
 
 
+def token_table(rows: Any, field: str, vocab: "Vocab") -> tuple[np.ndarray, list[int]]:
+    """A {source token: {next token: probability}} mapping -> (V, V) table (rows of tokens not
+    listed are zero) and the source ids in the order listed."""
+    table = np.zeros((vocab.size, vocab.size))
+    sources = []
+    for source, row in require_mapping(rows, field).items():
+        s = vocab.token_id(source, f"{field}.{source}")
+        table[s] = distribution(row, f"{field}.{source}", vocab.token_id, vocab.size)
+        sources.append(s)
+    return table, sources
+
+
+def token_rules(rules: Any, keys: tuple[str, ...], field: str, vocab: "Vocab") -> np.ndarray:
+    """A non-empty list of {key: token} mappings (e.g. anchor, trigger, output) -> (n_rules,
+    len(keys)) token ids."""
+    wanted = ", ".join(keys)
+    if not isinstance(rules, list) or not rules:
+        raise SpecError(f"{field}: expected a non-empty list of {{{wanted}}}")
+    ids = []
+    for i, rule in enumerate(rules):
+        where = f"{field}[{i}]"
+        if not isinstance(rule, dict):
+            raise SpecError(f"{where}: expected a mapping with {wanted}")
+        check_keys(rule, set(keys), where)
+        ids.append([vocab.token_id(rule.get(k), f"{where}.{k}") for k in keys])
+    return np.array(ids)
+
+
 def check_keys(mapping: Mapping, allowed: set[str], field: str) -> None:
     unknown = sorted(set(map(str, mapping)) - allowed)
     if unknown:

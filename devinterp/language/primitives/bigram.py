@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from devinterp.language.primitive import Firing, MinimalContext, Primitive
-from devinterp.language.spec import Vocab, distribution, require_mapping
+from devinterp.language.spec import Vocab, token_table
 
 
 class Bigram(Primitive):
@@ -29,14 +29,7 @@ class Bigram(Primitive):
 
     @classmethod
     def parse(cls, spec, vocab, field, name, p):
-        rows = require_mapping(spec.get("table"), f"{field}.table")
-        table = np.zeros((vocab.size, vocab.size))
-        sources = []
-        for source, row in rows.items():
-            where = f"{field}.table.{source}"
-            s = vocab.token_id(source, where)
-            table[s] = distribution(row, where, vocab.token_id, vocab.size)
-            sources.append(s)
+        table, sources = token_table(spec.get("table"), f"{field}.table", vocab)
         return cls(name, p, vocab, sources, table)
 
     def fire(self, state, tokens, t):

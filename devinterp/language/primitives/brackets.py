@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from devinterp.language.primitive import Firing, MinimalContext, Primitive
-from devinterp.language.spec import SpecError, distribution, require_int, require_mapping, require_probability
+from devinterp.language.spec import SpecError, distribution, require_int, require_probability, token_table
 
 
 class Brackets(Primitive):
@@ -60,11 +60,7 @@ class Brackets(Primitive):
         if p_close == 0 or p_open + p_close > 1:
             raise SpecError(f"{field}.p_close: must be above 0 and p_open + p_close at most 1, got {p_open} + {p_close}")
         content = distribution(spec.get("content"), f"{field}.content", vocab.token_id, vocab.size)
-        table = np.zeros((vocab.size, vocab.size))
-        if "table" in spec:
-            for source, row in require_mapping(spec["table"], f"{field}.table").items():
-                table[vocab.token_id(source, f"{field}.table.{source}")] = distribution(
-                    row, f"{field}.table.{source}", vocab.token_id, vocab.size)
+        table = token_table(spec["table"], f"{field}.table", vocab)[0] if "table" in spec else np.zeros((vocab.size,) * 2)
         brackets = opens + closes
         if content[brackets].sum() > 0 or table[:, brackets].sum() > 0:
             raise SpecError(f"{field}.content: bracket tokens cannot be content (opens and closes come from the rule)")

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from devinterp.language.primitive import Firing, MinimalContext, Primitive
-from devinterp.language.spec import SpecError, check_keys, require_int
+from devinterp.language.primitive import Firing, Primitive
+from devinterp.language.spec import SpecError, require_int, token_rules
 
 NEVER = 10**9  # "first seen" position of a cue not yet seen
 
@@ -38,17 +38,8 @@ class LongRange(Primitive):
     @classmethod
     def parse(cls, spec, vocab, field, name, p):
         min_distance = require_int(spec.get("min_distance"), f"{field}.min_distance", minimum=1)
-        rules = spec.get("rules")
-        if not isinstance(rules, list) or not rules:
-            raise SpecError(f"{field}.rules: expected a non-empty list of {{cue, trigger, output}}")
-        ids = []
-        for i, rule in enumerate(rules):
-            where = f"{field}.rules[{i}]"
-            if not isinstance(rule, dict):
-                raise SpecError(f"{where}: expected a mapping with cue, trigger and output")
-            check_keys(rule, {"cue", "trigger", "output"}, where)
-            ids.append([vocab.token_id(rule.get(k), f"{where}.{k}") for k in ("cue", "trigger", "output")])
-        return cls(name, p, vocab, np.array(ids), min_distance)
+        rules = token_rules(spec.get("rules"), ("cue", "trigger", "output"), f"{field}.rules", vocab)
+        return cls(name, p, vocab, rules, min_distance)
 
     def check_sequence_length(self, seq_len, field):
         if self.min_distance >= seq_len:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from devinterp.language.primitive import Firing, MinimalContext, Primitive
-from devinterp.language.spec import SpecError, distribution, require_mapping, require_probability
+from devinterp.language.spec import SpecError, distribution, require_probability, token_table
 
 
 class Quote(Primitive):
@@ -46,11 +46,7 @@ class Quote(Primitive):
         if p_close == 0:
             raise SpecError(f"{field}.p_close: must be above 0, or a quote never ends")
         content = distribution(spec.get("content"), f"{field}.content", vocab.token_id, vocab.size)
-        table = np.zeros((vocab.size, vocab.size))
-        if "table" in spec:
-            for source, row in require_mapping(spec["table"], f"{field}.table").items():
-                table[vocab.token_id(source, f"{field}.table.{source}")] = distribution(
-                    row, f"{field}.table.{source}", vocab.token_id, vocab.size)
+        table = token_table(spec["table"], f"{field}.table", vocab)[0] if "table" in spec else np.zeros((vocab.size,) * 2)
         for where, dist in [(f"{field}.content", content)] + [(f"{field}.table", row) for row in table]:
             if dist[[open_token, close_token]].sum() > 0:
                 raise SpecError(f"{where}: the open and close tokens cannot be quote content")

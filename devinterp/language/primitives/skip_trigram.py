@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from devinterp.language.primitive import Firing, MinimalContext, Primitive
-from devinterp.language.spec import SpecError, Vocab, check_keys, require_int
+from devinterp.language.spec import SpecError, Vocab, require_int, token_rules
 
 NEVER = -(10**9)  # "last seen" position of an anchor not yet seen
 
@@ -39,17 +39,8 @@ class SkipTrigram(Primitive):
     @classmethod
     def parse(cls, spec, vocab, field, name, p):
         max_skip = require_int(spec.get("max_skip"), f"{field}.max_skip", minimum=1)
-        rules = spec.get("rules")
-        if not isinstance(rules, list) or not rules:
-            raise SpecError(f"{field}.rules: expected a non-empty list of {{anchor, trigger, output}}")
-        ids = []
-        for i, rule in enumerate(rules):
-            where = f"{field}.rules[{i}]"
-            if not isinstance(rule, dict):
-                raise SpecError(f"{where}: expected a mapping with anchor, trigger and output")
-            check_keys(rule, {"anchor", "trigger", "output"}, where)
-            ids.append([vocab.token_id(rule.get(k), f"{where}.{k}") for k in ("anchor", "trigger", "output")])
-        return cls(name, p, vocab, np.array(ids), max_skip)
+        rules = token_rules(spec.get("rules"), ("anchor", "trigger", "output"), f"{field}.rules", vocab)
+        return cls(name, p, vocab, rules, max_skip)
 
     def check_sequence_length(self, seq_len, field):
         if self.max_skip >= seq_len:

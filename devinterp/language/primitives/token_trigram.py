@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from devinterp.language.primitive import Firing, MinimalContext, Primitive
-from devinterp.language.spec import SpecError, check_keys
+from devinterp.language.spec import token_rules
 
 
 class TokenTrigram(Primitive):
@@ -33,17 +33,7 @@ class TokenTrigram(Primitive):
 
     @classmethod
     def parse(cls, spec, vocab, field, name, p):
-        rules = spec.get("rules")
-        if not isinstance(rules, list) or not rules:
-            raise SpecError(f"{field}.rules: expected a non-empty list of {{first, second, output}}")
-        ids = []
-        for i, rule in enumerate(rules):
-            where = f"{field}.rules[{i}]"
-            if not isinstance(rule, dict):
-                raise SpecError(f"{where}: expected a mapping with first, second and output")
-            check_keys(rule, {"first", "second", "output"}, where)
-            ids.append([vocab.token_id(rule.get(k), f"{where}.{k}") for k in ("first", "second", "output")])
-        return cls(name, p, vocab, np.array(ids))
+        return cls(name, p, vocab, token_rules(spec.get("rules"), ("first", "second", "output"), f"{field}.rules", vocab))
 
     def fire(self, state, tokens, t):
         n = tokens.shape[0]

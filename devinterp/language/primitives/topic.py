@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from devinterp.language.primitive import Firing, MinimalContext, Primitive
-from devinterp.language.spec import distribution, require_mapping
+from devinterp.language.spec import require_mapping, token_table
 
 NONE = -1  # no topic yet
 
@@ -42,11 +42,7 @@ class Topic(Primitive):
         for marker, rows in topics.items():
             where = f"{field}.topics.{marker}"
             markers.append(vocab.token_id(marker, where))
-            table = np.zeros((vocab.size, vocab.size))
-            for source, row in require_mapping(rows, where).items():
-                table[vocab.token_id(source, f"{where}.{source}")] = distribution(
-                    row, f"{where}.{source}", vocab.token_id, vocab.size)
-            tables.append(table)
+            tables.append(token_table(rows, where, vocab)[0])
         return cls(name, p, vocab, markers, np.stack(tables))
 
     def begin(self, n):
