@@ -70,6 +70,31 @@ def test_logp_is_log_of_true_next_dist_at_the_sampled_token(name):
     np.testing.assert_allclose(dist.sum(-1), 1.0, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", SPECS)
+def test_sampled_tokens_follow_the_exact_next_token_distribution(name):
+    """The sampler draws without forming the mixture (rule first, then token); summed over all
+    positions, each token's count must match its expected count under ``true_next_dist``
+    (a sum of Bernoullis: z-score against its exact variance)."""
+    language = parse_language(copy.deepcopy(SPECS[name]))
+    sample = language.sample(3000, 16, seed=13)
+    dist = language.true_next_dist(sample.tokens)[:, :-1].reshape(-1, language.d_vocab)  # (n * (T-1), V)
+    observed = np.bincount(sample.tokens[:, 1:].ravel(), minlength=language.d_vocab)
+    expected, variance = dist.sum(0), (dist * (1 - dist)).sum(0)
+    assert np.all(observed[expected == 0] == 0)  # nothing impossible is ever drawn
+    z = (observed - expected)[variance > 0] / np.sqrt(variance[variance > 0])
+    assert np.abs(z).max() < 4.5, language.decode(np.flatnonzero(variance > 0)[np.abs(z) > 4.5])
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_streams_sampled_together_equal_streams_sampled_alone(name):
+    language = parse_language(copy.deepcopy(SPECS[name]))
+    seeds = [[0, 4], [1, 4], [9, 2]]
+    for seed, together in zip(seeds, language.sample_streams(50, 20, seeds)):
+        alone = language.sample(50, 20, seed)
+        for a, b in zip(together, alone):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_sampling_is_reproducible_and_seed_dependent(seed_language):
     a, b, c = (seed_language.sample(8, 32, seed=s) for s in (1, 1, 2))
     np.testing.assert_array_equal(a.tokens, b.tokens)

@@ -9,6 +9,10 @@ Conventions (DESIGN.md, "The DGP"):
 - Mixing: primitives are tried in priority order; the first whose condition holds labels the
   position; one with p < 1 puts p on its own distribution and 1 - p on what the rules below it
   give. The fallback (category transitions) always holds, so the weights sum to one.
+- Sampling never forms the (n, V) mixture: each position's uniform picks the emitting rule by
+  the mixture weights, then, rescaled to [0, 1), a token by inverse CDF of that rule's
+  distribution; log p is the mixture's probability of the drawn token. ``true_next_dist`` forms
+  the mixture, and the tests check the sampler's frequencies and log p against it.
 """
 
 from __future__ import annotations
@@ -71,55 +75,90 @@ class Language:
 
     # ---- the mixture at one position -------------------------------------------------------
 
-    def _next_at(self, states: list, tokens: np.ndarray, t: int):
-        """Distribution of token t + 1 given tokens[:, :t + 1], its label and its rule."""
-        n, V = tokens.shape[0], self.vocab.size
-        dist = np.zeros((n, V))
+    def _mixture_at(self, states: list, tokens: np.ndarray, t: int):
+        """Every primitive's firing at position t, suppression applied, with the mixture weight
+        each gets (P, n), the position's label and its rule."""
+        n = tokens.shape[0]
         label = np.zeros(n, dtype=np.int64)
         rule = np.full(n, -1, dtype=np.int64)
         remaining = np.ones(n)  # probability mass not yet claimed by higher-priority rules
-        rows = np.arange(n)
         firings = [primitive.fire(state, tokens, t) for primitive, state in zip(self.primitives, states)]
         for primitive, firing in zip(self.primitives, firings):  # suppression: off where the suppressor fires
             for name in primitive.suppresses:
                 if name in self.label_names:  # a knocked-out primitive needs no switching off
                     suppressed = firings[self.label_names.index(name) - 1]
                     suppressed.fires = suppressed.fires & ~firing.fires
+        weights = np.empty((len(firings), n))
         for i, (primitive, firing) in enumerate(zip(self.primitives, firings)):
-            weight = remaining * (firing.fires * primitive.p)  # (n,)
-            if firing.dist.ndim == 1:
-                dist[rows, firing.dist] += weight
-            elif firing.fires.all():
-                dist += weight[:, None] * firing.dist
-            else:  # only the rows where it fires (spans and topics fire in few)
-                where = np.flatnonzero(weight)
-                dist[where] += weight[where, None] * firing.dist[where]
+            weights[i] = remaining * (firing.fires * primitive.p)
             first = firing.fires & (label == 0)
             label[first] = i + 1
             rule[first] = self.rule_offsets[i] + firing.rule[first]
-            remaining = remaining - weight
+            remaining = remaining - weights[i]
+        return firings, weights, label, rule
+
+    def _next_at(self, states: list, tokens: np.ndarray, t: int):
+        """Distribution of token t + 1 given tokens[:, :t + 1], its label and its rule."""
+        firings, weights, label, rule = self._mixture_at(states, tokens, t)
+        dist = np.zeros((tokens.shape[0], self.vocab.size))
+        for firing, weight in zip(firings, weights):
+            where = np.flatnonzero(weight)
+            dist[where] += weight[where, None] * firing.dense(where, self.vocab.size)
         return dist, label, rule
+
+    def _draw_next(self, states: list, tokens: np.ndarray, t: int, uniform: np.ndarray):
+        """Token t + 1 drawn from its distribution given tokens[:, :t + 1], with its label, rule
+        and exact log-probability, without forming the (n, V) mixture: the uniform first picks
+        the rule that emits (by the mixture weights), then, rescaled to [0, 1), a token from that
+        rule's distribution."""
+        firings, weights, label, rule = self._mixture_at(states, tokens, t)
+        claimed = np.cumsum(weights, axis=0)  # (P, n)
+        mass = uniform * claimed[-1]
+        emitter = np.minimum((claimed <= mass).sum(axis=0), len(firings) - 1)  # first rule above
+        rows = np.arange(len(uniform))
+        below = claimed[emitter, rows] - weights[emitter, rows]
+        within = np.clip((mass - below) / np.maximum(weights[emitter, rows], 1e-300), 0.0, np.nextafter(1.0, 0.0))
+        token = np.zeros(len(uniform), dtype=np.int64)
+        for i, firing in enumerate(firings):
+            where = np.flatnonzero(emitter == i)
+            if len(where):
+                token[where] = firing.draw(where, within[where])
+        prob = np.zeros(len(uniform))
+        for firing, weight in zip(firings, weights):
+            prob += weight * firing.prob(token)
+        return token, label, rule, np.log(prob)
 
     # ---- public API ------------------------------------------------------------------------
 
     def sample(self, n: int, seq_len: int, seed: int | list[int]) -> Sample:
         """n sequences of seq_len tokens, vectorised over sequences, reproducible from seed."""
-        rng = np.random.default_rng(seed)
-        V = self.vocab.size
-        tokens = np.zeros((n, seq_len), dtype=np.int64)
-        labels = np.zeros((n, seq_len), dtype=np.int64)
-        rules = np.full((n, seq_len), -1, dtype=np.int64)
-        logp = np.zeros((n, seq_len))
-        uniforms = rng.random((n, seq_len))
-        tokens[:, 0] = self._draw(np.broadcast_to(self.start_dist, (n, V)), uniforms[:, 0])
+        return self.sample_streams(n, seq_len, [seed])[0]
+
+    def sample_streams(self, n: int, seq_len: int, seeds: list) -> list[Sample]:
+        """``sample(n, seq_len, seed)`` for each seed, walked through the positions together.
+
+        Each stream's uniforms come from its own generator and every operation is row-wise, so
+        stream k equals ``sample(n, seq_len, seeds[k])`` exactly; one walk over (len(seeds) * n)
+        rows costs far less than len(seeds) walks (the per-position cost is mostly fixed).
+        """
+        V, rows_total = self.vocab.size, n * len(seeds)
+        tokens = np.zeros((rows_total, seq_len), dtype=np.int64)
+        labels = np.zeros((rows_total, seq_len), dtype=np.int64)
+        rules = np.full((rows_total, seq_len), -1, dtype=np.int64)
+        logp = np.zeros((rows_total, seq_len))
+        uniforms = np.concatenate([np.random.default_rng(seed).random((n, seq_len)) for seed in seeds])
+        tokens[:, 0] = self._draw(np.broadcast_to(self.start_dist, (rows_total, V)), uniforms[:, 0])
         logp[:, 0] = np.log(self.start_dist[tokens[:, 0]])
-        states = [p.begin(n) for p in self.primitives]
-        rows = np.arange(n)
+        states = [p.begin(rows_total) for p in self.primitives]
         for t in range(1, seq_len):
-            dist, labels[:, t], rules[:, t] = self._next_at(states, tokens, t - 1)
-            tokens[:, t] = self._draw(dist, uniforms[:, t])
-            logp[:, t] = np.log(dist[rows, tokens[:, t]])
-        return Sample(tokens, labels, logp, rules)
+            tokens[:, t], labels[:, t], rules[:, t], logp[:, t] = self._draw_next(states, tokens, t - 1, uniforms[:, t])
+        return [Sample(*(array[k * n:(k + 1) * n] for array in (tokens, labels, logp, rules)))
+                for k in range(len(seeds))]
+
+    def stream_block(self, n: int, seq_len: int, stream_seeds: list, block_index: int) -> list[Sample]:
+        """Block ``block_index`` of each training stream: n sequences sampled from
+        ``[stream seed, block_index]`` (a pure function of both, so any step can be resumed)."""
+        return self.sample_streams(n, seq_len, [[seed, block_index] for seed in stream_seeds])
 
     @staticmethod
     def _draw(dist: np.ndarray, uniform: np.ndarray) -> np.ndarray:

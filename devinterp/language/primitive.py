@@ -28,13 +28,43 @@ class MinimalContext:
     positions: tuple[int, ...]
 
 
+class RowTable:
+    """Next-token distributions kept as the rows of one table, with their running sums for
+    drawing; a firing that uses the table names one row per sequence instead of copying it."""
+
+    def __init__(self, probs: np.ndarray):
+        self.probs = np.ascontiguousarray(probs.reshape(-1, probs.shape[-1]))  # (rows, V)
+        self.cdf = np.cumsum(self.probs, axis=1)  # (rows, V)
+
+
 @dataclass
 class Firing:
     """What a primitive says at one position, for n sequences."""
 
     fires: np.ndarray  # (n,) bool
     rule: np.ndarray  # (n,) int: index into the primitive's rule_names where it fires
-    dist: np.ndarray  # (n, V) float distribution, or (n,) int: a point mass on that token
+    dist: np.ndarray  # (n,) int: a point mass on that token, or with ``table`` the row to read
+    table: RowTable | None = None
+
+    def dense(self, where: np.ndarray, size: int) -> np.ndarray:
+        """(len(where), size) distributions of the sequences ``where``."""
+        if self.table is not None:
+            return self.table.probs[self.dist[where]]
+        return point_mass(self.dist[where], size)
+
+    def prob(self, token: np.ndarray) -> np.ndarray:
+        """(n,) probability this distribution gives to each sequence's ``token``."""
+        if self.table is not None:
+            return self.table.probs[self.dist, token]
+        return (self.dist == token).astype(np.float64)
+
+    def draw(self, where: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+        """Tokens of the sequences ``where`` by inverse CDF from uniforms in [0, 1)."""
+        if self.table is None:
+            return self.dist[where]
+        cdf = self.table.cdf[self.dist[where]]  # (len(where), V)
+        index = (cdf <= (uniform * cdf[:, -1])[:, None]).sum(axis=1)  # first entry above: p > 0
+        return np.minimum(index, cdf.shape[1] - 1)
 
 
 class Primitive(ABC):

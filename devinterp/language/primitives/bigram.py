@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from devinterp.language.primitive import Firing, MinimalContext, Primitive
+from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable
 from devinterp.language.spec import Vocab, token_table
 
 
@@ -24,6 +24,7 @@ class Bigram(Primitive):
         super().__init__(name, p, vocab, rule_names=[vocab.tokens[s] for s in sources])
         self.sources = np.array(sources)  # (n_rules,) source token ids
         self.table = table  # (V, V); rows of non-sources are zero
+        self.rows = RowTable(table)
         self.rule_of_token = np.full(vocab.size, -1)
         self.rule_of_token[self.sources] = np.arange(len(sources))
 
@@ -35,7 +36,7 @@ class Bigram(Primitive):
     def fire(self, state, tokens, t):
         current = tokens[:, t]
         rule = self.rule_of_token[current]
-        return Firing(fires=rule >= 0, rule=rule, dist=self.table[current])
+        return Firing(fires=rule >= 0, rule=rule, dist=current, table=self.rows)
 
     def minimal_contexts(self):
         return [MinimalContext(r, (int(s),), (0,)) for r, s in enumerate(self.sources)]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from devinterp.language.primitive import Firing, MinimalContext, Primitive
+from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable
 from devinterp.language.spec import SpecError, distribution, require_int, require_probability, token_table
 
 
@@ -44,6 +44,7 @@ class Brackets(Primitive):
             np.stack([p_close * close[k][None, :] + p_o * open_mix[None, :] + (1 - p_close - p_o) * self.content_rows
                       for p_o in (0.0, p_open)])
             for k in range(len(opens))])  # (k, 2, V, V)
+        self.rows = RowTable(self.next_inside)  # row (type * 2 + below the limit) * V + current token
 
     @classmethod
     def parse(cls, spec, vocab, field, name, p):
@@ -84,7 +85,8 @@ class Brackets(Primitive):
         inside = depth > 0
         top = stack[rows, np.maximum(depth, 1)]
         can_open = (depth < self.max_depth).astype(np.int64)
-        return Firing(fires=inside, rule=np.where(inside, top, -1), dist=self.next_inside[top, can_open, current])
+        return Firing(fires=inside, rule=np.where(inside, top, -1),
+                      dist=(top * 2 + can_open) * self.vocab.size + current, table=self.rows)
 
     def open_positions(self, tokens: np.ndarray) -> np.ndarray:
         """(n, T) tokens -> (n, T): position of the innermost open in force after token t, -1

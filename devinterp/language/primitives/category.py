@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from devinterp.language.primitive import Firing, MinimalContext, Primitive
+from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable
 from devinterp.language.spec import SpecError, Vocab, distribution, require_mapping
 
 
@@ -30,6 +30,7 @@ class CategoryTransition(Primitive):
         self.category_table = category_table  # (n_categories, n_categories)
         # (V, V): row u is the next-token distribution after token u
         self.token_table = vocab.category_mixture(category_table[vocab.token_category])
+        self.rows = RowTable(self.token_table)
 
     @classmethod
     def parse(cls, spec, vocab, field, name, p):
@@ -51,7 +52,8 @@ class CategoryTransition(Primitive):
         return Firing(
             fires=np.ones(current.shape[0], dtype=bool),
             rule=self.vocab.token_category[current],
-            dist=self.token_table[current],
+            dist=current,
+            table=self.rows,
         )
 
     def minimal_contexts(self):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from devinterp.language.primitive import Firing, MinimalContext, Primitive
+from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable
 from devinterp.language.spec import SpecError, distribution, require_probability, token_table
 
 
@@ -35,6 +35,7 @@ class Quote(Primitive):
         close = np.zeros(vocab.size)
         close[close_token] = 1.0
         self.next_inside = p_close * close[None, :] + (1 - p_close) * rows  # (V, V): row = current token
+        self.rows = RowTable(self.next_inside)
 
     @classmethod
     def parse(cls, spec, vocab, field, name, p):
@@ -60,7 +61,7 @@ class Quote(Primitive):
         closes = inside & (current == self.close_token)
         inside[closes] = False
         inside[current == self.open_token] = True
-        return Firing(fires=inside.copy(), rule=np.where(inside, 0, -1), dist=self.next_inside[current])
+        return Firing(fires=inside.copy(), rule=np.where(inside, 0, -1), dist=current, table=self.rows)
 
     def open_positions(self, tokens: np.ndarray) -> np.ndarray:
         """(n, T) tokens -> (n, T): position of the open in force after token t, -1 outside."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from devinterp.language.primitive import Firing, MinimalContext, Primitive
+from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable
 from devinterp.language.spec import require_mapping, token_table
 
 NONE = -1  # no topic yet
@@ -32,6 +32,7 @@ class Topic(Primitive):
         self.markers = np.array(markers)  # (n_topics,) marker token ids
         self.tables = tables  # (n_topics, V, V); rows of tokens without a row are zero
         self.has_row = tables.sum(-1) > 0  # (n_topics, V)
+        self.rows = RowTable(tables)  # row topic * V + current token
         self.topic_of_token = np.full(vocab.size, NONE)
         self.topic_of_token[self.markers] = np.arange(len(markers))
 
@@ -55,7 +56,8 @@ class Topic(Primitive):
         active = topic != NONE
         fires = active & self.has_row[np.maximum(topic, 0), current]
         rule = np.where(fires, topic, -1)
-        return Firing(fires=fires, rule=rule, dist=self.tables[np.maximum(topic, 0), current])
+        return Firing(fires=fires, rule=rule, dist=np.maximum(topic, 0) * self.vocab.size + current,
+                      table=self.rows)
 
     def minimal_contexts(self):
         """The marker, then a token with a row in its table at distance d = 1..8."""
