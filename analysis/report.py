@@ -74,6 +74,9 @@ def analyze_timelines(timelines: list[Timeline], level: float = 0.5, source: str
     ordering = infer_ordering(onsets[source], alpha=alpha)
     curves = {p: c for p in primitives if (c := progress_or_none(full[0], p, source)) is not None}
     measured = list(curves)
+    if not measured:
+        raise TimelineError(f"{full[0].path}: no primitive has a {source} progress metric to order by (a corpus "
+                            "without logp has no excess loss, and a corpus has no weight-derived metrics)")
     lags = {f"{a}->{b}": lead_lag(curves[a][0], curves[a][1], curves[b][1])
             for i, a in enumerate(measured) for b in measured[i + 1:]}
     found = dependence(full, variants, level=level, source=source, alpha=alpha) if variants else []

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from callbacks.timeline_writer import find_writer, log_metrics
 from devinterp.errors import at_least
 from devinterp.metrics import MetricInfo
-from devinterp.probe import ProbeResult, attention_to_open, evaluate_probe, grouped_mean, uniform_share
+from devinterp.probe import ProbeResult, attention_to_open, evaluate_probe, grouped_mean, grouped_sums, uniform_share
 
 
 def icl_positions(seq_len: int) -> tuple[int, int]:
@@ -64,22 +64,30 @@ class ProbeMetrics(L.Callback):
             return
         datamodule = trainer.datamodule
         language, probe = datamodule.language, datamodule.probe
-        true_next = probe.true_next.double()  # (n, T-1, V)
-        plogp = (true_next * torch.where(true_next > 0, true_next, 1).log()).sum(-1)
-        uniform_kl = (plogp + math.log(language.d_vocab)).flatten()[None]  # (1, positions)
+        # the uniform prediction's excess is log V + E log p; its cross-entropy is log V
+        plogp = probe.true_plogp.double().flatten()[None]  # (1, positions); NaN: a corpus without logp
+        log_v = math.log(language.d_vocab)
         labels, rules = probe.labels[:, 1:].flatten(), probe.rules[:, 1:].flatten()
-        by_label = grouped_mean(uniform_kl, labels, len(language.label_names))[0].tolist()
-        by_rule = grouped_mean(uniform_kl, rules, len(language.rule_names))[0].tolist()
-        self.label_columns = [i for i, v in enumerate(by_label) if not math.isnan(v)]
-        self.rule_columns = [i for i, v in enumerate(by_rule) if not math.isnan(v)]
+        by_label = grouped_mean(plogp, labels, len(language.label_names))[0].tolist()
+        by_rule = grouped_mean(plogp, rules, len(language.rule_names))[0].tolist()
+        label_counts = grouped_sums(plogp.nan_to_num(), labels, len(language.label_names))[1][0]
+        rule_counts = grouped_sums(plogp.nan_to_num(), rules, len(language.rule_names))[1][0]
+        self.label_columns = [i for i, n in enumerate(label_counts.tolist()) if n > 0]
+        self.rule_columns = [i for i, n in enumerate(rule_counts.tolist()) if n > 0]
+        self.has_excess = probe.has_excess
         names = language.label_names
-        self.infos = [MetricInfo("probe/excess", "probe", "all", "all", float(uniform_kl.mean()), 0.0)]
-        self.infos += [MetricInfo(f"probe_excess/{names[i]}", "probe", names[i], "all", by_label[i], 0.0)
-                       for i in self.label_columns]
+        self.infos = []
+        if self.has_excess:
+            self.infos += [MetricInfo("probe/excess", "probe", "all", "all", float(plogp.mean()) + log_v, 0.0)]
+            self.infos += [MetricInfo(f"probe_excess/{names[i]}", "probe", names[i], "all", by_label[i] + log_v, 0.0)
+                           for i in self.label_columns]
         self.infos += [MetricInfo(f"probe_acc/{names[i]}", "probe", names[i], "all") for i in self.label_columns]
-        for i in self.rule_columns:
+        self.infos += [MetricInfo(f"probe_ce/{names[i]}", "probe", names[i], "all", log_v, -by_label[i])
+                       for i in self.label_columns]
+        for i in self.rule_columns if self.has_excess else ():
             primitive, rule = language.rule_names[i].split("/", 1)
-            self.infos.append(MetricInfo(f"probe_excess/{primitive}/{rule}", "probe", primitive, rule, by_rule[i], 0.0))
+            self.infos.append(MetricInfo(f"probe_excess/{primitive}/{rule}", "probe", primitive, rule,
+                                         by_rule[i] + log_v, 0.0))
         T = datamodule.seq_len
         self.infos += [MetricInfo(f"probe_loss/pos{t + 1}", "probe", "all", f"pos{t + 1}") for t in range(T - 1)]
         self.icl_early, self.icl_late = icl_positions(T)
@@ -101,11 +109,13 @@ class ProbeMetrics(L.Callback):
     def values(self, result: ProbeResult) -> torch.Tensor:
         """One timeline row, (n_metrics, member), in the order of ``infos``."""
         loss = result.loss_by_position  # (M, T-1)
+        excess = [result.excess[None], result.excess_by_label[:, self.label_columns].T] if self.has_excess else []
+        by_rule = [result.excess_by_rule[:, self.rule_columns].T] if self.has_excess else []
         return torch.cat([
-            result.excess[None],
-            result.excess_by_label[:, self.label_columns].T,
+            *excess,
             result.accuracy_by_label[:, self.label_columns].T,
-            result.excess_by_rule[:, self.rule_columns].T,
+            result.loss_by_label[:, self.label_columns].T,
+            *by_rule,
             loss.T,
             (loss[:, self.icl_late] - loss[:, self.icl_early])[None],
         ])
@@ -156,10 +166,10 @@ class ProbeMetrics(L.Callback):
 
     def _log(self, trainer, step: int, row: np.ndarray) -> None:
         medians = np.median(row, axis=-1)
-        metrics = {"probe/excess": float(medians[0])}
+        metrics = {"probe/excess": float(medians[0])} if self.has_excess else {}
         for info, value in zip(self.infos, medians):
             kind = info.name.split("/")[0]
-            if kind in ("probe_excess", "probe_acc") and info.rule == "all":
+            if kind in ("probe_excess", "probe_acc", "probe_ce") and info.rule == "all" and info.primitive != "all":
                 metrics[f"{info.primitive}/{kind}"] = float(value)
             elif kind == "probe_excess" and self.log_rules:
                 metrics[info.name] = float(value)
@@ -214,19 +224,22 @@ class ProbeMetrics(L.Callback):
         first, last = (ProbeResult(*(getattr(r, f.name).cpu() for f in fields(r))) for r in (first, last))
         labels = datamodule.probe.labels[:, 1:]
         rows = {}
+        measure = "cross_entropy" if not self.has_excess else "excess" if datamodule.probe.true_next is not None \
+            else "sampled_excess"
         for i in self.label_columns:
             name = datamodule.language.label_names[i]
-            initial = first.excess_by_label[:, i].median().item()
-            final = last.excess_by_label[:, i].median().item()
+            first_values, last_values = ((r.excess_by_label if self.has_excess else r.loss_by_label)[:, i]
+                                         for r in (first, last))
+            initial, final = first_values.median().item(), last_values.median().item()
             rows[name] = {
                 "share": (labels == i).float().mean().item(),
                 "initial": initial,
                 "final": final,
                 "fall": 1 - final / initial if initial > 0 else float("nan"),
                 "final_accuracy": last.accuracy_by_label[:, i].median().item(),
-                "final_by_member": last.excess_by_label[:, i].tolist(),
+                "final_by_member": last_values.tolist(),
             }
-        return {"first_step": first_step, "last_step": last_step,
+        return {"first_step": first_step, "last_step": last_step, "measure": measure,
                 "n_members": int(first.excess.shape[0]), "primitives": rows}
 
     @rank_zero_only
@@ -240,9 +253,14 @@ class ProbeMetrics(L.Callback):
 def format_summary(summary: dict) -> str:
     """The end-of-run table: excess loss per primitive at the first and last step."""
     first, last, M = summary["first_step"], summary["last_step"], summary["n_members"]
+    members = f"median of {M} member{'s' if M > 1 else ''}"
+    title = {"excess": f"Excess loss on the probe set (nats per token above the exact loss; {members})",
+             "sampled_excess": f"Excess loss on the held-out probe set (the model's loss on the next token minus "
+                               f"the corpus's -log p of it; {members})",
+             "cross_entropy": f"Cross-entropy on the held-out probe set (nats per token; no logp, so no "
+                              f"excess loss; top-1 against the next token; {members})"}
     lines = [
-        f"Excess loss on the probe set (nats per token above the exact loss; median of {M} member"
-        f"{'s' if M > 1 else ''})",
+        title[summary.get("measure", "excess")],
         f"{'primitive':<14}{'positions':>10}{f'step {first}':>12}{f'step {last}':>12}{'fall':>8}{'top-1 acc':>11}",
     ]
     for name, row in summary["primitives"].items():

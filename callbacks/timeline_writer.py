@@ -212,7 +212,7 @@ class TimelineWriter(L.Callback):
         meta["config"] = yaml.safe_dump(config, sort_keys=False)
         meta.create_dataset("logged_through", data=np.full(1, -1, dtype=np.int64))
         language = trainer.datamodule.language
-        meta["language_spec"] = Path(trainer.datamodule.language_path).read_text()
+        meta["language_spec"] = trainer.datamodule.spec_text  # a corpus: its description
         truth = f.create_group("ground_truth")
         truth["vocab"] = _strings(language.vocab.tokens).astype(STRING)
         truth["categories"] = _strings(language.vocab.categories).astype(STRING)

@@ -9,6 +9,7 @@ of the sampler and lets a resumed run continue the stream at any step.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -19,24 +20,36 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from devinterp.errors import UsageError, at_least
 from devinterp.language import Language, SpecError, load_language
+from devinterp.language.corpus import Corpus, is_corpus_path, load_corpus
 
 
 @dataclass
 class ProbeSet:
-    """Fixed sequences shared by all members, with their exact next-token distributions."""
+    """Fixed sequences shared by all members, with what is known of their next tokens.
+
+    From a language: the exact next-token distributions. From a corpus: none; ``true_plogp`` is
+    the corpus's log p of the token that came next (NaN without logp), whose mean estimates the
+    same expectation, and ``true_top`` is that token.
+    """
 
     tokens: torch.Tensor  # (n_probe, T) int64
     labels: torch.Tensor  # (n_probe, T) int64, entry t labels token t
     rules: torch.Tensor  # (n_probe, T) int64
-    true_next: torch.Tensor  # (n_probe, T - 1, V) float32: p(token t + 1 | tokens <= t)
+    true_next: torch.Tensor | None  # (n_probe, T - 1, V) float32: p(token t + 1 | tokens <= t)
     true_plogp: torch.Tensor  # (n_probe, T - 1): sum_v p log p, the negative exact entropy
     true_top: torch.Tensor  # (n_probe, T - 1) int64: the Bayes-optimal guess
+
+    @property
+    def has_excess(self) -> bool:
+        """Whether excess loss can be measured (exact distributions, or a corpus's logp)."""
+        return bool(torch.isfinite(self.true_plogp).any())
 
     def to(self, device: torch.device | str) -> "ProbeSet":
         """The same set on ``device`` (itself when it is there already)."""
         if self.tokens.device == torch.device(device):
             return self
-        return ProbeSet(*(getattr(self, f.name).to(device) for f in fields(self)))
+        return ProbeSet(*(None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                          for f in fields(self)))
 
 
 class MemberStreams(IterableDataset):
@@ -63,15 +76,11 @@ class MemberStreams(IterableDataset):
         """(member, steps_per_block * batch, pos) tokens and labels of one block."""
         language = language or self.language
         n = self.steps_per_block * self.batch_size
-        cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        tokens, labels = [], []
-        for seed in self.stream_seeds:
-            if seed not in cache:  # shared data: sample once
-                sample = language.sample(n, self.seq_len, seed=[seed, block_index])
-                cache[seed] = (sample.tokens, sample.labels)
-            tokens.append(cache[seed][0])
-            labels.append(cache[seed][1])
-        return np.stack(tokens), np.stack(labels)
+        distinct = list(dict.fromkeys(self.stream_seeds))  # shared data: sample each stream once
+        samples = language.stream_block(n, self.seq_len, distinct, block_index)
+        by_seed = dict(zip(distinct, samples))
+        return (np.stack([by_seed[seed].tokens for seed in self.stream_seeds]),
+                np.stack([by_seed[seed].labels for seed in self.stream_seeds]))
 
     def _block_for_steps(self, block_index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         first = block_index * self.steps_per_block
@@ -103,17 +112,19 @@ class MemberStreams(IterableDataset):
 
 
 class ToyLanguageData(L.LightningDataModule):
-    """Batches from a language spec for an ensemble of members, plus a shared probe set.
+    """Batches from a language spec (or a corpus made elsewhere) for an ensemble of members,
+    plus a shared probe set.
 
     Args:
-        language: path of the language spec (YAML).
+        language: path of the language spec (YAML), or of a corpus made elsewhere (.npz, .h5,
+            .hdf5; see devinterp/language/corpus.py): its held-out sequences are the probe set.
         seq_len: tokens per sequence (the model predicts seq_len - 1 of them).
         batch_size: sequences per member per step (the global batch under DDP).
         n_members: ensemble size (linked from the model's option by the CLI).
         seed: member k's stream uses seed + k (linked from the model's option by the CLI).
         share_data: every member reads the stream of ``seed`` (only initialisation differs).
-        probe_size: sequences in the fixed probe set shared by all members.
-        probe_seed: seed of the probe set (kept apart from training streams).
+        probe_size: sequences in the fixed probe set shared by all members (a corpus holds them out).
+        probe_seed: seed of the probe set (kept apart from training streams; a corpus's choice).
         steps_per_block: steps sampled at once per member.
         knockout: primitives removed from the language (their positions fall back to the next
             rule down); the probe set and metrics follow the knocked-out language.
@@ -132,7 +143,12 @@ class ToyLanguageData(L.LightningDataModule):
             at_least(value, 1, f"data.{field}")
         at_least(knockin_steps, 0, "data.knockin_steps")
         self.language_path = str(language)
-        self.language = load_language(Path(language))
+        self.language: Language | Corpus
+        if is_corpus_path(language):
+            self.language = load_corpus(Path(language))
+            self.language.split(probe_size, probe_seed)
+        else:
+            self.language = load_language(Path(language))
         self.language.check_sequence_length(seq_len)
         if knockout:
             self.language = self.language.knock_out(list(knockout))
@@ -163,7 +179,25 @@ class ToyLanguageData(L.LightningDataModule):
         return [self.seed if self.share_data else self.seed + k for k in range(self.n_members)]
 
     @property
+    def spec_text(self) -> str:
+        """The language spec as written, or a corpus's description (kept in the timeline)."""
+        if isinstance(self.language, Corpus):
+            return self.language.describe()
+        return Path(self.language_path).read_text()
+
+    def setup(self, stage: str) -> None:
+        if isinstance(self.language, Corpus) and (self.trainer is None or self.trainer.is_global_zero):
+            print(f"notice: {self.language.notice()}", file=sys.stderr, flush=True)
+
+    @property
     def probe(self) -> ProbeSet:
+        if self._probe is None and isinstance(self.language, Corpus):
+            sample = self.language.held_out(self.seq_len)
+            self._probe = ProbeSet(
+                tokens=torch.from_numpy(sample.tokens), labels=torch.from_numpy(sample.labels),
+                rules=torch.from_numpy(sample.rules), true_next=None,
+                true_plogp=torch.from_numpy(sample.logp[:, 1:]).float(),
+                true_top=torch.from_numpy(sample.tokens[:, 1:]))
         if self._probe is None:
             sample = self.language.sample(self.probe_size, self.seq_len, seed=self.probe_seed)
             true_next = self.language.true_next_dist(sample.tokens)[:, :-1]
@@ -196,8 +230,8 @@ class ToyLanguageData(L.LightningDataModule):
         batches = [
             {"tokens": probe.tokens[i:i + self.batch_size].expand(self.n_members, -1, -1),
              "labels": probe.labels[i:i + self.batch_size].expand(self.n_members, -1, -1),
-             "true_next": probe.true_next[i:i + self.batch_size],
              "true_plogp": probe.true_plogp[i:i + self.batch_size]}
+            | ({} if probe.true_next is None else {"true_next": probe.true_next[i:i + self.batch_size]})
             for i in range(0, self.probe_size, self.batch_size)
         ]
         return DataLoader(batches, batch_size=None)

@@ -149,6 +149,8 @@ class HeadlineMetrics:
     def compute(self, model: TensorTransformer) -> Tensor:
         """(n_headline, member) KL values."""
         t = self.tensors
+        if not self.infos:  # a corpus: no rules with minimal contexts
+            return model.W_E.new_zeros(0, model.cfg.n_members)
         log_q = context_logits(model, t["tokens"], t["positions"], t["live"]).float().log_softmax(-1)  # (M, n, V)
         token_kl = t["token_plogp"] - (t["token_target"] * log_q[:, t["token_index"]]).sum(-1)  # (M, n_token)
         category_q = log_q[:, t["category_index"]].exp() @ t["category_onehot"]  # (M, n_category, C)

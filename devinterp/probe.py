@@ -5,6 +5,10 @@ next token, i.e. KL(true next-token distribution || model), computed exactly fro
 ``Language.true_next_dist`` rather than from the one sampled token. Accuracy is whether the
 model's top token equals the true distribution's top token (the Bayes-optimal guess), so a
 stochastic rule learned perfectly scores 1.
+
+A corpus made elsewhere has no distributions: its excess loss at a position is the model's
+loss on the token that came next plus the corpus's log p of it (a sample whose mean over
+positions estimates the KL; NaN without logp), and accuracy is against the token that came next.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class ProbeResult:
     excess_by_rule: Tensor  # (member, n_rules)
     excess: Tensor  # (member,): mean KL over all predicted positions
     loss_by_position: Tensor  # (member, T - 1): cross-entropy of the sampled token t + 1 at each t
+    loss_by_label: Tensor  # (member, n_labels): mean cross-entropy of the sampled next tokens
 
 
 def grouped_sums(values: Tensor, groups: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
@@ -57,6 +62,14 @@ def excess_kl(log_q: Tensor, true_next: Tensor, true_plogp: Tensor) -> Tensor:
     return true_plogp - torch.einsum("btv,mbtv->mbt", true_next, log_q)
 
 
+def position_excess(log_q: Tensor, nll: Tensor, true_next: Tensor | None, true_plogp: Tensor) -> Tensor:
+    """Excess loss per position (member, batch, pos): the exact KL with distributions
+    (batch, pos, V), else the sampled gap ``nll + log p`` (nll (member, batch, pos))."""
+    if true_next is not None:
+        return excess_kl(log_q, true_next, true_plogp)
+    return nll + true_plogp
+
+
 @torch.inference_mode()
 def evaluate_probe(model: TensorTransformer, probe: ProbeSet, n_labels: int, n_rules: int,
                    batch_size: int = 8) -> ProbeResult:
@@ -68,14 +81,16 @@ def evaluate_probe(model: TensorTransformer, probe: ProbeSet, n_labels: int, n_r
     for start in range(0, probe.tokens.shape[0], batch_size):
         rows = slice(start, start + batch_size)
         tokens = probe.tokens[rows]
-        true_next = probe.true_next[rows]  # (B, T-1, V)
+        true_next = None if probe.true_next is None else probe.true_next[rows]  # (B, T-1, V)
         log_q = model(tokens[None, :, :-1].expand(M, -1, -1)).float().log_softmax(-1)  # (M, B, T-1, V)
-        kl = excess_kl(log_q, true_next, probe.true_plogp[rows])
+        nll = -log_q.gather(-1, tokens[None, :, 1:, None].expand(M, -1, -1, 1))[..., 0]  # (M, B, T-1)
+        kl = position_excess(log_q, nll, true_next, probe.true_plogp[rows])
         correct = log_q.argmax(-1) == probe.true_top[rows]  # (M, B, T-1)
-        nll_parts.append(-log_q.gather(-1, tokens[None, :, 1:, None].expand(M, -1, -1, 1))[..., 0].sum(1))
+        nll_parts.append(nll)
         kl_parts.append(kl.flatten(1))
         correct_parts.append(correct.flatten(1).float())
     kl, correct = torch.cat(kl_parts, 1), torch.cat(correct_parts, 1)  # (M, n_positions)
+    nll = torch.cat(nll_parts, 1)  # (M, n_probe, T-1)
     labels = probe.labels[:, 1:].reshape(-1)
     rules = probe.rules[:, 1:].reshape(-1)
     return ProbeResult(
@@ -83,7 +98,8 @@ def evaluate_probe(model: TensorTransformer, probe: ProbeSet, n_labels: int, n_r
         accuracy_by_label=grouped_mean(correct, labels, n_labels),
         excess_by_rule=grouped_mean(kl, rules, n_rules),
         excess=kl.mean(1),
-        loss_by_position=torch.stack(nll_parts).sum(0) / probe.tokens.shape[0],
+        loss_by_position=nll.mean(1),
+        loss_by_label=grouped_mean(nll.flatten(1), labels, n_labels),
     )
 
 

@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import h5py
+import numpy as np
 import pytest
 import torch
 
 from devinterp.cli import main
+from devinterp.language import load_language
 from tests.conftest import ROOT, SEED_SPEC_PATH
 
 TINY = ROOT / "tests" / "data" / "tiny.yaml"
@@ -32,6 +34,18 @@ def seed_with(old, new):
 def fit(root, *extra, language=SEED_SPEC_PATH):
     return ["fit", "--config", TINY, "--run.root", root, "--run.wandb_mode", "disabled", "--data.language",
             language, *extra]
+
+
+def corpus(tmp, change=lambda arrays: None):
+    """A corpus file sampled from the seed language (40 x 16), after ``change(arrays)``."""
+    language = load_language(SEED_SPEC_PATH)
+    sample = language.sample(40, 16, seed=0)
+    arrays = {"tokens": sample.tokens, "labels": np.maximum(sample.labels - 1, 0), "logp": sample.logp,
+              "label_names": np.array(language.label_names[1:]), "token_strings": np.array(language.vocab.tokens)}
+    change(arrays)
+    path = tmp / "corpus.npz"
+    np.savez(path, **arrays)
+    return path
 
 
 def damaged_timeline(run, tmp, damage):
@@ -80,6 +94,31 @@ CASES = [
      "duplicate token 'the'"),
     ("spec-unknown-key", lambda t, r, run: fit(r, language=spec(t, seed_with("max_skip: 8", "maxskip: 8"))),
      "unknown key 'maxskip'"),
+    # corpora made elsewhere
+    ("corpus-missing-array", lambda t, r, run: fit(r, language=corpus(t, lambda a: a.pop("labels"))),
+     "corpus.npz: missing required array 'labels'"),
+    ("corpus-unknown-array", lambda t, r, run: fit(r, language=corpus(t, lambda a: a.update(log_p=a.pop("logp")))),
+     "corpus.npz: unknown array 'log_p'"),
+    ("corpus-label-shape", lambda t, r, run: fit(r, language=corpus(t, lambda a: a.update(labels=a["labels"][:, :-1]))),
+     "labels: shape (40, 15) does not match tokens (40, 16)"),
+    ("corpus-label-out-of-range", lambda t, r, run: fit(r, language=corpus(t, lambda a: a["labels"].__setitem__((3, 5), 7))),
+     "labels: sequence 3, token 5: 7 is out of range (label ids must be below len(label_names))"),
+    ("corpus-token-beyond-vocab", lambda t, r, run: fit(r, language=corpus(t, lambda a: a["tokens"].__setitem__((2, 9), 40))),
+     "tokens: sequence 2, token 9: 40 is out of range (token ids must be below the vocabulary size 33)"),
+    ("corpus-float-tokens", lambda t, r, run: fit(r, language=corpus(t, lambda a: a.update(tokens=a["tokens"] * 1.0))),
+     "tokens: expected integers, got float64"),
+    ("corpus-logp-positive", lambda t, r, run: fit(r, language=corpus(t, lambda a: a["logp"].__setitem__((0, 4), 0.5))),
+     "logp: sequence 0, token 4: 0.5 is not a log-probability"),
+    ("corpus-object-strings", lambda t, r, run: fit(r, language=corpus(t, lambda a: a.update(
+        label_names=np.array(list(a["label_names"]), dtype=object)))), "label_names: stored as Python objects"),
+    ("corpus-not-npz", lambda t, r, run: fit(r, language=spec(t, "tokens", "corpus.npz")), "corpus.npz: not a readable .npz file"),
+    ("corpus-not-hdf5", lambda t, r, run: fit(r, language=spec(t, "tokens", "corpus.h5")), "corpus.h5: not a readable HDF5 file"),
+    ("corpus-seq-len", lambda t, r, run: fit(r, "--data.seq_len", "32", language=corpus(t)),
+     "data.seq_len: must be between 2 and the corpus's sequence length 16"),
+    ("corpus-probe-size", lambda t, r, run: fit(r, "--data.probe_size", "40", language=corpus(t)),
+     "data.probe_size: holding out 40 sequences leaves none of the 40"),
+    ("corpus-knockout", lambda t, r, run: fit(r, "--data.knockout", "[bigram]", language=corpus(t)),
+     "is a corpus: it has no primitives to knock out"),
     ("spec-window-too-long", lambda t, r, run: fit(r, "--data.seq_len", "8"), "max_skip: 8 must be below the sequence length 8"),
     # run configs
     ("config-missing", lambda t, r, run: ["fit", "--config", t / "none.yaml"], "none.yaml: cannot read the run config"),
