@@ -1,4 +1,5 @@
-"""``devinterp language show SPEC``: read a language rule by rule before training on it."""
+"""``devinterp language show SPEC``: read a language rule by rule (or a corpus made elsewhere,
+label by label) before training on it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 
 from devinterp.errors import ArgumentParser
 from devinterp.language import Language, load_language
+from devinterp.language.corpus import is_corpus_path, load_corpus
 
 SHORT = {"start": "^"}
 
@@ -60,11 +62,33 @@ def show(spec: str, n_sequences: int, seq_len: int, seed: int, n_stats: int) -> 
     return "\n".join(out)
 
 
+def show_corpus(path: str, n_sequences: int, seq_len: int) -> str:
+    """A corpus made elsewhere: its first sequences with their labels, each label's share of the
+    predicted positions and, with logp, the generator's mean loss there (-log p)."""
+    corpus = load_corpus(path)
+    seq_len = min(seq_len, corpus.tokens.shape[1])
+    N, T = corpus.tokens.shape
+    out = [f"corpus {corpus.name!r}: {N} sequences of {T} tokens, {corpus.d_vocab} tokens, labels: "
+           f"{', '.join(corpus.label_names[1:])}; logp: {'yes' if corpus.has_logp else 'no'}", ""]
+    for k in range(min(n_sequences, N)):
+        out += [f"sequence {k} (each token over its label)",
+                render_sequence(corpus, corpus.tokens[k, :seq_len], corpus.labels[k, :seq_len]), ""]
+    labels = corpus.labels[:, 1:]
+    loss = -corpus.logp[:, 1:] if corpus.has_logp else np.full(labels.shape, np.nan)
+    out.append(f"over all {N} sequences (predicted positions 1..{T - 1}):")
+    out.append(f"{'label':<14}{'positions':>10}{'generator loss (nats)':>24}")
+    for i, name in enumerate(corpus.label_names[1:], start=1):
+        mask = labels == i
+        out.append(f"{name:<14}{mask.mean():>10.1%}{loss[mask].mean() if mask.any() else float('nan'):>24.4f}")
+    out.append(f"{'all':<14}{1:>10.0%}{loss.mean():>24.4f}")
+    return "\n".join(out)
+
+
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="devinterp language", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("show", help="sample sequences with each token's rule, shares and Bayes losses")
-    p.add_argument("spec", help="language spec (YAML)")
+    p.add_argument("spec", help="language spec (YAML), or a corpus made elsewhere (.npz, .h5)")
     p.add_argument("--n", type=int, default=3, help="sequences to print")
     p.add_argument("--seq-len", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
@@ -80,6 +104,9 @@ def main(argv: list[str]) -> int:
         text = Path(args.text)
         out = fit_text_file(text, Path(args.out) if args.out else text.with_suffix(".yaml"), args.vocab)
         print(f"spec: {out}")
+        return 0
+    if is_corpus_path(args.spec):
+        print(show_corpus(args.spec, args.n, args.seq_len))
         return 0
     print(show(args.spec, args.n, args.seq_len, args.seed, args.n_stats))
     return 0

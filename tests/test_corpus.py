@@ -176,3 +176,19 @@ def test_a_corpus_cannot_be_knocked_out_or_cut_longer(tmp_path):
     with pytest.raises(SpecError, match="data.seq_len: must be between 2 and the corpus's sequence length 16"):
         ToyLanguageData(path, seq_len=32, probe_size=8)
     assert ToyLanguageData(path, seq_len=8, probe_size=8).probe.tokens.shape == (8, 8)  # a prefix
+
+
+def test_language_show_reads_a_corpus(tmp_path, capsys):
+    arrays = corpus_arrays(n=50)
+    path = write_corpus(tmp_path / "c.npz", arrays)
+    assert main(["language", "show", path, "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "corpus 'c': 50 sequences of 16 tokens, 33 tokens" in out and "logp: yes" in out
+    words = arrays["token_strings"][arrays["tokens"][0]]
+    first_line = out.splitlines()[3].split()  # sequence 0 (wrapped), over its labels
+    assert len(first_line) > 3 and first_line == words[:len(first_line)].tolist()
+    bigram = arrays["labels"][:, 1:] == 2
+    table = out.split("generator loss (nats)")[1]
+    row = next(line for line in table.splitlines() if line.startswith("bigram "))
+    assert row.split()[1] == f"{bigram.mean():.1%}"
+    assert float(row.split()[2]) == pytest.approx(-arrays["logp"][:, 1:][bigram].mean(), abs=1e-4)
