@@ -18,6 +18,7 @@ import yaml
 
 from devinterp.errors import ArgumentParser, UsageError
 from devinterp.language import load_language
+from devinterp.language.corpus import is_corpus_path
 
 
 def variant_arguments(primitives: list[str], knockin_steps: int) -> dict[str, list[str]]:
@@ -39,6 +40,8 @@ def check_primitives(config: str, extra: list[str], primitives: list[str]) -> No
     language = (settings.get("data") or {}).get("language", "configs/languages/seed.yaml")
     if "--data.language" in extra[:-1]:
         language = extra[extra.index("--data.language") + 1]
+    if is_corpus_path(language):
+        raise UsageError(f"--data.language: {language} is a corpus: it has no primitives to knock out or in")
     names = load_language(Path(language)).label_names[1:]
     unknown = [p for p in primitives if p not in names]
     if unknown:

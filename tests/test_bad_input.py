@@ -111,6 +111,8 @@ CASES = [
      "logp: sequence 0, token 4: 0.5 is not a log-probability"),
     ("corpus-object-strings", lambda t, r, run: fit(r, language=corpus(t, lambda a: a.update(
         label_names=np.array(list(a["label_names"]), dtype=object)))), "label_names: stored as Python objects"),
+    ("corpus-reserved-label", lambda t, r, run: fit(r, language=corpus(t, lambda a: a.update(
+        label_names=np.array(["start", "b", "c", "d"])))), "label_names: 'start' is reserved for position 0"),
     ("corpus-not-npz", lambda t, r, run: fit(r, language=spec(t, "tokens", "corpus.npz")), "corpus.npz: not a readable .npz file"),
     ("corpus-not-hdf5", lambda t, r, run: fit(r, language=spec(t, "tokens", "corpus.h5")), "corpus.h5: not a readable HDF5 file"),
     ("corpus-seq-len", lambda t, r, run: fit(r, "--data.seq_len", "32", language=corpus(t)),
@@ -154,6 +156,8 @@ CASES = [
     ("dependence-unknown-primitive", lambda t, r, run: ["dependence", "--config", TINY, "--primitives", "trigram",
                                                         "--root", t, "--", "--data.language", SEED_SPEC_PATH],
      "--primitives: 'trigram' is not a primitive"),
+    ("dependence-on-a-corpus", lambda t, r, run: ["dependence", "--config", TINY, "--primitives", "bigram", "--root", t,
+                                                 "--", "--data.language", corpus(t)], "corpus.npz is a corpus"),
     ("analyze-level", lambda t, r, run: ["analyze", run, "--out", t / "out", "--level", "2"], "--level: must be between 0 and 1"),
     ("analyze-missing-path", lambda t, r, run: ["analyze", t / "nothing", "--out", t / "out"], "nothing"),
     # timeline files

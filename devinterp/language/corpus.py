@@ -50,8 +50,7 @@ class Corpus:
     def __init__(self, name: str, vocab: Vocab, label_names: list[str], tokens: np.ndarray, labels: np.ndarray,
                  logp: np.ndarray | None, source: str = "<corpus>", digest: str = ""):
         self.name, self.vocab, self.source, self.digest = name, vocab, source, digest
-        start = START if START not in label_names else "<start>"
-        self.label_names = [start] + list(label_names)
+        self.label_names = [START] + list(label_names)
         self.tokens = tokens  # (N, T) int64
         self.labels = labels + 1  # (N, T) int64, in this numbering (0 = start)
         self.labels[:, 0] = 0
@@ -214,6 +213,9 @@ def parse_corpus(arrays: dict[str, np.ndarray], source: str, digest: str = "") -
                         f"got {tokens.shape}")
     labels = _integers(arrays["labels"], f"{source}: labels", tokens.shape)
     label_names = _strings(arrays["label_names"], f"{source}: label_names")
+    if START in label_names:
+        raise SpecError(f"{source}: label_names: {START!r} is reserved for position 0, which is never predicted; "
+                        "rename that label")
     if any("/" in n for n in label_names):
         raise SpecError(f"{source}: label_names: names cannot contain '/' "
                         f"({next(n for n in label_names if '/' in n)!r})")
