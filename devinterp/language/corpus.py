@@ -98,11 +98,12 @@ class Corpus:
         n_train = len(self.train_rows)
         position = np.arange(block_index * n, (block_index + 1) * n)
         epoch, offset = np.divmod(position, n_train)
+        first = int(epoch[0])
         out = []
         for seed in stream_seeds:
-            order = {e: np.random.default_rng([seed, e]).permutation(n_train) for e in np.unique(epoch).tolist()}
-            rows = self.train_rows[[order[e][o] for e, o in zip(epoch.tolist(), offset.tolist())]]
-            out.append(self._sample(rows, seq_len))
+            orders = np.stack([np.random.default_rng([seed, e]).permutation(n_train)
+                               for e in range(first, int(epoch[-1]) + 1)])  # (epochs touched, n_train)
+            out.append(self._sample(self.train_rows[orders[epoch - first, offset]], seq_len))
         return out
 
     def knock_out(self, names: list[str]):
