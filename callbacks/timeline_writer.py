@@ -2,10 +2,12 @@
 
 Layout (schema version 1):
 
-    meta/            schema_version, package_version, config, language_spec (string datasets);
+    meta/            schema_version, package_version, config, language_spec (string datasets;
+                     for a corpus made elsewhere its path, sha256, shape and labels);
                      logged_through (1,) int64: the last step handed to the loggers (W&B)
     ground_truth/    vocab, categories, token_category, label_names, rule_names,
-                     <primitive>/<array> (tables and rule indices of the language)
+                     <primitive>/<array> (tables and rule indices of the language;
+                     a corpus: corpus/probe_rows, the held-out sequences)
     <group>/         one per cadence: every_step/, diagnostics/, probe/
         step         (N,) int64, row r holds the metrics at step[r]
         values       (N, n_metrics, n_members) float32, chunked along N, resizable
