@@ -85,6 +85,30 @@ def check_writable(folder: Path) -> None:
         raise UsageError(f"{folder}: cannot write the run folder ({error.strerror or error})") from None
 
 
+def check_same_data(timeline: Path, spec_text: str) -> None:
+    """A resume must train on what the run trained on: the language spec as written (or the
+    corpus's description, its sha256 included) must equal the one the timeline recorded."""
+    if not timeline.is_file():
+        return
+    import h5py
+
+    try:
+        with h5py.File(timeline, "r", locking=False) as f:
+            recorded = f["meta/language_spec"][()].decode()
+    except (OSError, KeyError):
+        return  # a damaged timeline is the writer's to report
+    if recorded != spec_text and not _same_yaml(recorded, spec_text):  # a comment edited is no change
+        raise UsageError(f"{timeline}: the run's language or corpus has changed since it started (meta/language_spec "
+                         "differs from the file the config names); resume with the data it was trained on")
+
+
+def _same_yaml(a: str, b: str) -> bool:
+    try:
+        return yaml.safe_load(a) == yaml.safe_load(b)
+    except yaml.YAMLError:
+        return False
+
+
 class DevinterpCLI(LightningCLI):
     run_dir: Path | None = None
 
@@ -161,6 +185,7 @@ class DevinterpCLI(LightningCLI):
                     raise UsageError(f"{self.run_dir}: the run folder already exists")
                 check_writable(self.run_dir)
             else:
+                check_same_data(self.run_dir / "timeline.h5", self.datamodule.spec_text)
                 check_writable(self.run_dir / "checkpoints")
             if not self.child_rank:
                 os.environ[RUN_DIR_VARIABLE] = str(self.run_dir)  # DDP processes it launches join this run

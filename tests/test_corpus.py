@@ -192,3 +192,40 @@ def test_language_show_reads_a_corpus(tmp_path, capsys):
     row = next(line for line in table.splitlines() if line.startswith("bigram "))
     assert row.split()[1] == f"{bigram.mean():.1%}"
     assert float(row.split()[2]) == pytest.approx(-arrays["logp"][:, 1:][bigram].mean(), abs=1e-4)
+
+
+def test_resume_refuses_a_corpus_that_changed(tmp_path, capsys):
+    """A resumed run must train on the data it started with: the timeline keeps the corpus's
+    sha256, and a changed file ends the resume in one line with the run folder untouched."""
+    path = write_corpus(tmp_path / "c.npz", corpus_arrays(n=40))
+    root = tmp_path / "runs"
+    fit = ["fit", "--config", str(TINY), "--run.root", str(root), "--run.wandb_mode", "disabled",
+           "--data.language", path, "--run.checkpoint_every_n_steps", "2", "--trainer.max_steps", "4"]
+    assert main(fit) == 0
+    run = root / "tiny"
+    write_corpus(tmp_path / "c.npz", corpus_arrays(n=40, seed=9))  # the same shape, other sequences
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert main(["resume", str(run), "--trainer.max_steps", "6"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("devinterp: error:")]
+    assert len(err) == 1 and "language or corpus has changed since it started" in err[0]
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    write_corpus(tmp_path / "c.npz", corpus_arrays(n=40))  # the original again: the resume runs
+    assert main(["resume", str(run), "--trainer.max_steps", "6"]) == 0
+
+
+def test_resume_refuses_a_language_spec_that_changed_but_not_an_edited_comment(tmp_path, capsys):
+    spec = tmp_path / "lang.yaml"
+    text = SEED_SPEC_PATH.read_text()
+    spec.write_text(text)
+    root = tmp_path / "runs"
+    assert main(["fit", "--config", str(TINY), "--run.root", str(root), "--run.wandb_mode", "disabled",
+                 "--data.language", str(spec), "--run.checkpoint_every_n_steps", "2", "--trainer.max_steps", "4"]) == 0
+    run = root / "tiny"
+    assert "helps: .2, finds: .1" in text
+    spec.write_text(text.replace("helps: .2, finds: .1", "helps: .1, finds: .2", 1))
+    capsys.readouterr()
+    assert main(["resume", str(run), "--trainer.max_steps", "6"]) == 2
+    assert "language or corpus has changed since it started" in capsys.readouterr().err
+    spec.write_text("# a comment added later\n" + text)
+    assert main(["resume", str(run), "--trainer.max_steps", "6"]) == 0
