@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from callbacks.timeline_writer import find_writer, log_metrics
 from devinterp.errors import at_least
 from devinterp.metrics import MetricInfo
-from devinterp.probe import ProbeResult, attention_to_open, evaluate_probe, grouped_mean, grouped_sums, uniform_share
+from devinterp.probe import ProbeResult, attention_to_open, evaluate_probe, grouped_sums, uniform_share
 
 
 def icl_positions(seq_len: int) -> tuple[int, int]:
@@ -68,12 +68,11 @@ class ProbeMetrics(L.Callback):
         plogp = probe.true_plogp.double().flatten()[None]  # (1, positions); NaN: a corpus without logp
         log_v = math.log(language.d_vocab)
         labels, rules = probe.labels[:, 1:].flatten(), probe.rules[:, 1:].flatten()
-        by_label = grouped_mean(plogp, labels, len(language.label_names))[0].tolist()
-        by_rule = grouped_mean(plogp, rules, len(language.rule_names))[0].tolist()
-        label_counts = grouped_sums(plogp.nan_to_num(), labels, len(language.label_names))[1][0]
-        rule_counts = grouped_sums(plogp.nan_to_num(), rules, len(language.rule_names))[1][0]
-        self.label_columns = [i for i, n in enumerate(label_counts.tolist()) if n > 0]
-        self.rule_columns = [i for i, n in enumerate(rule_counts.tolist()) if n > 0]
+        label_sums, label_counts = grouped_sums(plogp, labels, len(language.label_names))
+        rule_sums, rule_counts = grouped_sums(plogp, rules, len(language.rule_names))
+        by_label, by_rule = (label_sums / label_counts)[0].tolist(), (rule_sums / rule_counts)[0].tolist()
+        self.label_columns = [i for i, n in enumerate(label_counts[0].tolist()) if n > 0]
+        self.rule_columns = [i for i, n in enumerate(rule_counts[0].tolist()) if n > 0]
         self.has_excess = probe.has_excess
         names = language.label_names
         self.infos = []

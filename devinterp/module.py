@@ -19,7 +19,7 @@ from torch import Tensor
 
 from devinterp.errors import UsageError, at_least
 from devinterp.model import Attention, AttentionPath, ModelConfig, Positions, TensorTransformer
-from devinterp.probe import grouped_mean, grouped_sums, position_excess
+from devinterp.probe import grouped_mean, grouped_sums, position_losses
 
 Schedule = Literal["constant", "cosine"]
 
@@ -121,11 +121,10 @@ class TensorTransformerModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Excess loss on the probe set, per member and position: the exact KL(true || model)
-        for a language, the sampled gap for a corpus (probe.position_excess)."""
+        for a language, the sampled gap for a corpus (probe.position_losses)."""
         tokens = batch["tokens"]  # (M, B, T); true_next (B, T-1, V) for a language
         log_q = self.model(tokens[..., :-1]).float().log_softmax(-1)  # (M, B, T-1, V)
-        nll = -log_q.gather(-1, tokens[..., 1:, None])[..., 0]
-        kl = position_excess(log_q, nll, batch.get("true_next"), batch["true_plogp"])  # (M, B, T-1)
+        _, kl = position_losses(log_q, tokens[..., 1:], batch.get("true_next"), batch["true_plogp"])  # (M, B, T-1)
         self._val_kl.append(kl.flatten(1))
         self._val_labels.append(batch["labels"][0, :, 1:].flatten())
 

@@ -62,12 +62,15 @@ def excess_kl(log_q: Tensor, true_next: Tensor, true_plogp: Tensor) -> Tensor:
     return true_plogp - torch.einsum("btv,mbtv->mbt", true_next, log_q)
 
 
-def position_excess(log_q: Tensor, nll: Tensor, true_next: Tensor | None, true_plogp: Tensor) -> Tensor:
-    """Excess loss per position (member, batch, pos): the exact KL with distributions
-    (batch, pos, V), else the sampled gap ``nll + log p`` (nll (member, batch, pos))."""
+def position_losses(log_q: Tensor, next_tokens: Tensor, true_next: Tensor | None,
+                    true_plogp: Tensor) -> tuple[Tensor, Tensor]:
+    """Loss on the token that came next and excess loss per position, each (member, batch, pos),
+    from log_q (member, batch, pos, V) and next_tokens (member or 1, batch, pos): the excess is
+    the exact KL with distributions (batch, pos, V), else the sampled gap ``nll + log p``."""
+    nll = -log_q.gather(-1, next_tokens.expand(*log_q.shape[:-1])[..., None])[..., 0]
     if true_next is not None:
-        return excess_kl(log_q, true_next, true_plogp)
-    return nll + true_plogp
+        return nll, excess_kl(log_q, true_next, true_plogp)
+    return nll, nll + true_plogp
 
 
 @torch.inference_mode()
@@ -83,8 +86,7 @@ def evaluate_probe(model: TensorTransformer, probe: ProbeSet, n_labels: int, n_r
         tokens = probe.tokens[rows]
         true_next = None if probe.true_next is None else probe.true_next[rows]  # (B, T-1, V)
         log_q = model(tokens[None, :, :-1].expand(M, -1, -1)).float().log_softmax(-1)  # (M, B, T-1, V)
-        nll = -log_q.gather(-1, tokens[None, :, 1:, None].expand(M, -1, -1, 1))[..., 0]  # (M, B, T-1)
-        kl = position_excess(log_q, nll, true_next, probe.true_plogp[rows])
+        nll, kl = position_losses(log_q, tokens[None, :, 1:], true_next, probe.true_plogp[rows])  # (M, B, T-1)
         correct = log_q.argmax(-1) == probe.true_top[rows]  # (M, B, T-1)
         nll_parts.append(nll)
         kl_parts.append(kl.flatten(1))

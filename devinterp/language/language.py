@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from devinterp.language.primitive import Primitive
+from devinterp.language.primitive import Primitive, RowTable
 from devinterp.language.primitives import PRIMITIVES, CategoryTransition
 from devinterp.language.spec import (
     SpecError,
@@ -60,6 +60,7 @@ class Language:
         self.rule_offsets = np.cumsum([0] + [len(p.rule_names) for p in self.primitives])
         self.rule_label = np.repeat(np.arange(1, len(self.primitives) + 1), np.diff(self.rule_offsets))
         self.seq_len: int | None = None
+        self.start_rows = RowTable(self.start_dist)  # one row: position 0's distribution
 
     @property
     def d_vocab(self) -> int:
@@ -141,13 +142,13 @@ class Language:
         stream k equals ``sample(n, seq_len, seeds[k])`` exactly; one walk over (len(seeds) * n)
         rows costs far less than len(seeds) walks (the per-position cost is mostly fixed).
         """
-        V, rows_total = self.vocab.size, n * len(seeds)
+        rows_total = n * len(seeds)
         tokens = np.zeros((rows_total, seq_len), dtype=np.int64)
         labels = np.zeros((rows_total, seq_len), dtype=np.int64)
         rules = np.full((rows_total, seq_len), -1, dtype=np.int64)
         logp = np.zeros((rows_total, seq_len))
         uniforms = np.concatenate([np.random.default_rng(seed).random((n, seq_len)) for seed in seeds])
-        tokens[:, 0] = self._draw(np.broadcast_to(self.start_dist, (rows_total, V)), uniforms[:, 0])
+        tokens[:, 0] = self.start_rows.draw(np.zeros(rows_total, dtype=np.int64), uniforms[:, 0])
         logp[:, 0] = np.log(self.start_dist[tokens[:, 0]])
         states = [p.begin(rows_total) for p in self.primitives]
         for t in range(1, seq_len):
@@ -159,13 +160,6 @@ class Language:
         """Block ``block_index`` of each training stream: n sequences sampled from
         ``[stream seed, block_index]`` (a pure function of both, so any step can be resumed)."""
         return self.sample_streams(n, seq_len, [[seed, block_index] for seed in stream_seeds])
-
-    @staticmethod
-    def _draw(dist: np.ndarray, uniform: np.ndarray) -> np.ndarray:
-        """Inverse-CDF draw: (n, V) distributions and (n,) uniforms -> (n,) token ids."""
-        cdf = np.cumsum(dist, axis=1)
-        index = (cdf < (uniform * cdf[:, -1])[:, None]).sum(axis=1)
-        return np.minimum(index, dist.shape[1] - 1)
 
     def _walk(self, tokens: np.ndarray):
         """For given tokens (n, T), yield (t, distribution of token t + 1, its label, its rule)."""

@@ -36,6 +36,12 @@ class RowTable:
         self.probs = np.ascontiguousarray(probs.reshape(-1, probs.shape[-1]))  # (rows, V)
         self.cdf = np.cumsum(self.probs, axis=1)  # (rows, V)
 
+    def draw(self, rows: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+        """One token from each named row (n,) by inverse CDF from uniforms in [0, 1) (n,)."""
+        cdf = self.cdf[rows]  # (n, V)
+        index = (cdf <= (uniform * cdf[:, -1])[:, None]).sum(axis=1)  # first entry above: p > 0
+        return np.minimum(index, cdf.shape[1] - 1)
+
 
 @dataclass
 class Firing:
@@ -62,9 +68,7 @@ class Firing:
         """Tokens of the sequences ``where`` by inverse CDF from uniforms in [0, 1)."""
         if self.table is None:
             return self.dist[where]
-        cdf = self.table.cdf[self.dist[where]]  # (len(where), V)
-        index = (cdf <= (uniform * cdf[:, -1])[:, None]).sum(axis=1)  # first entry above: p > 0
-        return np.minimum(index, cdf.shape[1] - 1)
+        return self.table.draw(self.dist[where], uniform)
 
 
 class Primitive(ABC):
