@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # pip never pulls a multi-GB CUDA build on a CPU machine. GPU users install their own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test test-slow bench install clean
+.PHONY: run test test-slow lint bench install clean
 
 $(BIN)/devinterp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ run: install
 
 test: install
 	WANDB_MODE=offline $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-slow: install
 	WANDB_MODE=offline $(BIN)/python -m pytest -q -m slow

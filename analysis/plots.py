@@ -109,18 +109,21 @@ def plot_direct_path(direct: np.ndarray, tokens: list[str], token_category: np.n
     return path
 
 
-def plot_qk_slices(slices: dict[str, np.ndarray], rows: list[str], columns: list[str], step: int, path: Path) -> Path:
-    """QK_1 * QK_2 (summed over heads, averaged over offsets 1..max_skip) between the skip
-    rules' triggers (rows, query) and anchors (columns, key), one panel per layer."""
-    fig, axes = plt.subplots(1, len(slices), figsize=(3.8 * len(slices), 3.4), squeeze=False)
-    for ax, (title, matrix) in zip(axes[0], slices.items()):
+def plot_qk_slices(slices: dict[str, np.ndarray], rows: list[str], columns: list[str], step: int, path: Path,
+                   title: str = "", query_role: str = "query", key_role: str = "key") -> Path:
+    """A primitive's QK slice: the pattern (summed over heads, averaged over its offsets) from
+    its query tokens (rows) to its key tokens (columns), one panel per layer."""
+    fig, axes = plt.subplots(1, len(slices), figsize=(3.8 * len(slices), 3.4 + 0.3 * bool(title)), squeeze=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    for ax, (panel, matrix) in zip(axes[0], slices.items()):
         limit = float(np.abs(matrix).max()) or 1.0
         image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
         ax.set_xticks(range(len(columns)), columns, rotation=90, fontsize=8)
         ax.set_yticks(range(len(rows)), rows, fontsize=8)
-        ax.set_xlabel("key (anchor)")
-        ax.set_ylabel("query (trigger)")
-        ax.set_title(f"{title}, step {step}", fontsize=9)
+        ax.set_xlabel(f"key ({key_role})")
+        ax.set_ylabel(f"query ({query_role})")
+        ax.set_title(f"{panel}, step {step}", fontsize=9)
         fig.colorbar(image, ax=ax, shrink=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)

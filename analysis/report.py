@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 from analysis.dependence import Dependence, dependence, variant_of
@@ -20,6 +19,8 @@ from analysis.onset import Onset, primitive_onsets, primitive_progress
 from analysis.ordering import Ordering, infer_ordering, lead_lag
 from analysis.plots import plot_dag, plot_direct_path, plot_progress, plot_qk_slices, plot_weight_vs_probe
 from analysis.timeline import Timeline, TimelineError, load_timeline
+from devinterp.language import SpecError, parse_language
+from devinterp.language.primitive import QKView
 
 
 @dataclass(frozen=True)
@@ -106,35 +107,43 @@ def _disagree(probe: list[Onset], weight: list[Onset]) -> str:
     return f"yes (weights {'later' if gap > 0 else 'earlier'} by x{math.exp(abs(gap)):.1f})" if abs(gap) > 0.5 else ""
 
 
-def snapshot_model(timeline_path: Path, slot: int):
-    """The model of a timeline's snapshot ``slot``, rebuilt from its stored config."""
-    import h5py
+def snapshot_model(timeline: Timeline, slot: int):
+    """(model, step) of weight snapshot ``slot``, rebuilt from the timeline's stored config
+    (the only place analysis imports torch)."""
+    import torch
 
     from devinterp.model import ModelConfig, TensorTransformer
 
-    with h5py.File(timeline_path, "r") as f:
-        config = yaml.safe_load(f["meta/config"][()].decode())["model"]
-        fields = ModelConfig.__dataclass_fields__
-        cfg = ModelConfig(**{k: v for k, v in config.items() if k in fields})
-        model = TensorTransformer(cfg)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.copy_(torch.from_numpy(f["snapshots"][name][slot]))
-        step = int(f["snapshots/step"][slot])
-        truth = {k: [v.decode() for v in f[f"ground_truth/{k}"][()]] for k in ("vocab", "categories")}
-        truth["token_category"] = f["ground_truth/token_category"][()]
-        truth["skip_rules"] = {name: f[f"ground_truth/{name}/rules"][()] for name in f["ground_truth"]
-                               if isinstance(f["ground_truth"][name], h5py.Group) and "rules" in f["ground_truth"][name]}
-        steps = f["snapshots/step"][()]
-    return model, step, truth, steps
+    config = yaml.safe_load(timeline.meta["config"])["model"]
+    fields = ModelConfig.__dataclass_fields__
+    model = TensorTransformer(ModelConfig(**{k: v for k, v in config.items() if k in fields}))
+    step, weights = timeline.snapshot(slot)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.from_numpy(weights[name]))
+    return model, step
 
 
-def circuit_figures(timeline_path: Path, out: Path, at_steps: list[int] | None = None) -> list[Path]:
-    """Direct-path heatmaps and skip-rule QK slices at the snapshots nearest ``at_steps`` in
-    log(step + 1) (default: one midway and the last)."""
+def qk_views(timeline: Timeline) -> dict[str, tuple[str, QKView]]:
+    """Primitive name -> (kind, the QK slice it declares), from the language spec the timeline
+    keeps, for the primitives the run trained on; none for a corpus."""
+    try:
+        language = parse_language(yaml.safe_load(timeline.meta.get("language_spec", "")) or {})
+    except (SpecError, yaml.YAMLError, TypeError, AttributeError):
+        return {}  # a corpus's description, or a spec this version cannot read
+    trained = timeline.primitive_kinds
+    return {p.name: (p.kind, view) for p in language.primitives
+            if (view := p.qk_view()) is not None and (not trained or p.name in trained)}
+
+
+def circuit_figures(timeline: Timeline, out: Path, at_steps: list[int] | None = None) -> list[Path]:
+    """Direct-path heatmaps, and each primitive's own QK slice (``Primitive.qk_view``), at the
+    snapshots nearest ``at_steps`` in log(step + 1) (default: one midway and the last)."""
+    import torch
+
     from devinterp import circuits
 
-    _, _, _, steps = snapshot_model(timeline_path, -1)
+    steps = timeline.snapshot_steps
     written = np.flatnonzero(steps >= 0)
     if not len(written):
         return []
@@ -143,22 +152,28 @@ def circuit_figures(timeline_path: Path, out: Path, at_steps: list[int] | None =
         slots = sorted({nearest(s) for s in at_steps})
     else:
         slots = sorted({int(written[-1]), int(written[len(written) // 2])})
+    views = qk_views(timeline)
+    vocab = list(timeline.vocab)
     paths = []
     for slot in slots:
-        model, step, truth, _ = snapshot_model(timeline_path, slot)
+        model, step = snapshot_model(timeline, slot)
         with torch.no_grad():
             direct = circuits.direct_path(model)[0].numpy()
-            paths.append(plot_direct_path(direct, truth["vocab"], truth["token_category"], truth["categories"],
+            paths.append(plot_direct_path(direct, vocab, timeline.token_category, list(timeline.categories),
                                           step, out / f"direct_path_step{step}.png"))
-            for name, rules in truth["skip_rules"].items():
-                max_skip = min(model.cfg.n_ctx - 1, 8)
-                triggers, anchors = sorted(set(rules[:, 1])), sorted(set(rules[:, 0]))
+            for name, (kind, view) in views.items():
+                offsets = view.offsets(model.cfg.n_ctx)
+                if not offsets:
+                    continue
                 slices = {}
                 for layer in range(model.cfg.n_layers):
-                    pattern = sum(circuits.pattern_at_offset(model, layer, d)[0].sum(0) for d in range(1, max_skip + 1))
-                    slices[f"layer {layer}"] = (pattern / max_skip).numpy()[np.ix_(triggers, anchors)]
-                paths.append(plot_qk_slices(slices, [truth["vocab"][t] for t in triggers],
-                                            [truth["vocab"][a] for a in anchors], step, out / f"qk_{name}_step{step}.png"))
+                    pattern = sum(circuits.pattern_at_offset(model, layer, d)[0].sum(0) for d in offsets)
+                    slices[f"layer {layer}"] = (pattern / len(offsets)).numpy()[np.ix_(view.queries, view.keys)]
+                title = (f"{name} ({kind}): {view.query_role} x {view.key_role}, "
+                         f"offsets {offsets[0]}..{offsets[-1]}")
+                paths.append(plot_qk_slices(slices, [vocab[t] for t in view.queries], [vocab[a] for a in view.keys],
+                                            step, out / f"qk_{name}_step{step}.png", title=title,
+                                            query_role=view.query_role, key_role=view.key_role))
     return paths
 
 
@@ -181,7 +196,7 @@ def write_report(paths: list[str | Path], out: str | Path, level: float = 0.5, s
             for p in result.primitives}
     figures.append(plot_weight_vs_probe(both, out / "weight_vs_probe.png"))
     figures.append(plot_dag(result.primitives, list(result.ordering.dag), out / "ordering_dag.png"))
-    figures += circuit_figures(first_file, out, at_steps)
+    figures += circuit_figures(first, out, at_steps)
 
     t = f"t{round(level * 100)}"
     lines = [f"# Analysis of {len(files)} run(s)", "",

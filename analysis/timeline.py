@@ -1,24 +1,33 @@
-"""Reading a run's HDF5 timeline (layout in callbacks/timeline_writer.py).
+"""Reading a run's HDF5 timeline (layout in devinterp/schema.py), without torch.
 
 ``load_timeline(path)`` reads a finished file, a file still being written in live (SWMR) mode,
 and a file whose writer was killed; only committed rows are returned, so nothing half-written
-is read back as data. A file that is not a timeline, or has an unknown schema version, raises
-TimelineError naming the file.
+is read back as data. Every metric group is read: those marked by the writer (``GROUP_MARKER``;
+schema 2), or the three groups of schema 1, so a group a new producer adds needs no change
+here. A file that is not a timeline, or has an unknown schema version, raises TimelineError
+naming the file.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from devinterp.metrics import MetricInfo
+from devinterp.schema import (
+    GROUP_MARKER,
+    INFO_DEFAULTS,
+    INFO_FIELDS,
+    READABLE_VERSIONS,
+    VERSION_1_GROUPS,
+    MetricInfo,
+)
+from devinterp.schema import progress as progress_of
 
-KNOWN_SCHEMA_VERSIONS = {1}
+KNOWN_SCHEMA_VERSIONS = set(READABLE_VERSIONS)
 
 
 class TimelineError(ValueError):
@@ -47,6 +56,11 @@ class Timeline:
     groups: dict[str, Group]
     meta: dict[str, str]
     label_names: tuple[str, ...]
+    primitive_kinds: dict[str, str] = field(default_factory=dict)  # primitive name -> kind (schema 2)
+    vocab: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
+    token_category: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (vocab,)
+    snapshot_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # -1 = not taken
 
     @property
     def n_members(self) -> int:
@@ -79,12 +93,22 @@ class Timeline:
     def progress(self, name: str) -> np.ndarray:
         """(steps, members) in [0, 1]: (value - nothing) / (learned - nothing), clipped."""
         info = self.info(name)
-        if math.isnan(info.nothing) or info.nothing == info.learned:
+        if not info.is_progress:
             raise KeyError(f"{self.path}: {name} is not a progress metric")
-        return np.clip((self.values(name) - info.nothing) / (info.learned - info.nothing), 0.0, 1.0)
+        return np.clip(progress_of(self.values(name), info.nothing, info.learned), 0.0, 1.0)
+
+    def snapshot(self, slot: int) -> tuple[int, dict[str, np.ndarray]]:
+        """(step, {parameter: (member, ...) float32}) of weight snapshot ``slot``, read from the
+        file now (snapshots are large, so ``load_timeline`` does not keep them)."""
+        with open_timeline(self.path) as f:
+            s = f["snapshots"]
+            if f.swmr_mode:
+                s["step"].refresh()
+            return int(s["step"][slot]), {name: s[name][slot] for name in s
+                                          if name not in ("step", "planned_step")}
 
 
-def _open(path: Path) -> h5py.File:
+def open_timeline(path: str | Path) -> h5py.File:
     """Plain read, or SWMR read when a live writer holds the file."""
     try:
         return h5py.File(path, "r")
@@ -116,13 +140,21 @@ def _read_group(f: h5py.File, name: str, path: Path) -> Group:
     n = min(int(g["committed"][0]), g["step"].shape[0], g["values"].shape[0])
     names = _strings(g["names"])
     info = g["metric_info"]
-    for key in ("kind", "primitive", "rule", "nothing", "learned"):
-        if key not in info or info[key].shape != (len(names),):
-            raise TimelineError(f"{path}: group {name!r}: metric_info/{key} is missing or not one per metric")
-    fields = [_strings(info[k]) for k in ("kind", "primitive", "rule")]
-    sparse = info["sparse"][()] if "sparse" in info else np.zeros(len(names), dtype=bool)
-    infos = tuple(MetricInfo(n_, k, p, r, float(a), float(b), bool(s)) for n_, k, p, r, a, b, s in
-                  zip(names, *fields, info["nothing"][()], info["learned"][()], sparse))
+    columns = {}
+    for key, kind in INFO_FIELDS.items():
+        if key not in info:  # a field newer than the file: its default
+            if key in ("kind", "primitive", "rule", "nothing", "learned"):
+                raise TimelineError(f"{path}: group {name!r}: metric_info/{key} is missing")
+            columns[key] = [INFO_DEFAULTS[key]] * len(names)
+            continue
+        if info[key].shape != (len(names),):
+            raise TimelineError(f"{path}: group {name!r}: metric_info/{key} is not one per metric")
+        cast = {"str": str, "float": float, "bool": bool}[kind]
+        columns[key] = [cast(v) for v in (_strings(info[key]) if kind == "str" else info[key][()])]
+    try:
+        infos = tuple(MetricInfo(n_, **{k: columns[k][i] for k in INFO_FIELDS}) for i, n_ in enumerate(names))
+    except ValueError as error:
+        raise TimelineError(f"{path}: group {name!r}: {error}") from None
     values = g["values"][:n]
     if values.shape[1] != len(names):
         raise TimelineError(f"{path}: group {name!r} has {values.shape[1]} value columns for {len(names)} names")
@@ -147,7 +179,7 @@ def load_timeline(path: str | Path) -> Timeline:
 
 
 def _load(path: Path) -> Timeline:
-    with _open(path) as f:
+    with open_timeline(path) as f:
         if "meta" not in f or "schema_version" not in f["meta"]:
             raise TimelineError(f"{path}: not a timeline (no meta/schema_version)")
         version = f["meta/schema_version"][()]
@@ -157,8 +189,23 @@ def _load(path: Path) -> Timeline:
                                 f"(this version reads {sorted(KNOWN_SCHEMA_VERSIONS)})")
         meta = {k: (v[()].decode() if isinstance(v[()], bytes) else str(v[()]))
                 for k, v in f["meta"].items() if v.shape == ()}  # the string fields
-        groups = {name: _read_group(f, name, path) for name in ("every_step", "diagnostics", "probe") if name in f}
+        if int(version) == 1:
+            names = [name for name in VERSION_1_GROUPS if name in f]
+        else:
+            names = [name for name, g in f.items() if isinstance(g, h5py.Group) and g.attrs.get(GROUP_MARKER)]
+        groups = {name: _read_group(f, name, path) for name in names}
         if not groups:
             raise TimelineError(f"{path}: no metric groups")
-        labels = tuple(_strings(f["ground_truth/label_names"])) if "ground_truth/label_names" in f else ()
-    return Timeline(path=path, groups=groups, meta=meta, label_names=labels)
+        truth = f["ground_truth"] if "ground_truth" in f else {}
+        labels = tuple(_strings(truth["label_names"])) if "label_names" in truth else ()
+        kinds = {name: _string(g["kind"][()]) for name, g in truth.items() if isinstance(g, h5py.Group) and "kind" in g}
+        snapshot_steps = f["snapshots/step"][()] if "snapshots/step" in f else np.zeros(0, dtype=np.int64)
+        vocab = tuple(_strings(truth["vocab"])) if "vocab" in truth else ()
+        categories = tuple(_strings(truth["categories"])) if "categories" in truth else ()
+        token_category = truth["token_category"][()] if "token_category" in truth else np.zeros(0, dtype=np.int64)
+    return Timeline(path=path, groups=groups, meta=meta, label_names=labels, primitive_kinds=kinds,
+                    snapshot_steps=snapshot_steps, vocab=vocab, categories=categories, token_category=token_category)
+
+
+def _string(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -24,11 +24,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import report  # noqa: E402
+
 from analysis.onset import log_grid, threshold_onsets  # noqa: E402
 from analysis.ordering import infer_ordering  # noqa: E402
 from analysis.timeline import load_timeline  # noqa: E402
 from callbacks.timeline_writer import STRING  # noqa: E402
-from common import report  # noqa: E402
 
 N_PRIMITIVES = 6
 

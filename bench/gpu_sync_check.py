@@ -83,7 +83,7 @@ def main() -> int:
     module = TensorTransformerModule(d_vocab=data.d_vocab, n_ctx=data.seq_len, label_names=data.label_names,
                                      n_members=4, seed=0, **model_args)
     counter = SyncCounter(args.flush)
-    circuits = CircuitMetrics(diagnostics_every_n_steps=10, flush_every_n_steps=args.flush)
+    circuits = CircuitMetrics(diagnostics_every_n_steps=10)
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(max_steps=args.steps, default_root_dir=root, logger=False, accelerator="cuda", devices=1,
                             callbacks=[counter, circuits, ProbeMetrics(every_n_steps=10),
@@ -95,7 +95,7 @@ def main() -> int:
     quiet = {s: c for s, c in counter.counts.items() if c}
     print(f"device: {torch.cuda.get_device_name()}")
     print(f"parameters on cuda, float32: {not wrong} {wrong if wrong else ''}")
-    print(f"per-step losses kept on: {module.last_loss_row.device}")
+    print(f"per-step losses kept on: {circuits.last_loss_device}")
     print(f"steps checked: {len(counter.counts)}; steps that synchronised: {len(quiet)}")
     for step, messages in sorted(quiet.items())[:5]:
         print(f"  step {step}: {len(messages)} x {messages[0]}")

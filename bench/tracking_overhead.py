@@ -89,7 +89,7 @@ def tracked_seconds_per_step(members: int, steps: int, warmup: int, probes: bool
     with tempfile.TemporaryDirectory() as root:
         callbacks = [clock]
         if tracking:
-            callbacks.append(CircuitMetrics(diagnostics_every_n_steps=10, flush_every_n_steps=100))
+            callbacks.append(CircuitMetrics(diagnostics_every_n_steps=10))
         if probes:
             callbacks.append(ProbeMetrics(every_n_steps=probe_every))
         if tracking:

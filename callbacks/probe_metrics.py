@@ -22,11 +22,12 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
 
-from callbacks.timeline_writer import find_writer, log_metrics
+from callbacks.timeline_writer import TimelineGroup, find_writer
 from devinterp.errors import at_least
-from devinterp.metrics import MetricInfo
 from devinterp.probe import ProbeResult, attention_to_open, evaluate_probe, grouped_sums, uniform_share
+from devinterp.schema import MetricInfo
 
 
 def icl_positions(seq_len: int) -> tuple[int, int]:
@@ -46,6 +47,8 @@ class ProbeMetrics(L.Callback):
             at a time evaluated the quickstart's probe set about twice as fast as 64.
     """
 
+    timeline_groups = ("probe",)
+
     def __init__(self, every_n_steps: int = 10, log_rules: bool = False, batch_size: int = 8):
         at_least(every_n_steps, 1, "probe.every_n_steps")
         at_least(batch_size, 1, "probe.batch_size")
@@ -56,7 +59,6 @@ class ProbeMetrics(L.Callback):
         self.last: tuple[int, ProbeResult] | None = None
         self.summary: dict | None = None
         self.infos: list[MetricInfo] = []
-        self._rows: list[tuple[int, torch.Tensor]] = []  # (step, (n_metrics, member)) on the device
         self.span_opens: torch.Tensor | None = None  # (span primitive, probe sequence, pos)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -75,6 +77,7 @@ class ProbeMetrics(L.Callback):
         self.rule_columns = [i for i, n in enumerate(rule_counts[0].tolist()) if n > 0]
         self.has_excess = probe.has_excess
         names = language.label_names
+        self.label_names, self.rule_names = list(names), list(language.rule_names)
         self.infos = []
         if self.has_excess:
             self.infos += [MetricInfo("probe/excess", "probe", "all", "all", float(plogp.mean()) + log_v, 0.0)]
@@ -92,32 +95,46 @@ class ProbeMetrics(L.Callback):
         self.icl_early, self.icl_late = icl_positions(T)
         self.infos.append(MetricInfo("icl/score", "probe", "all", f"pos{self.icl_late + 1}-pos{self.icl_early + 1}"))
         # spans (quotes, brackets): each head's attention from inside a span to its open token
-        spans = [p for p in language.primitives if hasattr(p, "open_positions")]
         inputs = probe.tokens[:, :-1].numpy()
-        opens = [p.open_positions(inputs) for p in spans]
+        found = [(p, p.open_positions(inputs)) for p in language.primitives]
+        spans, opens = [p for p, o in found if o is not None], [o for _, o in found if o is not None]
         self.span_opens = torch.from_numpy(np.stack(opens)) if spans else None  # (S, n, T-1)
         cfg = pl_module.cfg
         for primitive, where in zip(spans, opens):
             self.infos += [MetricInfo(f"probe_attn/{primitive.name}/L{layer}H{head}", "probe_attention",
                                       primitive.name, f"L{layer}H{head}", uniform_share(where), 1.0)
                            for layer in range(cfg.n_layers) for head in range(cfg.n_heads)]
-        writer = find_writer(trainer)
-        if writer is not None:
-            writer.declare("probe", self.infos, pl_module.cfg.n_members, self.every_n_steps)
+        self.spans = spans
+        self._writer = find_writer(trainer)
+        self._writer.declare(TimelineGroup("probe", self.infos, pl_module.cfg.n_members, self.every_n_steps,
+                                           summarize=self.summarize))
 
-    def values(self, result: ProbeResult) -> torch.Tensor:
-        """One timeline row, (n_metrics, member), in the order of ``infos``."""
+    def values(self, result: ProbeResult, attention: Tensor | None = None) -> dict[str, Tensor]:
+        """Every metric of one evaluation by name, (member,) each; ``attention`` (span
+        primitive, member, layer, head) from ``attention_to_open``."""
+        names, out = self.label_names, {}
         loss = result.loss_by_position  # (M, T-1)
-        excess = [result.excess[None], result.excess_by_label[:, self.label_columns].T] if self.has_excess else []
-        by_rule = [result.excess_by_rule[:, self.rule_columns].T] if self.has_excess else []
-        return torch.cat([
-            *excess,
-            result.accuracy_by_label[:, self.label_columns].T,
-            result.loss_by_label[:, self.label_columns].T,
-            *by_rule,
-            loss.T,
-            (loss[:, self.icl_late] - loss[:, self.icl_early])[None],
-        ])
+        if self.has_excess:
+            out["probe/excess"] = result.excess
+            out.update({f"probe_excess/{names[i]}": result.excess_by_label[:, i] for i in self.label_columns})
+        out.update({f"probe_acc/{names[i]}": result.accuracy_by_label[:, i] for i in self.label_columns})
+        out.update({f"probe_ce/{names[i]}": result.loss_by_label[:, i] for i in self.label_columns})
+        if self.has_excess:
+            out.update({f"probe_excess/{self.rule_names[i]}": result.excess_by_rule[:, i] for i in self.rule_columns})
+        out.update({f"probe_loss/pos{t + 1}": loss[:, t] for t in range(loss.shape[1])})
+        out["icl/score"] = loss[:, self.icl_late] - loss[:, self.icl_early]
+        for span, primitive in enumerate(self.spans if attention is not None else ()):
+            out.update({f"probe_attn/{primitive.name}/L{layer}H{head}": attention[span, :, layer, head]
+                        for layer in range(attention.shape[2]) for head in range(attention.shape[3])})
+        return out
+
+    def row(self, values: dict[str, Tensor]) -> Tensor:
+        """(n_metrics, member) in the order of ``infos``; every declared metric, no other."""
+        names = [i.name for i in self.infos]
+        if set(values) != set(names):
+            raise ValueError(f"probe row: computed {sorted(set(values) - set(names))[:3]} not declared, "
+                             f"declared {sorted(set(names) - set(values))[:3]} not computed")
+        return torch.stack([values[name] for name in names])
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Evaluate on the device; the row waits there for the next timeline commit."""
@@ -134,36 +151,16 @@ class ProbeMetrics(L.Callback):
         if self.first is None:
             self.first = (step, result)
         self.last = (step, result)
-        row = self.values(result)
+        attention = None
         if self.span_opens is not None:
             attention = attention_to_open(pl_module.model, self._probe.tokens[:, :-1], self.span_opens, self.batch_size)
-            row = torch.cat([row, attention.permute(0, 2, 3, 1).flatten(0, 2)])  # (S * L * H, member)
-        self._rows.append((step, row))
+        self._writer.append("probe", step, self.row(self.values(result, attention)))
 
-    def hand_over(self, trainer: L.Trainer) -> None:
-        """Buffered rows to the host in one transfer, then to the writer and the loggers."""
-        if not self._rows:
-            return
-        steps = np.array([s for s, _ in self._rows], dtype=np.int64)
-        values = torch.stack([v for _, v in self._rows]).cpu().numpy()  # (n, n_metrics, member)
-        self._rows.clear()
-        for step, row in zip(steps.tolist(), values):
-            self._log(trainer, step, row)
-        writer = find_writer(trainer)
-        if writer is not None:
-            writer.append("probe", steps, values)
+    def summarize(self, steps: np.ndarray, values: np.ndarray) -> list[dict[str, float]]:
+        """Host rows (n,), (n, n_metrics, member) -> one logger dict per step."""
+        return [self._logged(row) for row in values]
 
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        if find_writer(trainer) is None:
-            self.hand_over(trainer)  # with a writer, its on_exception asks for the rows
-
-    def replay_logs(self, trainer: L.Trainer, group: str, steps: np.ndarray, values: np.ndarray) -> None:
-        """Send timeline rows to the loggers again (a resume fills what W&B lost)."""
-        if group == "probe":
-            for step, row in zip(steps.tolist(), values):
-                self._log(trainer, step, row)
-
-    def _log(self, trainer, step: int, row: np.ndarray) -> None:
+    def _logged(self, row: np.ndarray) -> dict[str, float]:
         medians = np.median(row, axis=-1)
         metrics = {"probe/excess": float(medians[0])} if self.has_excess else {}
         for info, value in zip(self.infos, medians):
@@ -179,7 +176,7 @@ class ProbeMetrics(L.Callback):
             if info.kind == "probe_attention" and np.isfinite(value):
                 best[info.primitive] = max(best.get(info.primitive, 0.0), float(value))
         metrics.update({f"{name}/attn_to_open": value for name, value in best.items()})
-        log_metrics(trainer, step, metrics)
+        return metrics
 
     def state_dict(self) -> dict:
         """The first evaluation, so a resumed run's summary still starts at step 0."""
@@ -194,7 +191,6 @@ class ProbeMetrics(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._probe = trainer.datamodule.probe.to(pl_module.device)  # moved once, not per evaluation
-        self._rows = []
         restored = getattr(self, "_restored_first", None) if trainer.global_step > 0 else None
         if restored is not None:
             restored = (restored[0], ProbeResult(*(getattr(restored[1], f.name).to(pl_module.device)
@@ -209,11 +205,6 @@ class ProbeMetrics(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._evaluate(trainer, pl_module)
-        writer = find_writer(trainer)
-        if writer is not None:
-            writer.commit()
-        else:
-            self.hand_over(trainer)
         self.summary = self.make_summary(trainer.datamodule)
         self._report(trainer)
 

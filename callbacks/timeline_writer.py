@@ -1,44 +1,34 @@
-"""TimelineWriter: every metric row of a run in one HDF5 file (DESIGN.md, "HDF5 timeline").
+"""TimelineWriter: every metric row of a run in one HDF5 file (DESIGN.md, "HDF5 timeline";
+the layout is in devinterp/schema.py).
 
-Layout (schema version 1):
+One-way data flow. A producer (CircuitMetrics, ProbeMetrics, or any callback that writes a
+group) declares its groups in its ``setup`` (``declare(TimelineGroup(...))``) and hands every
+row to the writer as it is made (``append(group, step, values)``, values on the model's device).
+The writer alone keeps rows on the device; every ``flush_every_n_steps`` steps, and when
+training ends or fails, it moves every pending row and weight snapshot to the host in one
+transfer, writes them, flushes the file, and only then hands one dict per step to
+``trainer.loggers`` (each group's ``summarize`` makes them from the host rows). A training step
+makes no host synchronisation. Producers are listed before the writer (checked in ``setup``), so
+at a step's end the writer holds every row of that step; a step reaches the loggers once, when
+all its rows have (a probe row evaluated after the last update of a block waits for the next).
 
-    meta/            schema_version, package_version, config, language_spec (string datasets;
-                     for a corpus made elsewhere its path, sha256, shape and labels);
-                     logged_through (1,) int64: the last step handed to the loggers (W&B)
-    ground_truth/    vocab, categories, token_category, label_names, rule_names,
-                     <primitive>/<array> (tables and rule indices of the language;
-                     a corpus: corpus/probe_rows, the held-out sequences)
-    <group>/         one per cadence: every_step/, diagnostics/, probe/
-        step         (N,) int64, row r holds the metrics at step[r]
-        values       (N, n_metrics, n_members) float32, chunked along N, resizable
-        names        (n_metrics,) metric names, shared with W&B
-        metric_info/ kind, primitive, rule (strings), nothing, learned (float; NaN if not progress),
-                     sparse (bool: NaN means no data at that step)
-        committed    (1,) int64: rows written and flushed; rows past it may be half-written
-    snapshots/       step (n,) int64 (-1 = not yet), <parameter> (n, *shape) float32: weights
-                     at log-spaced steps, preallocated
-
-Row 0 is step 0, the initial weights. Rows are buffered by their producers on the model's device
-and written here in blocks: ``commit`` asks every producer to ``hand_over`` its buffer, writes
-the weight snapshots copied since the last commit, and flushes the file, so a killed run keeps
-every row up to its last commit and a training step makes no host synchronisation.
-Non-finite values are caught when a block arrives (no per-step host sync): the rows are written
-and committed, then the run stops with the first bad step and metric named. Only global rank
-zero writes. Live mode opens the file with SWMR so another process can read while it is written
-(``h5py.File(path, "r", swmr=True, libver="latest")``; analysis.load_timeline does this).
+A killed run keeps every row up to its last commit. Non-finite values are caught when a block
+reaches the host: the rows are written and committed, then the run stops with the first bad step
+and metric named. Only global rank zero writes. Live mode opens the file with SWMR so another
+process can read while it is written (``h5py.File(path, "r", swmr=True, libver="latest")``;
+analysis.load_timeline does this).
 
 Resume: a run restored from a checkpoint at step r copies the old file's committed rows before
 r into a fresh file, checked against the metrics this run declares, and replaces the old file
 only once the copy is complete (a killed SWMR writer leaves flags that forbid reopening the file
 for writing; a copy needs none of that). Rows from r on are computed again.
 
-Loggers: producers hand their per-step logger dicts to ``queue_log``; they reach ``trainer.loggers``
-only at a commit, after ``meta/logged_through`` was flushed. A resumed run skips every step at
-or below the old file's ``logged_through``, so no step reaches W&B twice across the segments of
-a run (a kill between the flush and the hand-over can leave a gap in W&B, never a repeat; the
-timeline has every row either way). W&B's own writer loses what it had not put on disk when its
-process is killed; a resume reads the earlier segments' files and sends those lost rows again
-from the timeline (producers' ``replay_logs``), so the segments together hold every step once.
+Loggers: ``meta/logged_through`` (the last step handed to them) is flushed before the hand-over.
+A resumed run skips every step at or below the old file's ``logged_through``, so no step reaches
+W&B twice across the segments of a run. W&B's own writer loses what it had not put on disk when
+its process is killed; a resume reads the earlier segments' W&B files and sends those lost rows
+again from the timeline (through the same ``summarize``), so the segments together hold every
+step once.
 """
 
 from __future__ import annotations
@@ -47,8 +37,10 @@ import os
 import resource
 import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import h5py
 import lightning as L
@@ -57,12 +49,14 @@ import torch
 import yaml
 
 import devinterp
-from devinterp.errors import at_least
-from devinterp.metrics import MetricInfo
+from devinterp.errors import UsageError, at_least
+from devinterp.model import PARAMETER_AXES
+from devinterp.schema import GROUP_MARKER, INFO_FIELDS, SCHEMA_VERSION, VALUES_AXES, MetricInfo
 from devinterp.wandb_files import last_logged_step
 
-SCHEMA_VERSION = 1
 STRING = h5py.string_dtype()
+PROGRESS_BAR_METRIC = "train/loss"  # the progress bar shows its last flushed value
+LoggerRows = Callable[[np.ndarray, np.ndarray], list[dict[str, float]]]
 
 
 class NonFiniteMetricError(RuntimeError):
@@ -73,25 +67,39 @@ class TimelineWriteError(RuntimeError):
     """The timeline cannot be written or resumed; the message names the file and the reason."""
 
 
-def find_writer(trainer: L.Trainer) -> "TimelineWriter | None":
-    return next((c for c in trainer.callbacks if isinstance(c, TimelineWriter)), None)
-
-
-def log_metrics(trainer: L.Trainer, step: int, metrics: dict[str, float]) -> None:
-    """Send one step's logger dict: through the writer (at its next commit) when there is one."""
-    writer = find_writer(trainer)
-    if writer is not None:
-        writer.queue_log(step, metrics)
-        return
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
-
-
 @dataclass
-class _Group:
+class TimelineGroup:
+    """One group of the timeline, declared by the producer that writes it.
+
+    name: the HDF5 group (and how ``analysis.Timeline.groups`` names it).
+    infos: one per metric, in the order of a row's first axis.
+    n_members: a row's second axis.
+    every_n_steps: about how often a row comes (sizes the file for the disk-space check).
+    summarize: host rows (steps (n,), values (n, n_metrics, member)) -> one logger dict per
+        row; None sends nothing to the loggers.
+    """
+
+    name: str
     infos: list[MetricInfo]
     n_members: int
     every_n_steps: int = 1
+    summarize: LoggerRows | None = None
+
+
+@runtime_checkable
+class TimelineProducer(Protocol):
+    """A callback that appends rows to timeline groups: ``timeline_groups`` names them. The
+    writer checks in ``setup`` that every producer comes before it in ``trainer.callbacks``."""
+
+    timeline_groups: tuple[str, ...]
+
+
+def find_writer(trainer: L.Trainer) -> "TimelineWriter":
+    """The run's TimelineWriter; a producer without one is a configuration error."""
+    writer = next((c for c in trainer.callbacks if isinstance(c, TimelineWriter)), None)
+    if writer is None:
+        raise UsageError("trainer.callbacks: the metric callbacks need a TimelineWriter callback after them")
+    return writer
 
 
 def _strings(values) -> np.ndarray:
@@ -103,7 +111,8 @@ class TimelineWriter(L.Callback):
 
     Args:
         filename: file name inside the trainer's ``default_root_dir``.
-        flush_every_n_steps: commit cadence; producers hand over their buffered rows first.
+        flush_every_n_steps: commit cadence: rows move to the host, the file and the loggers
+            this often (one setting for the whole run).
         live: SWMR mode, so another process can read the file while it is written.
         n_snapshots: weight snapshots at this many log-spaced steps (0 = none); the last
             snapshot holds the final weights.
@@ -117,89 +126,122 @@ class TimelineWriter(L.Callback):
         self.flush_every_n_steps = flush_every_n_steps
         self.live = live
         self.n_snapshots = n_snapshots
-        self.groups: dict[str, _Group] = {}
+        self.run_config: str | None = None  # the resolved CLI config (YAML), set by the CLI
+        self.groups: dict[str, TimelineGroup] = {}
         self.file: h5py.File | None = None
         self.path: Path | None = None
         self.snapshot_steps: np.ndarray = np.zeros(0, dtype=np.int64)
-        self._pending_logs: list[tuple[int, dict[str, float]]] = []
+        self._pending_rows: dict[str, list[tuple[int, torch.Tensor]]] = {}
         self._pending_snapshots: list[tuple[int, int, dict[str, torch.Tensor]]] = []
+        self._pending_logs: dict[int, dict[str, float]] = defaultdict(dict)
         self._trainer = self._module = None
         self._logged_through = -1  # last step handed to the loggers, this segment or earlier ones
         self._logged_before = -1  # last step an earlier segment of this run handed to them
+        self._flushed_loss: tuple[int, float] | None = None  # (step, train/loss) last handed over
 
     # ---- producers -----------------------------------------------------------------------
 
-    def declare(self, group: str, infos: list[MetricInfo], n_members: int, every_n_steps: int = 1) -> None:
-        """Register a cadence group before training starts (called from producers' ``setup``);
-        ``every_n_steps`` sizes the file for the space check."""
-        names = [i.name for i in infos]
+    def declare(self, group: TimelineGroup) -> None:
+        """Register a group before training starts (from a producer's ``setup``)."""
+        names = [i.name for i in group.infos]
         if len(set(names)) != len(names):
-            raise ValueError(f"timeline group {group!r}: duplicate metric names")
-        self.groups[group] = _Group(infos, n_members, every_n_steps)
+            raise ValueError(f"timeline group {group.name!r}: duplicate metric names")
+        if group.name in ("meta", "ground_truth", "snapshots"):
+            raise ValueError(f"timeline group {group.name!r}: the name is reserved")
+        self.groups[group.name] = group
+        self._pending_rows[group.name] = []
 
-    def append(self, group: str, steps: np.ndarray, values: np.ndarray) -> None:
-        """Write rows: steps (n,), values (n, n_metrics, n_members). Raises NonFiniteMetricError
-        (after committing the rows) if any value is NaN or infinite."""
+    def append(self, group: str, step: int, values: torch.Tensor) -> None:
+        """Keep one row, values (n_metrics, member) on the model's device, until the next commit."""
+        declared = self.groups.get(group)
+        if declared is None:
+            raise KeyError(f"timeline group {group!r} was not declared")
+        if tuple(values.shape) != (len(declared.infos), declared.n_members):
+            raise ValueError(f"timeline group {group!r}: a row of shape {tuple(values.shape)}, declared "
+                             f"({len(declared.infos)}, {declared.n_members})")
+        self._pending_rows[group].append((step, values.detach()))
+
+    def commit(self, complete_through: int | None = None) -> None:
+        """Move every pending row and snapshot to the host in one transfer, write them, mark
+        them committed and flush the file; then hand the loggers one dict per step, in step
+        order, for the steps up to ``complete_through`` (None: all; steps an earlier segment
+        sent are skipped). Raises NonFiniteMetricError, after committing, if a dense value
+        is NaN or infinite."""
         self._open()
-        if self.file is None:
-            return  # not rank zero, or not training
-        g = self.file[group]
-        n_old = g["step"].shape[0]
-        n_new = n_old + len(steps)
-        try:
-            g["step"].resize((n_new,))
-            g["values"].resize((n_new, *g["values"].shape[1:]))
-            g["step"][n_old:] = steps
-            g["values"][n_old:] = values.astype(np.float32)
-        except OSError as error:
-            raise TimelineWriteError(f"{self.path}: cannot write the timeline ({error}); "
-                                     f"rows committed before are kept") from None
-        dense = ~np.array([i.sparse for i in self.groups[group].infos])  # sparse metrics may be NaN
-        bad = ~np.isfinite(values) & dense[None, :, None]
-        if bad.any():
-            row, metric, member = np.argwhere(bad)[0]
-            self.commit()
-            name = self.groups[group].infos[metric].name
-            raise NonFiniteMetricError(
-                f"training diverged: {name} is {values[row, metric, member]} for member {member} at step "
-                f"{int(steps[row])}; the timeline {self.path} keeps every row up to it")
-
-    def queue_log(self, step: int, metrics: dict[str, float]) -> None:
-        """Queue one step's logger dict until the next commit."""
-        if self.file is not None:
-            self._pending_logs.append((step, metrics))
-
-    def commit(self) -> None:
-        """Mark every written row as committed, flush the file to disk, then hand the queued
-        logger dicts over (merged per step, in step order; steps an earlier segment sent are
-        skipped)."""
-        trainer = getattr(self, "_trainer", None)
-        for callback in trainer.callbacks if trainer is not None else ():
-            if callback is not self and hasattr(callback, "hand_over"):
-                callback.hand_over(trainer)  # producers' device buffers -> append()
-        if self.file is None:  # not rank zero (or not training): the buffers are emptied all the same
-            self._pending_logs.clear()
-            self._pending_snapshots.clear()
+        rows = {name: pending for name, pending in self._pending_rows.items() if pending}
+        snapshots = self._pending_snapshots
+        self._pending_rows = {name: [] for name in self._pending_rows}
+        self._pending_snapshots = []
+        if self.file is None:  # not rank zero (or not training): the rows are dropped all the same
             return
+        host = self._to_host([v for pending in rows.values() for _, v in pending]
+                             + [w for _, _, weights in snapshots for w in weights.values()])
+        blocks = {}
+        for name, pending in rows.items():
+            blocks[name] = (np.array([s for s, _ in pending], dtype=np.int64), np.stack(host[:len(pending)]))
+            host = host[len(pending):]
         try:
-            self._write_snapshots()
+            for name, (steps, values) in blocks.items():
+                self._write_rows(name, steps, values)
+            for slot, step, weights in snapshots:
+                self._write_snapshot(slot, step, dict(zip(weights, host[:len(weights)])))
+                host = host[len(weights):]
             for name in self.groups:
                 self.file[name]["committed"][0] = self.file[name]["step"].shape[0]
-            by_step: dict[int, dict[str, float]] = defaultdict(dict)
-            for step, metrics in self._pending_logs:
-                if step > self._logged_before:
-                    by_step[step].update(metrics)
-            self._pending_logs.clear()
-            if by_step:
-                self._logged_through = max(self._logged_through, max(by_step))
+            for name, (steps, values) in blocks.items():
+                self._queue_logs(name, steps, values)
+            ready = sorted(s for s in self._pending_logs if complete_through is None or s <= complete_through)
+            if ready:
+                self._logged_through = max(self._logged_through, ready[-1])
                 self.file["meta/logged_through"][0] = self._logged_through
             self.file.flush()
         except OSError as error:
             raise TimelineWriteError(f"{self.path}: cannot write the timeline ({error}); "
                                      f"rows committed before are kept") from None
-        for step in sorted(by_step):
-            for logger in trainer.loggers if trainer is not None else ():
-                logger.log_metrics(by_step[step], step=step)
+        for step in ready:
+            metrics = self._pending_logs.pop(step)
+            if PROGRESS_BAR_METRIC in metrics:
+                self._flushed_loss = (step, metrics[PROGRESS_BAR_METRIC])
+            for logger in self._trainer.loggers if self._trainer is not None else ():
+                logger.log_metrics(metrics, step=step)
+        for name, (steps, values) in blocks.items():
+            self._check_finite(name, steps, values)
+
+    @staticmethod
+    def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+        """One device-to-host transfer for many tensors (float32)."""
+        if not tensors:
+            return []
+        flat = torch.cat([t.float().flatten() for t in tensors]).cpu().numpy()
+        sizes = np.cumsum([t.numel() for t in tensors])[:-1]
+        return [part.reshape(t.shape) for part, t in zip(np.split(flat, sizes), tensors)]
+
+    def _write_rows(self, name: str, steps: np.ndarray, values: np.ndarray) -> None:
+        g = self.file[name]
+        n_old = g["step"].shape[0]
+        n_new = n_old + len(steps)
+        g["step"].resize((n_new,))
+        g["values"].resize((n_new, *g["values"].shape[1:]))
+        g["step"][n_old:] = steps
+        g["values"][n_old:] = values
+
+    def _queue_logs(self, name: str, steps: np.ndarray, values: np.ndarray) -> None:
+        summarize = self.groups[name].summarize
+        if summarize is None:
+            return
+        for step, metrics in zip(steps.tolist(), summarize(steps, values)):
+            if step > self._logged_before:
+                self._pending_logs[step].update(metrics)
+
+    def _check_finite(self, name: str, steps: np.ndarray, values: np.ndarray) -> None:
+        infos = self.groups[name].infos
+        dense = ~np.array([i.sparse for i in infos], dtype=bool)  # sparse metrics may be NaN
+        bad = ~np.isfinite(values) & dense[None, :, None]
+        if bad.any():
+            row, metric, member = np.argwhere(bad)[0]
+            raise NonFiniteMetricError(
+                f"training diverged: {infos[metric].name} is {values[row, metric, member]} for member {member} at "
+                f"step {int(steps[row])}; the timeline {self.path} keeps every row up to it")
 
     # ---- file set-up ---------------------------------------------------------------------
 
@@ -210,8 +252,7 @@ class TimelineWriter(L.Callback):
         meta = f.create_group("meta")
         meta["schema_version"] = str(SCHEMA_VERSION)
         meta["package_version"] = devinterp.__version__
-        config = {"model": dict(pl_module.hparams), "data": dict(trainer.datamodule.hparams)}
-        meta["config"] = yaml.safe_dump(config, sort_keys=False)
+        meta["config"] = self._config_text(trainer, pl_module)
         meta.create_dataset("logged_through", data=np.full(1, -1, dtype=np.int64))
         language = trainer.datamodule.language
         meta["language_spec"] = trainer.datamodule.spec_text  # a corpus: its description
@@ -223,8 +264,10 @@ class TimelineWriter(L.Callback):
         truth["rule_names"] = _strings(language.rule_names).astype(STRING)
         for key, array in language.ground_truth().items():
             truth[key] = np.asarray(array)
-        for name, group in self.groups.items():
-            self._create_group(f, name, group)
+        for primitive in language.primitives:
+            truth[f"{primitive.name}/kind"] = primitive.kind
+        for group in self.groups.values():
+            self._create_group(f, group)
         self._create_snapshots(f, trainer, pl_module)
         return f
 
@@ -233,30 +276,46 @@ class TimelineWriter(L.Callback):
         if self.live:
             f.swmr_mode = True  # every dataset exists by now, as SWMR requires
 
+    def _config_text(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        """The run's resolved config (every section, from the CLI) with the model and data
+        sections as the classes were built (linked values included); without the CLI, those two."""
+        config = (yaml.safe_load(self.run_config) or {}) if self.run_config else {}
+        config["model"] = dict(pl_module.hparams)
+        config["data"] = dict(trainer.datamodule.hparams)
+        return yaml.safe_dump(config, sort_keys=False)
+
     @staticmethod
-    def _create_group(f: h5py.File, name: str, group: _Group) -> None:
-        g = f.create_group(name)
+    def _create_group(f: h5py.File, group: TimelineGroup) -> None:
+        g = f.create_group(group.name)
+        g.attrs[GROUP_MARKER] = 1
         n_metrics, M = len(group.infos), group.n_members
         chunk_rows = max(1, min(1024, 2**18 // max(1, n_metrics * M * 4)))
         g.create_dataset("step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(chunk_rows,))
+        g["step"].attrs["axes"] = "row"
+        g["step"].attrs["unit"] = "optimiser steps"
         g.create_dataset("values", shape=(0, n_metrics, M), maxshape=(None, n_metrics, M), dtype=np.float32,
                          chunks=(chunk_rows, n_metrics, M))
+        g["values"].attrs["axes"] = VALUES_AXES
         g["names"] = _strings(i.name for i in group.infos).astype(STRING)
+        g["names"].attrs["axes"] = "metric"
         info = g.create_group("metric_info")
-        for field in ("kind", "primitive", "rule"):
-            info[field] = _strings(getattr(i, field) for i in group.infos).astype(STRING)
-        info["nothing"] = np.array([i.nothing for i in group.infos], dtype=np.float64)
-        info["learned"] = np.array([i.learned for i in group.infos], dtype=np.float64)
-        info["sparse"] = np.array([i.sparse for i in group.infos], dtype=bool)
+        info.attrs["axes"] = "metric"
+        for field, kind in INFO_FIELDS.items():
+            column = [getattr(i, field) for i in group.infos]
+            info[field] = (_strings(column).astype(STRING) if kind == "str" else
+                           np.array(column, dtype=np.float64 if kind == "float" else bool))
         g.create_dataset("committed", data=np.zeros(1, dtype=np.int64))
 
     def _create_snapshots(self, f: h5py.File, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.snapshot_steps = log_spaced_steps(trainer.max_steps, self.n_snapshots)
         s = f.create_group("snapshots")
         s.create_dataset("step", data=np.full(len(self.snapshot_steps), -1, dtype=np.int64))
+        s["step"].attrs["axes"] = "snapshot"
         s["planned_step"] = self.snapshot_steps
+        s["planned_step"].attrs["axes"] = "snapshot"
         for name, param in pl_module.model.named_parameters():
             s.create_dataset(name, shape=(len(self.snapshot_steps), *param.shape), dtype=np.float32)
+            s[name].attrs["axes"] = "snapshot, " + PARAMETER_AXES[name]
 
     def expected_bytes(self, max_steps: int, n_parameters: int) -> int:
         """About how large the finished file will be: every group's rows, the snapshots, and
@@ -328,8 +387,8 @@ class TimelineWriter(L.Callback):
         self._replay_lost_logs(trainer, step)
 
     def _replay_lost_logs(self, trainer: L.Trainer, step: int) -> None:
-        """Send again the rows before ``step`` that earlier W&B segments lost when their process
-        was killed (their writer had not yet put them on disk), from the timeline."""
+        """Queue again, for the next commit, the rows before ``step`` that earlier W&B segments
+        lost when their process was killed (their writer had not yet put them on disk)."""
         try:
             persisted = last_logged_step(Path(trainer.default_root_dir) / "wandb")
         except Exception:  # an unreadable W&B file: trust what was handed over
@@ -341,10 +400,7 @@ class TimelineWriter(L.Callback):
             steps = self.file[name]["step"][()]
             lost = np.flatnonzero((steps > persisted) & (steps < step))
             if len(lost):
-                values = self.file[name]["values"][lost[0]:lost[-1] + 1]
-                for callback in trainer.callbacks:
-                    if hasattr(callback, "replay_logs"):
-                        callback.replay_logs(trainer, name, steps[lost], values)
+                self._queue_logs(name, steps[lost], self.file[name]["values"][lost[0]:lost[-1] + 1])
 
     @staticmethod
     def _copy_snapshots(old: h5py.File, new: h5py.File, step: int) -> None:
@@ -366,6 +422,11 @@ class TimelineWriter(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer, self._module = (trainer, pl_module) if stage == "fit" else (None, None)
+        mine = trainer.callbacks.index(self)
+        late = [type(c).__name__ for c in trainer.callbacks[mine + 1:] if isinstance(c, TimelineProducer)]
+        if late:
+            raise UsageError(f"trainer.callbacks: {', '.join(late)} must come before the TimelineWriter, "
+                             "so that every row of a step is written before the step is committed")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._open()
@@ -396,19 +457,24 @@ class TimelineWriter(L.Callback):
         self._snapshot(trainer.global_step, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.flush_every_n_steps == 0:
-            self.commit()
+        if trainer.global_step % self.flush_every_n_steps:
+            return
+        self.commit(complete_through=trainer.global_step - 1)  # later rows (a probe after the update) wait
+        if self._flushed_loss is not None:  # host values already: the bar reads no tensor on the device
+            step, loss = self._flushed_loss
+            pl_module.log_dict({"loss": torch.tensor(loss), "loss_step": torch.tensor(float(step))},
+                               prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._snapshot(trainer.global_step, pl_module, final=True)
+        self.commit()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        """Close after every callback's on_train_end has handed over its last rows."""
         self.close()
         self._trainer = self._module = None
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        try:  # producers hand over what they buffered, then everything is committed
+        try:  # every row handed over so far is committed
             self.close()
         except NonFiniteMetricError:  # already the reason the run stops; close() committed the rows
             pass
@@ -434,19 +500,11 @@ class TimelineWriter(L.Callback):
             weights = {name: param.detach().clone() for name, param in pl_module.model.named_parameters()}
         self._pending_snapshots.append((slot, step, weights))
 
-    def _write_snapshots(self) -> None:
-        if not self._pending_snapshots:
-            return
+    def _write_snapshot(self, slot: int, step: int, weights: dict[str, np.ndarray]) -> None:
         s = self.file["snapshots"]
-        try:
-            for slot, step, weights in self._pending_snapshots:
-                for name, value in weights.items():
-                    s[name][slot] = value.float().cpu().numpy()
-                s["step"][slot] = step
-        except OSError as error:
-            raise TimelineWriteError(f"{self.path}: cannot write a weight snapshot ({error})") from None
-        finally:
-            self._pending_snapshots.clear()
+        for name, value in weights.items():
+            s[name][slot] = value
+        s["step"][slot] = step
 
     def state_dict(self) -> dict:
         """Rows per group when the checkpoint was taken; a resume truncates to the restored step."""

@@ -18,6 +18,7 @@ an existing run folder is touched.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -39,7 +40,6 @@ from devinterp.data import ToyLanguageData
 from devinterp.errors import ArgumentParser, UsageError
 from devinterp.language import SpecError
 from devinterp.module import TensorTransformerModule
-
 
 RUN_DIR_VARIABLE = "DEVINTERP_RUN_DIR"  # rank zero's run folder, for the DDP processes it launches
 
@@ -109,6 +109,21 @@ def _same_yaml(a: str, b: str) -> bool:
         return False
 
 
+def map_flush_alias(config: Namespace) -> None:
+    """``circuits.flush_every_n_steps`` (before the writer alone flushed) is an alias of
+    ``timeline.flush_every_n_steps``: used when the timeline's is left at its default, with a
+    one-line notice either way, then cleared so the saved config names one setting."""
+    alias = config.circuits.flush_every_n_steps
+    if alias is None:
+        return
+    default = inspect.signature(TimelineWriter).parameters["flush_every_n_steps"].default
+    if config.timeline.flush_every_n_steps == default:
+        config.timeline.flush_every_n_steps = alias
+    print(f"notice: circuits.flush_every_n_steps is now timeline.flush_every_n_steps; the run flushes every "
+          f"{config.timeline.flush_every_n_steps} steps", file=sys.stderr)
+    config.circuits.flush_every_n_steps = None
+
+
 class DevinterpCLI(LightningCLI):
     run_dir: Path | None = None
 
@@ -123,8 +138,7 @@ class DevinterpCLI(LightningCLI):
                             help="continue the run in this folder from its last checkpoint (see `devinterp resume`)")
         parser.add_argument("--run.checkpoint_every_n_steps", type=int, default=500,
                             help="checkpoints/last.ckpt cadence when the config names no ModelCheckpoint")
-        # order matters at a step's end: weight rows are buffered before a probe can stop the
-        # run, and the writer (last) closes only after the others handed over their rows
+        # the producers of timeline rows come before the writer (it checks this in setup)
         parser.add_lightning_class_args(CircuitMetrics, "circuits")
         parser.add_lightning_class_args(ProbeMetrics, "probe")
         parser.add_lightning_class_args(TimelineWriter, "timeline")
@@ -141,6 +155,7 @@ class DevinterpCLI(LightningCLI):
         config = self.config[self.subcommand]
         if config.run.checkpoint_every_n_steps < 1:
             raise UsageError(f"run.checkpoint_every_n_steps: must be at least 1, got {config.run.checkpoint_every_n_steps}")
+        map_flush_alias(config)
         self.resume_step = None
         self.child_rank = os.environ.get("LOCAL_RANK", "0") != "0" and RUN_DIR_VARIABLE in os.environ
         if self.child_rank:  # a DDP process launched by rank zero: its run folder, nothing to make
@@ -208,6 +223,8 @@ class DevinterpCLI(LightningCLI):
         for callback in trainer.callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None and self.run_dir:
                 callback.dirpath = str(self.run_dir / "checkpoints")
+            if isinstance(callback, TimelineWriter) and self.subcommand == "fit":  # meta/config: every section
+                callback.run_config = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
         return trainer
 
     def after_fit(self) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from devinterp.errors import UsageError, at_least
-from devinterp.language import Language, SpecError, load_language
+from devinterp.language import Language, SpecError, load_language, plogp
 from devinterp.language.corpus import Corpus, is_corpus_path, load_corpus
 
 
@@ -201,13 +201,12 @@ class ToyLanguageData(L.LightningDataModule):
         if self._probe is None:
             sample = self.language.sample(self.probe_size, self.seq_len, seed=self.probe_seed)
             true_next = self.language.true_next_dist(sample.tokens)[:, :-1]
-            plogp = (true_next * np.log(np.where(true_next > 0, true_next, 1.0))).sum(-1)
             self._probe = ProbeSet(
                 tokens=torch.from_numpy(sample.tokens),
                 labels=torch.from_numpy(sample.labels),
                 rules=torch.from_numpy(sample.rules),
                 true_next=torch.from_numpy(true_next).float(),
-                true_plogp=torch.from_numpy(plogp).float(),
+                true_plogp=torch.from_numpy(plogp(true_next)).float(),
                 true_top=torch.from_numpy(true_next.argmax(-1)),
             )
         return self._probe

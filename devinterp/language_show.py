@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from devinterp.errors import ArgumentParser
-from devinterp.language import Language, load_language
+from devinterp.language import Language, load_language, plogp
 from devinterp.language.corpus import is_corpus_path, load_corpus
 
 SHORT = {"start": "^"}
@@ -19,7 +19,7 @@ def label_share_and_entropy(language: Language, n: int, seq_len: int, seed: int)
     next token there: the Bayes-optimal loss per primitive."""
     sample = language.sample(n, seq_len, seed=seed)
     true_next = language.true_next_dist(sample.tokens)[:, :-1]  # (n, T-1, V)
-    entropy = -(true_next * np.log(np.where(true_next > 0, true_next, 1.0))).sum(-1)
+    entropy = -plogp(true_next)
     labels = sample.labels[:, 1:]
     rows = []
     for i, name in enumerate(language.label_names[1:], start=1):

@@ -20,31 +20,15 @@ Names follow DESIGN.md: ``<primitive>/<rule>/<metric>``.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from devinterp import circuits
-from devinterp.language import Language
+from devinterp.language import Language, plogp
+from devinterp.language.primitive import InductionCircuit, TrigramPush
 from devinterp.model import ModelConfig, TensorTransformer
-
-NAN = float("nan")
-
-
-@dataclass(frozen=True)
-class MetricInfo:
-    """A metric's name and attributes, shared by the HDF5 timeline and W&B."""
-
-    name: str
-    kind: str  # weight | diagnostic | probe | train
-    primitive: str
-    rule: str
-    nothing: float = NAN  # value meaning "nothing learned" (progress metrics only)
-    learned: float = NAN  # value meaning "learned"
-    sparse: bool = False  # NaN means "no data at this step" (e.g. no position of a label in a batch)
+from devinterp.schema import MetricInfo
 
 
 def context_logits(model: TensorTransformer, tokens: Tensor, positions: Tensor, live: Tensor | None = None) -> Tensor:
@@ -132,14 +116,14 @@ class HeadlineMetrics:
             uniform = np.full(V, 1.0 / V)
             if level:
                 target, uniform = target @ category_onehot, uniform @ category_onehot
-            plogp = (target * np.log(np.where(target > 0, target, 1.0))).sum(-1)
+            target_plogp = plogp(target)
             average = np.zeros((len(infos), len(chosen)))
             average[metric[chosen], np.arange(len(chosen))] = 1.0
             average /= np.maximum(average.sum(1, keepdims=True), 1)
-            nothing += average @ (plogp - target @ np.log(uniform))
+            nothing += average @ (target_plogp - target @ np.log(uniform))
             self.tensors.update({
                 f"{name}_index": torch.from_numpy(chosen), f"{name}_target": torch.from_numpy(target).float(),
-                f"{name}_plogp": torch.from_numpy(plogp).float(), f"{name}_average": torch.from_numpy(average).float()})
+                f"{name}_plogp": torch.from_numpy(target_plogp).float(), f"{name}_average": torch.from_numpy(average).float()})
         self.infos = [MetricInfo(i.name, i.kind, i.primitive, i.rule, float(n), 0.0) for i, n in zip(infos, nothing)]
 
     def to(self, device: torch.device) -> "HeadlineMetrics":
@@ -164,89 +148,111 @@ def _safe_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
 
 
 class Diagnostics:
-    """Mechanism diagnostics of the circuits; no progress values."""
+    """Mechanism diagnostics of the circuits; no progress values. Each primitive asks for its
+    own (``Primitive.weight_diagnostics``: a trigram push per skip-trigram rule, the induction
+    circuit); the induction circuit is reported under ``model`` when no primitive owns it."""
 
     def __init__(self, language: Language, cfg: ModelConfig, profile_window: int = 16):
         self.cfg = cfg
         self.offsets = list(range(min(profile_window, cfg.n_ctx - 1) + 1))  # 0..W
-        self.infos: list[MetricInfo] = []
-        add = lambda name, primitive, rule: self.infos.append(MetricInfo(name, "diagnostic", primitive, rule))  # noqa: E731
-        self.skip_rules = []  # (primitive name, rules (R, 3), max_skip)
+        self.pushes: list[tuple[str, list[str], Tensor, list[int]]] = []  # (primitive, rule names, rules, offsets)
+        owners = []  # primitives owning the induction circuit
         for p in language.primitives:
-            if p.kind == "skip_trigram":
-                self.skip_rules.append((p.name, torch.from_numpy(p.rules), p.max_skip))
-                for rule in p.rule_names:
-                    add(f"{p.name}/{rule}/push_z", p.name, rule)
-                    add(f"{p.name}/{rule}/out_rank", p.name, rule)
-        induction = next((p.name for p in language.primitives if p.kind == "induction"), "model")
-        L, H, P = cfg.n_layers, cfg.n_heads, cfg.n_pairs
-        self.has_induction_circuit = L >= 2
+            for diagnostic in p.weight_diagnostics():
+                if isinstance(diagnostic, TrigramPush):
+                    self.pushes.append((p.name, p.rule_names, torch.from_numpy(diagnostic.rules), list(diagnostic.offsets)))
+                elif isinstance(diagnostic, InductionCircuit):
+                    owners.append(p.name)
+                else:
+                    raise TypeError(f"{p.name}: unknown weight diagnostic {type(diagnostic).__name__}")
+        self.induction = owners[0] if owners else "model"
+        self.has_induction_circuit = cfg.n_layers >= 2
+        self.infos = [MetricInfo(name, "diagnostic", primitive, rule) for name, (primitive, rule) in self._names()]
+
+    def _names(self) -> list[tuple[str, tuple[str, str]]]:
+        """(metric name, (primitive, rule)) in the order of a row."""
+        cfg, names = self.cfg, []
+        L, H = cfg.n_layers, cfg.n_heads
+        for primitive, rule_names, _, _ in self.pushes:
+            for rule in rule_names:
+                names += [(f"{primitive}/{rule}/push_z", (primitive, rule)), (f"{primitive}/{rule}/out_rank", (primitive, rule))]
         if self.has_induction_circuit:
-            for h in range(H):
-                add(f"{induction}/L0H{h}/prev_token", induction, f"L0H{h}")
-            for h in range(H):
-                add(f"{induction}/L{L - 1}H{h}/copying", induction, f"L{L - 1}H{h}")
-            add(f"{induction}/circuit/score", induction, "circuit")
+            owner = self.induction
+            names += [(f"{owner}/L0H{h}/prev_token", (owner, f"L0H{h}")) for h in range(H)]
+            names += [(f"{owner}/L{L - 1}H{h}/copying", (owner, f"L{L - 1}H{h}")) for h in range(H)]
+            names.append((f"{owner}/circuit/score", (owner, "circuit")))
         for kind in ("k", "q", "v"):
             for l1 in range(L):
                 for l2 in range(l1 + 1, L):
-                    for a in range(H):
-                        for b in range(H):
-                            add(f"comp/{kind}/L{l1}H{a}->L{l2}H{b}", "comp", f"L{l1}H{a}->L{l2}H{b}")
+                    names += [(f"comp/{kind}/L{l1}H{a}->L{l2}H{b}", ("comp", f"L{l1}H{a}->L{l2}H{b}"))
+                              for a in range(H) for b in range(H)]
         for layer in range(L):
             for h in range(H):
-                for r in range(P):
-                    add(f"model/L{layer}H{h}/qk{r + 1}_norm", "model", f"L{layer}H{h}")
-                    add(f"model/L{layer}H{h}/qk{r + 1}_rank", "model", f"L{layer}H{h}")
-                add(f"model/L{layer}H{h}/ov_norm", "model", f"L{layer}H{h}")
-                add(f"model/L{layer}H{h}/ov_rank", "model", f"L{layer}H{h}")
+                for r in range(cfg.n_pairs):
+                    names += [(f"model/L{layer}H{h}/qk{r + 1}_norm", ("model", f"L{layer}H{h}")),
+                              (f"model/L{layer}H{h}/qk{r + 1}_rank", ("model", f"L{layer}H{h}"))]
+                names += [(f"model/L{layer}H{h}/ov_norm", ("model", f"L{layer}H{h}")),
+                          (f"model/L{layer}H{h}/ov_rank", ("model", f"L{layer}H{h}"))]
             if cfg.mlp:
-                add(f"model/L{layer}/mlp_direct_norm", "model", f"L{layer}")
-        add("model/all/direct_norm", "model", "all")
-        add("model/all/weight_norm", "model", "all")
+                names.append((f"model/L{layer}/mlp_direct_norm", ("model", f"L{layer}")))
+        names += [("model/all/direct_norm", ("model", "all")), ("model/all/weight_norm", ("model", "all"))]
+        return names
 
     def to(self, device: torch.device) -> "Diagnostics":
-        self.skip_rules = [(n, r.to(device), m) for n, r, m in self.skip_rules]
+        self.pushes = [(n, names, r.to(device), o) for n, names, r, o in self.pushes]
         return self
 
     def compute(self, model: TensorTransformer) -> Tensor:
         """(n_diagnostics, member) values, in the order of ``infos``."""
-        cfg, rows = self.cfg, []
-        for _, rules, max_skip in self.skip_rules:
-            rows += self._skip_push(model, rules, max_skip)
-        compositions = {}
-        for l1 in range(cfg.n_layers):
-            for l2 in range(l1 + 1, cfg.n_layers):
-                compositions[(l1, l2)] = circuits.composition(model, l1, l2)
+        values = self.values(model)
+        names = [i.name for i in self.infos]
+        if list(values) != names:
+            raise ValueError(f"diagnostics: computed {len(values)} values for {len(names)} declared names, first "
+                             f"difference at {next((a, b) for a, b in zip(list(values) + [None] * len(names), names) if a != b)}")
+        return torch.stack(list(values.values())).float()
+
+    def values(self, model: TensorTransformer) -> dict[str, Tensor]:
+        """Every diagnostic by name, (member,) each, each name made next to its value."""
+        cfg, out = self.cfg, {}
+        L, H = cfg.n_layers, cfg.n_heads
+        for primitive, rule_names, rules, offsets in self.pushes:
+            z, rank = self._skip_push(model, rules, offsets)  # (M, R) each
+            for r, rule in enumerate(rule_names):
+                out[f"{primitive}/{rule}/push_z"] = z[:, r]
+                out[f"{primitive}/{rule}/out_rank"] = rank[:, r]
+        compositions = {(l1, l2): circuits.composition(model, l1, l2) for l1 in range(L) for l2 in range(l1 + 1, L)}
         if self.has_induction_circuit:
+            owner, last = self.induction, L - 1
             profile0 = circuits.positional_profile(model, 0, self.offsets)  # (M, H, W+1)
             prev_token = _safe_ratio(profile0[..., 1].abs(), profile0.abs().sum(-1))  # (M, H)
-            last = cfg.n_layers - 1
             copying = self._copying(model, profile0[..., 1], last)  # (M, H)
             k_comp = compositions[(0, last)]["k"]  # (M, H0, H_last), computed once above
             circuit = (prev_token[:, :, None] * k_comp * copying.clamp_min(0)[:, None, :]).flatten(1).amax(1)
-            rows += list(prev_token.T) + list(copying.T) + [circuit]
+            out.update({f"{owner}/L0H{h}/prev_token": prev_token[:, h] for h in range(H)})
+            out.update({f"{owner}/L{last}H{h}/copying": copying[:, h] for h in range(H)})
+            out[f"{owner}/circuit/score"] = circuit
         for kind in ("k", "q", "v"):
-            for l1 in range(cfg.n_layers):
-                for l2 in range(l1 + 1, cfg.n_layers):
-                    rows += list(compositions[(l1, l2)][kind].flatten(1).T)
-        for layer in range(cfg.n_layers):
+            for (l1, l2), composition in compositions.items():
+                out.update({f"comp/{kind}/L{l1}H{a}->L{l2}H{b}": composition[kind][:, a, b]
+                            for a in range(H) for b in range(H)})
+        for layer in range(L):
             q, k = circuits.query_key_vectors(model, layer)  # (M, P, H, V, dh)
-            qk_norm, qk_rank = circuits.frobenius_and_effective_rank(circuits.gram_spectrum(q, k))
+            qk_norm, qk_rank = circuits.frobenius_and_effective_rank(circuits.gram_spectrum(q, k))  # (M, P, H)
             left, right = circuits.ov_factors(model, layer)
             ov_norm, ov_rank = circuits.frobenius_and_effective_rank(
                 circuits.gram_spectrum(left, right.transpose(-1, -2)))  # (M, H)
-            qk_norm, qk_rank = qk_norm / cfg.d_head, qk_rank
-            for h in range(cfg.n_heads):
+            qk_norm = qk_norm / cfg.d_head
+            for h in range(H):
                 for r in range(cfg.n_pairs):
-                    rows += [qk_norm[:, r, h], qk_rank[:, r, h]]
-                rows += [ov_norm[:, h], ov_rank[:, h]]
+                    out[f"model/L{layer}H{h}/qk{r + 1}_norm"] = qk_norm[:, r, h]
+                    out[f"model/L{layer}H{h}/qk{r + 1}_rank"] = qk_rank[:, r, h]
+                out[f"model/L{layer}H{h}/ov_norm"] = ov_norm[:, h]
+                out[f"model/L{layer}H{h}/ov_rank"] = ov_rank[:, h]
             if cfg.mlp:
-                rows.append(circuits.mlp_direct_path(model, layer).flatten(1).norm(dim=1))
-        rows.append(circuits.direct_path(model).flatten(1).norm(dim=1))
-        rows.append(torch.stack([p.flatten(1).pow(2).sum(1) for p in model.parameters()]).sum(0).sqrt())
-        assert len(rows) == len(self.infos), f"{len(rows)} values for {len(self.infos)} diagnostics"
-        return torch.stack(rows).float()
+                out[f"model/L{layer}/mlp_direct_norm"] = circuits.mlp_direct_path(model, layer).flatten(1).norm(dim=1)
+        out["model/all/direct_norm"] = circuits.direct_path(model).flatten(1).norm(dim=1)
+        out["model/all/weight_norm"] = torch.stack([p.flatten(1).pow(2).sum(1) for p in model.parameters()]).sum(0).sqrt()
+        return out
 
     @staticmethod
     def _copying(model: TensorTransformer, previous_weight: Tensor, layer: int) -> Tensor:
@@ -266,15 +272,15 @@ class Diagnostics:
         match = circuits.combine_pairs((q * k).sum(-1) / cfg.d_head, cfg.attention).mean(-1)  # (M, H)
         return match.sign() * z
 
-    def _skip_push(self, model: TensorTransformer, rules: Tensor, max_skip: int) -> list[Tensor]:
+    @staticmethod
+    def _skip_push(model: TensorTransformer, rules: Tensor, offsets: list[int]) -> tuple[Tensor, Tensor]:
         """Per rule: z-score of the trigram push on C from anchor A against all other keys, and
-        the rank of C among outputs pushed from (B, A) (0 = top). Summed over heads and layers,
-        averaged over offsets 1..max_skip."""
+        the rank of C among outputs pushed from (B, A) (0 = top), each (member, rule). Summed
+        over heads and layers, averaged over the offsets."""
         V = model.cfg.d_vocab
         R = rules.shape[0]
         anchor, trigger, out = rules[:, 0], rules[:, 1], rules[:, 2]
         every = torch.arange(V, device=rules.device)
-        offsets = list(range(1, max_skip + 1))
         by_key = by_out = 0
         for layer in range(model.cfg.n_layers):
             by_key = by_key + circuits.trigram_entries(  # query B, key: every token, out C
@@ -287,7 +293,7 @@ class Diagnostics:
         z = _safe_ratio(own - by_key.mean(-1), by_key.std(-1))
         pushed = by_out.gather(2, out[None, :, None].expand(by_out.shape[0], -1, -1))  # (M, R, 1)
         rank = (by_out > pushed).sum(-1).float()  # (M, R)
-        return [v for r in range(R) for v in (z[:, r], rank[:, r])]
+        return z, rank
 
 
 class WeightMetrics:
@@ -310,10 +316,3 @@ class WeightMetrics:
         if self.diagnostics:
             values.append(self.diagnostics.compute(model))
         return torch.cat(values)
-
-
-def progress(value: np.ndarray | float, info: MetricInfo) -> np.ndarray | float:
-    """(value - nothing) / (learned - nothing): 0 = nothing learned, 1 = learned."""
-    if math.isnan(info.nothing) or info.nothing == info.learned:
-        raise ValueError(f"{info.name}: not a progress metric")
-    return (np.asarray(value) - info.nothing) / (info.learned - info.nothing)

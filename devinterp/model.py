@@ -33,6 +33,20 @@ Attention = Literal["bilinear", "squared", "softmax"]
 Positions = Literal["rope", "learned"]
 AttentionPath = Literal["auto", "quadratic", "linear"]
 
+# the axes of every parameter, as the timeline's snapshot datasets name them
+PARAMETER_AXES: dict[str, str] = {
+    "W_E": "member, vocab, d_model",
+    "W_Q": "member, layer, pair, head, d_model, d_head",
+    "W_K": "member, layer, pair, head, d_model, d_head",
+    "W_V": "member, layer, head, d_model, d_head",
+    "W_O": "member, layer, head, d_head, d_model",
+    "W_U": "member, d_model, vocab",
+    "W_pos": "member, position, d_model",
+    "W_in": "member, layer, d_model, d_mlp",
+    "W_gate": "member, layer, d_model, d_mlp",
+    "W_out": "member, layer, d_mlp, d_model",
+}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -228,12 +242,16 @@ class TensorTransformer(nn.Module):
             pattern = first * first
         return pattern.tril()
 
-    def attention(self, x: Tensor, layer: int, positions: Tensor | None = None) -> Tensor:
+    def attention(self, x: Tensor, layer: int, positions: Tensor | None = None,
+                  pattern: Tensor | None = None) -> Tensor:
         """One attention layer's output. x (member, batch, pos, d_model) -> same shape. Takes
-        the chunked linear path when ``cfg.uses_linear_path(pos)`` (equal to float tolerance)."""
+        the chunked linear path when ``cfg.uses_linear_path(pos)`` (equal to float tolerance),
+        unless the layer's ``pattern`` (member, batch, head, pos, pos) is given."""
         cfg = self.cfg
         v = torch.einsum("mbtd,mhde->mbhte", x, self.W_V[:, layer])  # (M, B, H, T, dh)
-        if cfg.uses_linear_path(x.shape[2]):
+        if pattern is not None:
+            z = pattern @ v
+        elif cfg.uses_linear_path(x.shape[2]):
             q, k = self.queries_keys(x, layer, positions)  # (M, P, B, H, T, dh)
             q_pairs, k_pairs = q.unbind(1), k.unbind(1)
             q2, k2 = (q_pairs[1], k_pairs[1]) if cfg.attention == "bilinear" else (q_pairs[0], k_pairs[0])
@@ -265,10 +283,17 @@ class TensorTransformer(nn.Module):
     def _norm(self, x: Tensor) -> Tensor:
         return rms_norm(x) if self.cfg.norm else x
 
-    def blocks(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
-        """Residual stream after every layer. x (member, batch, pos, d_model) -> same shape."""
+    def blocks(self, x: Tensor, positions: Tensor | None = None, patterns: list[Tensor] | None = None) -> Tensor:
+        """Residual stream after every layer. x (member, batch, pos, d_model) -> same shape.
+        Given a list, ``patterns`` receives every layer's attention pattern (member, batch,
+        head, pos, pos), and attention takes the quadratic path."""
         for layer in range(self.cfg.n_layers):
-            x = x + self.attention(self._norm(x), layer, positions)
+            normed = self._norm(x)
+            pattern = None
+            if patterns is not None:
+                pattern = self.attention_pattern(normed, layer, positions)
+                patterns.append(pattern)
+            x = x + self.attention(normed, layer, positions, pattern)
             if self.cfg.mlp:
                 x = x + self.mlp(self._norm(x), layer)
         return x
@@ -280,3 +305,9 @@ class TensorTransformer(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens (member, batch, pos) int -> logits (member, batch, pos, d_vocab)."""
         return self.unembed(self.blocks(self.embed(tokens)))
+
+    def run_with_patterns(self, tokens: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """tokens (member, batch, pos) -> logits and every layer's attention pattern
+        [(member, batch, head, pos, pos)] * n_layers, in one forward pass."""
+        patterns: list[Tensor] = []
+        return self.unembed(self.blocks(self.embed(tokens), patterns=patterns)), patterns

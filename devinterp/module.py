@@ -3,8 +3,9 @@
 Loss = sum over members of each member's mean cross-entropy, so member k's gradients are
 exactly those it would get trained alone, and AdamW (element-wise) updates each member as if it
 were alone. Per-primitive training losses of every member are computed on the device every step
-and left in ``last_loss_row``; the CircuitMetrics callback buffers them with the weight metrics
-and sends them to the timeline and ``trainer.loggers`` in blocks (one host transfer per block).
+and returned by ``training_step`` as ``loss_row`` (Lightning hands them to callbacks as
+``outputs``); the CircuitMetrics callback puts them in the timeline with the weight metrics, and
+the TimelineWriter moves them to the host in blocks (one transfer per flush).
 """
 
 from __future__ import annotations
@@ -75,8 +76,6 @@ class TensorTransformerModule(L.LightningModule):
             torch._dynamo.config.fail_on_recompile_limit_hit = True
             self._train_forward = torch.compile(self.model.forward, fullgraph=True)
         self.label_names = list(label_names or ["start"])
-        self.last_loss_row: Tensor | None = None  # (member, 1 + n_labels): loss, then per label
-        self.flushed_loss: tuple[int, float] | None = None  # (step, median loss) at the last flush
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.model(tokens)
@@ -95,12 +94,12 @@ class TensorTransformerModule(L.LightningModule):
         nll = self.token_losses(tokens)
         return nll.mean(1), grouped_mean(nll, labels[..., 1:].reshape(nll.shape[0], -1), len(self.label_names))
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """The summed loss, and ``loss_row`` (member, 1 + n_labels): each member's mean loss,
+        then per label. Nothing is self.log-ged: Lightning would read it on the host every step;
+        the progress bar shows the loss of the last flushed step (TimelineWriter)."""
         nll = self.token_losses(batch["tokens"], self._train_forward)  # (M, local tokens)
-        self.last_loss_row = self._loss_row(nll.detach(), batch["labels"])
-        # nothing is self.log-ged: Lightning would read it on the host every step. The progress
-        # bar (callbacks/progress_bar.py) shows the loss of the last flushed step instead.
-        return nll.mean(1).sum()
+        return {"loss": nll.mean(1).sum(), "loss_row": self._loss_row(nll.detach(), batch["labels"])}
 
     def _loss_row(self, nll: Tensor, labels: Tensor) -> Tensor:
         """(member, 1 + n_labels): the mean loss, then per label, over the global batch. Under

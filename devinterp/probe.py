@@ -125,19 +125,16 @@ def attention_to_open(model: TensorTransformer, tokens: Tensor, open_positions: 
     total = torch.zeros(S, M, cfg.n_layers, cfg.n_heads, device=device, dtype=torch.float64)
     for start in range(0, tokens.shape[0], batch_size):
         rows = slice(start, start + batch_size)
-        x = model.embed(tokens[rows][None].expand(M, -1, -1))
-        for layer in range(cfg.n_layers):
-            normed = model._norm(x)
-            pattern = model.attention_pattern(normed, layer).abs().double()  # (M, B, H, T, T)
+        patterns: list[Tensor] = []
+        model.blocks(model.embed(tokens[rows][None].expand(M, -1, -1)), patterns=patterns)
+        for layer, pattern in enumerate(patterns):
+            pattern = pattern.abs().double()  # (M, B, H, T, T)
             row_mass = pattern.sum(-1).clamp_min(1e-30)  # (M, B, H, T)
             for span in range(S):
                 where = open_positions[span, rows].clamp_min(0)  # (B, T)
                 index = where[None, :, None, :, None].expand(M, -1, cfg.n_heads, -1, 1)
                 share = pattern.gather(-1, index)[..., 0] / row_mass  # (M, B, H, T)
                 total[span, :, layer] += (share * queries[span, rows][None, :, None, :]).sum((1, 3))
-            x = x + model.attention(normed, layer)
-            if cfg.mlp:
-                x = x + model.mlp(model._norm(x), layer)
     n = queries.sum((1, 2))  # (S,)
     return (total / n[:, None, None, None]).float()
 

@@ -134,7 +134,7 @@ import yaml  # noqa: E402
 from analysis.dependence import dependence  # noqa: E402
 from analysis.report import analyze_timelines  # noqa: E402
 from analysis.timeline import Group, Timeline  # noqa: E402
-from devinterp.metrics import MetricInfo  # noqa: E402
+from devinterp.schema import MetricInfo  # noqa: E402
 
 
 def synthetic_timeline(midpoints: dict[str, float], data_config: dict, members=16, seed=0) -> Timeline:

@@ -17,7 +17,7 @@ def train(compile: bool, steps: int = 3):
     stream = iter(MemberStreams(data.language, 16, 4, data.stream_seeds, 4))
     losses = []
     for step in range(steps):
-        loss = module.training_step(next(stream), step)
+        loss = module.training_step(next(stream), step)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -5,7 +5,15 @@ import pytest
 from scipy.stats import chisquare
 
 from devinterp.language import SpecError, load_language, parse_language
-from tests.conftest import BRACKET_SPEC, MIXING_SPEC, QUOTE_SPEC, RANGE_TOPIC_SPEC, SEED_SPEC_PATH, TRIGRAM_SPEC, seed_spec
+from tests.conftest import (
+    BRACKET_SPEC,
+    MIXING_SPEC,
+    QUOTE_SPEC,
+    RANGE_TOPIC_SPEC,
+    SEED_SPEC_PATH,
+    TRIGRAM_SPEC,
+    seed_spec,
+)
 from tests.reference_dgp import reference_label, reference_next_dist
 
 SPECS = {"seed": seed_spec(), "mixing": MIXING_SPEC, "trigram": TRIGRAM_SPEC, "range_topic": RANGE_TOPIC_SPEC, "quoting": QUOTE_SPEC, "bracketing": BRACKET_SPEC}

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from devinterp.language import load_language
-from devinterp.metrics import HeadlineMetrics, WeightMetrics, progress
+from devinterp.metrics import HeadlineMetrics, WeightMetrics
 from devinterp.model import ModelConfig, TensorTransformer
+from devinterp.schema import progress
 from tests.conftest import SEED_SPEC_PATH
 from tests.planted import planted_bigram, planted_induction, planted_skip_trigram
 
@@ -21,7 +22,7 @@ def language():
 def progress_by_name(model, language, primitive):
     metrics = WeightMetrics(language, model.cfg)
     values = metrics.compute(model)[:, 0].double().numpy()
-    return {i.name: float(progress(v, i)) for i, v in zip(metrics.infos, values)
+    return {i.name: float(progress(v, i.nothing, i.learned)) for i, v in zip(metrics.infos, values)
             if i.kind == "weight" and i.primitive == primitive}
 
 
@@ -48,7 +49,7 @@ def test_zero_and_random_weights_report_nothing_learned(language, primitive):
     for member in range(3):
         metrics = WeightMetrics(language, cfg)
         values = metrics.compute(random)[:, member].numpy()
-        progresses = [progress(v, i) for i, v in zip(metrics.infos, values) if i.primitive == primitive and i.kind == "weight"]
+        progresses = [progress(v, i.nothing, i.learned) for i, v in zip(metrics.infos, values) if i.primitive == primitive and i.kind == "weight"]
         assert max(progresses) < 0.5
 
 

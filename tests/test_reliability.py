@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from analysis import load_timeline
-from tests.conftest import ROOT, SEED_SPEC_PATH
 from devinterp.wandb_files import history, run_group
+from tests.conftest import ROOT, SEED_SPEC_PATH
 
 MAX_STEPS, FLUSH, CHECKPOINT = 30, 5, 10
 GROUPS = ("every_step", "diagnostics", "probe")
@@ -46,7 +46,7 @@ def config(root, name, live, kill=None):
     spec = yaml.safe_load((ROOT / "tests" / "data" / "tiny.yaml").read_text())
     spec["trainer"].update(max_steps=MAX_STEPS, callbacks=callbacks, deterministic=True)
     spec["data"]["language"] = str(SEED_SPEC_PATH)
-    spec["circuits"] = {"diagnostics_every_n_steps": 3, "flush_every_n_steps": FLUSH}
+    spec["circuits"] = {"diagnostics_every_n_steps": 3}
     spec["timeline"] = {"flush_every_n_steps": FLUSH, "live": live, "n_snapshots": 6}
     spec["run"] = {"name": name, "root": str(root)}
     path = root / f"{name}.yaml"

@@ -9,15 +9,17 @@ import h5py
 import lightning as L
 import numpy as np
 import pytest
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 from analysis import TimelineError, load_timeline
 from callbacks import CircuitMetrics, NonFiniteMetricError, ProbeMetrics, TimelineWriter
+from callbacks.timeline_writer import TimelineGroup
 from devinterp.cli import main
 from devinterp.data import ToyLanguageData
-from devinterp.metrics import MetricInfo
 from devinterp.module import TensorTransformerModule
+from devinterp.schema import MetricInfo
 from tests.conftest import ROOT, SEED_SPEC_PATH
 
 TINY = ROOT / "tests" / "data" / "tiny.yaml"
@@ -41,13 +43,17 @@ class RecordingLogger(Logger):
         pass
 
 
-def fit(root, max_steps, ckpt_path=None, live=False, lr=3e-3, every_n_train_steps=None, logger=None):
+def fit(root, max_steps, ckpt_path=None, live=False, lr=3e-3, every_n_train_steps=None, logger=None, producers=(),
+        writer_first=False):
+    """A tiny run; ``producers`` are more timeline producers, listed before the writer (after it
+    with ``writer_first``)."""
     data = ToyLanguageData(language=str(SEED_SPEC_PATH), seq_len=16, batch_size=4, n_members=2, seed=0,
                            probe_size=8, steps_per_block=4)
     module = TensorTransformerModule(d_vocab=data.d_vocab, n_ctx=16, label_names=data.label_names, n_members=2,
                                      n_layers=2, n_heads=2, d_model=16, d_head=8, warmup_steps=2, lr=lr)
-    callbacks = [CircuitMetrics(diagnostics_every_n_steps=3, flush_every_n_steps=4),
-                 ProbeMetrics(every_n_steps=5), TimelineWriter(flush_every_n_steps=4, live=live, n_snapshots=5)]
+    callbacks = [CircuitMetrics(diagnostics_every_n_steps=3), ProbeMetrics(every_n_steps=5), *producers]
+    writer = TimelineWriter(flush_every_n_steps=4, live=live, n_snapshots=5)
+    callbacks.insert(0 if writer_first else len(callbacks), writer)
     if every_n_train_steps:
         callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=every_n_train_steps,
                                          save_top_k=-1))
@@ -79,7 +85,7 @@ def test_one_row_per_step_with_design_names_and_ground_truth(tmp_path):
         kinds = [k.decode() for k in f["every_step/metric_info/kind"][:]]
         weight = np.array([k == "weight" for k in kinds])
         np.testing.assert_allclose(values[0, weight], np.repeat(nothing[weight, None], 2, 1), rtol=1e-5)
-        assert f["meta/schema_version"][()].decode() == "1"
+        assert f["meta/schema_version"][()].decode() == "2"
         assert "skip_trigram" in f["meta/language_spec"][()].decode()
         assert [t.decode() for t in f["ground_truth/vocab"][:3]] == ["alice", "bob", "carol"]
         np.testing.assert_array_equal(f["ground_truth/skip_trigram/rules"][0], [22, 18, 26])  # beach, big, at
@@ -94,6 +100,9 @@ def test_one_row_per_step_with_design_names_and_ground_truth(tmp_path):
     # loggers: one dict per step for the weight rows, keys grouped by primitive
     per_step = [step for step, metrics in logger.calls if "bigram/weight_progress" in metrics]
     assert per_step == list(range(12))
+    steps_sent = [step for step, _ in logger.calls]  # one dict per step, in order (W&B: one row each)
+    assert steps_sent == sorted(set(steps_sent)) and steps_sent[-1] == 12
+    assert {"probe/excess", "train/loss"} <= set(dict(logger.calls)[10])  # a probe step: one merged dict
     first = next(m for s, m in logger.calls if "bigram/weight_progress" in m)
     assert first["bigram/weight_progress"] == pytest.approx(0.0, abs=1e-5)
     assert {"train/loss", "bigram/train_loss", "skip_trigram/weight_progress"} <= set(first)
@@ -132,13 +141,16 @@ def test_divergence_stops_with_the_step_and_keeps_the_rows(tmp_path, capsys):
 def test_writer_flags_dense_but_not_sparse_nan(tmp_path):
     writer = TimelineWriter()
     infos = [MetricInfo("a/x/kl", "weight", "a", "x"), MetricInfo("train_loss/a", "train", "a", "all", sparse=True)]
-    writer.declare("every_step", infos, n_members=1)
+    writer.declare(TimelineGroup("every_step", infos, n_members=1))
     writer.path = tmp_path / "t.h5"
     writer.file = h5py.File(writer.path, "w")
-    writer._create_group(writer.file, "every_step", writer.groups["every_step"])
-    writer.append("every_step", np.array([0, 1]), np.array([[[1.0], [np.nan]], [[0.5], [2.0]]]))
+    writer._create_group(writer.file, writer.groups["every_step"])
+    writer.append("every_step", 0, torch.tensor([[1.0], [np.nan]]))
+    writer.append("every_step", 1, torch.tensor([[0.5], [2.0]]))
+    writer.commit()
+    writer.append("every_step", 2, torch.tensor([[np.inf], [1.0]]))
     with pytest.raises(NonFiniteMetricError, match=r"a/x/kl is inf for member 0 at step 2"):
-        writer.append("every_step", np.array([2]), np.array([[[np.inf], [1.0]]]))
+        writer.commit()
     writer.file.close()
     steps, values, _, committed = read(writer.path, "every_step")
     np.testing.assert_array_equal(steps, [0, 1, 2])
@@ -222,8 +234,8 @@ def test_expected_size_bounds_the_finished_file(tmp_path):
     with h5py.File(path, "r") as f:
         for group in ("every_step", "diagnostics", "probe"):
             names = [n.decode() for n in f[group]["names"][()]]
-            writer.declare(group, [MetricInfo(n, "k", "p", "r") for n in names], f[group]["values"].shape[2],
-                           {"every_step": 1, "diagnostics": 3, "probe": 5}[group])
+            writer.declare(TimelineGroup(group, [MetricInfo(n, "weight", "p", "r") for n in names],
+                                         f[group]["values"].shape[2], {"every_step": 1, "diagnostics": 3, "probe": 5}[group]))
         n_parameters = sum(f["snapshots"][k].size // f["snapshots"][k].shape[0] for k in f["snapshots"]
                            if k not in ("step", "planned_step"))
     assert path.stat().st_size <= writer.expected_bytes(12, n_parameters)

@@ -24,7 +24,8 @@ from typing import NamedTuple
 import numpy as np
 
 from devinterp.language.primitive import Primitive, RowTable
-from devinterp.language.primitives import PRIMITIVES, CategoryTransition
+from devinterp.language.primitives import PRIMITIVES
+from devinterp.language.primitives.category import CategoryTransition
 from devinterp.language.spec import (
     SpecError,
     Vocab,
@@ -35,6 +36,11 @@ from devinterp.language.spec import (
 )
 
 START = "start"
+
+
+def plogp(dist: np.ndarray) -> np.ndarray:
+    """sum_v p(v) log p(v) over the last axis (0 log 0 = 0): minus the entropy, in nats."""
+    return (dist * np.log(np.where(dist > 0, dist, 1.0))).sum(-1)
 
 
 class Sample(NamedTuple):

@@ -43,6 +43,43 @@ class RowTable:
         return np.minimum(index, cdf.shape[1] - 1)
 
 
+@dataclass(frozen=True)
+class TrigramPush:
+    """A weight diagnostic a primitive asks for: per rule (anchor A, trigger B, output C), the
+    z-score of the QK-OV push on C from A against other anchors, and C's rank among the outputs
+    pushed from (B, A), averaged over ``offsets`` (computed by devinterp.metrics.Diagnostics)."""
+
+    rules: np.ndarray  # (n_rules, 3): anchor, trigger, output token ids
+    offsets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class InductionCircuit:
+    """A weight diagnostic a primitive asks for: previous-token scores of layer-0 heads, copying
+    scores of last-layer heads, and the circuit score combining them through K-composition."""
+
+
+WeightDiagnostic = TrigramPush | InductionCircuit
+
+
+@dataclass(frozen=True)
+class QKView:
+    """The QK slice that shows a primitive's mechanism: the pattern from each query token to each
+    key token, averaged over ``offsets`` (query position minus key position; ``last_offset`` None
+    means up to the context length). Drawn by ``devinterp analyze``."""
+
+    queries: tuple[int, ...]
+    keys: tuple[int, ...]
+    first_offset: int
+    last_offset: int | None
+    query_role: str = "query"
+    key_role: str = "key"
+
+    def offsets(self, n_ctx: int) -> list[int]:
+        last = n_ctx - 1 if self.last_offset is None else min(self.last_offset, n_ctx - 1)
+        return list(range(self.first_offset, last + 1))
+
+
 @dataclass
 class Firing:
     """What a primitive says at one position, for n sequences."""
@@ -72,14 +109,30 @@ class Firing:
 
 
 class Primitive(ABC):
-    """A DGP rule type. Subclasses set ``kind`` and register in ``primitives/__init__.py``."""
+    """A DGP rule type. A subclass sets ``kind`` (its spec ``type``) and is registered by
+    defining it: a new file in ``primitives/`` is found without editing a list.
 
+    Hooks the metrics read (defaults: none): ``minimal_contexts`` (the weight-derived headline
+    metric), ``weight_diagnostics`` (mechanism diagnostics), ``open_positions`` (span primitives:
+    attention to the open on the probe set), ``qk_view`` (the report's QK figure).
+    """
+
+    registry: ClassVar[dict[str, type["Primitive"]]] = {}
     kind: ClassVar[str]
     extra_keys: ClassVar[set[str]] = set()
     # headline metric compares distributions over categories instead of tokens
     category_level: ClassVar[bool] = False
     # keep only minimal contexts the language can produce (adjacent tokens with p > 0)
     possible_contexts_only: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if kind is not None:
+            if kind in Primitive.registry and Primitive.registry[kind] is not cls:
+                raise TypeError(f"primitive kind {kind!r} is defined twice ({Primitive.registry[kind].__name__}, "
+                                f"{cls.__name__})")
+            Primitive.registry[kind] = cls
 
     def __init__(self, name: str, p: float, vocab: Vocab, rule_names: list[str]):
         self.name = name
@@ -124,6 +177,19 @@ class Primitive(ABC):
     def minimal_contexts(self) -> list[MinimalContext]:
         """Contexts for the weight-derived headline metric (default: none, probe metrics only)."""
         return []
+
+    def weight_diagnostics(self) -> list[WeightDiagnostic]:
+        """Mechanism diagnostics read from the weights for this primitive (default: none)."""
+        return []
+
+    def open_positions(self, tokens: np.ndarray) -> np.ndarray | None:
+        """Span primitives (quotes, brackets): (n, T) tokens -> (n, T) position of the open in
+        force after token t, -1 outside a span. Others: None."""
+        return None
+
+    def qk_view(self) -> QKView | None:
+        """The QK slice the report draws for this primitive (default: none)."""
+        return None
 
     @abstractmethod
     def ground_truth(self) -> dict[str, np.ndarray]:

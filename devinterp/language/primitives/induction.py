@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from devinterp.language.primitive import Firing, MinimalContext, Primitive
+from devinterp.language.primitive import Firing, InductionCircuit, MinimalContext, Primitive
 from devinterp.language.spec import Vocab
 
 
@@ -51,6 +51,9 @@ class Induction(Primitive):
         keeps the pairs the language can produce (``possible_contexts_only``)."""
         return [MinimalContext(0, (int(x), y, int(x)), (0, 1, 2))
                 for x in np.flatnonzero(self.eligible) for y in range(self.vocab.size)]
+
+    def weight_diagnostics(self):
+        return [InductionCircuit()]
 
     def ground_truth(self):
         return {"eligible": np.flatnonzero(self.eligible)}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from devinterp.language.primitive import Firing, Primitive
+from devinterp.language.primitive import Firing, Primitive, QKView
 from devinterp.language.spec import SpecError, require_int, token_rules
 
 NEVER = 10**9  # "first seen" position of a cue not yet seen
@@ -64,6 +64,11 @@ class LongRange(Primitive):
         the true distribution they are scored against. Long-range rules are measured on the
         probe set (per-primitive and per-rule excess loss)."""
         return []
+
+    def qk_view(self):
+        """Trigger (query) against cue (key), at least ``min_distance`` back."""
+        return QKView(tuple(sorted(set(self.rules[:, 1].tolist()))), tuple(sorted(set(self.rules[:, 0].tolist()))),
+                      self.min_distance, None, "trigger", "cue")
 
     def ground_truth(self):
         return {"rules": self.rules, "min_distance": np.array(self.min_distance)}

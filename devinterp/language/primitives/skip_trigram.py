@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from devinterp.language.primitive import Firing, MinimalContext, Primitive
+from devinterp.language.primitive import Firing, MinimalContext, Primitive, QKView, TrigramPush
 from devinterp.language.spec import SpecError, Vocab, require_int, token_rules
 
 NEVER = -(10**9)  # "last seen" position of an anchor not yet seen
@@ -64,6 +64,14 @@ class SkipTrigram(Primitive):
         """A at offset d before B, the positions between empty, for d = 1..max_skip."""
         return [MinimalContext(r, (int(a), int(b)), (0, d))
                 for r, (a, b, _) in enumerate(self.rules.tolist()) for d in range(1, self.max_skip + 1)]
+
+    def weight_diagnostics(self):
+        return [TrigramPush(self.rules, tuple(range(1, self.max_skip + 1)))]
+
+    def qk_view(self):
+        """Trigger (query) against anchor (key), at the offsets the rule allows."""
+        return QKView(tuple(sorted(set(self.rules[:, 1].tolist()))), tuple(sorted(set(self.rules[:, 0].tolist()))),
+                      1, self.max_skip, "trigger", "anchor")
 
     def ground_truth(self):
         return {"rules": self.rules, "max_skip": np.array(self.max_skip)}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from devinterp.language.primitive import Firing, MinimalContext, Primitive
+from devinterp.language.primitive import Firing, MinimalContext, Primitive, QKView
 from devinterp.language.spec import token_rules
 
 
@@ -47,6 +47,11 @@ class TokenTrigram(Primitive):
     def minimal_contexts(self):
         """A then B at adjacent positions."""
         return [MinimalContext(r, (int(a), int(b)), (0, 1)) for r, (a, b, _) in enumerate(self.rules.tolist())]
+
+    def qk_view(self):
+        """Second token (query) against first token (key), one position back."""
+        return QKView(tuple(sorted(set(self.rules[:, 1].tolist()))), tuple(sorted(set(self.rules[:, 0].tolist()))),
+                      1, 1, "second", "first")
 
     def ground_truth(self):
         return {"rules": self.rules}
