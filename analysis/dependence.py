@@ -63,8 +63,14 @@ def onset_shift(full: list[Onset], variant: list[Onset], n_boot: int = 2000, see
     medians = np.median(rng.choice(values, size=(n_boot, len(values))), axis=1)
     nonzero = values[values != 0]
     p = float(wilcoxon(nonzero).pvalue) if len(nonzero) >= 2 else 1.0
-    return Shift(len(values), int(blocked), float(np.median(values)), float(np.percentile(medians, 2.5)),
-                 float(np.percentile(medians, 97.5)), p)
+    return Shift(
+        len(values),
+        int(blocked),
+        float(np.median(values)),
+        float(np.percentile(medians, 2.5)),
+        float(np.percentile(medians, 97.5)),
+        p,
+    )
 
 
 def variant_of(timeline: Timeline) -> tuple[str, list[str]]:
@@ -82,8 +88,13 @@ def seed_of(timeline: Timeline) -> int | None:
     return ((yaml.safe_load(timeline.meta.get("config", "")) or {}).get("model") or {}).get("seed")
 
 
-def dependence(full: Timeline | list[Timeline], variants: list[Timeline], level: float = 0.5,
-               source: str = "probe", alpha: float = 0.01) -> list[Dependence]:
+def dependence(
+    full: Timeline | list[Timeline],
+    variants: list[Timeline],
+    level: float = 0.5,
+    source: str = "probe",
+    alpha: float = 0.01,
+) -> list[Dependence]:
     """Verdicts for every (Y, X) where X has a knock-out or knock-in variant. With several full
     runs (a sweep over seeds) each variant pairs with the full run of its own seed, and the
     paired members of all seeds are pooled."""
@@ -97,7 +108,10 @@ def dependence(full: Timeline | list[Timeline], variants: list[Timeline], level:
         kind, primitives = variant_of(timeline)
         if kind == "full":
             continue
-        pair = (full_by_seed.get(seed_of(timeline), first), primitive_onsets(timeline, level=level, source=source))
+        pair = (
+            full_by_seed.get(seed_of(timeline), first),
+            primitive_onsets(timeline, level=level, source=source),
+        )
         for x in primitives:
             by_x.setdefault(x, {}).setdefault(kind, []).append(pair)
     full_onsets = first
@@ -110,12 +124,22 @@ def dependence(full: Timeline | list[Timeline], variants: list[Timeline], level:
             for kind, pairs in kinds.items():
                 pairs = [(a, b) for a, b in pairs if y in a and y in b]
                 if pairs:
-                    shifts[kind] = onset_shift([o for a, _ in pairs for o in a[y]], [o for _, b in pairs for o in b[y]])
+                    shifts[kind] = onset_shift(
+                        [o for a, _ in pairs for o in a[y]], [o for _, b in pairs for o in b[y]]
+                    )
             out, into = shifts.get("knockout"), shifts.get("knockin")
-            hindered = out is not None and out.n_units > 0 and (
-                out.blocked > out.n_units / 2 or (out.p < alpha and out.median > 0))
+            hindered = (
+                out is not None
+                and out.n_units > 0
+                and (out.blocked > out.n_units / 2 or (out.p < alpha and out.median > 0))
+            )
             helped = into is not None and into.p < alpha and into.median < 0
-            verdict = ("Y needs X" if hindered and helped else
-                       "Y is delayed by removing X" if hindered else "no evidence")
+            verdict = (
+                "Y needs X"
+                if hindered and helped
+                else "Y is delayed by removing X"
+                if hindered
+                else "no evidence"
+            )
             results.append(Dependence(y, x, out, into, verdict))
     return results

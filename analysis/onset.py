@@ -74,8 +74,14 @@ def moving_average(values: np.ndarray, width: int) -> np.ndarray:
     return (sums / counts).reshape(values.shape)
 
 
-def threshold_onsets(metric: str, steps: np.ndarray, progress: np.ndarray, level: float = 0.5,
-                     smooth: int = 5, n_points: int = 200) -> list[Onset]:
+def threshold_onsets(
+    metric: str,
+    steps: np.ndarray,
+    progress: np.ndarray,
+    level: float = 0.5,
+    smooth: int = 5,
+    n_points: int = 200,
+) -> list[Onset]:
     """First step after which smoothed progress stays >= level, per member.
 
     steps (N,), progress (N, members) -> one Onset per member."""
@@ -104,15 +110,27 @@ def _fit_midpoint(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", OptimizeWarning)
-            (midpoint, width), _ = curve_fit(_logistic, x, y, p0=(start, 0.5), maxfev=2000,
-                                             bounds=([x.min() - 5, 1e-3], [x.max() + 5, 10.0]))
+            (midpoint, width), _ = curve_fit(
+                _logistic,
+                x,
+                y,
+                p0=(start, 0.5),
+                maxfev=2000,
+                bounds=([x.min() - 5, 1e-3], [x.max() + 5, 10.0]),
+            )
     except (RuntimeError, ValueError):
         return None
     return float(midpoint), float(width)
 
 
-def logistic_onsets(metric: str, steps: np.ndarray, progress: np.ndarray, n_boot: int = 100,
-                    n_points: int = 100, seed: int = 0) -> list[Onset]:
+def logistic_onsets(
+    metric: str,
+    steps: np.ndarray,
+    progress: np.ndarray,
+    n_boot: int = 100,
+    n_points: int = 100,
+    seed: int = 0,
+) -> list[Onset]:
     """Logistic fit of progress against log(step + 1) per member; the onset is the midpoint,
     with a 95% bootstrap interval (resampling grid points). Censored if the fitted midpoint lies
     beyond the last step or the fit fails."""
@@ -144,7 +162,7 @@ def pelt(signal: np.ndarray, penalty: float, min_size: int = 2) -> list[int]:
     2012): the indices where a new segment starts, in increasing order."""
     n = len(signal)
     cumsum = np.concatenate([[0.0], np.cumsum(signal)])
-    cumsum2 = np.concatenate([[0.0], np.cumsum(signal ** 2)])
+    cumsum2 = np.concatenate([[0.0], np.cumsum(signal**2)])
 
     def cost(start: int, end: int) -> float:  # sum of squared deviations from the segment mean
         total, total2, length = cumsum[end] - cumsum[start], cumsum2[end] - cumsum2[start], end - start
@@ -155,8 +173,11 @@ def pelt(signal: np.ndarray, penalty: float, min_size: int = 2) -> list[int]:
     previous = np.zeros(n + 1, dtype=int)
     candidates = [0]
     for end in range(min_size, n + 1):
-        options = [(best[s] + cost(s, end) + penalty, s) for s in candidates
-                   if end - s >= min_size and np.isfinite(best[s])]
+        options = [
+            (best[s] + cost(s, end) + penalty, s)
+            for s in candidates
+            if end - s >= min_size and np.isfinite(best[s])
+        ]
         if options:
             best[end], previous[end] = min(options)
         # prune: a start that cannot beat the best now never will (the PELT condition)
@@ -170,8 +191,9 @@ def pelt(signal: np.ndarray, penalty: float, min_size: int = 2) -> list[int]:
     return sorted(cuts)
 
 
-def changepoint_onsets(metric: str, steps: np.ndarray, progress: np.ndarray, n_points: int = 100,
-                       min_rise: float = 0.1) -> list[Onset]:
+def changepoint_onsets(
+    metric: str, steps: np.ndarray, progress: np.ndarray, n_points: int = 100, min_rise: float = 0.1
+) -> list[Onset]:
     """First changepoint (PELT, BIC penalty 2 sigma^2 log n, sigma from the median absolute
     first difference) after which the curve's mean rises by at least ``min_rise`` (progress
     units), per member; censored if none. The rise threshold keeps noise in the sparsely
@@ -182,9 +204,11 @@ def changepoint_onsets(metric: str, steps: np.ndarray, progress: np.ndarray, n_p
     for member in range(grid.shape[1]):
         y = grid[:, member]
         sigma = max(np.median(np.abs(np.diff(y))) / 0.6745 / math.sqrt(2), 1e-3)
-        cuts = pelt(y, penalty=2 * sigma ** 2 * math.log(len(y)))
+        cuts = pelt(y, penalty=2 * sigma**2 * math.log(len(y)))
         bounds = [0, *cuts, len(y)]
-        rising = [c for i, c in enumerate(cuts) if y[c:bounds[i + 2]].mean() - y[bounds[i]:c].mean() >= min_rise]
+        rising = [
+            c for i, c in enumerate(cuts) if y[c : bounds[i + 2]].mean() - y[bounds[i] : c].mean() >= min_rise
+        ]
         if not rising:
             onsets.append(Onset(metric, member, last, last, last, True, "changepoint"))
             continue
@@ -209,8 +233,9 @@ def primitive_progress(timeline, primitive: str, source: str = "probe") -> tuple
     return timeline.steps(names[0]), progress
 
 
-def primitive_onsets(timeline, primitives: list[str] | None = None, level: float = 0.5,
-                     source: str = "probe") -> dict[str, list[Onset]]:
+def primitive_onsets(
+    timeline, primitives: list[str] | None = None, level: float = 0.5, source: str = "probe"
+) -> dict[str, list[Onset]]:
     """t-level onsets (default t50) of each primitive's progress, one per member. A primitive
     without metrics of this source (long-range rules have no weight-derived metric) is left out."""
     if primitives is None:

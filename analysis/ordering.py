@@ -90,8 +90,20 @@ def compare(x: str, onsets_x: list[Onset], y: str, onsets_y: list[Onset]) -> Pai
         sign_p, p_first, low, high = 1.0, math.nan, 0.0, 1.0
     nonzero = [g for g in gaps if g != 0]
     wilcoxon_p = float(wilcoxon(nonzero).pvalue) if len(nonzero) >= 2 else 1.0
-    return PairTest(x, y, len(gaps), x_first, y_first, ties, p_first, low, high,
-                    float(np.median(gaps)) if gaps else math.nan, sign_p, wilcoxon_p)
+    return PairTest(
+        x,
+        y,
+        len(gaps),
+        x_first,
+        y_first,
+        ties,
+        p_first,
+        low,
+        high,
+        float(np.median(gaps)) if gaps else math.nan,
+        sign_p,
+        wilcoxon_p,
+    )
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -139,8 +151,13 @@ def infer_ordering(onsets: dict[str, list[Onset]], alpha: float = 0.01) -> Order
     return Ordering(tuple(tested), tuple(edges), tuple(transitive_reduction(edges)), alpha)
 
 
-def lead_lag(steps: np.ndarray, progress_x: np.ndarray, progress_y: np.ndarray, n_points: int = 100,
-             max_shift: int = 30) -> float:
+def lead_lag(
+    steps: np.ndarray,
+    progress_x: np.ndarray,
+    progress_y: np.ndarray,
+    n_points: int = 100,
+    max_shift: int = 30,
+) -> float:
     """How far, in log(step + 1), Y's learning lags X's: the shift maximising the correlation of
     d progress_X with d progress_Y shifted, both interpolated onto a grid evenly spaced in
     log(step + 1). Positive: X leads. progress (N,) for one member or (N, members), averaged."""
@@ -150,8 +167,8 @@ def lead_lag(steps: np.ndarray, progress_x: np.ndarray, progress_y: np.ndarray, 
     dx, dy = np.diff(np.interp(grid, x, mean(progress_x))), np.diff(np.interp(grid, x, mean(progress_y)))
     best, best_corr = 0, -np.inf
     for shift in range(-max_shift, max_shift + 1):
-        a = dx[max(0, -shift):len(dx) - max(0, shift)]
-        b = dy[max(0, shift):len(dy) - max(0, -shift)]
+        a = dx[max(0, -shift) : len(dx) - max(0, shift)]
+        b = dy[max(0, shift) : len(dy) - max(0, -shift)]
         if len(a) < 3 or a.std() == 0 or b.std() == 0:
             continue
         corr = float(np.corrcoef(a, b)[0, 1])

@@ -13,8 +13,9 @@ import numpy as np  # noqa: E402
 from analysis.onset import Onset  # noqa: E402
 
 
-def plot_progress(curves: dict[str, tuple[np.ndarray, np.ndarray]], onsets: dict[str, list[Onset]],
-                  path: Path, title: str) -> Path:
+def plot_progress(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], onsets: dict[str, list[Onset]], path: Path, title: str
+) -> Path:
     """Progress per primitive against log-step: each member thin, the median bold, onsets as
     ticks (censored onsets as open circles at the last step)."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -26,8 +27,14 @@ def plot_progress(curves: dict[str, tuple[np.ndarray, np.ndarray]], onsets: dict
         ax.plot(x, np.median(progress, axis=1), color=color, linewidth=2.2, label=name)
         for onset in onsets.get(name, []):
             marker = "o" if onset.censored else "|"
-            ax.plot(onset.step + 1, 0.5 if not onset.censored else 1.02, marker=marker, color=color,
-                    markersize=8, markerfacecolor="none" if onset.censored else color)
+            ax.plot(
+                onset.step + 1,
+                0.5 if not onset.censored else 1.02,
+                marker=marker,
+                color=color,
+                markersize=8,
+                markerfacecolor="none" if onset.censored else color,
+            )
     ax.set_xscale("log")
     ax.set_xlabel("step + 1")
     ax.set_ylabel("progress (0 = nothing learned, 1 = learned)")
@@ -70,11 +77,17 @@ def plot_dag(nodes: list[str], edges: list[tuple[str, str]], path: Path) -> Path
     for n in nodes:
         layers.setdefault(depth[n], []).append(n)
     position = {n: (d, i - (len(layer) - 1) / 2) for d, layer in layers.items() for i, n in enumerate(layer)}
-    fig, ax = plt.subplots(figsize=(2.2 * (max(layers) + 1) + 1, 1.2 * max(len(v) for v in layers.values()) + 1))
+    fig, ax = plt.subplots(
+        figsize=(2.2 * (max(layers) + 1) + 1, 1.2 * max(len(v) for v in layers.values()) + 1)
+    )
     half_width = lambda name: 3.6 * len(name) + 10  # noqa: E731  (points: keep heads outside the boxes)
     for a, b in edges:
-        ax.annotate("", xy=position[b], xytext=position[a],
-                    arrowprops=dict(arrowstyle="-|>", color="0.3", shrinkA=half_width(a), shrinkB=half_width(b)))
+        ax.annotate(
+            "",
+            xy=position[b],
+            xytext=position[a],
+            arrowprops=dict(arrowstyle="-|>", color="0.3", shrinkA=half_width(a), shrinkB=half_width(b)),
+        )
     for n, (x, y) in position.items():
         ax.text(x, y, n, ha="center", va="center", bbox=dict(boxstyle="round", fc="white", ec="0.3"))
     ax.set_xlim(-0.7, max(layers) + 0.7)
@@ -87,8 +100,14 @@ def plot_dag(nodes: list[str], edges: list[tuple[str, str]], path: Path) -> Path
     return path
 
 
-def plot_direct_path(direct: np.ndarray, tokens: list[str], token_category: np.ndarray, categories: list[str],
-                     step: int, path: Path) -> Path:
+def plot_direct_path(
+    direct: np.ndarray,
+    tokens: list[str],
+    token_category: np.ndarray,
+    categories: list[str],
+    step: int,
+    path: Path,
+) -> Path:
     """W_E W_U [current, next] as a heatmap with category blocks (the proposal's figure)."""
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     limit = float(np.abs(direct).max()) or 1.0
@@ -109,11 +128,21 @@ def plot_direct_path(direct: np.ndarray, tokens: list[str], token_category: np.n
     return path
 
 
-def plot_qk_slices(slices: dict[str, np.ndarray], rows: list[str], columns: list[str], step: int, path: Path,
-                   title: str = "", query_role: str = "query", key_role: str = "key") -> Path:
+def plot_qk_slices(
+    slices: dict[str, np.ndarray],
+    rows: list[str],
+    columns: list[str],
+    step: int,
+    path: Path,
+    title: str = "",
+    query_role: str = "query",
+    key_role: str = "key",
+) -> Path:
     """A primitive's QK slice: the pattern (summed over heads, averaged over its offsets) from
     its query tokens (rows) to its key tokens (columns), one panel per layer."""
-    fig, axes = plt.subplots(1, len(slices), figsize=(3.8 * len(slices), 3.4 + 0.3 * bool(title)), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(slices), figsize=(3.8 * len(slices), 3.4 + 0.3 * bool(title)), squeeze=False
+    )
     if title:
         fig.suptitle(title, fontsize=9)
     for ax, (panel, matrix) in zip(axes[0], slices.items()):

@@ -55,7 +55,9 @@ def progress_or_none(timeline: Timeline, primitive: str, source: str):
         return None
 
 
-def pooled_onsets(timelines: list[Timeline], primitives: list[str], level: float, source: str) -> dict[str, list[Onset]]:
+def pooled_onsets(
+    timelines: list[Timeline], primitives: list[str], level: float, source: str
+) -> dict[str, list[Onset]]:
     pooled: dict[str, list[Onset]] = {p: [] for p in primitives}
     for timeline in timelines:
         onsets = primitive_onsets(timeline, primitives, level=level, source=source)
@@ -64,22 +66,30 @@ def pooled_onsets(timelines: list[Timeline], primitives: list[str], level: float
     return {p: units for p, units in pooled.items() if units}  # primitives this source measures
 
 
-def analyze_timelines(timelines: list[Timeline], level: float = 0.5, source: str = "probe",
-                      alpha: float = 0.01) -> Analysis:
+def analyze_timelines(
+    timelines: list[Timeline], level: float = 0.5, source: str = "probe", alpha: float = 0.01
+) -> Analysis:
     full = [t for t in timelines if variant_of(t)[0] == "full"]
     variants = [t for t in timelines if variant_of(t)[0] != "full"]
     if not full:
-        raise TimelineError("no run of the full language among the timelines (only knock-out/knock-in variants)")
+        raise TimelineError(
+            "no run of the full language among the timelines (only knock-out/knock-in variants)"
+        )
     primitives = [p for p in full[0].label_names if p != "start"]
     onsets = {s: pooled_onsets(full, primitives, level, s) for s in ("probe", "weight")}
     ordering = infer_ordering(onsets[source], alpha=alpha)
     curves = {p: c for p in primitives if (c := progress_or_none(full[0], p, source)) is not None}
     measured = list(curves)
     if not measured:
-        raise TimelineError(f"{full[0].path}: no primitive has a {source} progress metric to order by (a corpus "
-                            "without logp has no excess loss, and a corpus has no weight-derived metrics)")
-    lags = {f"{a}->{b}": lead_lag(curves[a][0], curves[a][1], curves[b][1])
-            for i, a in enumerate(measured) for b in measured[i + 1:]}
+        raise TimelineError(
+            f"{full[0].path}: no primitive has a {source} progress metric to order by (a corpus "
+            "without logp has no excess loss, and a corpus has no weight-derived metrics)"
+        )
+    lags = {
+        f"{a}->{b}": lead_lag(curves[a][0], curves[a][1], curves[b][1])
+        for i, a in enumerate(measured)
+        for b in measured[i + 1 :]
+    }
     found = dependence(full, variants, level=level, source=source, alpha=alpha) if variants else []
     return Analysis(primitives, onsets, ordering, lags, found, len(onsets[source][measured[0]]))
 
@@ -96,6 +106,13 @@ def _median_iqr(onsets: list[Onset]) -> str:
     return text + (f", {censored}/{len(onsets)} censored" if censored else "")
 
 
+def _shift_text(shift) -> str:
+    if shift is None:
+        return "-"
+    blocked = f", blocked {shift.blocked}/{shift.n_units}" if shift.blocked else ""
+    return f"{shift.median:+.2f} [{shift.low:+.2f}, {shift.high:+.2f}], p {shift.p:.2g}{blocked}"
+
+
 def _disagree(probe: list[Onset], weight: list[Onset]) -> str:
     if not probe or not weight:
         return ""
@@ -104,7 +121,11 @@ def _disagree(probe: list[Onset], weight: list[Onset]) -> str:
     if not a or not b:
         return "yes (censored in one)" if bool(a) != bool(b) else ""
     gap = float(np.median(b) - np.median(a))
-    return f"yes (weights {'later' if gap > 0 else 'earlier'} by x{math.exp(abs(gap)):.1f})" if abs(gap) > 0.5 else ""
+    return (
+        f"yes (weights {'later' if gap > 0 else 'earlier'} by x{math.exp(abs(gap)):.1f})"
+        if abs(gap) > 0.5
+        else ""
+    )
 
 
 def snapshot_model(timeline: Timeline, slot: int):
@@ -132,8 +153,11 @@ def qk_views(timeline: Timeline) -> dict[str, tuple[str, QKView]]:
     except (SpecError, yaml.YAMLError, TypeError, AttributeError):
         return {}  # a corpus's description, or a spec this version cannot read
     trained = timeline.primitive_kinds
-    return {p.name: (p.kind, view) for p in language.primitives
-            if (view := p.qk_view()) is not None and (not trained or p.name in trained)}
+    return {
+        p.name: (p.kind, view)
+        for p in language.primitives
+        if (view := p.qk_view()) is not None and (not trained or p.name in trained)
+    }
 
 
 def circuit_figures(timeline: Timeline, out: Path, at_steps: list[int] | None = None) -> list[Path]:
@@ -159,8 +183,16 @@ def circuit_figures(timeline: Timeline, out: Path, at_steps: list[int] | None = 
         model, step = snapshot_model(timeline, slot)
         with torch.no_grad():
             direct = circuits.direct_path(model)[0].numpy()
-            paths.append(plot_direct_path(direct, vocab, timeline.token_category, list(timeline.categories),
-                                          step, out / f"direct_path_step{step}.png"))
+            paths.append(
+                plot_direct_path(
+                    direct,
+                    vocab,
+                    timeline.token_category,
+                    list(timeline.categories),
+                    step,
+                    out / f"direct_path_step{step}.png",
+                )
+            )
             for name, (kind, view) in views.items():
                 offsets = view.offsets(model.cfg.n_ctx)
                 if not offsets:
@@ -168,17 +200,36 @@ def circuit_figures(timeline: Timeline, out: Path, at_steps: list[int] | None = 
                 slices = {}
                 for layer in range(model.cfg.n_layers):
                     pattern = sum(circuits.pattern_at_offset(model, layer, d)[0].sum(0) for d in offsets)
-                    slices[f"layer {layer}"] = (pattern / len(offsets)).numpy()[np.ix_(view.queries, view.keys)]
-                title = (f"{name} ({kind}): {view.query_role} x {view.key_role}, "
-                         f"offsets {offsets[0]}..{offsets[-1]}")
-                paths.append(plot_qk_slices(slices, [vocab[t] for t in view.queries], [vocab[a] for a in view.keys],
-                                            step, out / f"qk_{name}_step{step}.png", title=title,
-                                            query_role=view.query_role, key_role=view.key_role))
+                    slices[f"layer {layer}"] = (pattern / len(offsets)).numpy()[
+                        np.ix_(view.queries, view.keys)
+                    ]
+                title = (
+                    f"{name} ({kind}): {view.query_role} x {view.key_role}, "
+                    f"offsets {offsets[0]}..{offsets[-1]}"
+                )
+                paths.append(
+                    plot_qk_slices(
+                        slices,
+                        [vocab[t] for t in view.queries],
+                        [vocab[a] for a in view.keys],
+                        step,
+                        out / f"qk_{name}_step{step}.png",
+                        title=title,
+                        query_role=view.query_role,
+                        key_role=view.key_role,
+                    )
+                )
     return paths
 
 
-def write_report(paths: list[str | Path], out: str | Path, level: float = 0.5, source: str = "probe",
-                 alpha: float = 0.01, at_steps: list[int] | None = None) -> Path:
+def write_report(
+    paths: list[str | Path],
+    out: str | Path,
+    level: float = 0.5,
+    source: str = "probe",
+    alpha: float = 0.01,
+    at_steps: list[int] | None = None,
+) -> Path:
     """Analyse runs and write report.md, ordering.json and the PNGs into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,54 +240,95 @@ def write_report(paths: list[str | Path], out: str | Path, level: float = 0.5, s
     first_file, first = full[0]
     figures = []
     curves = {p: c for p in result.primitives if (c := progress_or_none(first, p, source)) is not None}
-    first_onsets = {p: result.onsets[source][p][:first.n_members] for p in curves}
-    figures.append(plot_progress(curves, first_onsets, out / "progress.png",
-                                 f"{source} progress per primitive ({first.n_members} members, t{round(level * 100)} marked)"))
-    both = {p: {s: c for s in ("weight", "probe") if (c := progress_or_none(first, p, s)) is not None}
-            for p in result.primitives}
+    first_onsets = {p: result.onsets[source][p][: first.n_members] for p in curves}
+    figures.append(
+        plot_progress(
+            curves,
+            first_onsets,
+            out / "progress.png",
+            f"{source} progress per primitive ({first.n_members} members, t{round(level * 100)} marked)",
+        )
+    )
+    both = {
+        p: {s: c for s in ("weight", "probe") if (c := progress_or_none(first, p, s)) is not None}
+        for p in result.primitives
+    }
     figures.append(plot_weight_vs_probe(both, out / "weight_vs_probe.png"))
     figures.append(plot_dag(result.primitives, list(result.ordering.dag), out / "ordering_dag.png"))
     figures += circuit_figures(first, out, at_steps)
 
     t = f"t{round(level * 100)}"
-    lines = [f"# Analysis of {len(files)} run(s)", "",
-             f"Runs: {', '.join(str(f.parent) for f in files)}. Units (run, member) of the full language: "
-             f"{result.n_units}. Onset = {t} of each primitive's progress (median over its rules); "
-             f"ordering from the {source} onsets, Holm-corrected Wilcoxon at alpha = {alpha}.", "",
-             "## Onsets (step; median [IQR] over units)", "",
-             f"| primitive | probe {t} | weight {t} | probe and weights disagree |", "|---|---|---|---|"]
+    lines = [
+        f"# Analysis of {len(files)} run(s)",
+        "",
+        f"Runs: {', '.join(str(f.parent) for f in files)}. Units (run, member) of the full language: "
+        f"{result.n_units}. Onset = {t} of each primitive's progress (median over its rules); "
+        f"ordering from the {source} onsets, Holm-corrected Wilcoxon at alpha = {alpha}.",
+        "",
+        "## Onsets (step; median [IQR] over units)",
+        "",
+        f"| primitive | probe {t} | weight {t} | probe and weights disagree |",
+        "|---|---|---|---|",
+    ]
     for p in result.primitives:
         probe, weight = result.onsets["probe"].get(p, []), result.onsets["weight"].get(p, [])
         lines.append(f"| {p} | {_median_iqr(probe)} | {_median_iqr(weight)} | {_disagree(probe, weight)} |")
-    lines += ["", "A censored onset means the primitive was never learned by the last step: it is reported as "
-              "censored, not as a late number.", "", "## Ordering", "",
-              "| X | Y | units | X first | Y first | P(X first) [95% CI] | median gap (log step) | sign p | "
-              "Wilcoxon p | Holm p | edge | lead-lag (log step) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "A censored onset means the primitive was never learned by the last step: it is reported as "
+        "censored, not as a late number.",
+        "",
+        "## Ordering",
+        "",
+        "| X | Y | units | X first | Y first | P(X first) [95% CI] | median gap (log step) | sign p | "
+        "Wilcoxon p | Holm p | edge | lead-lag (log step) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for pair in result.ordering.pairs:
         edge = {"x->y": f"{pair.x} -> {pair.y}", "y->x": f"{pair.y} -> {pair.x}"}.get(pair.edge, "")
         lag = result.lead_lag.get(f"{pair.x}->{pair.y}", math.nan)
-        lines.append(f"| {pair.x} | {pair.y} | {pair.n_units} | {pair.x_first} | {pair.y_first} | "
-                     f"{pair.p_x_first:.2f} [{pair.p_x_first_low:.2f}, {pair.p_x_first_high:.2f}] | "
-                     f"{pair.median_log_gap:+.2f} | {pair.sign_p:.2g} | {pair.wilcoxon_p:.2g} | {pair.holm_p:.2g} | "
-                     f"{edge} | {lag:+.2f} |")
+        lines.append(
+            f"| {pair.x} | {pair.y} | {pair.n_units} | {pair.x_first} | {pair.y_first} | "
+            f"{pair.p_x_first:.2f} [{pair.p_x_first_low:.2f}, {pair.p_x_first_high:.2f}] | "
+            f"{pair.median_log_gap:+.2f} | {pair.sign_p:.2g} | {pair.wilcoxon_p:.2g} | {pair.holm_p:.2g} | "
+            f"{edge} | {lag:+.2f} |"
+        )
     dag = ", ".join(f"{a} -> {b}" for a, b in result.ordering.dag) or "no significant edge"
     lines += ["", f"Ordering DAG (transitive reduction): {dag}.", "", "![ordering](ordering_dag.png)", ""]
     if result.dependence:
-        lines += ["## Dependence (knock-out / knock-in)", "",
-                  "| Y | X | knock-out shift [95% CI], blocked | knock-in shift [95% CI] | verdict |", "|---|---|---|---|---|"]
+        lines += [
+            "## Dependence (knock-out / knock-in)",
+            "",
+            "| Y | X | knock-out shift [95% CI], blocked | knock-in shift [95% CI] | verdict |",
+            "|---|---|---|---|---|",
+        ]
         for d in result.dependence:
-            fmt = lambda s: ("-" if s is None else f"{s.median:+.2f} [{s.low:+.2f}, {s.high:+.2f}], p {s.p:.2g}"  # noqa: E731
-                             + (f", blocked {s.blocked}/{s.n_units}" if s.blocked else ""))
-            lines.append(f"| {d.y} | {d.x} | {fmt(d.knock_out)} | {fmt(d.knock_in)} | {d.verdict.replace('Y', d.y).replace('X', d.x)} |")
+            verdict = d.verdict.replace("Y", d.y).replace("X", d.x)
+            lines.append(
+                f"| {d.y} | {d.x} | {_shift_text(d.knock_out)} | {_shift_text(d.knock_in)} | {verdict} |"
+            )
         lines.append("")
     lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    (out / "ordering.json").write_text(json.dumps({
-        "level": level, "source": source, "alpha": alpha, "units": result.n_units,
-        "onsets": {s: {p: [asdict(o) for o in v] for p, v in per.items()} for s, per in result.onsets.items()},
-        "pairs": [asdict(p) for p in result.ordering.pairs],
-        "edges": result.ordering.edges, "dag": result.ordering.dag, "lead_lag": result.lead_lag,
-        "dependence": [asdict(d) for d in result.dependence],
-    }, indent=2, default=float))
+    (out / "ordering.json").write_text(
+        json.dumps(
+            {
+                "level": level,
+                "source": source,
+                "alpha": alpha,
+                "units": result.n_units,
+                "onsets": {
+                    s: {p: [asdict(o) for o in v] for p, v in per.items()} for s, per in result.onsets.items()
+                },
+                "pairs": [asdict(p) for p in result.ordering.pairs],
+                "edges": result.ordering.edges,
+                "dag": result.ordering.dag,
+                "lead_lag": result.lead_lag,
+                "dependence": [asdict(d) for d in result.dependence],
+            },
+            indent=2,
+            default=float,
+        )
+    )
     return report

@@ -104,8 +104,9 @@ class Timeline:
             s = f["snapshots"]
             if f.swmr_mode:
                 s["step"].refresh()
-            return int(s["step"][slot]), {name: s[name][slot] for name in s
-                                          if name not in ("step", "planned_step")}
+            return int(s["step"][slot]), {
+                name: s[name][slot] for name in s if name not in ("step", "planned_step")
+            }
 
 
 def open_timeline(path: str | Path) -> h5py.File:
@@ -118,8 +119,10 @@ def open_timeline(path: str | Path) -> h5py.File:
         return h5py.File(path, "r", swmr=True, libver="latest")
     except OSError as error:
         if "unable to lock file" in str(error):
-            raise TimelineError(f"{path}: a run is writing it without live mode; read it when the run ends, "
-                                "or train with --timeline.live true to read while it runs") from None
+            raise TimelineError(
+                f"{path}: a run is writing it without live mode; read it when the run ends, "
+                "or train with --timeline.live true to read while it runs"
+            ) from None
         raise TimelineError(f"{path}: not a readable HDF5 file ({error})") from None
 
 
@@ -157,7 +160,9 @@ def _read_group(f: h5py.File, name: str, path: Path) -> Group:
         raise TimelineError(f"{path}: group {name!r}: {error}") from None
     values = g["values"][:n]
     if values.shape[1] != len(names):
-        raise TimelineError(f"{path}: group {name!r} has {values.shape[1]} value columns for {len(names)} names")
+        raise TimelineError(
+            f"{path}: group {name!r} has {values.shape[1]} value columns for {len(names)} names"
+        )
     steps = g["step"][:n]
     if n > 1 and not np.all(np.diff(steps) > 0):
         raise TimelineError(f"{path}: group {name!r}: steps are not increasing")
@@ -185,10 +190,15 @@ def _load(path: Path) -> Timeline:
         version = f["meta/schema_version"][()]
         version = version.decode() if isinstance(version, bytes) else str(version)
         if not version.isdigit() or int(version) not in KNOWN_SCHEMA_VERSIONS:
-            raise TimelineError(f"{path}: unknown timeline schema version {version!r} "
-                                f"(this version reads {sorted(KNOWN_SCHEMA_VERSIONS)})")
-        meta = {k: (v[()].decode() if isinstance(v[()], bytes) else str(v[()]))
-                for k, v in f["meta"].items() if v.shape == ()}  # the string fields
+            raise TimelineError(
+                f"{path}: unknown timeline schema version {version!r} "
+                f"(this version reads {sorted(KNOWN_SCHEMA_VERSIONS)})"
+            )
+        meta = {
+            k: (v[()].decode() if isinstance(v[()], bytes) else str(v[()]))
+            for k, v in f["meta"].items()
+            if v.shape == ()
+        }  # the string fields
         if int(version) == 1:
             names = [name for name in VERSION_1_GROUPS if name in f]
         else:
@@ -198,13 +208,28 @@ def _load(path: Path) -> Timeline:
             raise TimelineError(f"{path}: no metric groups")
         truth = f["ground_truth"] if "ground_truth" in f else {}
         labels = tuple(_strings(truth["label_names"])) if "label_names" in truth else ()
-        kinds = {name: _string(g["kind"][()]) for name, g in truth.items() if isinstance(g, h5py.Group) and "kind" in g}
+        kinds = {
+            name: _string(g["kind"][()])
+            for name, g in truth.items()
+            if isinstance(g, h5py.Group) and "kind" in g
+        }
         snapshot_steps = f["snapshots/step"][()] if "snapshots/step" in f else np.zeros(0, dtype=np.int64)
         vocab = tuple(_strings(truth["vocab"])) if "vocab" in truth else ()
         categories = tuple(_strings(truth["categories"])) if "categories" in truth else ()
-        token_category = truth["token_category"][()] if "token_category" in truth else np.zeros(0, dtype=np.int64)
-    return Timeline(path=path, groups=groups, meta=meta, label_names=labels, primitive_kinds=kinds,
-                    snapshot_steps=snapshot_steps, vocab=vocab, categories=categories, token_category=token_category)
+        token_category = (
+            truth["token_category"][()] if "token_category" in truth else np.zeros(0, dtype=np.int64)
+        )
+    return Timeline(
+        path=path,
+        groups=groups,
+        meta=meta,
+        label_names=labels,
+        primitive_kinds=kinds,
+        snapshot_steps=snapshot_steps,
+        vocab=vocab,
+        categories=categories,
+        token_category=token_category,
+    )
 
 
 def _string(value) -> str:

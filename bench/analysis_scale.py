@@ -40,17 +40,25 @@ def write_synthetic(path: Path, n_steps: int, n_metrics: int, n_members: int) ->
     midpoints = 4.0 + 1.0 * primitive_of[:, None] + rng.normal(0, 0.2, (n_metrics, n_members))  # log-step
     with h5py.File(path, "w") as f:
         f["meta/schema_version"] = "1"
-        f["ground_truth/label_names"] = np.array(["start"] + [f"p{i}" for i in range(N_PRIMITIVES)], dtype=object).astype(STRING)
+        f["ground_truth/label_names"] = np.array(
+            ["start"] + [f"p{i}" for i in range(N_PRIMITIVES)], dtype=object
+        ).astype(STRING)
         g = f.create_group("every_step")
         chunk = 1024
-        values = g.create_dataset("values", shape=(n_steps, n_metrics, n_members), dtype=np.float32,
-                                  chunks=(chunk // 16, n_metrics, n_members))
+        values = g.create_dataset(
+            "values",
+            shape=(n_steps, n_metrics, n_members),
+            dtype=np.float32,
+            chunks=(chunk // 16, n_metrics, n_members),
+        )
         for start in range(0, n_steps, 8192):
             x = np.log(np.arange(start, min(start + 8192, n_steps)) + 1.0)[:, None, None]
-            values[start:start + len(x)] = 1 - 1 / (1 + np.exp(-(x - midpoints[None]) / 0.3))  # KL: 1 -> 0
+            values[start : start + len(x)] = 1 - 1 / (1 + np.exp(-(x - midpoints[None]) / 0.3))  # KL: 1 -> 0
         g["step"] = np.arange(n_steps, dtype=np.int64)
         g["committed"] = np.array([n_steps], dtype=np.int64)
-        g["names"] = np.array([f"p{p}/r{i}/kl" for i, p in enumerate(primitive_of)], dtype=object).astype(STRING)
+        g["names"] = np.array([f"p{p}/r{i}/kl" for i, p in enumerate(primitive_of)], dtype=object).astype(
+            STRING
+        )
         info = g.create_group("metric_info")
         for field, value in (("kind", "weight"), ("rule", "r")):
             info[field] = np.array([value] * n_metrics, dtype=object).astype(STRING)
@@ -103,8 +111,10 @@ def main() -> None:
             seconds, n_onsets = analysis_seconds(path)
             analyses.append(seconds)
     read, analysis = min(reads), min(analyses)
-    print(f"{args.steps} steps x {args.metrics} metrics x {args.members} members = {size:.2f} GiB; "
-          f"{n_onsets} onsets and a {N_PRIMITIVES}-primitive ordering")
+    print(
+        f"{args.steps} steps x {args.metrics} metrics x {args.members} members = {size:.2f} GiB; "
+        f"{n_onsets} onsets and a {N_PRIMITIVES}-primitive ordering"
+    )
     print(f"{'read values (s)':<28}{read:>8.2f}")
     print(f"{'analysis (s)':<28}{analysis:>8.2f}")
     print(f"{'ratio (target <= 3)':<28}{analysis / read:>8.2f}")

@@ -30,8 +30,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="batch x length per step")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"quickstart heads (d_head 16, bilinear), {args.tokens} tokens per step, median of {args.repeats}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"quickstart heads (d_head 16, bilinear), {args.tokens} tokens per step, median of {args.repeats}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(f"{'T':>6}{'batch':>7}{'quadratic ms':>14}{'linear ms':>11}{'ratio':>8}  auto")
     for T in args.lengths:
         cfg = ModelConfig(d_vocab=33, n_ctx=T, n_members=1, n_layers=2, n_heads=4, d_model=64, d_head=16)
@@ -53,8 +55,11 @@ def main() -> None:
         ratio = times["quadratic"] / times["linear"]
         auto = "linear" if cfg.uses_linear_path(T) else "quadratic"
         faster = "linear" if ratio > 1 else "quadratic"
-        print(f"{T:>6}{batch:>7}{times['quadratic'] * 1000:>14.1f}{times['linear'] * 1000:>11.1f}{ratio:>8.2f}  "
-              f"{auto}{'' if auto == faster else ' (not the faster here)'}")
+        print(
+            f"{T:>6}{batch:>7}{times['quadratic'] * 1000:>14.1f}{times['linear'] * 1000:>11.1f}"
+            f"{ratio:>8.2f}  "
+            f"{auto}{'' if auto == faster else ' (not the faster here)'}"
+        )
         report(f"attention T={T}: quadratic / linear step time", ratio, f"auto: {auto}")
 
 

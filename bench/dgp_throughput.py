@@ -40,8 +40,12 @@ def main() -> None:
     dgp_seconds = seconds_per_call(lambda: streams.block(next(block_index)), repeats=5, warmup=1)
     dgp_tokens_per_s = tokens_per_step * steps_per_block / dgp_seconds
 
-    module = TensorTransformerModule(d_vocab=language.d_vocab, n_ctx=T, label_names=language.label_names,
-                                     **{k: v for k, v in model_cfg.items() if k != "schedule"})
+    module = TensorTransformerModule(
+        d_vocab=language.d_vocab,
+        n_ctx=T,
+        label_names=language.label_names,
+        **{k: v for k, v in model_cfg.items() if k != "schedule"},
+    )
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
     tokens, labels = (torch.from_numpy(a[:, :B]) for a in streams.block(10**6))
 
@@ -53,13 +57,18 @@ def main() -> None:
 
     train_seconds = seconds_per_call(train_step, repeats=20, warmup=3)
     train_tokens_per_s = tokens_per_step / train_seconds
-    print(f"config {args.config}: {M} members x {B} sequences x {T} tokens, language {language.name!r}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"config {args.config}: {M} members x {B} sequences x {T} tokens, language {language.name!r}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(f"{'DGP sampled tokens/s':<34}{dgp_tokens_per_s:>14,.0f}")
     print(f"{'training consumes tokens/s':<34}{train_tokens_per_s:>14,.0f}")
     print(f"{'ratio (target >= 10)':<34}{dgp_tokens_per_s / train_tokens_per_s:>14.1f}")
-    report(f"DGP / training tokens per s ({args.config}, {language.name})", dgp_tokens_per_s / train_tokens_per_s,
-           ">= 10")
+    report(
+        f"DGP / training tokens per s ({args.config}, {language.name})",
+        dgp_tokens_per_s / train_tokens_per_s,
+        ">= 10",
+    )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ class Trainee:
         data.batch_size = batch_size or data.batch_size
         seeds = [seed + k for k in range(members)]
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.module.hparams.lr, fused=True)
-        self.stream = iter(MemberStreams(data.language, data.seq_len, data.batch_size, seeds, data.steps_per_block))
+        self.stream = iter(
+            MemberStreams(data.language, data.seq_len, data.batch_size, seeds, data.steps_per_block)
+        )
 
     def step(self) -> None:
         batch = next(self.stream)
@@ -77,15 +79,20 @@ def main() -> None:
         for M in args.members:
             times[(M, "together")].append(seconds_per_step(together[M], args.steps))
             times[(M, "apart")].append(seconds_per_step(apart[M], args.steps))
-    print(f"quickstart size, batch {args.batch_size or 32}, {args.steps} timed steps, median of {args.repeats}, torch threads "
-          f"{torch.get_num_threads()}")
+    print(
+        f"quickstart size, batch {args.batch_size or 32}, {args.steps} timed steps, "
+        f"median of {args.repeats}, torch threads {torch.get_num_threads()}"
+    )
     print(f"{'members':>8}{'one process ms':>16}{'one by one ms':>15}{'ratio':>8}")
     for M in args.members:
         one, apart_ = statistics.median(times[(M, "together")]), statistics.median(times[(M, "apart")])
         print(f"{M:>8}{one * 1000:>16.1f}{apart_ * 1000:>15.1f}{apart_ / one:>8.2f}")
         if M > 1:
-            report(f"ensemble: {M} members in one process / one by one, throughput", apart_ / one,
-                   ">= 4" if M == 16 else "")
+            report(
+                f"ensemble: {M} members in one process / one by one, throughput",
+                apart_ / one,
+                ">= 4" if M == 16 else "",
+            )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,9 @@ class SyncCounter(L.Callback):
             return
         torch.cuda.set_sync_debug_mode(0)
         self._catch.__exit__(None, None, None)
-        self.counts[self.step] += [str(w.message).splitlines()[0] for w in self._log
-                                   if "synchroniz" in str(w.message).lower()]
+        self.counts[self.step] += [
+            str(w.message).splitlines()[0] for w in self._log if "synchroniz" in str(w.message).lower()
+        ]
         self._catch = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -76,19 +77,43 @@ def main() -> int:
         print("gpu_sync_check: no CUDA device here; skipped (tests/test_host_sync.py covers the CPU)")
         return 0
     cfg = load_run_config("quickstart")
-    data = ToyLanguageData(language=str(ROOT / cfg["data"]["language"]), seq_len=cfg["data"]["seq_len"],
-                           batch_size=cfg["data"]["batch_size"], n_members=4, seed=0,
-                           probe_size=cfg["data"]["probe_size"])
+    data = ToyLanguageData(
+        language=str(ROOT / cfg["data"]["language"]),
+        seq_len=cfg["data"]["seq_len"],
+        batch_size=cfg["data"]["batch_size"],
+        n_members=4,
+        seed=0,
+        probe_size=cfg["data"]["probe_size"],
+    )
     model_args = {k: v for k, v in cfg["model"].items() if k not in ("n_members", "seed")}
-    module = TensorTransformerModule(d_vocab=data.d_vocab, n_ctx=data.seq_len, label_names=data.label_names,
-                                     n_members=4, seed=0, **model_args)
+    module = TensorTransformerModule(
+        d_vocab=data.d_vocab,
+        n_ctx=data.seq_len,
+        label_names=data.label_names,
+        n_members=4,
+        seed=0,
+        **model_args,
+    )
     counter = SyncCounter(args.flush)
     circuits = CircuitMetrics(diagnostics_every_n_steps=10)
     with tempfile.TemporaryDirectory() as root:
-        trainer = L.Trainer(max_steps=args.steps, default_root_dir=root, logger=False, accelerator="cuda", devices=1,
-                            callbacks=[counter, circuits, ProbeMetrics(every_n_steps=10),
-                                       TimelineWriter(flush_every_n_steps=args.flush), FlushedLossBar()],
-                            enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0)
+        trainer = L.Trainer(
+            max_steps=args.steps,
+            default_root_dir=root,
+            logger=False,
+            accelerator="cuda",
+            devices=1,
+            callbacks=[
+                counter,
+                circuits,
+                ProbeMetrics(every_n_steps=10),
+                TimelineWriter(flush_every_n_steps=args.flush),
+                FlushedLossBar(),
+            ],
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
         trainer.fit(module, datamodule=data)
     placement = {name: (str(p.device), str(p.dtype)) for name, p in module.named_parameters()}
     wrong = {n: v for n, v in placement.items() if not v[0].startswith("cuda") or v[1] != "torch.float32"}

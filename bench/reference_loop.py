@@ -33,7 +33,9 @@ from devinterp.probe import grouped_mean  # noqa: E402
 def plain_seconds_per_step(steps: int, warmup: int) -> float:
     data, module = make(1, "reference")
     model, language = module.model, data.language
-    optimizer = torch.optim.AdamW(model.parameters(), lr=module.hparams.lr, fused=True)  # as ours: compare tracking
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=module.hparams.lr, fused=True
+    )  # as ours: compare tracking
     n_rules = len(language.rule_names)
     start = 0.0
     for step in range(steps):
@@ -63,11 +65,16 @@ def main() -> None:
     plain, ours = [], []
     for _ in range(args.repeats):
         plain.append(plain_seconds_per_step(args.steps, args.warmup))
-        ours.append(tracked_seconds_per_step(1, args.steps, args.warmup, probes=True, config="reference",
-                                             probe_every=probe_every))
+        ours.append(
+            tracked_seconds_per_step(
+                1, args.steps, args.warmup, probes=True, config="reference", probe_every=probe_every
+            )
+        )
     plain_s, ours_s = statistics.median(plain), statistics.median(ours)
-    print(f"reference scale (configs/reference.yaml), {args.steps - args.warmup} timed steps, median of "
-          f"{args.repeats}, torch threads {torch.get_num_threads()}")
+    print(
+        f"reference scale (configs/reference.yaml), {args.steps - args.warmup} timed steps, median of "
+        f"{args.repeats}, torch threads {torch.get_num_threads()}"
+    )
     print(f"{'plain loop, per-rule losses':<34}{1 / plain_s:>8.3f} steps/s")
     print(f"{'devinterp, all tracking on':<34}{1 / ours_s:>8.3f} steps/s")
     print(f"{'ratio (target >= 0.9)':<34}{plain_s / ours_s:>8.3f}")

@@ -10,17 +10,25 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = [["dgp_throughput.py"], ["dgp_throughput.py", "--language", "configs/languages/rich.yaml"],
-           ["tracking_overhead.py"], ["ensemble_scaling.py"], ["reference_loop.py"], ["attention_paths.py"],
-           ["analysis_scale.py"], ["gpu_sync_check.py"]]
+SCRIPTS = [
+    ["dgp_throughput.py"],
+    ["dgp_throughput.py", "--language", "configs/languages/rich.yaml"],
+    ["tracking_overhead.py"],
+    ["ensemble_scaling.py"],
+    ["reference_loop.py"],
+    ["attention_paths.py"],
+    ["analysis_scale.py"],
+    ["gpu_sync_check.py"],
+]
 
 
 def main() -> int:
     rows, failed = [], []
     for script, *args in SCRIPTS:
         print(f"\n== bench/{script} {' '.join(args)}", flush=True)
-        process = subprocess.Popen([sys.executable, str(HERE / script), *args], stdout=subprocess.PIPE, text=True,
-                                   cwd=HERE.parent)
+        process = subprocess.Popen(
+            [sys.executable, str(HERE / script), *args], stdout=subprocess.PIPE, text=True, cwd=HERE.parent
+        )
         for line in process.stdout:
             if line.startswith("BENCH\t"):
                 rows.append(line.rstrip("\n").split("\t")[1:])

@@ -54,20 +54,32 @@ class StepClock(L.Callback):
 
 def make(members: int, config: str = "quickstart"):
     cfg = load_run_config(config)
-    data = ToyLanguageData(language=str(ROOT / cfg["data"]["language"]), seq_len=cfg["data"]["seq_len"],
-                           batch_size=cfg["data"]["batch_size"], n_members=members, seed=0,
-                           probe_size=cfg["data"]["probe_size"])
+    data = ToyLanguageData(
+        language=str(ROOT / cfg["data"]["language"]),
+        seq_len=cfg["data"]["seq_len"],
+        batch_size=cfg["data"]["batch_size"],
+        n_members=members,
+        seed=0,
+        probe_size=cfg["data"]["probe_size"],
+    )
     model_args = {k: v for k, v in cfg["model"].items() if k not in ("n_members", "seed")}
-    module = TensorTransformerModule(d_vocab=data.d_vocab, n_ctx=data.seq_len, label_names=data.label_names,
-                                     n_members=members, seed=0, **model_args)
+    module = TensorTransformerModule(
+        d_vocab=data.d_vocab,
+        n_ctx=data.seq_len,
+        label_names=data.label_names,
+        n_members=members,
+        seed=0,
+        **model_args,
+    )
     return data, module
 
 
 def bare_seconds_per_step(members: int, steps: int, warmup: int) -> float:
     data, module = make(members)
     optimizer = torch.optim.AdamW(module.parameters(), lr=module.hparams.lr, fused=True)  # as the module's
-    stream = iter(MemberStreams(data.language, data.seq_len, data.batch_size, data.stream_seeds,
-                                data.steps_per_block))
+    stream = iter(
+        MemberStreams(data.language, data.seq_len, data.batch_size, data.stream_seeds, data.steps_per_block)
+    )
     start = 0.0
     for step in range(steps):
         if step == warmup:
@@ -80,8 +92,15 @@ def bare_seconds_per_step(members: int, steps: int, warmup: int) -> float:
     return (time.perf_counter() - start) / (steps - warmup)
 
 
-def tracked_seconds_per_step(members: int, steps: int, warmup: int, probes: bool, tracking: bool = True,
-                             config: str = "quickstart", probe_every: int = 10) -> float:
+def tracked_seconds_per_step(
+    members: int,
+    steps: int,
+    warmup: int,
+    probes: bool,
+    tracking: bool = True,
+    config: str = "quickstart",
+    probe_every: int = 10,
+) -> float:
     from lightning.pytorch.loggers import WandbLogger
 
     data, module = make(members, config)
@@ -95,9 +114,17 @@ def tracked_seconds_per_step(members: int, steps: int, warmup: int, probes: bool
         if tracking:
             callbacks.append(TimelineWriter(flush_every_n_steps=100))
         logger = WandbLogger(save_dir=root, project="bench", mode="offline") if tracking else False
-        trainer = L.Trainer(max_steps=steps, default_root_dir=root, logger=logger, callbacks=callbacks,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0, accelerator="cpu")
+        trainer = L.Trainer(
+            max_steps=steps,
+            default_root_dir=root,
+            logger=logger,
+            callbacks=callbacks,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            accelerator="cpu",
+        )
         trainer.fit(module, datamodule=data)
         if logger:
             logger.experiment.finish()
@@ -112,8 +139,10 @@ def snapshot_fraction(members: int, bare_step: float) -> float:
     _, module = make(members)
     with tempfile.TemporaryDirectory() as root:
         with h5py.File(Path(root) / "s.h5", "w") as f:
-            datasets = {n: f.create_dataset(n, shape=(4, *p.shape), dtype=np.float32)
-                        for n, p in module.model.named_parameters()}
+            datasets = {
+                n: f.create_dataset(n, shape=(4, *p.shape), dtype=np.float32)
+                for n, p in module.model.named_parameters()
+            }
             start = time.perf_counter()
             for slot in range(4):
                 for name, param in module.model.named_parameters():
@@ -132,13 +161,16 @@ def main() -> None:
     times = {"bare": [], "lightning": [], "tracked": [], "+probes": []}
     for _ in range(args.repeats):
         times["bare"].append(bare_seconds_per_step(args.members, args.steps, args.warmup))
-        times["lightning"].append(tracked_seconds_per_step(args.members, args.steps, args.warmup, probes=False,
-                                                           tracking=False))
+        times["lightning"].append(
+            tracked_seconds_per_step(args.members, args.steps, args.warmup, probes=False, tracking=False)
+        )
         times["tracked"].append(tracked_seconds_per_step(args.members, args.steps, args.warmup, probes=False))
         times["+probes"].append(tracked_seconds_per_step(args.members, args.steps, args.warmup, probes=True))
     best = {k: statistics.median(v) for k, v in times.items()}
-    print(f"quickstart size, {args.members} members, {args.steps - args.warmup} timed steps, "
-          f"median of {args.repeats}, torch threads {torch.get_num_threads()}")
+    print(
+        f"quickstart size, {args.members} members, {args.steps - args.warmup} timed steps, "
+        f"median of {args.repeats}, torch threads {torch.get_num_threads()}"
+    )
     print(f"{'configuration':<12}{'ms/step':>10}{'ratio':>8}{'target':>8}")
     for name, target in (("bare", ""), ("lightning", ""), ("tracked", "<= 1.10"), ("+probes", "<= 1.15")):
         print(f"{name:<12}{best[name] * 1000:>10.1f}{best[name] / best['bare']:>8.3f}{target:>8}")

@@ -31,8 +31,10 @@ def train_infos(label_names: list[str]) -> list[MetricInfo]:
     """Training-loss metrics: total, then one per primitive (NaN = none of its positions in
     that step's batch)."""
     infos = [MetricInfo("train/loss", "train", "all", "all", unit="nats")]
-    infos += [MetricInfo(f"train_loss/{name}", "train", name, "all", sparse=True, unit="nats")
-              for name in label_names[1:]]
+    infos += [
+        MetricInfo(f"train_loss/{name}", "train", name, "all", sparse=True, unit="nats")
+        for name in label_names[1:]
+    ]
     return infos
 
 
@@ -48,8 +50,12 @@ class CircuitMetrics(L.Callback):
 
     timeline_groups = ("every_step", "diagnostics")
 
-    def __init__(self, diagnostics_every_n_steps: int = 10, flush_every_n_steps: int | None = None,
-                 log_all: bool = False):
+    def __init__(
+        self,
+        diagnostics_every_n_steps: int = 10,
+        flush_every_n_steps: int | None = None,
+        log_all: bool = False,
+    ):
         at_least(diagnostics_every_n_steps, 0, "circuits.diagnostics_every_n_steps")
         if flush_every_n_steps is not None:
             at_least(flush_every_n_steps, 1, "circuits.flush_every_n_steps")
@@ -59,15 +65,19 @@ class CircuitMetrics(L.Callback):
         self.headline: HeadlineMetrics | None = None
         self.diagnostics: Diagnostics | None = None
         self._current: torch.Tensor | None = None
-        self.last_loss_device: torch.device | None = None  # where the step's losses were (bench/gpu_sync_check.py)
+        self.last_loss_device: torch.device | None = (
+            None  # where the step's losses were (bench/gpu_sync_check.py)
+        )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         writer = find_writer(trainer)
         if self.flush_every_n_steps is not None and self.flush_every_n_steps != writer.flush_every_n_steps:
-            rank_zero_warn(f"circuits.flush_every_n_steps ({self.flush_every_n_steps}) is an alias of "
-                           f"timeline.flush_every_n_steps, which flushes every run ({writer.flush_every_n_steps})")
+            rank_zero_warn(
+                f"circuits.flush_every_n_steps ({self.flush_every_n_steps}) is an alias of "
+                f"timeline.flush_every_n_steps, which flushes every run ({writer.flush_every_n_steps})"
+            )
         language = trainer.datamodule.language
         self.headline = HeadlineMetrics(language, pl_module.cfg.n_ctx)
         self.train = train_infos(pl_module.label_names)
@@ -77,12 +87,16 @@ class CircuitMetrics(L.Callback):
         self.diagnostics = None
         if self.diagnostics_every_n_steps:
             self.diagnostics = Diagnostics(language, pl_module.cfg)
-            writer.declare(TimelineGroup("diagnostics", self.diagnostics.infos, M, self.diagnostics_every_n_steps))
+            writer.declare(
+                TimelineGroup("diagnostics", self.diagnostics.infos, M, self.diagnostics_every_n_steps)
+            )
         self._writer = writer
         # per-primitive summary: which headline rows belong to which primitive
         primitives = sorted({i.primitive for i in self.headline.infos})
         self._summary_primitives = primitives
-        self._summary_rows = [[r for r, i in enumerate(self.headline.infos) if i.primitive == p] for p in primitives]
+        self._summary_rows = [
+            [r for r, i in enumerate(self.headline.infos) if i.primitive == p] for p in primitives
+        ]
         self._nothing = np.array([i.nothing for i in self.headline.infos])
         self._learned = np.array([i.learned for i in self.headline.infos])
 
@@ -109,8 +123,10 @@ class CircuitMetrics(L.Callback):
         """Host rows (n,), (n, n_metrics, member) -> one logger dict per step."""
         n_headline = len(self.headline.infos)
         reached = progress(values[:, :n_headline], self._nothing[None, :, None], self._learned[None, :, None])
-        summaries = {f"{p}/weight_progress": np.median(reached[:, rows].mean(1), axis=-1)
-                     for p, rows in zip(self._summary_primitives, self._summary_rows)}
+        summaries = {
+            f"{p}/weight_progress": np.median(reached[:, rows].mean(1), axis=-1)
+            for p, rows in zip(self._summary_primitives, self._summary_rows)
+        }
         with warnings.catch_warnings():  # a primitive absent from a step's batch is NaN for all members
             warnings.simplefilter("ignore", RuntimeWarning)
             train = np.nanmedian(values[:, n_headline:], axis=-1)

@@ -80,20 +80,35 @@ class ProbeMetrics(L.Callback):
         self.label_names, self.rule_names = list(names), list(language.rule_names)
         self.infos = []
         if self.has_excess:
-            self.infos += [MetricInfo("probe/excess", "probe", "all", "all", float(plogp.mean()) + log_v, 0.0)]
-            self.infos += [MetricInfo(f"probe_excess/{names[i]}", "probe", names[i], "all", by_label[i] + log_v, 0.0)
-                           for i in self.label_columns]
-        self.infos += [MetricInfo(f"probe_acc/{names[i]}", "probe", names[i], "all") for i in self.label_columns]
-        self.infos += [MetricInfo(f"probe_ce/{names[i]}", "probe", names[i], "all", log_v, -by_label[i])
-                       for i in self.label_columns]
+            self.infos += [
+                MetricInfo("probe/excess", "probe", "all", "all", float(plogp.mean()) + log_v, 0.0)
+            ]
+            self.infos += [
+                MetricInfo(f"probe_excess/{names[i]}", "probe", names[i], "all", by_label[i] + log_v, 0.0)
+                for i in self.label_columns
+            ]
+        self.infos += [
+            MetricInfo(f"probe_acc/{names[i]}", "probe", names[i], "all") for i in self.label_columns
+        ]
+        self.infos += [
+            MetricInfo(f"probe_ce/{names[i]}", "probe", names[i], "all", log_v, -by_label[i])
+            for i in self.label_columns
+        ]
         for i in self.rule_columns if self.has_excess else ():
             primitive, rule = language.rule_names[i].split("/", 1)
-            self.infos.append(MetricInfo(f"probe_excess/{primitive}/{rule}", "probe", primitive, rule,
-                                         by_rule[i] + log_v, 0.0))
+            self.infos.append(
+                MetricInfo(
+                    f"probe_excess/{primitive}/{rule}", "probe", primitive, rule, by_rule[i] + log_v, 0.0
+                )
+            )
         T = datamodule.seq_len
-        self.infos += [MetricInfo(f"probe_loss/pos{t + 1}", "probe", "all", f"pos{t + 1}") for t in range(T - 1)]
+        self.infos += [
+            MetricInfo(f"probe_loss/pos{t + 1}", "probe", "all", f"pos{t + 1}") for t in range(T - 1)
+        ]
         self.icl_early, self.icl_late = icl_positions(T)
-        self.infos.append(MetricInfo("icl/score", "probe", "all", f"pos{self.icl_late + 1}-pos{self.icl_early + 1}"))
+        self.infos.append(
+            MetricInfo("icl/score", "probe", "all", f"pos{self.icl_late + 1}-pos{self.icl_early + 1}")
+        )
         # spans (quotes, brackets): each head's attention from inside a span to its open token
         inputs = probe.tokens[:, :-1].numpy()
         found = [(p, p.open_positions(inputs)) for p in language.primitives]
@@ -101,13 +116,25 @@ class ProbeMetrics(L.Callback):
         self.span_opens = torch.from_numpy(np.stack(opens)) if spans else None  # (S, n, T-1)
         cfg = pl_module.cfg
         for primitive, where in zip(spans, opens):
-            self.infos += [MetricInfo(f"probe_attn/{primitive.name}/L{layer}H{head}", "probe_attention",
-                                      primitive.name, f"L{layer}H{head}", uniform_share(where), 1.0)
-                           for layer in range(cfg.n_layers) for head in range(cfg.n_heads)]
+            self.infos += [
+                MetricInfo(
+                    f"probe_attn/{primitive.name}/L{layer}H{head}",
+                    "probe_attention",
+                    primitive.name,
+                    f"L{layer}H{head}",
+                    uniform_share(where),
+                    1.0,
+                )
+                for layer in range(cfg.n_layers)
+                for head in range(cfg.n_heads)
+            ]
         self.spans = spans
         self._writer = find_writer(trainer)
-        self._writer.declare(TimelineGroup("probe", self.infos, pl_module.cfg.n_members, self.every_n_steps,
-                                           summarize=self.summarize))
+        self._writer.declare(
+            TimelineGroup(
+                "probe", self.infos, pl_module.cfg.n_members, self.every_n_steps, summarize=self.summarize
+            )
+        )
 
     def values(self, result: ProbeResult, attention: Tensor | None = None) -> dict[str, Tensor]:
         """Every metric of one evaluation by name, (member,) each; ``attention`` (span
@@ -120,20 +147,29 @@ class ProbeMetrics(L.Callback):
         out.update({f"probe_acc/{names[i]}": result.accuracy_by_label[:, i] for i in self.label_columns})
         out.update({f"probe_ce/{names[i]}": result.loss_by_label[:, i] for i in self.label_columns})
         if self.has_excess:
-            out.update({f"probe_excess/{self.rule_names[i]}": result.excess_by_rule[:, i] for i in self.rule_columns})
+            out.update(
+                {f"probe_excess/{self.rule_names[i]}": result.excess_by_rule[:, i] for i in self.rule_columns}
+            )
         out.update({f"probe_loss/pos{t + 1}": loss[:, t] for t in range(loss.shape[1])})
         out["icl/score"] = loss[:, self.icl_late] - loss[:, self.icl_early]
         for span, primitive in enumerate(self.spans if attention is not None else ()):
-            out.update({f"probe_attn/{primitive.name}/L{layer}H{head}": attention[span, :, layer, head]
-                        for layer in range(attention.shape[2]) for head in range(attention.shape[3])})
+            out.update(
+                {
+                    f"probe_attn/{primitive.name}/L{layer}H{head}": attention[span, :, layer, head]
+                    for layer in range(attention.shape[2])
+                    for head in range(attention.shape[3])
+                }
+            )
         return out
 
     def row(self, values: dict[str, Tensor]) -> Tensor:
         """(n_metrics, member) in the order of ``infos``; every declared metric, no other."""
         names = [i.name for i in self.infos]
         if set(values) != set(names):
-            raise ValueError(f"probe row: computed {sorted(set(values) - set(names))[:3]} not declared, "
-                             f"declared {sorted(set(names) - set(values))[:3]} not computed")
+            raise ValueError(
+                f"probe row: computed {sorted(set(values) - set(names))[:3]} not declared, "
+                f"declared {sorted(set(names) - set(values))[:3]} not computed"
+            )
         return torch.stack([values[name] for name in names])
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -144,8 +180,9 @@ class ProbeMetrics(L.Callback):
         language = trainer.datamodule.language
         was_training = pl_module.training
         pl_module.eval()
-        result = evaluate_probe(pl_module.model, self._probe, len(language.label_names),
-                                len(language.rule_names), self.batch_size)
+        result = evaluate_probe(
+            pl_module.model, self._probe, len(language.label_names), len(language.rule_names), self.batch_size
+        )
         pl_module.train(was_training)
         result = ProbeResult(*(getattr(result, f.name).float() for f in fields(result)))
         if self.first is None:
@@ -153,7 +190,9 @@ class ProbeMetrics(L.Callback):
         self.last = (step, result)
         attention = None
         if self.span_opens is not None:
-            attention = attention_to_open(pl_module.model, self._probe.tokens[:, :-1], self.span_opens, self.batch_size)
+            attention = attention_to_open(
+                pl_module.model, self._probe.tokens[:, :-1], self.span_opens, self.batch_size
+            )
         self._writer.append("probe", step, self.row(self.values(result, attention)))
 
     def summarize(self, steps: np.ndarray, values: np.ndarray) -> list[dict[str, float]]:
@@ -165,7 +204,11 @@ class ProbeMetrics(L.Callback):
         metrics = {"probe/excess": float(medians[0])} if self.has_excess else {}
         for info, value in zip(self.infos, medians):
             kind = info.name.split("/")[0]
-            if kind in ("probe_excess", "probe_acc", "probe_ce") and info.rule == "all" and info.primitive != "all":
+            if (
+                kind in ("probe_excess", "probe_acc", "probe_ce")
+                and info.rule == "all"
+                and info.primitive != "all"
+            ):
                 metrics[f"{info.primitive}/{kind}"] = float(value)
             elif kind == "probe_excess" and self.log_rules:
                 metrics[info.name] = float(value)
@@ -193,8 +236,12 @@ class ProbeMetrics(L.Callback):
         self._probe = trainer.datamodule.probe.to(pl_module.device)  # moved once, not per evaluation
         restored = getattr(self, "_restored_first", None) if trainer.global_step > 0 else None
         if restored is not None:
-            restored = (restored[0], ProbeResult(*(getattr(restored[1], f.name).to(pl_module.device)
-                                                   for f in fields(restored[1]))))
+            restored = (
+                restored[0],
+                ProbeResult(
+                    *(getattr(restored[1], f.name).to(pl_module.device) for f in fields(restored[1]))
+                ),
+            )
         self.first, self.last = restored, None
         if trainer.global_step % self.every_n_steps == 0:  # step 0; a resumed run keeps the cadence
             self._evaluate(trainer, pl_module)
@@ -214,12 +261,18 @@ class ProbeMetrics(L.Callback):
         first, last = (ProbeResult(*(getattr(r, f.name).cpu() for f in fields(r))) for r in (first, last))
         labels = datamodule.probe.labels[:, 1:]
         rows = {}
-        measure = "cross_entropy" if not self.has_excess else "excess" if datamodule.probe.true_next is not None \
+        measure = (
+            "cross_entropy"
+            if not self.has_excess
+            else "excess"
+            if datamodule.probe.true_next is not None
             else "sampled_excess"
+        )
         for i in self.label_columns:
             name = datamodule.language.label_names[i]
-            first_values, last_values = ((r.excess_by_label if self.has_excess else r.loss_by_label)[:, i]
-                                         for r in (first, last))
+            first_values, last_values = (
+                (r.excess_by_label if self.has_excess else r.loss_by_label)[:, i] for r in (first, last)
+            )
             initial, final = first_values.median().item(), last_values.median().item()
             rows[name] = {
                 "share": (labels == i).float().mean().item(),
@@ -229,8 +282,13 @@ class ProbeMetrics(L.Callback):
                 "final_accuracy": last.accuracy_by_label[:, i].median().item(),
                 "final_by_member": last_values.tolist(),
             }
-        return {"first_step": first_step, "last_step": last_step, "measure": measure,
-                "n_members": int(first.excess.shape[0]), "primitives": rows}
+        return {
+            "first_step": first_step,
+            "last_step": last_step,
+            "measure": measure,
+            "n_members": int(first.excess.shape[0]),
+            "primitives": rows,
+        }
 
     @rank_zero_only
     def _report(self, trainer) -> None:
@@ -244,16 +302,21 @@ def format_summary(summary: dict) -> str:
     """The end-of-run table: excess loss per primitive at the first and last step."""
     first, last, M = summary["first_step"], summary["last_step"], summary["n_members"]
     members = f"median of {M} member{'s' if M > 1 else ''}"
-    title = {"excess": f"Excess loss on the probe set (nats per token above the exact loss; {members})",
-             "sampled_excess": f"Excess loss on the held-out probe set (the model's loss on the next token minus "
-                               f"the corpus's -log p of it; {members})",
-             "cross_entropy": f"Cross-entropy on the held-out probe set (nats per token; no logp, so no "
-                              f"excess loss; top-1 against the next token; {members})"}
+    title = {
+        "excess": f"Excess loss on the probe set (nats per token above the exact loss; {members})",
+        "sampled_excess": f"Excess loss on the held-out probe set (the model's loss on the next token minus "
+        f"the corpus's -log p of it; {members})",
+        "cross_entropy": f"Cross-entropy on the held-out probe set (nats per token; no logp, so no "
+        f"excess loss; top-1 against the next token; {members})",
+    }
     lines = [
         title[summary.get("measure", "excess")],
-        f"{'primitive':<14}{'positions':>10}{f'step {first}':>12}{f'step {last}':>12}{'fall':>8}{'top-1 acc':>11}",
+        f"{'primitive':<14}{'positions':>10}{f'step {first}':>12}{f'step {last}':>12}"
+        f"{'fall':>8}{'top-1 acc':>11}",
     ]
     for name, row in summary["primitives"].items():
-        lines.append(f"{name:<14}{row['share']:>10.1%}{row['initial']:>12.4f}{row['final']:>12.4f}"
-                     f"{row['fall']:>8.0%}{row['final_accuracy']:>11.1%}")
+        lines.append(
+            f"{name:<14}{row['share']:>10.1%}{row['initial']:>12.4f}{row['final']:>12.4f}"
+            f"{row['fall']:>8.0%}{row['final_accuracy']:>11.1%}"
+        )
     return "\n".join(lines)

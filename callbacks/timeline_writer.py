@@ -118,8 +118,13 @@ class TimelineWriter(L.Callback):
             snapshot holds the final weights.
     """
 
-    def __init__(self, filename: str = "timeline.h5", flush_every_n_steps: int = 100, live: bool = False,
-                 n_snapshots: int = 16):
+    def __init__(
+        self,
+        filename: str = "timeline.h5",
+        flush_every_n_steps: int = 100,
+        live: bool = False,
+        n_snapshots: int = 16,
+    ):
         at_least(flush_every_n_steps, 1, "timeline.flush_every_n_steps")
         at_least(n_snapshots, 0, "timeline.n_snapshots")
         self.filename = filename
@@ -157,8 +162,10 @@ class TimelineWriter(L.Callback):
         if declared is None:
             raise KeyError(f"timeline group {group!r} was not declared")
         if tuple(values.shape) != (len(declared.infos), declared.n_members):
-            raise ValueError(f"timeline group {group!r}: a row of shape {tuple(values.shape)}, declared "
-                             f"({len(declared.infos)}, {declared.n_members})")
+            raise ValueError(
+                f"timeline group {group!r}: a row of shape {tuple(values.shape)}, declared "
+                f"({len(declared.infos)}, {declared.n_members})"
+            )
         self._pending_rows[group].append((step, values.detach()))
 
     def commit(self, complete_through: int | None = None) -> None:
@@ -174,18 +181,20 @@ class TimelineWriter(L.Callback):
         self._pending_snapshots = []
         if self.file is None:  # not rank zero (or not training): the rows are dropped all the same
             return
-        host = self._to_host([v for pending in rows.values() for _, v in pending]
-                             + [w for _, _, weights in snapshots for w in weights.values()])
+        host = self._to_host(
+            [v for pending in rows.values() for _, v in pending]
+            + [w for _, _, weights in snapshots for w in weights.values()]
+        )
         blocks = {}
         for name, pending in rows.items():
-            blocks[name] = (np.array([s for s, _ in pending], dtype=np.int64), np.stack(host[:len(pending)]))
-            host = host[len(pending):]
+            blocks[name] = (np.array([s for s, _ in pending], dtype=np.int64), np.stack(host[: len(pending)]))
+            host = host[len(pending) :]
         try:
             for name, (steps, values) in blocks.items():
                 self._write_rows(name, steps, values)
             for slot, step, weights in snapshots:
-                self._write_snapshot(slot, step, dict(zip(weights, host[:len(weights)])))
-                host = host[len(weights):]
+                self._write_snapshot(slot, step, dict(zip(weights, host[: len(weights)])))
+                host = host[len(weights) :]
             for name in self.groups:
                 self.file[name]["committed"][0] = self.file[name]["step"].shape[0]
             for name, (steps, values) in blocks.items():
@@ -196,8 +205,9 @@ class TimelineWriter(L.Callback):
                 self.file["meta/logged_through"][0] = self._logged_through
             self.file.flush()
         except OSError as error:
-            raise TimelineWriteError(f"{self.path}: cannot write the timeline ({error}); "
-                                     f"rows committed before are kept") from None
+            raise TimelineWriteError(
+                f"{self.path}: cannot write the timeline ({error}); rows committed before are kept"
+            ) from None
         for step in ready:
             metrics = self._pending_logs.pop(step)
             if PROGRESS_BAR_METRIC in metrics:
@@ -240,8 +250,9 @@ class TimelineWriter(L.Callback):
         if bad.any():
             row, metric, member = np.argwhere(bad)[0]
             raise NonFiniteMetricError(
-                f"training diverged: {infos[metric].name} is {values[row, metric, member]} for member {member} at "
-                f"step {int(steps[row])}; the timeline {self.path} keeps every row up to it")
+                f"training diverged: {infos[metric].name} is {values[row, metric, member]} for member "
+                f"{member} at step {int(steps[row])}; the timeline {self.path} keeps every row up to it"
+            )
 
     # ---- file set-up ---------------------------------------------------------------------
 
@@ -293,8 +304,13 @@ class TimelineWriter(L.Callback):
         g.create_dataset("step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(chunk_rows,))
         g["step"].attrs["axes"] = "row"
         g["step"].attrs["unit"] = "optimiser steps"
-        g.create_dataset("values", shape=(0, n_metrics, M), maxshape=(None, n_metrics, M), dtype=np.float32,
-                         chunks=(chunk_rows, n_metrics, M))
+        g.create_dataset(
+            "values",
+            shape=(0, n_metrics, M),
+            maxshape=(None, n_metrics, M),
+            dtype=np.float32,
+            chunks=(chunk_rows, n_metrics, M),
+        )
         g["values"].attrs["axes"] = VALUES_AXES
         g["names"] = _strings(i.name for i in group.infos).astype(STRING)
         g["names"].attrs["axes"] = "metric"
@@ -302,8 +318,11 @@ class TimelineWriter(L.Callback):
         info.attrs["axes"] = "metric"
         for field, kind in INFO_FIELDS.items():
             column = [getattr(i, field) for i in group.infos]
-            info[field] = (_strings(column).astype(STRING) if kind == "str" else
-                           np.array(column, dtype=np.float64 if kind == "float" else bool))
+            info[field] = (
+                _strings(column).astype(STRING)
+                if kind == "str"
+                else np.array(column, dtype=np.float64 if kind == "float" else bool)
+            )
         g.create_dataset("committed", data=np.zeros(1, dtype=np.int64))
 
     def _create_snapshots(self, f: h5py.File, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -320,8 +339,10 @@ class TimelineWriter(L.Callback):
     def expected_bytes(self, max_steps: int, n_parameters: int) -> int:
         """About how large the finished file will be: every group's rows, the snapshots, and
         1 MiB for meta, ground truth and HDF5's own structures."""
-        rows = sum((max_steps // g.every_n_steps + 2) * (len(g.infos) * g.n_members * 4 + 8)
-                   for g in self.groups.values())
+        rows = sum(
+            (max_steps // g.every_n_steps + 2) * (len(g.infos) * g.n_members * 4 + 8)
+            for g in self.groups.values()
+        )
         snapshots = len(log_spaced_steps(max_steps, self.n_snapshots)) * n_parameters * 4
         return rows + snapshots + 2**20
 
@@ -337,33 +358,47 @@ class TimelineWriter(L.Callback):
         mib = 2**20
         if limit != resource.RLIM_INFINITY and max(timeline, checkpoint) > limit:
             raise TimelineWriteError(
-                f"{self.path}: the timeline needs about {timeline / mib:.1f} MiB for {trainer.max_steps} steps "
+                f"{self.path}: the timeline needs about {timeline / mib:.1f} MiB for {trainer.max_steps} "
+                "steps "
                 f"and a checkpoint {checkpoint / mib:.1f} MiB, but the file-size limit (ulimit -f) is "
-                f"{limit / mib:.1f} MiB")
+                f"{limit / mib:.1f} MiB"
+            )
         free = shutil.disk_usage(self.path.parent).free
         if timeline + checkpoint > free:
             raise TimelineWriteError(
-                f"{self.path}: the timeline needs about {timeline / mib:.1f} MiB for {trainer.max_steps} steps "
-                f"and checkpoints {checkpoint / mib:.1f} MiB, but the disk has {free / mib:.1f} MiB free")
+                f"{self.path}: the timeline needs about {timeline / mib:.1f} MiB for {trainer.max_steps} "
+                "steps "
+                f"and checkpoints {checkpoint / mib:.1f} MiB, but the disk has {free / mib:.1f} MiB free"
+            )
 
     def _resume(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         """Copy the old file's committed rows before ``step`` into a fresh file that replaces it."""
         try:
             old = _open_killed(self.path)
         except OSError as error:
-            raise TimelineWriteError(f"{self.path}: cannot resume, the old timeline does not open ({error})") from None
+            raise TimelineWriteError(
+                f"{self.path}: cannot resume, the old timeline does not open ({error})"
+            ) from None
         partial = self.path.with_name(self.path.name + ".resume")
         with old:
             new = self._create(trainer, pl_module, partial)
             try:
                 for name, group in self.groups.items():
                     if name not in old:
-                        raise TimelineWriteError(f"{self.path}: cannot resume, the old timeline has no group {name!r}")
-                    old_names = [v.decode() if isinstance(v, bytes) else str(v) for v in old[name]["names"][()]]
-                    if old_names != [i.name for i in group.infos] or old[name]["values"].shape[2] != group.n_members:
+                        raise TimelineWriteError(
+                            f"{self.path}: cannot resume, the old timeline has no group {name!r}"
+                        )
+                    old_names = [
+                        v.decode() if isinstance(v, bytes) else str(v) for v in old[name]["names"][()]
+                    ]
+                    if (
+                        old_names != [i.name for i in group.infos]
+                        or old[name]["values"].shape[2] != group.n_members
+                    ):
                         raise TimelineWriteError(
                             f"{self.path}: cannot resume, group {name!r} was written with other metrics or "
-                            "members than this run computes; resume with the run's own config.yaml")
+                            "members than this run computes; resume with the run's own config.yaml"
+                        )
                     steps = old[name]["step"][: int(old[name]["committed"][0])]
                     keep = int(np.searchsorted(steps, step, side="left"))  # steps are increasing
                     target = new[name]
@@ -400,7 +435,7 @@ class TimelineWriter(L.Callback):
             steps = self.file[name]["step"][()]
             lost = np.flatnonzero((steps > persisted) & (steps < step))
             if len(lost):
-                self._queue_logs(name, steps[lost], self.file[name]["values"][lost[0]:lost[-1] + 1])
+                self._queue_logs(name, steps[lost], self.file[name]["values"][lost[0] : lost[-1] + 1])
 
     @staticmethod
     def _copy_snapshots(old: h5py.File, new: h5py.File, step: int) -> None:
@@ -423,10 +458,12 @@ class TimelineWriter(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer, self._module = (trainer, pl_module) if stage == "fit" else (None, None)
         mine = trainer.callbacks.index(self)
-        late = [type(c).__name__ for c in trainer.callbacks[mine + 1:] if isinstance(c, TimelineProducer)]
+        late = [type(c).__name__ for c in trainer.callbacks[mine + 1 :] if isinstance(c, TimelineProducer)]
         if late:
-            raise UsageError(f"trainer.callbacks: {', '.join(late)} must come before the TimelineWriter, "
-                             "so that every row of a step is written before the step is committed")
+            raise UsageError(
+                f"trainer.callbacks: {', '.join(late)} must come before the TimelineWriter, "
+                "so that every row of a step is written before the step is committed"
+            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._open()
@@ -462,8 +499,14 @@ class TimelineWriter(L.Callback):
         self.commit(complete_through=trainer.global_step - 1)  # later rows (a probe after the update) wait
         if self._flushed_loss is not None:  # host values already: the bar reads no tensor on the device
             step, loss = self._flushed_loss
-            pl_module.log_dict({"loss": torch.tensor(loss), "loss_step": torch.tensor(float(step))},
-                               prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
+            pl_module.log_dict(
+                {"loss": torch.tensor(loss), "loss_step": torch.tensor(float(step))},
+                prog_bar=True,
+                logger=False,
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._snapshot(trainer.global_step, pl_module, final=True)

@@ -72,8 +72,9 @@ def ov(model: TensorTransformer, layer: int) -> Tensor:
     return left @ right
 
 
-def trigram_entries(model: TensorTransformer, layer: int, query: Tensor, key: Tensor, out: Tensor,
-                    offsets: list[int]) -> Tensor:
+def trigram_entries(
+    model: TensorTransformer, layer: int, query: Tensor, key: Tensor, out: Tensor, offsets: list[int]
+) -> Tensor:
     """T_h,d[query_i, key_i, out_i] for n gathered triples: (member, head, n, n_offsets)."""
     q, k = query_key_vectors(model, layer)  # (M, P, H, V, dh)
     q, k = q[..., query, :], k[..., key, :]  # (M, P, H, n, dh)
@@ -105,7 +106,9 @@ def positional_profile(model: TensorTransformer, layer: int, offsets: list[int])
     profile = []
     for d in offsets:
         rotated = _rotate(q, d, model)
-        profile.append(((rotated[:, 0].transpose(-1, -2) @ rotated[:, second]) * key_gram).sum((-1, -2)) / scale)
+        profile.append(
+            ((rotated[:, 0].transpose(-1, -2) @ rotated[:, second]) * key_gram).sum((-1, -2)) / scale
+        )
     return torch.stack(profile, -1)
 
 
@@ -152,13 +155,18 @@ def composition(model: TensorTransformer, earlier: int, later: int) -> dict[str,
     ||OV1 QK2||; V: ||OV1 OV2||. All norms come from d_head x d_head factors, as in
     TransformerLens's FactoredMatrix, never from d_model x d_model products.
     """
-    V1, O1 = model.W_V[:, earlier][:, None, :, None], model.W_O[:, earlier][:, None, :, None]  # (M, 1, H1, 1, ., .)
+    V1, O1 = (
+        model.W_V[:, earlier][:, None, :, None],
+        model.W_O[:, earlier][:, None, :, None],
+    )  # (M, 1, H1, 1, ., .)
     Q2, K2 = model.W_Q[:, later][:, :, None], model.W_K[:, later][:, :, None]  # (M, P, 1, H2, D, dh)
     V2, O2 = model.W_V[:, later][:, None, None], model.W_O[:, later][:, None, None]  # (M, 1, 1, H2, ., .)
     O1_t = O1.transpose(-1, -2)  # (.., D, dh)
     ov1_norm = factored_norm(V1, torch.eye(V1.shape[-1], device=V1.device, dtype=V1.dtype), O1_t)
     qk2_norm = factored_norm(Q2, torch.eye(Q2.shape[-1], device=Q2.device, dtype=Q2.dtype), K2)
-    ov2_norm = factored_norm(V2, torch.eye(V2.shape[-1], device=V2.device, dtype=V2.dtype), O2.transpose(-1, -2))
+    ov2_norm = factored_norm(
+        V2, torch.eye(V2.shape[-1], device=V2.device, dtype=V2.dtype), O2.transpose(-1, -2)
+    )
     k_norm = factored_norm(Q2, K2.transpose(-1, -2) @ O1_t, V1)  # Q2 (K2^T O1^T) V1^T
     q_norm = factored_norm(V1, O1 @ Q2, K2)  # V1 (O1 Q2) K2^T
     v_norm = factored_norm(V1, O1 @ V2, O2.transpose(-1, -2))  # V1 (O1 V2) O2

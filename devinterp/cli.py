@@ -70,8 +70,10 @@ def checkpoint_step(path: Path) -> int:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return int(checkpoint["global_step"])
     except Exception as error:  # a truncated file, another format, a foreign pickle
-        raise UsageError(f"{path}: not a readable checkpoint ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        raise UsageError(
+            f"{path}: not a readable checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''})"
+        ) from None
 
 
 def check_writable(folder: Path) -> None:
@@ -98,8 +100,10 @@ def check_same_data(timeline: Path, spec_text: str) -> None:
     except (OSError, KeyError):
         return  # a damaged timeline is the writer's to report
     if recorded != spec_text and not _same_yaml(recorded, spec_text):  # a comment edited is no change
-        raise UsageError(f"{timeline}: the run's language or corpus has changed since it started (meta/language_spec "
-                         "differs from the file the config names); resume with the data it was trained on")
+        raise UsageError(
+            f"{timeline}: the run's language or corpus has changed since it started (meta/language_spec "
+            "differs from the file the config names); resume with the data it was trained on"
+        )
 
 
 def _same_yaml(a: str, b: str) -> bool:
@@ -119,8 +123,11 @@ def map_flush_alias(config: Namespace) -> None:
     default = inspect.signature(TimelineWriter).parameters["flush_every_n_steps"].default
     if config.timeline.flush_every_n_steps == default:
         config.timeline.flush_every_n_steps = alias
-    print(f"notice: circuits.flush_every_n_steps is now timeline.flush_every_n_steps; the run flushes every "
-          f"{config.timeline.flush_every_n_steps} steps", file=sys.stderr)
+    print(
+        f"notice: circuits.flush_every_n_steps is now timeline.flush_every_n_steps; the run flushes every "
+        f"{config.timeline.flush_every_n_steps} steps",
+        file=sys.stderr,
+    )
     config.circuits.flush_every_n_steps = None
 
 
@@ -128,16 +135,32 @@ class DevinterpCLI(LightningCLI):
     run_dir: Path | None = None
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--run.name", type=Optional[str], default=None,
-                            help="run folder name (default: the config file's stem)")
+        parser.add_argument(
+            "--run.name",
+            type=Optional[str],
+            default=None,
+            help="run folder name (default: the config file's stem)",
+        )
         parser.add_argument("--run.root", type=str, default="runs", help="folder holding run folders")
-        parser.add_argument("--run.wandb_mode", type=Literal["offline", "online", "disabled"],
-                            default="offline", help="W&B mode; offline files sync later with `wandb sync`")
+        parser.add_argument(
+            "--run.wandb_mode",
+            type=Literal["offline", "online", "disabled"],
+            default="offline",
+            help="W&B mode; offline files sync later with `wandb sync`",
+        )
         parser.add_argument("--run.wandb_project", type=str, default="devinterp")
-        parser.add_argument("--run.resume", type=Optional[str], default=None,
-                            help="continue the run in this folder from its last checkpoint (see `devinterp resume`)")
-        parser.add_argument("--run.checkpoint_every_n_steps", type=int, default=500,
-                            help="checkpoints/last.ckpt cadence when the config names no ModelCheckpoint")
+        parser.add_argument(
+            "--run.resume",
+            type=Optional[str],
+            default=None,
+            help="continue the run in this folder from its last checkpoint (see `devinterp resume`)",
+        )
+        parser.add_argument(
+            "--run.checkpoint_every_n_steps",
+            type=int,
+            default=500,
+            help="checkpoints/last.ckpt cadence when the config names no ModelCheckpoint",
+        )
         # the producers of timeline rows come before the writer (it checks this in setup)
         parser.add_lightning_class_args(CircuitMetrics, "circuits")
         parser.add_lightning_class_args(ProbeMetrics, "probe")
@@ -154,7 +177,9 @@ class DevinterpCLI(LightningCLI):
             return
         config = self.config[self.subcommand]
         if config.run.checkpoint_every_n_steps < 1:
-            raise UsageError(f"run.checkpoint_every_n_steps: must be at least 1, got {config.run.checkpoint_every_n_steps}")
+            raise UsageError(
+                f"run.checkpoint_every_n_steps: must be at least 1, got {config.run.checkpoint_every_n_steps}"
+            )
         map_flush_alias(config)
         self.resume_step = None
         self.child_rank = os.environ.get("LOCAL_RANK", "0") != "0" and RUN_DIR_VARIABLE in os.environ
@@ -170,8 +195,10 @@ class DevinterpCLI(LightningCLI):
             checkpoint = last_checkpoint(self.run_dir)
             self.resume_step = checkpoint_step(checkpoint)
             if config.trainer.max_steps is not None and self.resume_step >= config.trainer.max_steps:
-                raise UsageError(f"{self.run_dir}: the run already finished (step {self.resume_step} of "
-                                 f"trainer.max_steps {config.trainer.max_steps}); raise --trainer.max_steps to extend it")
+                raise UsageError(
+                    f"{self.run_dir}: the run already finished (step {self.resume_step} of "
+                    f"trainer.max_steps {config.trainer.max_steps}); raise --trainer.max_steps to extend it"
+                )
             config.ckpt_path = str(checkpoint)
             self.save_config_callback = None  # the folder's config.yaml stays as the run wrote it
         else:
@@ -186,8 +213,14 @@ class DevinterpCLI(LightningCLI):
         config.trainer.default_root_dir = str(self.run_dir)
         callbacks = config.trainer.get("callbacks") or []
         if not any("ModelCheckpoint" in str(c.get("class_path", "")) for c in callbacks):
-            callbacks.append(Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint", init_args=Namespace(
-                save_last=True, save_top_k=0, every_n_train_steps=config.run.checkpoint_every_n_steps)))
+            callbacks.append(
+                Namespace(
+                    class_path="lightning.pytorch.callbacks.ModelCheckpoint",
+                    init_args=Namespace(
+                        save_last=True, save_top_k=0, every_n_train_steps=config.run.checkpoint_every_n_steps
+                    ),
+                )
+            )
             config.trainer.callbacks = callbacks
 
     def instantiate_trainer(self, **kwargs):
@@ -204,27 +237,44 @@ class DevinterpCLI(LightningCLI):
                 check_writable(self.run_dir / "checkpoints")
             if not self.child_rank:
                 os.environ[RUN_DIR_VARIABLE] = str(self.run_dir)  # DDP processes it launches join this run
-                print(f"run folder: {self.run_dir}" + (f" (resumed at step {self.resume_step})"
-                                                      if self.resume_step is not None else ""), flush=True)
+                print(
+                    f"run folder: {self.run_dir}"
+                    + (f" (resumed at step {self.resume_step})" if self.resume_step is not None else ""),
+                    flush=True,
+                )
             run = self.config[self.subcommand].run
-            segment = self.run_dir.name if self.resume_step is None else f"{self.run_dir.name}@{self.resume_step}"
-            kwargs.setdefault("logger", WandbLogger(
-                save_dir=str(self.run_dir), project=run.wandb_project, name=segment, group=self.run_dir.name,
-                mode=run.wandb_mode))
+            segment = (
+                self.run_dir.name if self.resume_step is None else f"{self.run_dir.name}@{self.resume_step}"
+            )
+            kwargs.setdefault(
+                "logger",
+                WandbLogger(
+                    save_dir=str(self.run_dir),
+                    project=run.wandb_project,
+                    name=segment,
+                    group=self.run_dir.name,
+                    mode=run.wandb_mode,
+                ),
+            )
         else:
             kwargs.setdefault("logger", False)
             kwargs.setdefault("limit_val_batches", 1.0)  # the probe set, whatever fit used
         trainer_init = self.config_init[self.subcommand].trainer
         configured = list(trainer_init.get("callbacks") or [])
         if trainer_init.get("enable_progress_bar") is not False and not any(
-                isinstance(c, ProgressBar) for c in configured):
+            isinstance(c, ProgressBar) for c in configured
+        ):
             kwargs.setdefault("callbacks", configured + [FlushedLossBar()])  # not in config.yaml
         trainer = super().instantiate_trainer(**kwargs)
         for callback in trainer.callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None and self.run_dir:
                 callback.dirpath = str(self.run_dir / "checkpoints")
-            if isinstance(callback, TimelineWriter) and self.subcommand == "fit":  # meta/config: every section
-                callback.run_config = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+            if (
+                isinstance(callback, TimelineWriter) and self.subcommand == "fit"
+            ):  # meta/config: every section
+                callback.run_config = self._parser(self.subcommand).dump(
+                    self.config[self.subcommand], skip_none=False
+                )
         return trainer
 
     def after_fit(self) -> None:
@@ -241,10 +291,17 @@ def analyze_main(argv: list[str]) -> int:
     parser.add_argument("runs", nargs="+", help="run folders, timeline files, or folders of run folders")
     parser.add_argument("--out", required=True, help="folder for report.md, ordering.json and the PNGs")
     parser.add_argument("--level", type=float, default=0.5, help="onset level (0.5: t50)")
-    parser.add_argument("--source", choices=["probe", "weight"], default="probe", help="onsets for the ordering")
+    parser.add_argument(
+        "--source", choices=["probe", "weight"], default="probe", help="onsets for the ordering"
+    )
     parser.add_argument("--alpha", type=float, default=0.01)
-    parser.add_argument("--steps", type=int, nargs="*", default=None,
-                        help="steps for the direct-path and QK figures (nearest weight snapshots)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="*",
+        default=None,
+        help="steps for the direct-path and QK figures (nearest weight snapshots)",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.level < 1:
         parser.error(f"--level: must be between 0 and 1 (0.5 is the t50 onset), got {args.level}")
@@ -303,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     os.environ.setdefault("WANDB_SILENT", "true")
-    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # the seed is in config.yaml
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(
+        logging.WARNING
+    )  # the seed is in config.yaml
     try:
         if argv and argv[0] == "language":
             from devinterp.language_show import main as language_main
@@ -332,8 +391,17 @@ def main(argv: list[str] | None = None) -> int:
             seed_everything_default=0,
             parser_kwargs={"default_env": False, "exit_on_error": False, "allow_abbrev": False},
         )
-    except (NonFiniteMetricError, SpecError, UsageError, TimelineError, TimelineWriteError, ArgumentError,
-            MisconfigurationException, ValueError, OSError) as error:
+    except (
+        NonFiniteMetricError,
+        SpecError,
+        UsageError,
+        TimelineError,
+        TimelineWriteError,
+        ArgumentError,
+        MisconfigurationException,
+        ValueError,
+        OSError,
+    ) as error:
         # ValueError: a config value a class refused in its __init__ (the field is named there);
         # OSError: a full disk or a folder that vanished (the file is named)
         if os.environ.get("DEVINTERP_TRACEBACK"):  # for developers: the full traceback

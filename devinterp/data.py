@@ -48,8 +48,12 @@ class ProbeSet:
         """The same set on ``device`` (itself when it is there already)."""
         if self.tokens.device == torch.device(device):
             return self
-        return ProbeSet(*(None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
-                          for f in fields(self)))
+        return ProbeSet(
+            *(
+                None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                for f in fields(self)
+            )
+        )
 
 
 class MemberStreams(IterableDataset):
@@ -59,9 +63,18 @@ class MemberStreams(IterableDataset):
     holds the switch is sampled from both languages and each step takes its own.
     """
 
-    def __init__(self, language: Language, seq_len: int, batch_size: int, stream_seeds: list[int],
-                 steps_per_block: int, start_step: int = 0, first_language: Language | None = None,
-                 first_steps: int = 0, shard: tuple[int, int] = (0, 1)):
+    def __init__(
+        self,
+        language: Language,
+        seq_len: int,
+        batch_size: int,
+        stream_seeds: list[int],
+        steps_per_block: int,
+        start_step: int = 0,
+        first_language: Language | None = None,
+        first_steps: int = 0,
+        shard: tuple[int, int] = (0, 1),
+    ):
         self.language = language
         self.first_language = first_language
         self.first_steps = first_steps if first_language is not None else 0
@@ -79,8 +92,10 @@ class MemberStreams(IterableDataset):
         distinct = list(dict.fromkeys(self.stream_seeds))  # shared data: sample each stream once
         samples = language.stream_block(n, self.seq_len, distinct, block_index)
         by_seed = dict(zip(distinct, samples))
-        return (np.stack([by_seed[seed].tokens for seed in self.stream_seeds]),
-                np.stack([by_seed[seed].labels for seed in self.stream_seeds]))
+        return (
+            np.stack([by_seed[seed].tokens for seed in self.stream_seeds]),
+            np.stack([by_seed[seed].labels for seed in self.stream_seeds]),
+        )
 
     def _block_for_steps(self, block_index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         first = block_index * self.steps_per_block
@@ -132,14 +147,29 @@ class ToyLanguageData(L.LightningDataModule):
             for ``knockin_steps`` steps, then on the full language; probes use the full language.
     """
 
-    def __init__(self, language: str = "configs/languages/seed.yaml", seq_len: int = 64,
-                 batch_size: int = 32, n_members: int = 1, seed: int = 0, share_data: bool = False,
-                 probe_size: int = 256, probe_seed: int = 2**31 - 1, steps_per_block: int = 16,
-                 knockout: list[str] | None = None, knockin: list[str] | None = None, knockin_steps: int = 0):
+    def __init__(
+        self,
+        language: str = "configs/languages/seed.yaml",
+        seq_len: int = 64,
+        batch_size: int = 32,
+        n_members: int = 1,
+        seed: int = 0,
+        share_data: bool = False,
+        probe_size: int = 256,
+        probe_seed: int = 2**31 - 1,
+        steps_per_block: int = 16,
+        knockout: list[str] | None = None,
+        knockin: list[str] | None = None,
+        knockin_steps: int = 0,
+    ):
         super().__init__()
         self.save_hyperparameters()
-        for field, value in (("batch_size", batch_size), ("n_members", n_members), ("probe_size", probe_size),
-                             ("steps_per_block", steps_per_block)):
+        for field, value in (
+            ("batch_size", batch_size),
+            ("n_members", n_members),
+            ("probe_size", probe_size),
+            ("steps_per_block", steps_per_block),
+        ):
             at_least(value, 1, f"data.{field}")
         at_least(knockin_steps, 0, "data.knockin_steps")
         self.language_path = str(language)
@@ -194,10 +224,13 @@ class ToyLanguageData(L.LightningDataModule):
         if self._probe is None and isinstance(self.language, Corpus):
             sample = self.language.held_out(self.seq_len)
             self._probe = ProbeSet(
-                tokens=torch.from_numpy(sample.tokens), labels=torch.from_numpy(sample.labels),
-                rules=torch.from_numpy(sample.rules), true_next=None,
+                tokens=torch.from_numpy(sample.tokens),
+                labels=torch.from_numpy(sample.labels),
+                rules=torch.from_numpy(sample.rules),
+                true_next=None,
                 true_plogp=torch.from_numpy(sample.logp[:, 1:]).float(),
-                true_top=torch.from_numpy(sample.tokens[:, 1:]))
+                true_top=torch.from_numpy(sample.tokens[:, 1:]),
+            )
         if self._probe is None:
             sample = self.language.sample(self.probe_size, self.seq_len, seed=self.probe_seed)
             true_next = self.language.true_next_dist(sample.tokens)[:, :-1]
@@ -215,22 +248,36 @@ class ToyLanguageData(L.LightningDataModule):
         """Under DDP ``batch_size`` is the global batch: every process samples it (the same
         stream) and trains on its own slice, so n processes train exactly what one would."""
         start = self.trainer.global_step if self.trainer is not None else 0
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        rank, world = (
+            (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        )
         if self.batch_size % world:
-            raise UsageError(f"data.batch_size: {self.batch_size} sequences do not split evenly over {world} "
-                             "processes (it is the global batch under DDP)")
-        streams = MemberStreams(self.language, self.seq_len, self.batch_size, self.stream_seeds,
-                                self.steps_per_block, start_step=start, first_language=self.first_language,
-                                first_steps=self.knockin_steps, shard=(rank, world))
+            raise UsageError(
+                f"data.batch_size: {self.batch_size} sequences do not split evenly over {world} "
+                "processes (it is the global batch under DDP)"
+            )
+        streams = MemberStreams(
+            self.language,
+            self.seq_len,
+            self.batch_size,
+            self.stream_seeds,
+            self.steps_per_block,
+            start_step=start,
+            first_language=self.first_language,
+            first_steps=self.knockin_steps,
+            shard=(rank, world),
+        )
         return DataLoader(streams, batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
         probe = self.probe
         batches = [
-            {"tokens": probe.tokens[i:i + self.batch_size].expand(self.n_members, -1, -1),
-             "labels": probe.labels[i:i + self.batch_size].expand(self.n_members, -1, -1),
-             "true_plogp": probe.true_plogp[i:i + self.batch_size]}
-            | ({} if probe.true_next is None else {"true_next": probe.true_next[i:i + self.batch_size]})
+            {
+                "tokens": probe.tokens[i : i + self.batch_size].expand(self.n_members, -1, -1),
+                "labels": probe.labels[i : i + self.batch_size].expand(self.n_members, -1, -1),
+                "true_plogp": probe.true_plogp[i : i + self.batch_size],
+            }
+            | ({} if probe.true_next is None else {"true_next": probe.true_next[i : i + self.batch_size]})
             for i in range(0, self.probe_size, self.batch_size)
         ]
         return DataLoader(batches, batch_size=None)

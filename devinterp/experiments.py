@@ -27,7 +27,12 @@ def variant_arguments(primitives: list[str], knockin_steps: int) -> dict[str, li
     for x in primitives:
         variants[f"knockout-{x}"] = ["--data.knockout", f"[{x}]"]
         if knockin_steps > 0:
-            variants[f"knockin-{x}"] = ["--data.knockin", f"[{x}]", "--data.knockin_steps", str(knockin_steps)]
+            variants[f"knockin-{x}"] = [
+                "--data.knockin",
+                f"[{x}]",
+                "--data.knockin_steps",
+                str(knockin_steps),
+            ]
     return variants
 
 
@@ -36,7 +41,9 @@ def check_primitives(config: str, extra: list[str], primitives: list[str]) -> No
     try:
         settings = yaml.safe_load(Path(config).read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
-        raise UsageError(f"{config}: cannot read the run config ({getattr(error, 'strerror', None) or error})") from None
+        raise UsageError(
+            f"{config}: cannot read the run config ({getattr(error, 'strerror', None) or error})"
+        ) from None
     language = (settings.get("data") or {}).get("language", "configs/languages/seed.yaml")
     if "--data.language" in extra[:-1]:
         language = extra[extra.index("--data.language") + 1]
@@ -45,14 +52,18 @@ def check_primitives(config: str, extra: list[str], primitives: list[str]) -> No
     names = load_language(Path(language)).label_names[1:]
     unknown = [p for p in primitives if p not in names]
     if unknown:
-        raise UsageError(f"--primitives: {unknown[0]!r} is not a primitive of {language} ({', '.join(names)})")
+        raise UsageError(
+            f"--primitives: {unknown[0]!r} is not a primitive of {language} ({', '.join(names)})"
+        )
 
 
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="devinterp dependence", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="run config (YAML), as for devinterp fit")
     parser.add_argument("--primitives", nargs="+", required=True, help="primitives X to knock out and in")
-    parser.add_argument("--knockin-steps", type=int, default=200, help="steps on X alone (0: no knock-in runs)")
+    parser.add_argument(
+        "--knockin-steps", type=int, default=200, help="steps on X alone (0: no knock-in runs)"
+    )
     parser.add_argument("--name", default="dependence", help="folder under --root holding the runs")
     parser.add_argument("--root", default="runs")
     args, extra = parser.parse_known_args(argv)
@@ -60,11 +71,25 @@ def main(argv: list[str]) -> int:
     check_primitives(args.config, extra, args.primitives)
     root = Path(args.root) / args.name
     if root.exists():
-        print(f"devinterp: error: {root}: exists; a dependence experiment needs a new folder", file=sys.stderr)
+        print(
+            f"devinterp: error: {root}: exists; a dependence experiment needs a new folder", file=sys.stderr
+        )
         return 2
     for name, options in variant_arguments(args.primitives, args.knockin_steps).items():
-        command = [sys.executable, "-m", "devinterp", "fit", "--config", args.config, "--run.root", str(root),
-                   "--run.name", name, *options, *extra]
+        command = [
+            sys.executable,
+            "-m",
+            "devinterp",
+            "fit",
+            "--config",
+            args.config,
+            "--run.root",
+            str(root),
+            "--run.name",
+            name,
+            *options,
+            *extra,
+        ]
         print(f"[{name}] {' '.join(command[2:])}", flush=True)
         if subprocess.run(command).returncode != 0:
             print(f"devinterp: error: run {name!r} failed; runs so far are in {root}", file=sys.stderr)

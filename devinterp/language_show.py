@@ -47,12 +47,18 @@ def render_sequence(language: Language, tokens: np.ndarray, labels: np.ndarray, 
 def show(spec: str, n_sequences: int, seq_len: int, seed: int, n_stats: int) -> str:
     language = load_language(spec)
     language.check_sequence_length(seq_len)
-    out = [f"language {language.name!r}: {language.d_vocab} tokens in {len(language.vocab.categories)} "
-           f"categories; priority: {' > '.join(p.name for p in language.primitives)}", ""]
+    out = [
+        f"language {language.name!r}: {language.d_vocab} tokens in {len(language.vocab.categories)} "
+        f"categories; priority: {' > '.join(p.name for p in language.primitives)}",
+        "",
+    ]
     sample = language.sample(n_sequences, seq_len, seed=seed)
     for k in range(n_sequences):
-        out += [f"sequence {k} (each token over the rule that produced it)",
-                render_sequence(language, sample.tokens[k], sample.labels[k]), ""]
+        out += [
+            f"sequence {k} (each token over the rule that produced it)",
+            render_sequence(language, sample.tokens[k], sample.labels[k]),
+            "",
+        ]
     rows, total = label_share_and_entropy(language, n_stats, seq_len, seed + 1)
     out.append(f"over {n_stats} sequences of {seq_len} tokens (predicted positions 1..{seq_len - 1}):")
     out.append(f"{'primitive':<14}{'positions':>10}{'Bayes-optimal loss (nats)':>28}")
@@ -68,18 +74,26 @@ def show_corpus(path: str, n_sequences: int, seq_len: int) -> str:
     corpus = load_corpus(path)
     seq_len = min(seq_len, corpus.tokens.shape[1])
     N, T = corpus.tokens.shape
-    out = [f"corpus {corpus.name!r}: {N} sequences of {T} tokens, {corpus.d_vocab} tokens, labels: "
-           f"{', '.join(corpus.label_names[1:])}; logp: {'yes' if corpus.has_logp else 'no'}", ""]
+    out = [
+        f"corpus {corpus.name!r}: {N} sequences of {T} tokens, {corpus.d_vocab} tokens, labels: "
+        f"{', '.join(corpus.label_names[1:])}; logp: {'yes' if corpus.has_logp else 'no'}",
+        "",
+    ]
     for k in range(min(n_sequences, N)):
-        out += [f"sequence {k} (each token over its label)",
-                render_sequence(corpus, corpus.tokens[k, :seq_len], corpus.labels[k, :seq_len]), ""]
+        out += [
+            f"sequence {k} (each token over its label)",
+            render_sequence(corpus, corpus.tokens[k, :seq_len], corpus.labels[k, :seq_len]),
+            "",
+        ]
     labels = corpus.labels[:, 1:]
     loss = -corpus.logp[:, 1:] if corpus.has_logp else np.full(labels.shape, np.nan)
     out.append(f"over all {N} sequences (predicted positions 1..{T - 1}):")
     out.append(f"{'label':<14}{'positions':>10}{'generator loss (nats)':>24}")
     for i, name in enumerate(corpus.label_names[1:], start=1):
         mask = labels == i
-        out.append(f"{name:<14}{mask.mean():>10.1%}{loss[mask].mean() if mask.any() else float('nan'):>24.4f}")
+        out.append(
+            f"{name:<14}{mask.mean():>10.1%}{loss[mask].mean() if mask.any() else float('nan'):>24.4f}"
+        )
     out.append(f"{'all':<14}{1:>10.0%}{loss.mean():>24.4f}")
     return "\n".join(out)
 
@@ -95,7 +109,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--n-stats", type=int, default=2000, help="sequences behind the statistics")
     fit = sub.add_parser("fit-text", help="estimate a spec from a whitespace-tokenised text file")
     fit.add_argument("text", help="the text file")
-    fit.add_argument("--vocab", type=int, default=100, help="most frequent tokens kept; the rest become <unk>")
+    fit.add_argument(
+        "--vocab", type=int, default=100, help="most frequent tokens kept; the rest become <unk>"
+    )
     fit.add_argument("--out", default=None, help="spec to write (default: <text stem>.yaml beside the text)")
     args = parser.parse_args(argv)
     if args.command == "fit-text":

@@ -31,7 +31,9 @@ from devinterp.model import ModelConfig, TensorTransformer
 from devinterp.schema import MetricInfo
 
 
-def context_logits(model: TensorTransformer, tokens: Tensor, positions: Tensor, live: Tensor | None = None) -> Tensor:
+def context_logits(
+    model: TensorTransformer, tokens: Tensor, positions: Tensor, live: Tensor | None = None
+) -> Tensor:
     """Exact logits after sparse contexts: tokens, positions, live (n, k) -> (member, n, V) at
     each context's last slot. Slots with live = False, like positions not listed at all, are
     empty (zero embedding). In bilinear and squared attention an empty position stays zero
@@ -91,24 +93,38 @@ class HeadlineMetrics:
                 # contexts where a higher-priority rule takes over do not show this rule
                 contexts = [c for c, label in zip(contexts, labels) if label == index]
                 if contexts:
-                    infos.append(MetricInfo(f"{primitive.name}/{primitive.rule_names[rule]}/kl", "weight",
-                                            primitive.name, primitive.rule_names[rule], learned=0.0))
+                    infos.append(
+                        MetricInfo(
+                            f"{primitive.name}/{primitive.rule_names[rule]}/kl",
+                            "weight",
+                            primitive.name,
+                            primitive.rule_names[rule],
+                            learned=0.0,
+                        )
+                    )
                     entries += [(len(infos) - 1, c, primitive.category_level) for c in contexts]
         self.contexts = [(m, c) for m, c, _ in entries]  # (metric index, MinimalContext)
         k = max((len(c.tokens) for _, c, _ in entries), default=1)
         pad = lambda row, fill: (fill,) * (k - len(row)) + tuple(row)  # noqa: E731
         tokens = np.array([pad(c.tokens, 0) for _, c, _ in entries], dtype=np.int64).reshape(-1, k)
-        positions = np.array([pad(c.positions, c.positions[0]) for _, c, _ in entries], dtype=np.int64).reshape(-1, k)
-        live = np.array([pad((True,) * len(c.tokens), False) for _, c, _ in entries], dtype=bool).reshape(-1, k)
+        positions = np.array(
+            [pad(c.positions, c.positions[0]) for _, c, _ in entries], dtype=np.int64
+        ).reshape(-1, k)
+        live = np.array([pad((True,) * len(c.tokens), False) for _, c, _ in entries], dtype=bool).reshape(
+            -1, k
+        )
         metric = np.array([m for m, _, _ in entries], dtype=np.int64)
         category_level = np.array([level for _, _, level in entries], dtype=bool)
         true_next = np.zeros((len(entries), V))  # from the visible tokens only, length by length
         for length in {len(c.tokens) for _, c, _ in entries}:
             rows = [i for i, (_, c, _) in enumerate(entries) if len(c.tokens) == length]
-            true_next[rows] = language.true_next_dist(tokens[rows, k - length:])[:, -1]
+            true_next[rows] = language.true_next_dist(tokens[rows, k - length :])[:, -1]
         self.tensors: dict[str, Tensor] = {
-            "tokens": torch.from_numpy(tokens), "positions": torch.from_numpy(positions),
-            "live": torch.from_numpy(live), "category_onehot": torch.from_numpy(category_onehot).float()}
+            "tokens": torch.from_numpy(tokens),
+            "positions": torch.from_numpy(positions),
+            "live": torch.from_numpy(live),
+            "category_onehot": torch.from_numpy(category_onehot).float(),
+        }
         nothing = np.zeros(len(infos))
         for level, name in ((False, "token"), (True, "category")):
             chosen = np.flatnonzero(category_level == level)
@@ -121,10 +137,17 @@ class HeadlineMetrics:
             average[metric[chosen], np.arange(len(chosen))] = 1.0
             average /= np.maximum(average.sum(1, keepdims=True), 1)
             nothing += average @ (target_plogp - target @ np.log(uniform))
-            self.tensors.update({
-                f"{name}_index": torch.from_numpy(chosen), f"{name}_target": torch.from_numpy(target).float(),
-                f"{name}_plogp": torch.from_numpy(target_plogp).float(), f"{name}_average": torch.from_numpy(average).float()})
-        self.infos = [MetricInfo(i.name, i.kind, i.primitive, i.rule, float(n), 0.0) for i, n in zip(infos, nothing)]
+            self.tensors.update(
+                {
+                    f"{name}_index": torch.from_numpy(chosen),
+                    f"{name}_target": torch.from_numpy(target).float(),
+                    f"{name}_plogp": torch.from_numpy(target_plogp).float(),
+                    f"{name}_average": torch.from_numpy(average).float(),
+                }
+            )
+        self.infos = [
+            MetricInfo(i.name, i.kind, i.primitive, i.rule, float(n), 0.0) for i, n in zip(infos, nothing)
+        ]
 
     def to(self, device: torch.device) -> "HeadlineMetrics":
         self.tensors = {name: t.to(device) for name, t in self.tensors.items()}
@@ -135,7 +158,9 @@ class HeadlineMetrics:
         t = self.tensors
         if not self.infos:  # a corpus: no rules with minimal contexts
             return model.W_E.new_zeros(0, model.cfg.n_members)
-        log_q = context_logits(model, t["tokens"], t["positions"], t["live"]).float().log_softmax(-1)  # (M, n, V)
+        log_q = (
+            context_logits(model, t["tokens"], t["positions"], t["live"]).float().log_softmax(-1)
+        )  # (M, n, V)
         token_kl = t["token_plogp"] - (t["token_target"] * log_q[:, t["token_index"]]).sum(-1)  # (M, n_token)
         category_q = log_q[:, t["category_index"]].exp() @ t["category_onehot"]  # (M, n_category, C)
         category_kl = t["category_plogp"] - (t["category_target"] * category_q.clamp_min(1e-30).log()).sum(-1)
@@ -155,19 +180,25 @@ class Diagnostics:
     def __init__(self, language: Language, cfg: ModelConfig, profile_window: int = 16):
         self.cfg = cfg
         self.offsets = list(range(min(profile_window, cfg.n_ctx - 1) + 1))  # 0..W
-        self.pushes: list[tuple[str, list[str], Tensor, list[int]]] = []  # (primitive, rule names, rules, offsets)
+        self.pushes: list[
+            tuple[str, list[str], Tensor, list[int]]
+        ] = []  # (primitive, rule names, rules, offsets)
         owners = []  # primitives owning the induction circuit
         for p in language.primitives:
             for diagnostic in p.weight_diagnostics():
                 if isinstance(diagnostic, TrigramPush):
-                    self.pushes.append((p.name, p.rule_names, torch.from_numpy(diagnostic.rules), list(diagnostic.offsets)))
+                    self.pushes.append(
+                        (p.name, p.rule_names, torch.from_numpy(diagnostic.rules), list(diagnostic.offsets))
+                    )
                 elif isinstance(diagnostic, InductionCircuit):
                     owners.append(p.name)
                 else:
                     raise TypeError(f"{p.name}: unknown weight diagnostic {type(diagnostic).__name__}")
         self.induction = owners[0] if owners else "model"
         self.has_induction_circuit = cfg.n_layers >= 2
-        self.infos = [MetricInfo(name, "diagnostic", primitive, rule) for name, (primitive, rule) in self._names()]
+        self.infos = [
+            MetricInfo(name, "diagnostic", primitive, rule) for name, (primitive, rule) in self._names()
+        ]
 
     def _names(self) -> list[tuple[str, tuple[str, str]]]:
         """(metric name, (primitive, rule)) in the order of a row."""
@@ -175,7 +206,10 @@ class Diagnostics:
         L, H = cfg.n_layers, cfg.n_heads
         for primitive, rule_names, _, _ in self.pushes:
             for rule in rule_names:
-                names += [(f"{primitive}/{rule}/push_z", (primitive, rule)), (f"{primitive}/{rule}/out_rank", (primitive, rule))]
+                names += [
+                    (f"{primitive}/{rule}/push_z", (primitive, rule)),
+                    (f"{primitive}/{rule}/out_rank", (primitive, rule)),
+                ]
         if self.has_induction_circuit:
             owner = self.induction
             names += [(f"{owner}/L0H{h}/prev_token", (owner, f"L0H{h}")) for h in range(H)]
@@ -184,15 +218,22 @@ class Diagnostics:
         for kind in ("k", "q", "v"):
             for l1 in range(L):
                 for l2 in range(l1 + 1, L):
-                    names += [(f"comp/{kind}/L{l1}H{a}->L{l2}H{b}", ("comp", f"L{l1}H{a}->L{l2}H{b}"))
-                              for a in range(H) for b in range(H)]
+                    names += [
+                        (f"comp/{kind}/L{l1}H{a}->L{l2}H{b}", ("comp", f"L{l1}H{a}->L{l2}H{b}"))
+                        for a in range(H)
+                        for b in range(H)
+                    ]
         for layer in range(L):
             for h in range(H):
                 for r in range(cfg.n_pairs):
-                    names += [(f"model/L{layer}H{h}/qk{r + 1}_norm", ("model", f"L{layer}H{h}")),
-                              (f"model/L{layer}H{h}/qk{r + 1}_rank", ("model", f"L{layer}H{h}"))]
-                names += [(f"model/L{layer}H{h}/ov_norm", ("model", f"L{layer}H{h}")),
-                          (f"model/L{layer}H{h}/ov_rank", ("model", f"L{layer}H{h}"))]
+                    names += [
+                        (f"model/L{layer}H{h}/qk{r + 1}_norm", ("model", f"L{layer}H{h}")),
+                        (f"model/L{layer}H{h}/qk{r + 1}_rank", ("model", f"L{layer}H{h}")),
+                    ]
+                names += [
+                    (f"model/L{layer}H{h}/ov_norm", ("model", f"L{layer}H{h}")),
+                    (f"model/L{layer}H{h}/ov_rank", ("model", f"L{layer}H{h}")),
+                ]
             if cfg.mlp:
                 names.append((f"model/L{layer}/mlp_direct_norm", ("model", f"L{layer}")))
         names += [("model/all/direct_norm", ("model", "all")), ("model/all/weight_norm", ("model", "all"))]
@@ -207,8 +248,12 @@ class Diagnostics:
         values = self.values(model)
         names = [i.name for i in self.infos]
         if list(values) != names:
-            raise ValueError(f"diagnostics: computed {len(values)} values for {len(names)} declared names, first "
-                             f"difference at {next((a, b) for a, b in zip(list(values) + [None] * len(names), names) if a != b)}")
+            computed = list(values) + [None] * len(names)
+            first = next((a, b) for a, b in zip(computed, names + [None] * len(computed)) if a != b)
+            raise ValueError(
+                f"diagnostics: computed {len(values)} values for {len(names)} declared names, first "
+                f"difference (computed, declared): {first}"
+            )
         return torch.stack(list(values.values())).float()
 
     def values(self, model: TensorTransformer) -> dict[str, Tensor]:
@@ -220,7 +265,9 @@ class Diagnostics:
             for r, rule in enumerate(rule_names):
                 out[f"{primitive}/{rule}/push_z"] = z[:, r]
                 out[f"{primitive}/{rule}/out_rank"] = rank[:, r]
-        compositions = {(l1, l2): circuits.composition(model, l1, l2) for l1 in range(L) for l2 in range(l1 + 1, L)}
+        compositions = {
+            (l1, l2): circuits.composition(model, l1, l2) for l1 in range(L) for l2 in range(l1 + 1, L)
+        }
         if self.has_induction_circuit:
             owner, last = self.induction, L - 1
             profile0 = circuits.positional_profile(model, 0, self.offsets)  # (M, H, W+1)
@@ -233,14 +280,22 @@ class Diagnostics:
             out[f"{owner}/circuit/score"] = circuit
         for kind in ("k", "q", "v"):
             for (l1, l2), composition in compositions.items():
-                out.update({f"comp/{kind}/L{l1}H{a}->L{l2}H{b}": composition[kind][:, a, b]
-                            for a in range(H) for b in range(H)})
+                out.update(
+                    {
+                        f"comp/{kind}/L{l1}H{a}->L{l2}H{b}": composition[kind][:, a, b]
+                        for a in range(H)
+                        for b in range(H)
+                    }
+                )
         for layer in range(L):
             q, k = circuits.query_key_vectors(model, layer)  # (M, P, H, V, dh)
-            qk_norm, qk_rank = circuits.frobenius_and_effective_rank(circuits.gram_spectrum(q, k))  # (M, P, H)
+            qk_norm, qk_rank = circuits.frobenius_and_effective_rank(
+                circuits.gram_spectrum(q, k)
+            )  # (M, P, H)
             left, right = circuits.ov_factors(model, layer)
             ov_norm, ov_rank = circuits.frobenius_and_effective_rank(
-                circuits.gram_spectrum(left, right.transpose(-1, -2)))  # (M, H)
+                circuits.gram_spectrum(left, right.transpose(-1, -2))
+            )  # (M, H)
             qk_norm = qk_norm / cfg.d_head
             for h in range(H):
                 for r in range(cfg.n_pairs):
@@ -249,9 +304,13 @@ class Diagnostics:
                 out[f"model/L{layer}H{h}/ov_norm"] = ov_norm[:, h]
                 out[f"model/L{layer}H{h}/ov_rank"] = ov_rank[:, h]
             if cfg.mlp:
-                out[f"model/L{layer}/mlp_direct_norm"] = circuits.mlp_direct_path(model, layer).flatten(1).norm(dim=1)
+                out[f"model/L{layer}/mlp_direct_norm"] = (
+                    circuits.mlp_direct_path(model, layer).flatten(1).norm(dim=1)
+                )
         out["model/all/direct_norm"] = circuits.direct_path(model).flatten(1).norm(dim=1)
-        out["model/all/weight_norm"] = torch.stack([p.flatten(1).pow(2).sum(1) for p in model.parameters()]).sum(0).sqrt()
+        out["model/all/weight_norm"] = (
+            torch.stack([p.flatten(1).pow(2).sum(1) for p in model.parameters()]).sum(0).sqrt()
+        )
         return out
 
     @staticmethod
@@ -265,7 +324,7 @@ class Diagnostics:
         ov = circuits.ov(model, layer)  # (M, H, V, V)
         diag_excess = ov.diagonal(dim1=-2, dim2=-1).mean(-1) - ov.mean((-1, -2))
         z = _safe_ratio(diag_excess, ov.flatten(-2).std(-1))
-        written = (model.W_E[:, None] @ circuits.head_ov_matrices(model, 0))  # (M, H0, V, D)
+        written = model.W_E[:, None] @ circuits.head_ov_matrices(model, 0)  # (M, H0, V, D)
         key_input = (previous_weight[..., None, None] * written).sum(1)  # (M, V, D)
         q = model.W_E[:, None, None] @ model.W_Q[:, layer]  # (M, P, H, V, dh)
         k = key_input[:, None, None] @ model.W_K[:, layer]
@@ -287,7 +346,12 @@ class Diagnostics:
                 model, layer, trigger.repeat_interleave(V), every.repeat(R), out.repeat_interleave(V), offsets
             ).sum(1).mean(-1).view(-1, R, V)
             by_out = by_out + circuits.trigram_entries(  # query B, key A, out: every token
-                model, layer, trigger.repeat_interleave(V), anchor.repeat_interleave(V), every.repeat(R), offsets
+                model,
+                layer,
+                trigger.repeat_interleave(V),
+                anchor.repeat_interleave(V),
+                every.repeat(R),
+                offsets,
             ).sum(1).mean(-1).view(-1, R, V)
         own = by_key.gather(2, anchor[None, :, None].expand(by_key.shape[0], -1, -1))[..., 0]  # (M, R)
         z = _safe_ratio(own - by_key.mean(-1), by_key.std(-1))

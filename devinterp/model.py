@@ -81,7 +81,9 @@ class ModelConfig:
         one_of(self.attention_path, ("auto", "quadratic", "linear"), "model.attention_path")
         at_least(self.linear_chunk, 1, "model.linear_chunk")
         if self.attention_path == "linear" and self.attention == "softmax":
-            raise UsageError("model.attention_path: softmax attention has no linear path; use auto or quadratic")
+            raise UsageError(
+                "model.attention_path: softmax attention has no linear path; use auto or quadratic"
+            )
 
     def uses_linear_path(self, seq_len: int) -> bool:
         """Whether attention over ``seq_len`` positions takes the chunked linear path. ``auto``
@@ -242,8 +244,9 @@ class TensorTransformer(nn.Module):
             pattern = first * first
         return pattern.tril()
 
-    def attention(self, x: Tensor, layer: int, positions: Tensor | None = None,
-                  pattern: Tensor | None = None) -> Tensor:
+    def attention(
+        self, x: Tensor, layer: int, positions: Tensor | None = None, pattern: Tensor | None = None
+    ) -> Tensor:
         """One attention layer's output. x (member, batch, pos, d_model) -> same shape. Takes
         the chunked linear path when ``cfg.uses_linear_path(pos)`` (equal to float tolerance),
         unless the layer's ``pattern`` (member, batch, head, pos, pos) is given."""
@@ -283,7 +286,9 @@ class TensorTransformer(nn.Module):
     def _norm(self, x: Tensor) -> Tensor:
         return rms_norm(x) if self.cfg.norm else x
 
-    def blocks(self, x: Tensor, positions: Tensor | None = None, patterns: list[Tensor] | None = None) -> Tensor:
+    def blocks(
+        self, x: Tensor, positions: Tensor | None = None, patterns: list[Tensor] | None = None
+    ) -> Tensor:
         """Residual stream after every layer. x (member, batch, pos, d_model) -> same shape.
         Given a list, ``patterns`` receives every layer's attention pattern (member, batch,
         head, pos, pos), and attention takes the quadratic path."""

@@ -45,15 +45,32 @@ class TensorTransformerModule(L.LightningModule):
             ``min_lr_ratio * lr`` at ``trainer.max_steps``.
     """
 
-    def __init__(self, d_vocab: int = 0, n_ctx: int = 64, label_names: list[str] | None = None,
-                 n_members: int = 1, seed: int = 0, n_layers: int = 2, n_heads: int = 4,
-                 d_model: int = 64, d_head: int = 16, attention: Attention = "bilinear",
-                 positions: Positions = "rope", mlp: bool = False, d_mlp: int = 256,
-                 norm: bool = False, attention_path: AttentionPath = "auto", linear_chunk: int = 64,
-                 compile: bool = False,
-                 lr: float = 3e-3, weight_decay: float = 0.01,
-                 betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 200,
-                 schedule: Schedule = "constant", min_lr_ratio: float = 0.1):
+    def __init__(
+        self,
+        d_vocab: int = 0,
+        n_ctx: int = 64,
+        label_names: list[str] | None = None,
+        n_members: int = 1,
+        seed: int = 0,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        d_model: int = 64,
+        d_head: int = 16,
+        attention: Attention = "bilinear",
+        positions: Positions = "rope",
+        mlp: bool = False,
+        d_mlp: int = 256,
+        norm: bool = False,
+        attention_path: AttentionPath = "auto",
+        linear_chunk: int = 64,
+        compile: bool = False,
+        lr: float = 3e-3,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 200,
+        schedule: Schedule = "constant",
+        min_lr_ratio: float = 0.1,
+    ):
         super().__init__()
         self.save_hyperparameters()
         if d_vocab < 1:
@@ -66,10 +83,22 @@ class TensorTransformerModule(L.LightningModule):
             raise UsageError(f"model.betas: both must be in [0, 1), got {list(betas)}")
         if not 0 <= min_lr_ratio <= 1:
             raise UsageError(f"model.min_lr_ratio: must be in [0, 1], got {min_lr_ratio}")
-        self.cfg = ModelConfig(d_vocab=d_vocab, n_ctx=n_ctx, n_members=n_members,
-                               n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_head=d_head,
-                               attention=attention, positions=positions, mlp=mlp, d_mlp=d_mlp,
-                               norm=norm, attention_path=attention_path, linear_chunk=linear_chunk)
+        self.cfg = ModelConfig(
+            d_vocab=d_vocab,
+            n_ctx=n_ctx,
+            n_members=n_members,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            d_model=d_model,
+            d_head=d_head,
+            attention=attention,
+            positions=positions,
+            mlp=mlp,
+            d_mlp=d_mlp,
+            norm=norm,
+            attention_path=attention_path,
+            linear_chunk=linear_chunk,
+        )
         self.model = TensorTransformer(self.cfg, seed=seed)
         self._train_forward = self.model.forward  # a function, so it adds no parameters
         if compile:
@@ -85,14 +114,17 @@ class TensorTransformerModule(L.LightningModule):
         batch * (pos - 1)), predicting tokens[..., 1:] from tokens[..., :-1]."""
         M = tokens.shape[0]
         logits = (forward or self.model)(tokens[..., :-1])  # (M, B, T-1, V)
-        return F.cross_entropy(logits.flatten(0, 2).float(), tokens[..., 1:].flatten(),
-                               reduction="none").view(M, -1)
+        return F.cross_entropy(
+            logits.flatten(0, 2).float(), tokens[..., 1:].flatten(), reduction="none"
+        ).view(M, -1)
 
     def member_losses(self, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """tokens, labels (member, batch, pos) -> mean loss per member (member,) and per label
         (member, n_labels)."""
         nll = self.token_losses(tokens)
-        return nll.mean(1), grouped_mean(nll, labels[..., 1:].reshape(nll.shape[0], -1), len(self.label_names))
+        return nll.mean(1), grouped_mean(
+            nll, labels[..., 1:].reshape(nll.shape[0], -1), len(self.label_names)
+        )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """The summed loss, and ``loss_row`` (member, 1 + n_labels): each member's mean loss,
@@ -108,8 +140,11 @@ class TensorTransformerModule(L.LightningModule):
         M = nll.shape[0]
         sums, counts = grouped_sums(nll, labels[..., 1:].reshape(M, -1), len(self.label_names))
         stats = torch.cat([nll.sum(1, keepdim=True), sums, nll.new_full((M, 1), nll.shape[1]), counts], 1)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-                torch.distributed.get_world_size() > 1:
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
             torch.distributed.all_reduce(stats)
         total, per_label_sums, n, per_label_counts = stats.split([1, sums.shape[1], 1, counts.shape[1]], 1)
         return torch.cat([total / n, per_label_sums / per_label_counts], 1)
@@ -123,7 +158,9 @@ class TensorTransformerModule(L.LightningModule):
         for a language, the sampled gap for a corpus (probe.position_losses)."""
         tokens = batch["tokens"]  # (M, B, T); true_next (B, T-1, V) for a language
         log_q = self.model(tokens[..., :-1]).float().log_softmax(-1)  # (M, B, T-1, V)
-        _, kl = position_losses(log_q, tokens[..., 1:], batch.get("true_next"), batch["true_plogp"])  # (M, B, T-1)
+        _, kl = position_losses(
+            log_q, tokens[..., 1:], batch.get("true_next"), batch["true_plogp"]
+        )  # (M, B, T-1)
         self._val_kl.append(kl.flatten(1))
         self._val_labels.append(batch["labels"][0, :, 1:].flatten())
 
@@ -138,8 +175,9 @@ class TensorTransformerModule(L.LightningModule):
         hp = self.hparams
         # fused: one kernel for all parameters, and its step counters stay on the device (the
         # default implementation reads them on the host every step)
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=hp.betas,
-                                      weight_decay=hp.weight_decay, fused=True)
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay, fused=True
+        )
         max_steps = self.trainer.max_steps if self.trainer is not None else -1
 
         def lr_factor(step: int) -> float:

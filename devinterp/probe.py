@@ -62,8 +62,9 @@ def excess_kl(log_q: Tensor, true_next: Tensor, true_plogp: Tensor) -> Tensor:
     return true_plogp - torch.einsum("btv,mbtv->mbt", true_next, log_q)
 
 
-def position_losses(log_q: Tensor, next_tokens: Tensor, true_next: Tensor | None,
-                    true_plogp: Tensor) -> tuple[Tensor, Tensor]:
+def position_losses(
+    log_q: Tensor, next_tokens: Tensor, true_next: Tensor | None, true_plogp: Tensor
+) -> tuple[Tensor, Tensor]:
     """Loss on the token that came next and excess loss per position, each (member, batch, pos),
     from log_q (member, batch, pos, V) and next_tokens (member or 1, batch, pos): the excess is
     the exact KL with distributions (batch, pos, V), else the sampled gap ``nll + log p``."""
@@ -74,8 +75,9 @@ def position_losses(log_q: Tensor, next_tokens: Tensor, true_next: Tensor | None
 
 
 @torch.inference_mode()
-def evaluate_probe(model: TensorTransformer, probe: ProbeSet, n_labels: int, n_rules: int,
-                   batch_size: int = 8) -> ProbeResult:
+def evaluate_probe(
+    model: TensorTransformer, probe: ProbeSet, n_labels: int, n_rules: int, batch_size: int = 8
+) -> ProbeResult:
     """Every member on the shared probe set. Values stay on the model's device."""
     device = model.W_E.device
     probe = probe.to(device)  # a no-op for a set already there (ProbeMetrics moves it once)
@@ -86,7 +88,9 @@ def evaluate_probe(model: TensorTransformer, probe: ProbeSet, n_labels: int, n_r
         tokens = probe.tokens[rows]
         true_next = None if probe.true_next is None else probe.true_next[rows]  # (B, T-1, V)
         log_q = model(tokens[None, :, :-1].expand(M, -1, -1)).float().log_softmax(-1)  # (M, B, T-1, V)
-        nll, kl = position_losses(log_q, tokens[None, :, 1:], true_next, probe.true_plogp[rows])  # (M, B, T-1)
+        nll, kl = position_losses(
+            log_q, tokens[None, :, 1:], true_next, probe.true_plogp[rows]
+        )  # (M, B, T-1)
         correct = log_q.argmax(-1) == probe.true_top[rows]  # (M, B, T-1)
         nll_parts.append(nll)
         kl_parts.append(kl.flatten(1))
@@ -106,8 +110,9 @@ def evaluate_probe(model: TensorTransformer, probe: ProbeSet, n_labels: int, n_r
 
 
 @torch.inference_mode()
-def attention_to_open(model: TensorTransformer, tokens: Tensor, open_positions: Tensor,
-                      batch_size: int = 8) -> Tensor:
+def attention_to_open(
+    model: TensorTransformer, tokens: Tensor, open_positions: Tensor, batch_size: int = 8
+) -> Tensor:
     """How much each head attends from a position inside a span (quote, brackets) to the open
     token in force, on data, for S span primitives in one pass.
 
@@ -121,7 +126,9 @@ def attention_to_open(model: TensorTransformer, tokens: Tensor, open_positions: 
     S = open_positions.shape[0]
     device = model.W_E.device
     tokens, open_positions = tokens.to(device), open_positions.to(device)
-    queries = ((open_positions >= 0) & (open_positions < torch.arange(tokens.shape[1], device=device))).double()
+    queries = (
+        (open_positions >= 0) & (open_positions < torch.arange(tokens.shape[1], device=device))
+    ).double()
     total = torch.zeros(S, M, cfg.n_layers, cfg.n_heads, device=device, dtype=torch.float64)
     for start in range(0, tokens.shape[0], batch_size):
         rows = slice(start, start + batch_size)

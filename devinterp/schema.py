@@ -69,7 +69,9 @@ class MetricInfo:
 
     def __post_init__(self):
         if self.kind not in METRIC_KINDS:
-            raise ValueError(f"{self.name}: metric kind {self.kind!r} is not one of {', '.join(METRIC_KINDS)}")
+            raise ValueError(
+                f"{self.name}: metric kind {self.kind!r} is not one of {', '.join(METRIC_KINDS)}"
+            )
 
     @property
     def is_progress(self) -> bool:
@@ -77,12 +79,21 @@ class MetricInfo:
 
 
 # metric_info/<field>: how each MetricInfo field is stored (the name is the group's `names`)
-INFO_FIELDS: dict[str, str] = {"kind": "str", "primitive": "str", "rule": "str", "nothing": "float",
-                               "learned": "float", "sparse": "bool", "unit": "str"}
+INFO_FIELDS: dict[str, str] = {
+    "kind": "str",
+    "primitive": "str",
+    "rule": "str",
+    "nothing": "float",
+    "learned": "float",
+    "sparse": "bool",
+    "unit": "str",
+}
 INFO_DEFAULTS = {f.name: f.default for f in fields(MetricInfo) if f.name in INFO_FIELDS}
 assert set(INFO_FIELDS) == {f.name for f in fields(MetricInfo)} - {"name"}, "every field is stored"
 
 
-def progress(values: np.ndarray | float, nothing: np.ndarray | float, learned: np.ndarray | float) -> np.ndarray:
+def progress(
+    values: np.ndarray | float, nothing: np.ndarray | float, learned: np.ndarray | float
+) -> np.ndarray:
     """(values - nothing) / (learned - nothing): 0 = nothing learned, 1 = learned (not clipped)."""
     return (np.asarray(values, dtype=np.float64) - nothing) / (np.asarray(learned) - nothing)

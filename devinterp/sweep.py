@@ -34,8 +34,10 @@ def read_sweep(path: Path) -> dict:
     if not isinstance(sweep, dict):
         raise UsageError(f"{path}: expected a W&B sweep mapping with method, parameters and command")
     if sweep.get("method", "grid") != "grid":
-        raise UsageError(f"{path}: method: a local sweep runs grids only, got {sweep.get('method')!r} "
-                         "(use wandb agent for random and bayes)")
+        raise UsageError(
+            f"{path}: method: a local sweep runs grids only, got {sweep.get('method')!r} "
+            "(use wandb agent for random and bayes)"
+        )
     parameters = sweep.get("parameters")
     if not isinstance(parameters, dict) or not parameters:
         raise UsageError(f"{path}: parameters: expected a mapping of fit options to {{values: [...]}}")
@@ -44,16 +46,18 @@ def read_sweep(path: Path) -> dict:
             raise UsageError(f"{path}: parameters.{key}: expected {{values: [...]}} with at least one value")
     command = sweep.get("command", [])
     if not isinstance(command, list) or "fit" not in command:
-        raise UsageError(f"{path}: command: expected the W&B command list, with `devinterp fit ...` and ${{args}}")
+        raise UsageError(
+            f"{path}: command: expected the W&B command list, with `devinterp fit ...` and ${{args}}"
+        )
     return sweep
 
 
 def base_arguments(command: list) -> list[str]:
     """The options between ``fit`` and ``${args}``, W&B's mode left to the local runner."""
-    base = [str(c) for c in command[command.index("fit") + 1:] if str(c) != "${args}"]
+    base = [str(c) for c in command[command.index("fit") + 1 :] if str(c) != "${args}"]
     if "--run.wandb_mode" in base:
         i = base.index("--run.wandb_mode")
-        del base[i:i + 2]
+        del base[i : i + 2]
     return base
 
 
@@ -61,7 +65,13 @@ def point_name(point: dict) -> str:
     """A folder name for a grid point, e.g. ``seed-4_knockout-bigram``."""
     parts = []
     for key, value in point.items():
-        shown = "none" if value in ([], None) else "+".join(map(str, value)) if isinstance(value, list) else str(value)
+        shown = (
+            "none"
+            if value in ([], None)
+            else "+".join(map(str, value))
+            if isinstance(value, list)
+            else str(value)
+        )
         parts.append(f"{key.split('.')[-1]}-{shown}")
     return re.sub(r"[^A-Za-z0-9_.+=-]", "", "_".join(parts))
 
@@ -90,13 +100,41 @@ def main(argv: list[str]) -> int:
         if (run / "probe_summary.json").is_file():
             print(f"[{i}/{len(points)}] {name}: finished, skipped", flush=True)
             continue
-        options = [item for key, value in point.items()
-                   for item in (f"--{key}", yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n..."))]
+        options = [
+            item
+            for key, value in point.items()
+            for item in (
+                f"--{key}",
+                yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n..."),
+            )
+        ]
         if (run / "config.yaml").is_file():
-            command = [sys.executable, "-m", "devinterp", "resume", str(run), "--run.wandb_mode", "offline", *extra]
+            command = [
+                sys.executable,
+                "-m",
+                "devinterp",
+                "resume",
+                str(run),
+                "--run.wandb_mode",
+                "offline",
+                *extra,
+            ]
         else:
-            command = [sys.executable, "-m", "devinterp", "fit", *base, *options, "--run.root", str(folder),
-                       "--run.name", name, "--run.wandb_mode", "offline", *extra]
+            command = [
+                sys.executable,
+                "-m",
+                "devinterp",
+                "fit",
+                *base,
+                *options,
+                "--run.root",
+                str(folder),
+                "--run.name",
+                name,
+                "--run.wandb_mode",
+                "offline",
+                *extra,
+            ]
         print(f"[{i}/{len(points)}] {name}: {' '.join(command[2:])}", flush=True)
         if args.dry_run:
             continue

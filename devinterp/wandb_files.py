@@ -2,8 +2,8 @@
 
 A resumed run needs the last step that earlier segments of the run really hold: a killed
 process's W&B writer loses what it had not yet written, and the resumed segment fills that gap
-from the timeline. The file is a LevelDB-style log (a 7-byte ``:W&B`` header, then 32 KiB blocks of records with
-a 7-byte header: crc32 (4), length (2), type (1: full, 2: first, 3: middle, 4: last)); each
+from the timeline. The file is a LevelDB-style log (a 7-byte ``:W&B`` header, then 32 KiB blocks
+of records with a 7-byte header: crc32 (4), length (2), type (1: full, 2: first, 3: middle, 4: last)); each
 record is a ``wandb_internal_pb2.Record`` protobuf.
 """
 
@@ -27,11 +27,11 @@ def records(path: Path) -> list[wandb_internal_pb2.Record]:
         if left < HEADER:  # block trailer padding
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         if kind == 0:  # zero padding up to the block end
             pos += left
             continue
-        chunk = data[pos + HEADER:pos + HEADER + length]
+        chunk = data[pos + HEADER : pos + HEADER + length]
         if len(chunk) < length:  # the writer was killed mid-record
             break
         pos += HEADER + length
@@ -56,8 +56,12 @@ def history(path: Path) -> list[dict]:
     rows = []
     for record in records(path):
         if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
+            rows.append(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+            )
     return rows
 
 

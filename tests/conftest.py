@@ -19,14 +19,21 @@ MIXING_SPEC = {
     "start": {"N": 0.5, "P": 0.5},
     "primitives": [
         {"type": "induction", "eligible": ["N", "a"], "p": 0.6},
-        {"type": "skip_trigram", "max_skip": 2, "p": 0.7, "rules": [
-            {"anchor": "a", "trigger": "u", "output": "z"},
-            {"anchor": "b", "trigger": "u", "output": "y"},
-            {"anchor": "x", "trigger": "v", "output": "b"},
-        ]},
+        {
+            "type": "skip_trigram",
+            "max_skip": 2,
+            "p": 0.7,
+            "rules": [
+                {"anchor": "a", "trigger": "u", "output": "z"},
+                {"anchor": "b", "trigger": "u", "output": "y"},
+                {"anchor": "x", "trigger": "v", "output": "b"},
+            ],
+        },
         {"type": "bigram", "p": 0.8, "table": {"x": {"u": 0.5, "v": 0.5}, "u": {"a": 0.9, "x": 0.1}}},
-        {"type": "category", "transitions": {"N": {"V": 1.0}, "V": {"N": 0.5, "P": 0.5},
-                                              "P": {"N": 0.3, "P": 0.3, "V": 0.4}}},
+        {
+            "type": "category",
+            "transitions": {"N": {"V": 1.0}, "V": {"N": 0.5, "P": 0.5}, "P": {"N": 0.3, "P": 0.3, "V": 0.4}},
+        },
     ],
 }
 
@@ -37,15 +44,26 @@ TRIGRAM_SPEC = {
     "start": {"N": 0.5, "P": 0.5},
     "primitives": [
         {"type": "induction", "eligible": ["x"], "p": 0.5},
-        {"type": "token_trigram", "p": 0.7, "rules": [
-            {"first": "a", "second": "u", "output": "y"},
-            {"first": "x", "second": "u", "output": "b"},
-            {"first": "a", "second": "v", "output": "a"},
-        ]},
-        {"type": "skip_trigram", "max_skip": 3, "p": 0.8, "rules": [{"anchor": "a", "trigger": "u", "output": "x"}]},
+        {
+            "type": "token_trigram",
+            "p": 0.7,
+            "rules": [
+                {"first": "a", "second": "u", "output": "y"},
+                {"first": "x", "second": "u", "output": "b"},
+                {"first": "a", "second": "v", "output": "a"},
+            ],
+        },
+        {
+            "type": "skip_trigram",
+            "max_skip": 3,
+            "p": 0.8,
+            "rules": [{"anchor": "a", "trigger": "u", "output": "x"}],
+        },
         {"type": "bigram", "p": 0.6, "table": {"u": {"a": 0.5, "x": 0.5}}},
-        {"type": "category", "transitions": {"N": {"V": 1.0}, "V": {"N": 0.5, "P": 0.5},
-                                              "P": {"N": 0.3, "V": 0.7}}},
+        {
+            "type": "category",
+            "transitions": {"N": {"V": 1.0}, "V": {"N": 0.5, "P": 0.5}, "P": {"N": 0.3, "V": 0.7}},
+        },
     ],
 }
 
@@ -55,17 +73,33 @@ RANGE_TOPIC_SPEC = {
     "categories": {"N": ["x", "y"], "V": ["u", "v"], "P": ["a", "b"], "M": ["m1", "m2"]},
     "start": {"N": 0.5, "M": 0.5},
     "primitives": [
-        {"type": "long_range", "min_distance": 3, "p": 0.7, "rules": [
-            {"cue": "x", "trigger": "v", "output": "y"},
-            {"cue": "m1", "trigger": "v", "output": "b"},
-        ]},
-        {"type": "topic", "p": 0.8, "topics": {
-            "m1": {"u": {"a": 1.0}, "x": {"v": 0.5, "u": 0.5}},
-            "m2": {"u": {"b": 0.6, "m1": 0.4}},
-        }},
+        {
+            "type": "long_range",
+            "min_distance": 3,
+            "p": 0.7,
+            "rules": [
+                {"cue": "x", "trigger": "v", "output": "y"},
+                {"cue": "m1", "trigger": "v", "output": "b"},
+            ],
+        },
+        {
+            "type": "topic",
+            "p": 0.8,
+            "topics": {
+                "m1": {"u": {"a": 1.0}, "x": {"v": 0.5, "u": 0.5}},
+                "m2": {"u": {"b": 0.6, "m1": 0.4}},
+            },
+        },
         {"type": "bigram", "p": 0.5, "table": {"u": {"x": 1.0}}},
-        {"type": "category", "transitions": {"N": {"V": 1.0}, "V": {"N": 0.4, "P": 0.4, "M": 0.2},
-                                              "P": {"N": 0.5, "V": 0.5}, "M": {"V": 0.6, "N": 0.4}}},
+        {
+            "type": "category",
+            "transitions": {
+                "N": {"V": 1.0},
+                "V": {"N": 0.4, "P": 0.4, "M": 0.2},
+                "P": {"N": 0.5, "V": 0.5},
+                "M": {"V": 0.6, "N": 0.4},
+            },
+        },
     ],
 }
 
@@ -75,9 +109,22 @@ QUOTE_SPEC = {
     "categories": {"N": ["x", "y"], "V": ["u", "v", "said"], "Q": ["<<", ">>"]},
     "start": {"N": 1.0},
     "primitives": [
-        {"type": "quote", "open": "<<", "close": ">>", "p_close": 0.3, "p": 0.9, "suppresses": ["skip_trigram"],
-         "content": {"u": 0.5, "x": 0.5}, "table": {"x": {"v": 1.0}}},
-        {"type": "skip_trigram", "max_skip": 4, "p": 0.8, "rules": [{"anchor": "x", "trigger": "u", "output": "said"}]},
+        {
+            "type": "quote",
+            "open": "<<",
+            "close": ">>",
+            "p_close": 0.3,
+            "p": 0.9,
+            "suppresses": ["skip_trigram"],
+            "content": {"u": 0.5, "x": 0.5},
+            "table": {"x": {"v": 1.0}},
+        },
+        {
+            "type": "skip_trigram",
+            "max_skip": 4,
+            "p": 0.8,
+            "rules": [{"anchor": "x", "trigger": "u", "output": "said"}],
+        },
         {"type": "bigram", "p": 0.7, "table": {"said": {"<<": 1.0}}},
         {"type": "category", "transitions": {"N": {"V": 1.0}, "V": {"N": 0.8, "Q": 0.2}, "Q": {"N": 1.0}}},
     ],
@@ -89,9 +136,22 @@ BRACKET_SPEC = {
     "categories": {"N": ["x", "y"], "V": ["u", "v"], "B": ["(", ")", "[", "]"]},
     "start": {"N": 1.0},
     "primitives": [
-        {"type": "brackets", "pairs": [["(", ")"], ["[", "]"]], "max_depth": 2, "p_open": 0.2, "p_close": 0.3,
-         "p": 0.9, "content": {"u": 0.5, "x": 0.5}, "table": {"x": {"v": 0.6, "y": 0.4}}},
-        {"type": "skip_trigram", "max_skip": 3, "p": 0.8, "rules": [{"anchor": "x", "trigger": "u", "output": "y"}]},
+        {
+            "type": "brackets",
+            "pairs": [["(", ")"], ["[", "]"]],
+            "max_depth": 2,
+            "p_open": 0.2,
+            "p_close": 0.3,
+            "p": 0.9,
+            "content": {"u": 0.5, "x": 0.5},
+            "table": {"x": {"v": 0.6, "y": 0.4}},
+        },
+        {
+            "type": "skip_trigram",
+            "max_skip": 3,
+            "p": 0.8,
+            "rules": [{"anchor": "x", "trigger": "u", "output": "y"}],
+        },
         {"type": "bigram", "p": 0.5, "table": {"v": {"(": 0.5, "[": 0.5}}},
         {"type": "category", "transitions": {"N": {"V": 1.0}, "V": {"N": 1.0}, "B": {"N": 1.0}}},
     ],

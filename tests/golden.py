@@ -2,8 +2,8 @@
 
 The files in tests/data/golden_<language>.npz hold what ``golden_run`` (CPU, one thread) wrote:
 every metric group's steps, names, metric attributes and values, and the weight snapshots
-(``contents`` reads them from a timeline); ``python -m tests.golden`` writes them again. A change that alters timeline values
-on purpose regenerates them and says so in its commit.
+(``contents`` reads them from a timeline); ``python -m tests.golden`` writes them again. A change
+that alters timeline values on purpose regenerates them and says so in its commit.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from devinterp.data import ToyLanguageData
 from devinterp.module import TensorTransformerModule
 
 ROOT = Path(__file__).resolve().parents[1]
-LANGUAGES = {"seed": ROOT / "configs" / "languages" / "seed.yaml", "rich": ROOT / "configs" / "languages" / "rich.yaml"}
+LANGUAGES = {
+    "seed": ROOT / "configs" / "languages" / "seed.yaml",
+    "rich": ROOT / "configs" / "languages" / "rich.yaml",
+}
 MAX_STEPS = 14
 
 
@@ -34,16 +37,46 @@ def golden_run(root: Path, name: str) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        data = ToyLanguageData(language=str(LANGUAGES[name]), seq_len=16, batch_size=4, n_members=2, seed=3,
-                               probe_size=8, steps_per_block=4)
-        module = TensorTransformerModule(d_vocab=data.d_vocab, n_ctx=16, label_names=data.label_names,
-                                         n_members=2, seed=3, n_layers=2, n_heads=2, d_model=16, d_head=8,
-                                         mlp=name == "rich", d_mlp=16, warmup_steps=2)
-        callbacks = [CircuitMetrics(diagnostics_every_n_steps=3), ProbeMetrics(every_n_steps=5),
-                     TimelineWriter(flush_every_n_steps=4, n_snapshots=5)]
-        trainer = L.Trainer(max_steps=MAX_STEPS, default_root_dir=root, logger=False, callbacks=callbacks,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0, accelerator="cpu", deterministic=True)
+        data = ToyLanguageData(
+            language=str(LANGUAGES[name]),
+            seq_len=16,
+            batch_size=4,
+            n_members=2,
+            seed=3,
+            probe_size=8,
+            steps_per_block=4,
+        )
+        module = TensorTransformerModule(
+            d_vocab=data.d_vocab,
+            n_ctx=16,
+            label_names=data.label_names,
+            n_members=2,
+            seed=3,
+            n_layers=2,
+            n_heads=2,
+            d_model=16,
+            d_head=8,
+            mlp=name == "rich",
+            d_mlp=16,
+            warmup_steps=2,
+        )
+        callbacks = [
+            CircuitMetrics(diagnostics_every_n_steps=3),
+            ProbeMetrics(every_n_steps=5),
+            TimelineWriter(flush_every_n_steps=4, n_snapshots=5),
+        ]
+        trainer = L.Trainer(
+            max_steps=MAX_STEPS,
+            default_root_dir=root,
+            logger=False,
+            callbacks=callbacks,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            accelerator="cpu",
+            deterministic=True,
+        )
         trainer.fit(module, datamodule=data)
     finally:
         torch.set_num_threads(threads)

@@ -16,8 +16,17 @@ LOGIT_SCALE = 25.0  # large enough that softmax(scale * onehot) is nearly the on
 
 
 def _model(language: Language, n_layers: int, d_model: int, d_head: int, n_ctx: int) -> TensorTransformer:
-    cfg = ModelConfig(d_vocab=language.d_vocab, n_ctx=n_ctx, n_members=1, n_layers=n_layers, n_heads=2,
-                      d_model=d_model, d_head=d_head, attention="bilinear", positions="learned")
+    cfg = ModelConfig(
+        d_vocab=language.d_vocab,
+        n_ctx=n_ctx,
+        n_members=1,
+        n_layers=n_layers,
+        n_heads=2,
+        d_model=d_model,
+        d_head=d_head,
+        attention="bilinear",
+        positions="learned",
+    )
     model = TensorTransformer(cfg, seed=0).double()
     with torch.no_grad():
         for p in model.parameters():
@@ -45,7 +54,7 @@ def planted_skip_trigram(language: Language, n_ctx: int = 16) -> TensorTransform
     R = len(skip.rules)
     d_head = R
     model = _model(language, 1, 2 * V, d_head, n_ctx)  # residual: [tokens | outputs]
-    root = d_head ** 0.5
+    root = d_head**0.5
     with torch.no_grad():
         model.W_E[0, :, :V] = torch.eye(V)
         for r, (a, b, c) in enumerate(skip.rules.tolist()):
@@ -66,10 +75,10 @@ def planted_induction(language: Language, n_ctx: int = 8) -> TensorTransformer:
     tok, prev, pos, out = 0, V, 2 * V, 2 * V + n_ctx  # residual subspace offsets
     d_head = max(V, n_ctx)
     model = _model(language, 2, 3 * V + n_ctx, d_head, n_ctx)
-    root = d_head ** 0.5
+    root = d_head**0.5
     with torch.no_grad():
-        model.W_E[0, :, tok:tok + V] = torch.eye(V)
-        model.W_pos[0, :, pos:pos + n_ctx] = torch.eye(n_ctx)
+        model.W_E[0, :, tok : tok + V] = torch.eye(V)
+        model.W_pos[0, :, pos : pos + n_ctx] = torch.eye(n_ctx)
         for pair in range(2):
             for i in range(n_ctx):
                 model.W_Q[0, 0, pair, 0, pos + i, i] = root
@@ -83,5 +92,5 @@ def planted_induction(language: Language, n_ctx: int = 8) -> TensorTransformer:
             model.W_O[0, 0, 0, x, prev + x] = 1.0
             model.W_V[0, 1, 0, tok + x, x] = 1.0
             model.W_O[0, 1, 0, x, out + x] = 1.0
-        model.W_U[0, out:out + V, :] = LOGIT_SCALE * torch.eye(V)
+        model.W_U[0, out : out + V, :] = LOGIT_SCALE * torch.eye(V)
     return model

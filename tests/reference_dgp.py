@@ -37,7 +37,7 @@ def own_distribution(primitive: dict, seq: list[str], t: int, category_of, withi
     if kind == "bigram":
         return dict(primitive["table"][current]) if current in primitive["table"] else None
     if kind == "skip_trigram":
-        window = seq[max(0, t - primitive["max_skip"]):t]
+        window = seq[max(0, t - primitive["max_skip"]) : t]
         for rule in primitive["rules"]:
             if current == rule["trigger"] and rule["anchor"] in window:
                 return {rule["output"]: 1.0}
@@ -48,19 +48,19 @@ def own_distribution(primitive: dict, seq: list[str], t: int, category_of, withi
                 return {rule["output"]: 1.0}
         return None
     if kind == "long_range":
-        early = seq[:max(0, t - primitive["min_distance"] + 1)]  # at least min_distance before t
+        early = seq[: max(0, t - primitive["min_distance"] + 1)]  # at least min_distance before t
         for rule in primitive["rules"]:
             if current == rule["trigger"] and rule["cue"] in early:
                 return {rule["output"]: 1.0}
         return None
     if kind == "topic":
-        seen = [tok for tok in seq[:t + 1] if tok in primitive["topics"]]
+        seen = [tok for tok in seq[: t + 1] if tok in primitive["topics"]]
         if seen and current in primitive["topics"][seen[-1]]:
             return dict(primitive["topics"][seen[-1]][current])
         return None
     if kind == "quote":
         inside = False
-        for tok in seq[:t + 1]:
+        for tok in seq[: t + 1]:
             if inside and tok == primitive["close"]:
                 inside = False
             elif tok == primitive["open"]:
@@ -75,7 +75,7 @@ def own_distribution(primitive: dict, seq: list[str], t: int, category_of, withi
         opens = [o for o, _ in primitive["pairs"]]
         close_of = dict(primitive["pairs"])
         stack: list[str] = []
-        for tok in seq[:t + 1]:
+        for tok in seq[: t + 1]:
             if stack and tok == close_of[stack[-1]]:
                 stack.pop()
             elif tok in opens and len(stack) < primitive["max_depth"]:
@@ -104,7 +104,10 @@ def switched_off(spec: dict, seq: list[str], t: int, category_of, within) -> set
     """Names of the primitives some firing primitive suppresses at position t."""
     off = set()
     for primitive in spec["primitives"]:
-        if primitive.get("suppresses") and own_distribution(primitive, seq, t, category_of, within) is not None:
+        if (
+            primitive.get("suppresses")
+            and own_distribution(primitive, seq, t, category_of, within) is not None
+        ):
             off |= set(primitive["suppresses"])
     return off
 

@@ -38,8 +38,11 @@ def test_levels_are_ordered_and_never_learned_is_censored():
     progress = curves([4.0, 20.0])  # the second never rises within 5000 steps
     t10, t50, t90 = (threshold_onsets("m", STEPS, progress, level) for level in (0.1, 0.5, 0.9))
     assert t10[0].step < t50[0].step < t90[0].step
-    for detector in (lambda: t50, lambda: logistic_onsets("m", STEPS, progress, n_boot=5),
-                     lambda: changepoint_onsets("m", STEPS, progress)):
+    for detector in (
+        lambda: t50,
+        lambda: logistic_onsets("m", STEPS, progress, n_boot=5),
+        lambda: changepoint_onsets("m", STEPS, progress),
+    ):
         never = detector()[1]
         assert never.censored and never.step == 5000.0
 
@@ -47,8 +50,8 @@ def test_levels_are_ordered_and_never_learned_is_censored():
 def test_pelt_finds_planted_changepoints():
     rng = np.random.default_rng(1)
     signal = np.concatenate([np.zeros(30), np.ones(40), 0.3 * np.ones(30)]) + rng.normal(0, 0.05, 100)
-    assert pelt(signal, penalty=2 * 0.05 ** 2 * math.log(100)) == [30, 70]
-    assert pelt(rng.normal(0, 0.05, 100), penalty=2 * 0.05 ** 2 * math.log(100)) == []
+    assert pelt(signal, penalty=2 * 0.05**2 * math.log(100)) == [30, 70]
+    assert pelt(rng.normal(0, 0.05, 100), penalty=2 * 0.05**2 * math.log(100)) == []
 
 
 def onset(step, member, censored=False):
@@ -110,7 +113,11 @@ def test_ordering_recovers_planted_edges_over_100_synthetic_instances():
                 missed += truth not in found
     precision = true_positive / (true_positive + false_positive)
     recall = true_positive / (true_positive + missed)
-    assert precision >= 0.95 and recall >= 0.95, (precision, recall, {g: np.mean(v) for g, v in by_gap.items()})
+    assert precision >= 0.95 and recall >= 0.95, (
+        precision,
+        recall,
+        {g: np.mean(v) for g, v in by_gap.items()},
+    )
     # ties: an edge no more often than alpha allows (binomial upper tail at 0.001)
     assert tie_pairs == 100 and tie_edges <= 4
     # recall grows with the gap; at the spread itself it is low, as it must be with 16 members
@@ -149,10 +156,17 @@ def synthetic_timeline(midpoints: dict[str, float], data_config: dict, members=1
         infos.append(MetricInfo(f"probe_excess/{name}", "probe", name, "all", 1.0, 0.0))
         columns.append(1 - progress)
     probe = Group(steps, np.stack(columns, 1), tuple(infos))
-    weight = Group(steps, np.stack(columns, 1),
-                   tuple(MetricInfo(f"{n}/r/kl", "weight", n, "r", 1.0, 0.0) for n in midpoints))
-    return Timeline(Path("synthetic.h5"), {"every_step": weight, "probe": probe},
-                    {"config": yaml.safe_dump({"data": data_config})}, ("start", *midpoints))
+    weight = Group(
+        steps,
+        np.stack(columns, 1),
+        tuple(MetricInfo(f"{n}/r/kl", "weight", n, "r", 1.0, 0.0) for n in midpoints),
+    )
+    return Timeline(
+        Path("synthetic.h5"),
+        {"every_step": weight, "probe": probe},
+        {"config": yaml.safe_dump({"data": data_config})},
+        ("start", *midpoints),
+    )
 
 
 def test_dependence_verdicts_from_knock_out_and_knock_in():
@@ -169,8 +183,10 @@ def test_dependence_verdicts_from_knock_out_and_knock_in():
 
 
 def test_analysis_pools_runs_and_orders_primitives():
-    runs = [synthetic_timeline({"bigram": 3.5, "induction": 5.0, "never": 20.0}, {}, members=8, seed=s)
-            for s in range(2)]
+    runs = [
+        synthetic_timeline({"bigram": 3.5, "induction": 5.0, "never": 20.0}, {}, members=8, seed=s)
+        for s in range(2)
+    ]
     result = analyze_timelines(runs)
     assert result.n_units == 16
     assert set(result.ordering.dag) == {("bigram", "induction"), ("induction", "never")}

@@ -8,8 +8,19 @@ from devinterp.model import ModelConfig, TensorTransformer
 
 
 def random_model(n_layers=1, positions="rope", attention="bilinear", mlp=False, seed=0):
-    cfg = ModelConfig(d_vocab=7, n_ctx=10, n_members=2, n_layers=n_layers, n_heads=3, d_model=12, d_head=4,
-                      attention=attention, positions=positions, mlp=mlp, d_mlp=6)
+    cfg = ModelConfig(
+        d_vocab=7,
+        n_ctx=10,
+        n_members=2,
+        n_layers=n_layers,
+        n_heads=3,
+        d_model=12,
+        d_head=4,
+        attention=attention,
+        positions=positions,
+        mlp=mlp,
+        d_mlp=6,
+    )
     model = TensorTransformer(cfg, seed=seed).double().requires_grad_(False)
     g = torch.Generator().manual_seed(seed + 100)
     model.W_O.copy_(torch.randn(model.W_O.shape, generator=g, dtype=torch.float64))
@@ -31,7 +42,9 @@ def test_one_layer_logits_are_direct_path_plus_trigram_terms(attention, position
     for i in range(T):
         expected = direct[:, tokens[0, i]].clone()  # (M, V)
         for j in range(i + 1):
-            entries = circuits.trigram_entries(model, 0, tokens[0, i].repeat(V), tokens[0, j].repeat(V), every, [i - j])
+            entries = circuits.trigram_entries(
+                model, 0, tokens[0, i].repeat(V), tokens[0, j].repeat(V), every, [i - j]
+            )
             expected += entries.sum(1)[..., 0]  # sum over heads
         torch.testing.assert_close(logits[:, i], expected, rtol=1e-9, atol=1e-9)
 
@@ -58,20 +71,37 @@ def test_ov_and_qk_equal_their_multiplied_out_forms():
         for h in range(3):
             torch.testing.assert_close(ov[m, h], E[m] @ model.W_V[m, 1, h] @ model.W_O[m, 1, h] @ U[m])
             for r in range(2):
-                torch.testing.assert_close(qk[m, r, h], E[m] @ model.W_Q[m, 1, r, h] @ model.W_K[m, 1, r, h].T @ E[m].T / 4)
+                torch.testing.assert_close(
+                    qk[m, r, h], E[m] @ model.W_Q[m, 1, r, h] @ model.W_K[m, 1, r, h].T @ E[m].T / 4
+                )
 
 
 def test_composition_from_factors_equals_multiplied_out():
     model = random_model(n_layers=2)
     scores = circuits.composition(model, 0, 1)
-    ov1, qk2, ov2 = (circuits.head_ov_matrices(model, 0), circuits.head_qk_matrices(model, 1),
-                     circuits.head_ov_matrices(model, 1))
+    ov1, qk2, ov2 = (
+        circuits.head_ov_matrices(model, 0),
+        circuits.head_qk_matrices(model, 1),
+        circuits.head_ov_matrices(model, 1),
+    )
     norm = lambda x: x.flatten(-2).norm(dim=-1)  # noqa: E731
     for m in range(2):
         for a in range(3):
             for b in range(3):
-                k = sum(norm(qk2[m, r, b] @ ov1[m, a].T) / (norm(qk2[m, r, b]) * norm(ov1[m, a])) for r in range(2)) / 2
-                q = sum(norm(ov1[m, a] @ qk2[m, r, b]) / (norm(qk2[m, r, b]) * norm(ov1[m, a])) for r in range(2)) / 2
+                k = (
+                    sum(
+                        norm(qk2[m, r, b] @ ov1[m, a].T) / (norm(qk2[m, r, b]) * norm(ov1[m, a]))
+                        for r in range(2)
+                    )
+                    / 2
+                )
+                q = (
+                    sum(
+                        norm(ov1[m, a] @ qk2[m, r, b]) / (norm(qk2[m, r, b]) * norm(ov1[m, a]))
+                        for r in range(2)
+                    )
+                    / 2
+                )
                 v = norm(ov1[m, a] @ ov2[m, b]) / (norm(ov1[m, a]) * norm(ov2[m, b]))
                 torch.testing.assert_close(scores["k"][m, a, b], k)
                 torch.testing.assert_close(scores["q"][m, a, b], q)
@@ -82,7 +112,10 @@ def test_composition_from_factors_equals_multiplied_out():
 
 def test_gram_spectrum_equals_singular_values_of_the_product():
     g = torch.Generator().manual_seed(0)
-    left, right = torch.randn(3, 20, 4, generator=g, dtype=torch.float64), torch.randn(3, 15, 4, generator=g, dtype=torch.float64)
+    left, right = (
+        torch.randn(3, 20, 4, generator=g, dtype=torch.float64),
+        torch.randn(3, 15, 4, generator=g, dtype=torch.float64),
+    )
     expected = torch.linalg.svdvals(left @ right.transpose(-1, -2))[:, :4] ** 2
     torch.testing.assert_close(circuits.gram_spectrum(left, right), expected)
     norm, rank = circuits.frobenius_and_effective_rank(circuits.gram_spectrum(left, right))

@@ -13,13 +13,27 @@ TINY = ROOT / "tests" / "data" / "tiny.yaml"
 
 
 def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "devinterp", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "devinterp", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_fit_in_a_subprocess_writes_its_run_folder(tmp_path):
-    result = run_cli("fit", "--config", TINY, "--run.root", tmp_path, "--run.wandb_mode", "offline",
-                     "--data.language", SEED_SPEC_PATH)
+    result = run_cli(
+        "fit",
+        "--config",
+        TINY,
+        "--run.root",
+        tmp_path,
+        "--run.wandb_mode",
+        "offline",
+        "--data.language",
+        SEED_SPEC_PATH,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     run = tmp_path / "tiny"
     assert f"run folder: {run}" in result.stdout
@@ -38,8 +52,19 @@ def test_fit_in_a_subprocess_writes_its_run_folder(tmp_path):
 
     # a second run of the same name never touches the first
     before = sorted(p.name for p in run.rglob("*"))
-    again = run_cli("fit", "--config", TINY, "--run.root", tmp_path, "--run.wandb_mode", "disabled",
-                    "--data.language", SEED_SPEC_PATH, "--trainer.max_steps", "2")
+    again = run_cli(
+        "fit",
+        "--config",
+        TINY,
+        "--run.root",
+        tmp_path,
+        "--run.wandb_mode",
+        "disabled",
+        "--data.language",
+        SEED_SPEC_PATH,
+        "--trainer.max_steps",
+        "2",
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"run folder: {tmp_path / 'tiny-2'}" in again.stdout
     assert sorted(p.name for p in run.rglob("*")) == before
@@ -48,21 +73,46 @@ def test_fit_in_a_subprocess_writes_its_run_folder(tmp_path):
 
 def test_command_line_overrides_and_print_config(capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(TINY), "--model.n_layers", "1", "--model.attention", "softmax",
-              "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(TINY),
+                "--model.n_layers",
+                "1",
+                "--model.attention",
+                "softmax",
+                "--print_config",
+            ]
+        )
     assert exit_.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["n_layers"] == 1 and printed["model"]["attention"] == "softmax"
     assert printed["run"]["wandb_mode"] == "offline"
 
 
-@pytest.mark.parametrize("override,message", [
-    (["--data.language", "missing.yaml"], "missing.yaml: cannot read language spec"),
-    (["--data.seq_len", "8"], "max_skip: 8 must be below the sequence length 8"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["--data.language", "missing.yaml"], "missing.yaml: cannot read language spec"),
+        (["--data.seq_len", "8"], "max_skip: 8 must be below the sequence length 8"),
+    ],
+)
 def test_bad_language_gives_one_line_error_and_no_run_folder(tmp_path, capsys, override, message):
-    code = main(["fit", "--config", str(TINY), "--run.root", str(tmp_path), "--run.wandb_mode", "disabled",
-                 "--data.language", str(SEED_SPEC_PATH), *override])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(TINY),
+            "--run.root",
+            str(tmp_path),
+            "--run.wandb_mode",
+            "disabled",
+            "--data.language",
+            str(SEED_SPEC_PATH),
+            *override,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("devinterp: error: ") and message in err[-1]
@@ -75,8 +125,11 @@ def test_language_show_prints_rules_shares_and_bayes_loss(capsys):
     out = capsys.readouterr().out
     assert "priority: induction > skip_trigram > bigram > category" in out
     assert out.count("sequence ") == 2
-    table = {line.split()[0]: line.split()[1:] for line in out.splitlines()
-             if line.split() and line.split()[0] in ("induction", "skip_trigram", "bigram", "category")}
+    table = {
+        line.split()[0]: line.split()[1:]
+        for line in out.splitlines()
+        if line.split() and line.split()[0] in ("induction", "skip_trigram", "bigram", "category")
+    }
     shares = {k: float(v[0].rstrip("%")) for k, v in table.items()}
     assert set(shares) == {"induction", "skip_trigram", "bigram", "category"}
     assert sum(shares.values()) == pytest.approx(100, abs=0.5)
@@ -86,10 +139,29 @@ def test_language_show_prints_rules_shares_and_bayes_loss(capsys):
 
 @pytest.mark.parametrize("name", ["quickstart", "reference", "mlp"])
 def test_shipped_configs_train(tmp_path, name):
-    code = main(["fit", "--config", str(ROOT / "configs" / f"{name}.yaml"), "--run.root", str(tmp_path),
-                 "--run.wandb_mode", "disabled", "--data.language", str(SEED_SPEC_PATH),
-                 "--trainer.max_steps", "2", "--data.batch_size", "2", "--data.probe_size", "4",
-                 "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / f"{name}.yaml"),
+            "--run.root",
+            str(tmp_path),
+            "--run.wandb_mode",
+            "disabled",
+            "--data.language",
+            str(SEED_SPEC_PATH),
+            "--trainer.max_steps",
+            "2",
+            "--data.batch_size",
+            "2",
+            "--data.probe_size",
+            "4",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.accelerator",
+            "cpu",
+        ]
+    )
     assert code == 0
     saved = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
     shipped = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
@@ -100,10 +172,34 @@ def test_shipped_configs_train(tmp_path, name):
 
 def test_dependence_command_trains_variants_that_analyze_reads(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "devinterp", "dependence", "--config", str(TINY), "--primitives", "bigram",
-         "--knockin-steps", "3", "--name", "dep", "--root", str(tmp_path), "--", "--run.wandb_mode", "disabled",
-         "--data.language", str(SEED_SPEC_PATH), "--trainer.max_steps", "6"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "devinterp",
+            "dependence",
+            "--config",
+            str(TINY),
+            "--primitives",
+            "bigram",
+            "--knockin-steps",
+            "3",
+            "--name",
+            "dep",
+            "--root",
+            str(tmp_path),
+            "--",
+            "--run.wandb_mode",
+            "disabled",
+            "--data.language",
+            str(SEED_SPEC_PATH),
+            "--trainer.max_steps",
+            "6",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     runs = sorted(p.name for p in (tmp_path / "dep").iterdir())
     assert runs == ["full", "knockin-bigram", "knockout-bigram"]
@@ -127,12 +223,29 @@ def test_analyze_refuses_folders_without_timelines(tmp_path, capsys):
     assert len(err) == 1 and "no timeline.h5 here or in its run folders" in err[0]
 
 
-@pytest.mark.parametrize("language", sorted((ROOT / "configs" / "languages").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "language", sorted((ROOT / "configs" / "languages").glob("*.yaml")), ids=lambda p: p.stem
+)
 def test_every_shipped_language_trains_and_writes_its_curves(tmp_path, language):
     from analysis import load_timeline
 
-    code = main(["fit", "--config", str(TINY), "--run.root", str(tmp_path), "--run.wandb_mode", "disabled",
-                 "--data.language", str(language), "--trainer.max_steps", "2", "--data.seq_len", "24"])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(TINY),
+            "--run.root",
+            str(tmp_path),
+            "--run.wandb_mode",
+            "disabled",
+            "--data.language",
+            str(language),
+            "--trainer.max_steps",
+            "2",
+            "--data.seq_len",
+            "24",
+        ]
+    )
     assert code == 0
     timeline = load_timeline(tmp_path / "tiny" / "timeline.h5")
     for primitive in timeline.label_names[1:]:  # a probe curve for every primitive

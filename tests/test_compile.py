@@ -9,10 +9,26 @@ from tests.conftest import SEED_SPEC_PATH
 
 
 def train(compile: bool, steps: int = 3):
-    data = ToyLanguageData(language=str(SEED_SPEC_PATH), seq_len=16, batch_size=4, n_members=2, seed=0,
-                           probe_size=4, steps_per_block=4)
-    module = TensorTransformerModule(d_vocab=data.d_vocab, n_ctx=16, label_names=data.label_names, n_members=2,
-                                     n_layers=2, n_heads=2, d_model=16, d_head=8, compile=compile)
+    data = ToyLanguageData(
+        language=str(SEED_SPEC_PATH),
+        seq_len=16,
+        batch_size=4,
+        n_members=2,
+        seed=0,
+        probe_size=4,
+        steps_per_block=4,
+    )
+    module = TensorTransformerModule(
+        d_vocab=data.d_vocab,
+        n_ctx=16,
+        label_names=data.label_names,
+        n_members=2,
+        n_layers=2,
+        n_heads=2,
+        d_model=16,
+        d_head=8,
+        compile=compile,
+    )
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
     stream = iter(MemberStreams(data.language, 16, 4, data.stream_seeds, 4))
     losses = []

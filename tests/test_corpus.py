@@ -24,8 +24,12 @@ def corpus_arrays(n: int = 60, T: int = 16, seed: int = 0, logp: bool = True) ->
     """A corpus sampled from the seed language, in a corpus file's own numbering (no start label)."""
     language = load_language(SEED_SPEC_PATH)
     sample = language.sample(n, T, seed=seed)
-    arrays = {"tokens": sample.tokens, "labels": np.maximum(sample.labels - 1, 0),
-              "label_names": np.array(language.label_names[1:]), "token_strings": np.array(language.vocab.tokens)}
+    arrays = {
+        "tokens": sample.tokens,
+        "labels": np.maximum(sample.labels - 1, 0),
+        "label_names": np.array(language.label_names[1:]),
+        "token_strings": np.array(language.vocab.tokens),
+    }
     if logp:
         arrays["logp"] = sample.logp
     return arrays
@@ -47,7 +51,9 @@ def test_a_corpus_reads_alike_from_npz_and_hdf5(tmp_path, suffix):
     corpus = load_corpus(write_corpus(tmp_path / f"c{suffix}", arrays))
     assert corpus.label_names == ["start", "induction", "skip_trigram", "bigram", "category"]
     np.testing.assert_array_equal(corpus.tokens, arrays["tokens"])
-    np.testing.assert_array_equal(corpus.labels[:, 1:], arrays["labels"][:, 1:] + 1)  # in the language's numbering
+    np.testing.assert_array_equal(
+        corpus.labels[:, 1:], arrays["labels"][:, 1:] + 1
+    )  # in the language's numbering
     assert (corpus.labels[:, 0] == 0).all()
     np.testing.assert_array_equal(corpus.logp, arrays["logp"])
     assert corpus.vocab.tokens == tuple(arrays["token_strings"].tolist()) and corpus.d_vocab == 33
@@ -83,12 +89,12 @@ def test_probe_is_held_out_and_each_member_reads_every_training_sequence_once_pe
     ids = row_ids(seen)
     for member in range(2):
         for epoch in range(2):  # 38 training sequences per epoch; blocks cross the epoch boundary
-            epoch_ids = ids[member, epoch * 38:(epoch + 1) * 38]
+            epoch_ids = ids[member, epoch * 38 : (epoch + 1) * 38]
             assert sorted(epoch_ids.tolist()) == sorted(set(range(50)) - probe)
     assert not np.array_equal(ids[0], ids[1])  # each member in its own order
     again = MemberStreams(corpus, 16, batch_size=7, stream_seeds=[0, 1], steps_per_block=2, start_step=5)
     batch = next(iter(again))  # step 5 = block 2, second step: resumable at any step
-    np.testing.assert_array_equal(batch["tokens"].numpy(), seen[:, 5 * 7:6 * 7])
+    np.testing.assert_array_equal(batch["tokens"].numpy(), seen[:, 5 * 7 : 6 * 7])
     labels = next(iter(again))["labels"].numpy()
     assert labels.min() >= 0 and (labels[..., 0] == 0).all()
 
@@ -99,18 +105,26 @@ def test_sampled_excess_estimates_the_exact_kl(tmp_path):
     sampling error: E[-log q(x) + log p(x)] = KL(p || q) at every context."""
     language = load_language(SEED_SPEC_PATH)
     arrays = corpus_arrays(n=1500, T=16, seed=4)
-    data = ToyLanguageData(write_corpus(tmp_path / "c.npz", arrays), seq_len=16, probe_size=1400, batch_size=64)
+    data = ToyLanguageData(
+        write_corpus(tmp_path / "c.npz", arrays), seq_len=16, probe_size=1400, batch_size=64
+    )
     corpus_probe = data.probe
     assert corpus_probe.true_next is None and corpus_probe.has_excess
     tokens = corpus_probe.tokens.numpy()
     true_next = language.true_next_dist(tokens)[:, :-1]
     plogp = (true_next * np.log(np.where(true_next > 0, true_next, 1.0))).sum(-1)
-    exact_probe = ProbeSet(corpus_probe.tokens, corpus_probe.labels, corpus_probe.rules,
-                           torch.from_numpy(true_next).float(), torch.from_numpy(plogp).float(),
-                           torch.from_numpy(true_next.argmax(-1)))
+    exact_probe = ProbeSet(
+        corpus_probe.tokens,
+        corpus_probe.labels,
+        corpus_probe.rules,
+        torch.from_numpy(true_next).float(),
+        torch.from_numpy(plogp).float(),
+        torch.from_numpy(true_next.argmax(-1)),
+    )
     torch.manual_seed(0)
-    model = TensorTransformer(ModelConfig(d_vocab=33, n_ctx=16, n_members=2, n_layers=1, n_heads=2, d_model=16,
-                                          d_head=8))
+    model = TensorTransformer(
+        ModelConfig(d_vocab=33, n_ctx=16, n_members=2, n_layers=1, n_heads=2, d_model=16, d_head=8)
+    )
     with torch.no_grad():
         model.W_U.normal_(0, 0.5)  # a non-uniform prediction
     n_labels = len(data.language.label_names)
@@ -118,23 +132,34 @@ def test_sampled_excess_estimates_the_exact_kl(tmp_path):
     exact = evaluate_probe(model, exact_probe, n_labels, 0, batch_size=200)
     # per position: the sampled gap minus the exact KL has mean 0; compare within 4 standard errors
     with torch.no_grad():
-        log_q = model(corpus_probe.tokens[None, :, :-1].expand(2, -1, -1)).double().log_softmax(-1)  # (M, n, T-1, V)
+        log_q = (
+            model(corpus_probe.tokens[None, :, :-1].expand(2, -1, -1)).double().log_softmax(-1)
+        )  # (M, n, T-1, V)
     nll = -log_q.gather(-1, corpus_probe.tokens[None, :, 1:, None].expand(2, -1, -1, 1))[..., 0]
     gap = nll + torch.from_numpy(arrays["logp"][data.language.probe_rows, 1:])
-    kl = (torch.from_numpy(true_next)[None] * (torch.from_numpy(true_next)[None].clamp_min(1e-300).log() - log_q)).sum(-1)
+    kl = (
+        torch.from_numpy(true_next)[None]
+        * (torch.from_numpy(true_next)[None].clamp_min(1e-300).log() - log_q)
+    ).sum(-1)
     labels = corpus_probe.labels[:, 1:].flatten()
     difference = (gap - kl).flatten(1)  # (M, positions)
     for label in range(1, n_labels):
         rows = labels == label
         error = difference[:, rows].std(1) / math.sqrt(int(rows.sum()))
         # (deterministic rules: the gap is the KL itself, error 0)
-        assert ((sampled.excess_by_label[:, label] - exact.excess_by_label[:, label]).abs() <= 4 * error + 1e-4).all()
-        np.testing.assert_allclose(sampled.excess_by_label[:, label], gap.flatten(1)[:, rows].mean(1), rtol=1e-4)
+        assert (
+            (sampled.excess_by_label[:, label] - exact.excess_by_label[:, label]).abs() <= 4 * error + 1e-4
+        ).all()
+        np.testing.assert_allclose(
+            sampled.excess_by_label[:, label], gap.flatten(1)[:, rows].mean(1), rtol=1e-4
+        )
     error = difference.std(1) / math.sqrt(difference.shape[1])
     assert ((sampled.excess - exact.excess).abs() < 4 * error).all()
     assert ((sampled.excess - exact.excess).abs() < 0.05 * exact.excess).all()  # and the error is small
     # cross-entropy and accuracy against the token that came next
-    np.testing.assert_allclose(sampled.loss_by_label, grouped_mean(nll.flatten(1).float(), labels, n_labels), rtol=1e-4)
+    np.testing.assert_allclose(
+        sampled.loss_by_label, grouped_mean(nll.flatten(1).float(), labels, n_labels), rtol=1e-4
+    )
     hits = (log_q.argmax(-1) == corpus_probe.tokens[None, :, 1:]).flatten(1).float()
     np.testing.assert_allclose(sampled.accuracy_by_label, grouped_mean(hits, labels, n_labels), rtol=1e-5)
 
@@ -142,8 +167,23 @@ def test_sampled_excess_estimates_the_exact_kl(tmp_path):
 @pytest.mark.parametrize("suffix,logp", [(".npz", False), (".h5", True)])
 def test_fit_on_a_corpus_end_to_end(tmp_path, capsys, suffix, logp):
     path = write_corpus(tmp_path / f"corpus{suffix}", corpus_arrays(n=80, logp=logp))
-    code = main(["fit", "--config", str(TINY), "--run.root", str(tmp_path), "--run.wandb_mode", "disabled",
-                 "--data.language", path, "--data.probe_size", "16", "--circuits.diagnostics_every_n_steps", "2"])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(TINY),
+            "--run.root",
+            str(tmp_path),
+            "--run.wandb_mode",
+            "disabled",
+            "--data.language",
+            path,
+            "--data.probe_size",
+            "16",
+            "--circuits.diagnostics_every_n_steps",
+            "2",
+        ]
+    )
     assert code == 0
     err = capsys.readouterr().err
     assert err.count("notice:") == 1 and "a corpus: no rules with known circuits" in err
@@ -152,7 +192,9 @@ def test_fit_on_a_corpus_end_to_end(tmp_path, capsys, suffix, logp):
     with h5py.File(run / "timeline.h5", "r") as f:
         every = [n.decode() for n in f["every_step/names"][:]]
         probe = [n.decode() for n in f["probe/names"][:]]
-        assert every == ["train/loss"] + [f"train_loss/{n}" for n in ("induction", "skip_trigram", "bigram", "category")]
+        assert every == ["train/loss"] + [
+            f"train_loss/{n}" for n in ("induction", "skip_trigram", "bigram", "category")
+        ]
         assert f["every_step/values"].shape[0] == 6 and np.isfinite(f["every_step/values"][:, 0]).all()
         assert "model/all/weight_norm" in [n.decode() for n in f["diagnostics/names"][:]]
         assert "probe_ce/bigram" in probe and "probe_acc/bigram" in probe
@@ -163,7 +205,9 @@ def test_fit_on_a_corpus_end_to_end(tmp_path, capsys, suffix, logp):
     assert summary["measure"] == ("sampled_excess" if logp else "cross_entropy")
     assert set(summary["primitives"]) <= {"induction", "skip_trigram", "bigram", "category"}
     if not logp:  # at step 0 the unembedding is zero: cross-entropy log V everywhere
-        assert all(math.isclose(row["initial"], math.log(33), rel_tol=1e-5) for row in summary["primitives"].values())
+        assert all(
+            math.isclose(row["initial"], math.log(33), rel_tol=1e-5) for row in summary["primitives"].values()
+        )
     else:
         assert main(["analyze", str(run), "--out", str(tmp_path / "report")]) == 0
         assert (tmp_path / "report" / "report.md").is_file()
@@ -173,7 +217,9 @@ def test_a_corpus_cannot_be_knocked_out_or_cut_longer(tmp_path):
     path = write_corpus(tmp_path / "c.npz", corpus_arrays())
     with pytest.raises(SpecError, match="is a corpus: it has no primitives to knock out"):
         ToyLanguageData(path, seq_len=16, probe_size=8, knockout=["bigram"])
-    with pytest.raises(SpecError, match="data.seq_len: must be between 2 and the corpus's sequence length 16"):
+    with pytest.raises(
+        SpecError, match="data.seq_len: must be between 2 and the corpus's sequence length 16"
+    ):
         ToyLanguageData(path, seq_len=32, probe_size=8)
     assert ToyLanguageData(path, seq_len=8, probe_size=8).probe.tokens.shape == (8, 8)  # a prefix
 
@@ -186,7 +232,7 @@ def test_language_show_reads_a_corpus(tmp_path, capsys):
     assert "corpus 'c': 50 sequences of 16 tokens, 33 tokens" in out and "logp: yes" in out
     words = arrays["token_strings"][arrays["tokens"][0]]
     first_line = out.splitlines()[3].split()  # sequence 0 (wrapped), over its labels
-    assert len(first_line) > 3 and first_line == words[:len(first_line)].tolist()
+    assert len(first_line) > 3 and first_line == words[: len(first_line)].tolist()
     bigram = arrays["labels"][:, 1:] == 2
     table = out.split("generator loss (nats)")[1]
     row = next(line for line in table.splitlines() if line.startswith("bigram "))
@@ -199,8 +245,21 @@ def test_resume_refuses_a_corpus_that_changed(tmp_path, capsys):
     sha256, and a changed file ends the resume in one line with the run folder untouched."""
     path = write_corpus(tmp_path / "c.npz", corpus_arrays(n=40))
     root = tmp_path / "runs"
-    fit = ["fit", "--config", str(TINY), "--run.root", str(root), "--run.wandb_mode", "disabled",
-           "--data.language", path, "--run.checkpoint_every_n_steps", "2", "--trainer.max_steps", "4"]
+    fit = [
+        "fit",
+        "--config",
+        str(TINY),
+        "--run.root",
+        str(root),
+        "--run.wandb_mode",
+        "disabled",
+        "--data.language",
+        path,
+        "--run.checkpoint_every_n_steps",
+        "2",
+        "--trainer.max_steps",
+        "4",
+    ]
     assert main(fit) == 0
     run = root / "tiny"
     write_corpus(tmp_path / "c.npz", corpus_arrays(n=40, seed=9))  # the same shape, other sequences
@@ -219,8 +278,26 @@ def test_resume_refuses_a_language_spec_that_changed_but_not_an_edited_comment(t
     text = SEED_SPEC_PATH.read_text()
     spec.write_text(text)
     root = tmp_path / "runs"
-    assert main(["fit", "--config", str(TINY), "--run.root", str(root), "--run.wandb_mode", "disabled",
-                 "--data.language", str(spec), "--run.checkpoint_every_n_steps", "2", "--trainer.max_steps", "4"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(TINY),
+                "--run.root",
+                str(root),
+                "--run.wandb_mode",
+                "disabled",
+                "--data.language",
+                str(spec),
+                "--run.checkpoint_every_n_steps",
+                "2",
+                "--trainer.max_steps",
+                "4",
+            ]
+        )
+        == 0
+    )
     run = root / "tiny"
     assert "helps: .2, finds: .1" in text
     spec.write_text(text.replace("helps: .2, finds: .1", "helps: .1, finds: .2", 1))

@@ -42,10 +42,13 @@ def test_fit_text_counts_bigrams_and_maps_rare_tokens_to_unk(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("content,args,message", [
-    ("word", [], "fewer than 2 tokens"),
-    ("a b c", ["--vocab", "0"], "--vocab: must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "content,args,message",
+    [
+        ("word", [], "fewer than 2 tokens"),
+        ("a b c", ["--vocab", "0"], "--vocab: must be at least 1"),
+    ],
+)
 def test_fit_text_refuses_what_it_cannot_fit(tmp_path, capsys, content, args, message):
     text = tmp_path / "t.txt"
     text.write_text(content)

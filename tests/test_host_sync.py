@@ -5,9 +5,9 @@ Every way a tensor reaches the host (``.item()``, ``float()``, ``int()``, ``bool
 the next's, with weight metrics every step, diagnostics, probes, snapshots, the timeline writer
 and the progress bar on. Only flush steps may read values. The bar shows values the writer
 logged as host tensors at a flush; Lightning turns them into numbers every step (no device read),
-which is not counted either. On CPU a ``.to(device)`` that places data on the model's device looks like a move to the
-host; Lightning's ``move_data_to_device`` (the input batch, and values given to ``self.log``) is
-that placement and is not counted.
+which is not counted either. On CPU a ``.to(device)`` that places data on the model's device
+looks like a move to the host; Lightning's ``move_data_to_device`` (the input batch, and values
+given to ``self.log``) is that placement and is not counted.
 """
 
 import collections
@@ -50,15 +50,19 @@ def host_reads(monkeypatch):
         def method(self, *args, **kwargs):
             if window.step is not None:
                 target = args[0] if args else kwargs.get("device")
-                to_host = not only_to_host or (isinstance(target, (str, torch.device))
-                                               and torch.device(target).type == "cpu")
+                to_host = not only_to_host or (
+                    isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu"
+                )
                 stack = traceback.extract_stack(limit=20)[:-1]
                 # placement on the model's device; and the progress bar's values, logged at a flush
                 # as host tensors, which Lightning converts to numbers at every step
-                placement = any(frame.name in ("move_data_to_device", "convert_tensors_to_scalars") for frame in stack)
+                placement = any(
+                    frame.name in ("move_data_to_device", "convert_tensors_to_scalars") for frame in stack
+                )
                 if to_host and not placement:
                     reads[window.step].append((name, " < ".join(f.name for f in reversed(stack[-12:]))))
             return original(self, *args, **kwargs)
+
         return method
 
     for name in HOST_READS:
@@ -70,16 +74,45 @@ def host_reads(monkeypatch):
 def test_tracked_training_steps_read_nothing_on_the_host_between_flushes(tmp_path, host_reads):
     window, reads = host_reads
     flush, max_steps = 10, 30
-    data = ToyLanguageData(language=str(SEED_SPEC_PATH), seq_len=16, batch_size=4, n_members=2, seed=0,
-                           probe_size=8, steps_per_block=4)
-    module = TensorTransformerModule(d_vocab=data.d_vocab, n_ctx=16, label_names=data.label_names, n_members=2,
-                                     n_layers=2, n_heads=2, d_model=16, d_head=8, warmup_steps=2)
-    callbacks = [window, CircuitMetrics(diagnostics_every_n_steps=3),
-                 ProbeMetrics(every_n_steps=5), TimelineWriter(flush_every_n_steps=flush, n_snapshots=8),
-                 FlushedLossBar()]
-    trainer = L.Trainer(max_steps=max_steps, default_root_dir=tmp_path, logger=False, callbacks=callbacks,
-                        enable_checkpointing=False, enable_progress_bar=True, log_every_n_steps=1,
-                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
+    data = ToyLanguageData(
+        language=str(SEED_SPEC_PATH),
+        seq_len=16,
+        batch_size=4,
+        n_members=2,
+        seed=0,
+        probe_size=8,
+        steps_per_block=4,
+    )
+    module = TensorTransformerModule(
+        d_vocab=data.d_vocab,
+        n_ctx=16,
+        label_names=data.label_names,
+        n_members=2,
+        n_layers=2,
+        n_heads=2,
+        d_model=16,
+        d_head=8,
+        warmup_steps=2,
+    )
+    callbacks = [
+        window,
+        CircuitMetrics(diagnostics_every_n_steps=3),
+        ProbeMetrics(every_n_steps=5),
+        TimelineWriter(flush_every_n_steps=flush, n_snapshots=8),
+        FlushedLossBar(),
+    ]
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        default_root_dir=tmp_path,
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=True,
+        log_every_n_steps=1,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+    )
     trainer.fit(module, datamodule=data)
 
     # the check itself must see reads: at flushes and at the end

@@ -16,7 +16,14 @@ from tests.conftest import (
 )
 from tests.reference_dgp import reference_label, reference_next_dist
 
-SPECS = {"seed": seed_spec(), "mixing": MIXING_SPEC, "trigram": TRIGRAM_SPEC, "range_topic": RANGE_TOPIC_SPEC, "quoting": QUOTE_SPEC, "bracketing": BRACKET_SPEC}
+SPECS = {
+    "seed": seed_spec(),
+    "mixing": MIXING_SPEC,
+    "trigram": TRIGRAM_SPEC,
+    "range_topic": RANGE_TOPIC_SPEC,
+    "quoting": QUOTE_SPEC,
+    "bracketing": BRACKET_SPEC,
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +37,7 @@ def seed_sample(seed_language):
 
 
 # ---- exact distributions against the independent reference ----------------------------------
+
 
 @pytest.mark.parametrize("name", SPECS)
 def test_true_next_dist_matches_reference_on_random_sequences(name):
@@ -50,8 +58,9 @@ def test_true_next_dist_matches_reference_on_sampled_sequences(name):
     sample = language.sample(40, 24, seed=3)
     ours = language.true_next_dist(sample.tokens)
     for row in range(sample.tokens.shape[0]):
-        np.testing.assert_allclose(ours[row], reference_next_dist(spec, language.decode(sample.tokens[row])),
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            ours[row], reference_next_dist(spec, language.decode(sample.tokens[row])), atol=1e-12
+        )
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -111,6 +120,7 @@ def test_sampling_is_reproducible_and_seed_dependent(seed_language):
 
 # ---- sampled frequencies against the spec (chi-square) ---------------------------------------
 
+
 def next_token_counts(language, sample, label, current, vocab_subset):
     """Counts of the next token over positions with this label whose current token is given."""
     label_id = language.label_names.index(label)
@@ -119,11 +129,14 @@ def next_token_counts(language, sample, label, current, vocab_subset):
     return np.array([(following == language.vocab.tokens.index(t)).sum() for t in vocab_subset])
 
 
-@pytest.mark.parametrize("source,table", [
-    ("alice", {"sees": .7, "helps": .2, "finds": .1}),
-    ("bob", {"knows": .7, "likes": .2, "meets": .1}),
-    ("carol", {"calls": .7, "tells": .2, "sees": .1}),
-])
+@pytest.mark.parametrize(
+    "source,table",
+    [
+        ("alice", {"sees": 0.7, "helps": 0.2, "finds": 0.1}),
+        ("bob", {"knows": 0.7, "likes": 0.2, "meets": 0.1}),
+        ("carol", {"calls": 0.7, "tells": 0.2, "sees": 0.1}),
+    ],
+)
 def test_bigram_frequencies_match_spec(seed_language, seed_sample, source, table):
     counts = next_token_counts(seed_language, seed_sample, "bigram", source, list(table))
     expected = np.array(list(table.values())) * counts.sum()
@@ -134,19 +147,27 @@ def test_bigram_frequencies_match_spec(seed_language, seed_sample, source, table
 def test_category_transition_frequencies_match_spec(seed_language, seed_sample):
     # after a verb at a category-labelled position: DET .7, NAME .3, each token uniform within
     label_id = seed_language.label_names.index("category")
-    verbs = np.isin(seed_sample.tokens[:, :-1], [seed_language.vocab.tokens.index(v) for v in
-                                                ("sees", "helps", "finds", "knows", "likes", "meets", "calls", "tells")])
+    verbs = np.isin(
+        seed_sample.tokens[:, :-1],
+        [
+            seed_language.vocab.tokens.index(v)
+            for v in ("sees", "helps", "finds", "knows", "likes", "meets", "calls", "tells")
+        ],
+    )
     following = seed_sample.tokens[:, 1:][(seed_sample.labels[:, 1:] == label_id) & verbs]
     targets = ["the", "a", "alice", "bob", "carol", "dave", "erin", "frank", "grace", "henry"]
     counts = np.array([(following == seed_language.vocab.tokens.index(t)).sum() for t in targets])
-    expected = np.array([.35, .35] + [.3 / 8] * 8) * counts.sum()
+    expected = np.array([0.35, 0.35] + [0.3 / 8] * 8) * counts.sum()
     assert counts.sum() == following.size > 1000
     assert chisquare(counts, expected).pvalue > 1e-3
 
 
 def test_start_distribution_matches_spec(seed_language, seed_sample):
     counts = np.bincount(seed_sample.tokens[:, 0], minlength=seed_language.d_vocab)
-    names = [seed_language.vocab.tokens.index(n) for n in ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "henry")]
+    names = [
+        seed_language.vocab.tokens.index(n)
+        for n in ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "henry")
+    ]
     assert counts.sum() == counts[names].sum()
     assert chisquare(counts[names]).pvalue > 1e-3
 
@@ -156,7 +177,7 @@ def test_mixture_frequencies_match_p(mixing_spec):
     language = parse_language(mixing_spec)
     sample = language.sample(6000, 12, seed=2)
     counts = next_token_counts(language, sample, "bigram", "x", ["u", "v"])
-    expected = np.array([.8 * .5 + .2 * 2 / 3, .8 * .5 + .2 / 3]) * counts.sum()
+    expected = np.array([0.8 * 0.5 + 0.2 * 2 / 3, 0.8 * 0.5 + 0.2 / 3]) * counts.sum()
     assert counts.sum() > 1000
     assert chisquare(counts, expected).pvalue > 1e-3
 
@@ -172,19 +193,31 @@ def test_skip_trigram_and_induction_are_deterministic_at_p1(seed_language, seed_
 
 HAND_CHECKED = [
     # sentence, label of each token (position 0 is start)
-    ("alice sees the beach . bob finds a big at the lake",
-     "start bigram category bigram category category bigram category bigram skip_trigram category bigram"),
+    (
+        "alice sees the beach . bob finds a big at the lake",
+        "start bigram category bigram category category bigram category bigram skip_trigram category bigram",
+    ),
     # a name's repeat copies what followed it last time; its first occurrence uses its table
-    ("alice sees bob . alice sees a lake near dave helps",
-     "start bigram category bigram category induction category bigram category category bigram"),
-    ("carol tells the lake . carol tells a new or",
-     "start bigram category bigram category category induction category bigram skip_trigram"),
+    (
+        "alice sees bob . alice sees a lake near dave helps",
+        "start bigram category bigram category induction category bigram category category bigram",
+    ),
+    (
+        "carol tells the lake . carol tells a new or",
+        "start bigram category bigram category category induction category bigram skip_trigram",
+    ),
     # the anchor 9 tokens before the trigger is outside max_skip 8 ...
-    ("erin likes the beach . bob knows the old lake near a big office",
-     "start bigram category bigram category category bigram category bigram category category category bigram category"),
+    (
+        "erin likes the beach . bob knows the old lake near a big office",
+        "start bigram category bigram category category bigram category bigram category category category "
+        "bigram category",
+    ),
     # ... and 8 tokens before it is inside
-    ("erin likes the beach . bob knows the old lake near big at",
-     "start bigram category bigram category category bigram category bigram category category category skip_trigram"),
+    (
+        "erin likes the beach . bob knows the old lake near big at",
+        "start bigram category bigram category category bigram category bigram category category category "
+        "skip_trigram",
+    ),
 ]
 
 
@@ -197,6 +230,7 @@ def test_labels_on_hand_checked_sequences(seed_language, sentence, expected):
 
 # ---- bad specs ---------------------------------------------------------------------------------
 
+
 def mutate(change):
     spec = seed_spec()
     change(spec)
@@ -204,19 +238,52 @@ def mutate(change):
 
 
 BAD_SPECS = {
-    "unknown token": (lambda s: s["primitives"][2]["table"]["alice"].update({"flies": 0.0}), "primitives[2].table.alice.flies: unknown token 'flies'"),
-    "unknown category": (lambda s: s["primitives"][3]["transitions"]["NAME"].update({"ANIMAL": 0.0}), "transitions.NAME.ANIMAL: unknown category 'ANIMAL'"),
-    "duplicate token": (lambda s: s["categories"]["VERB"].append("alice"), "categories.VERB: duplicate token 'alice'"),
-    "probabilities not summing to 1": (lambda s: s["primitives"][2]["table"]["alice"].update({"sees": 0.6}), "primitives[2].table.alice: probabilities sum to 0.9, not 1"),
-    "negative probability": (lambda s: s["primitives"][2]["table"]["bob"].update({"knows": 0.9, "meets": -0.1}), "primitives[2].table.bob.meets: negative probability -0.1"),
-    "max_skip below 1": (lambda s: s["primitives"][1].update({"max_skip": 0}), "primitives[1].max_skip: must be at least 1, got 0"),
+    "unknown token": (
+        lambda s: s["primitives"][2]["table"]["alice"].update({"flies": 0.0}),
+        "primitives[2].table.alice.flies: unknown token 'flies'",
+    ),
+    "unknown category": (
+        lambda s: s["primitives"][3]["transitions"]["NAME"].update({"ANIMAL": 0.0}),
+        "transitions.NAME.ANIMAL: unknown category 'ANIMAL'",
+    ),
+    "duplicate token": (
+        lambda s: s["categories"]["VERB"].append("alice"),
+        "categories.VERB: duplicate token 'alice'",
+    ),
+    "probabilities not summing to 1": (
+        lambda s: s["primitives"][2]["table"]["alice"].update({"sees": 0.6}),
+        "primitives[2].table.alice: probabilities sum to 0.9, not 1",
+    ),
+    "negative probability": (
+        lambda s: s["primitives"][2]["table"]["bob"].update({"knows": 0.9, "meets": -0.1}),
+        "primitives[2].table.bob.meets: negative probability -0.1",
+    ),
+    "max_skip below 1": (
+        lambda s: s["primitives"][1].update({"max_skip": 0}),
+        "primitives[1].max_skip: must be at least 1, got 0",
+    ),
     "empty category": (lambda s: s["categories"].update({"ADJ": []}), "categories.ADJ: empty category"),
-    "unknown primitive": (lambda s: s["primitives"].insert(0, {"type": "trigram"}), "primitives[0].type: unknown primitive 'trigram'"),
-    "p above 1": (lambda s: s["primitives"][0].update({"p": 1.5}), "primitives[0].p: probability 1.5 is above 1"),
-    "start unknown category": (lambda s: s.update({"start": {"PERSON": 1.0}}), "start.PERSON: unknown category 'PERSON'"),
+    "unknown primitive": (
+        lambda s: s["primitives"].insert(0, {"type": "trigram"}),
+        "primitives[0].type: unknown primitive 'trigram'",
+    ),
+    "p above 1": (
+        lambda s: s["primitives"][0].update({"p": 1.5}),
+        "primitives[0].p: probability 1.5 is above 1",
+    ),
+    "start unknown category": (
+        lambda s: s.update({"start": {"PERSON": 1.0}}),
+        "start.PERSON: unknown category 'PERSON'",
+    ),
     "missing fallback": (lambda s: s["primitives"].pop(), "exactly one 'category' primitive"),
-    "unknown key": (lambda s: s["primitives"][1].update({"max_skp": 3}), "primitives[1]: unknown key 'max_skp'"),
-    "missing transition row": (lambda s: s["primitives"][3]["transitions"].pop("END"), "no row for category 'END'"),
+    "unknown key": (
+        lambda s: s["primitives"][1].update({"max_skp": 3}),
+        "primitives[1]: unknown key 'max_skp'",
+    ),
+    "missing transition row": (
+        lambda s: s["primitives"][3]["transitions"].pop("END"),
+        "no row for category 'END'",
+    ),
 }
 
 
@@ -225,6 +292,7 @@ def test_bad_spec_gives_one_clear_error(case, tmp_path):
     change, message = BAD_SPECS[case]
     path = tmp_path / "bad.yaml"
     import yaml
+
     path.write_text(yaml.safe_dump(mutate(change)))
     with pytest.raises(SpecError) as error:
         load_language(path)
@@ -239,11 +307,14 @@ def test_max_skip_checked_against_sequence_length_at_compile_time(tmp_path):
         language.check_sequence_length(8)
 
 
-@pytest.mark.parametrize("content,message", [
-    ("categories: [unclosed", "not valid YAML"),
-    ("- just\n- a list\n", "expected a mapping"),
-    (None, "cannot read language spec"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("categories: [unclosed", "not valid YAML"),
+        ("- just\n- a list\n", "expected a mapping"),
+        (None, "cannot read language spec"),
+    ],
+)
 def test_unreadable_spec_files(tmp_path, content, message):
     path = tmp_path / "spec.yaml"
     if content is not None:
@@ -260,8 +331,9 @@ def test_knock_out_falls_back_to_the_next_rule(seed_language):
     sample = knocked.sample(30, 20, seed=4)
     dist = knocked.true_next_dist(sample.tokens)
     for row in range(30):
-        np.testing.assert_allclose(dist[row], reference_next_dist(reference, knocked.decode(sample.tokens[row])),
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            dist[row], reference_next_dist(reference, knocked.decode(sample.tokens[row])), atol=1e-12
+        )
     only = seed_language.only(["bigram"])
     assert only.label_names == ["start", "bigram", "category"]
     with pytest.raises(SpecError, match="cannot knock out 'category'"):
@@ -293,15 +365,20 @@ def test_a_quote_switches_skip_trigrams_off_inside_it():
     # inside, it is off: the quote's 0.9, then what remains goes to the rules below it
     p = language.true_next_dist(inside)[0, -1]
     assert p[ids["said"]] == 0.0
-    assert p[ids[">>"]] == pytest.approx(0.9 * 0.3 + 0.1 * 0.2 * 0.5)  # the close, and category V -> Q (half of Q)
+    assert p[ids[">>"]] == pytest.approx(
+        0.9 * 0.3 + 0.1 * 0.2 * 0.5
+    )  # the close, and category V -> Q (half of Q)
     assert language.label_names[language.next_label(inside)[0]] == "quote"
 
 
-@pytest.mark.parametrize("suppresses,message", [
-    (["nothing"], "'nothing' is not another primitive"),
-    (["category"], "'category' is not another primitive"),
-    (["quote"], "'quote' is not another primitive"),
-])
+@pytest.mark.parametrize(
+    "suppresses,message",
+    [
+        (["nothing"], "'nothing' is not another primitive"),
+        (["category"], "'category' is not another primitive"),
+        (["quote"], "'quote' is not another primitive"),
+    ],
+)
 def test_suppressing_an_unknown_or_the_fallback_primitive_is_an_error(suppresses, message):
     spec = copy.deepcopy(QUOTE_SPEC)
     spec["primitives"][0]["suppresses"] = suppresses
@@ -315,11 +392,20 @@ def test_a_close_matches_the_most_recent_open_and_depth_is_limited():
     nested = np.array([[ids[t] for t in ("x", "v", "(", "[", "x")]])
     p = language.true_next_dist(nested)[0, -1]
     assert p[ids["]"]] == pytest.approx(0.9 * 0.3)  # the innermost open's close
-    assert p[ids[")"]] == 0.0 and p[ids["("]] == 0.0 and p[ids["["]] == 0.0  # no wrong close; depth 2 is the limit
-    assert p[ids["v"]] == pytest.approx(0.9 * 0.7 * 0.6 + 0.1 * 0.5)  # content: x's own row, then the fallback
+    assert (
+        p[ids[")"]] == 0.0 and p[ids["("]] == 0.0 and p[ids["["]] == 0.0
+    )  # no wrong close; depth 2 is the limit
+    assert p[ids["v"]] == pytest.approx(
+        0.9 * 0.7 * 0.6 + 0.1 * 0.5
+    )  # content: x's own row, then the fallback
     once = np.array([[ids[t] for t in ("x", "v", "(", "[", "x", "]", "x")]])
     p = language.true_next_dist(once)[0, -1]
     assert p[ids[")"]] == pytest.approx(0.9 * 0.3) and p[ids["]"]] == 0.0  # back to the outer "("
     assert p[ids["("]] == pytest.approx(0.9 * 0.2 / 2)  # below the limit again: may open
     labels, rules = language.label(once)
-    assert [language.rule_names[r] for r in rules[0, 3:]] == ["brackets/()", "brackets/[]", "brackets/[]", "brackets/()"]
+    assert [language.rule_names[r] for r in rules[0, 3:]] == [
+        "brackets/()",
+        "brackets/[]",
+        "brackets/[]",
+        "brackets/()",
+    ]

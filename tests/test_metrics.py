@@ -22,13 +22,21 @@ def language():
 def progress_by_name(model, language, primitive):
     metrics = WeightMetrics(language, model.cfg)
     values = metrics.compute(model)[:, 0].double().numpy()
-    return {i.name: float(progress(v, i.nothing, i.learned)) for i, v in zip(metrics.infos, values)
-            if i.kind == "weight" and i.primitive == primitive}
+    return {
+        i.name: float(progress(v, i.nothing, i.learned))
+        for i, v in zip(metrics.infos, values)
+        if i.kind == "weight" and i.primitive == primitive
+    }
 
 
-@pytest.mark.parametrize("primitive,build", [
-    ("bigram", planted_bigram), ("skip_trigram", planted_skip_trigram), ("induction", planted_induction),
-])
+@pytest.mark.parametrize(
+    "primitive,build",
+    [
+        ("bigram", planted_bigram),
+        ("skip_trigram", planted_skip_trigram),
+        ("induction", planted_induction),
+    ],
+)
 def test_planted_model_reports_its_rule_learned(language, primitive, build):
     planted = progress_by_name(build(language), language, primitive)
     assert planted and all(p > 0.99 for p in planted.values()), planted
@@ -40,7 +48,9 @@ def test_planted_model_reports_its_rule_learned(language, primitive, build):
 def test_zero_and_random_weights_report_nothing_learned(language, primitive):
     cfg = ModelConfig(d_vocab=language.d_vocab, n_ctx=16, n_members=3, d_model=32, d_head=8)
     initial = TensorTransformer(cfg, seed=0)  # W_O = W_U = 0: the uniform prediction
-    assert all(p == pytest.approx(0.0, abs=1e-5) for p in progress_by_name(initial, language, primitive).values())
+    assert all(
+        p == pytest.approx(0.0, abs=1e-5) for p in progress_by_name(initial, language, primitive).values()
+    )
     random = TensorTransformer(cfg, seed=1)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -49,7 +59,11 @@ def test_zero_and_random_weights_report_nothing_learned(language, primitive):
     for member in range(3):
         metrics = WeightMetrics(language, cfg)
         values = metrics.compute(random)[:, member].numpy()
-        progresses = [progress(v, i.nothing, i.learned) for i, v in zip(metrics.infos, values) if i.primitive == primitive and i.kind == "weight"]
+        progresses = [
+            progress(v, i.nothing, i.learned)
+            for i, v in zip(metrics.infos, values)
+            if i.primitive == primitive and i.kind == "weight"
+        ]
         assert max(progresses) < 0.5
 
 
@@ -84,8 +98,16 @@ def test_negative_pattern_times_negative_ov_still_pushes(language):
 def test_nothing_is_nan_at_initialisation(language):
     for mlp in (False, True):
         for attention in ("bilinear", "squared", "softmax"):
-            cfg = ModelConfig(d_vocab=language.d_vocab, n_ctx=16, n_members=2, mlp=mlp, attention=attention,
-                              d_model=16, d_head=4, d_mlp=8)
+            cfg = ModelConfig(
+                d_vocab=language.d_vocab,
+                n_ctx=16,
+                n_members=2,
+                mlp=mlp,
+                attention=attention,
+                d_model=16,
+                d_head=4,
+                d_mlp=8,
+            )
             metrics = WeightMetrics(language, cfg)
             values = metrics.compute(TensorTransformer(cfg, seed=0))
             assert torch.isfinite(values).all()
@@ -94,6 +116,7 @@ def test_nothing_is_nan_at_initialisation(language):
 
 
 # ---- weight-derived equals activation-derived --------------------------------------------------
+
 
 def activation_kl(model, language, tokens_by_slot, n_ctx):
     """KL(true || model) at the last token of each crafted sequence, run through the full model.
@@ -122,8 +145,18 @@ def activation_kl(model, language, tokens_by_slot, n_ctx):
 @pytest.mark.parametrize("attention", ["bilinear", "squared"])
 def test_weight_derived_kl_equals_activation_derived(language, n_layers, positions, attention):
     n_ctx = 12
-    cfg = ModelConfig(d_vocab=language.d_vocab, n_ctx=n_ctx, n_members=2, n_layers=n_layers, n_heads=2,
-                      d_model=16, d_head=4, attention=attention, positions=positions, mlp=n_layers == 2)
+    cfg = ModelConfig(
+        d_vocab=language.d_vocab,
+        n_ctx=n_ctx,
+        n_members=2,
+        n_layers=n_layers,
+        n_heads=2,
+        d_model=16,
+        d_head=4,
+        attention=attention,
+        positions=positions,
+        mlp=n_layers == 2,
+    )
     model = TensorTransformer(cfg, seed=3).double()
     with torch.no_grad():
         model.W_O.normal_(0, 0.5)
@@ -131,7 +164,12 @@ def test_weight_derived_kl_equals_activation_derived(language, n_layers, positio
     headline = HeadlineMetrics(language, n_ctx)
     values = headline.compute(model).detach().numpy()  # (n_metrics, M)
     names = [i.name for i in headline.infos]
-    for name in ("bigram/alice/kl", "skip_trigram/beach..big->at/kl", "induction/copy/kl", "category/PLACE/kl"):
+    for name in (
+        "bigram/alice/kl",
+        "skip_trigram/beach..big->at/kl",
+        "induction/copy/kl",
+        "category/PLACE/kl",
+    ):
         metric = names.index(name)
         contexts = [dict(zip(c.positions, c.tokens)) for m, c in headline.contexts if m == metric]
         assert contexts
@@ -151,12 +189,15 @@ def test_weight_derived_kl_equals_activation_derived(language, n_layers, positio
     assert sorted(c.positions for c in skip) == [(0, d) for d in range(1, 9)]
 
 
-@pytest.mark.parametrize("spec_name,metric_names", [
-    ("TRIGRAM_SPEC", ["token_trigram/a,u->y/kl", "token_trigram/x,u->b/kl", "token_trigram/a,v->a/kl"]),
-    ("RANGE_TOPIC_SPEC", ["topic/m1/kl", "topic/m2/kl"]),
-    ("QUOTE_SPEC", ["quote/inside/kl"]),
-    ("BRACKET_SPEC", ["brackets/()/kl", "brackets/[]/kl"]),
-])
+@pytest.mark.parametrize(
+    "spec_name,metric_names",
+    [
+        ("TRIGRAM_SPEC", ["token_trigram/a,u->y/kl", "token_trigram/x,u->b/kl", "token_trigram/a,v->a/kl"]),
+        ("RANGE_TOPIC_SPEC", ["topic/m1/kl", "topic/m2/kl"]),
+        ("QUOTE_SPEC", ["quote/inside/kl"]),
+        ("BRACKET_SPEC", ["brackets/()/kl", "brackets/[]/kl"]),
+    ],
+)
 def test_new_primitives_headline_equals_activation_derived_kl(spec_name, metric_names):
     """Token trigrams ([A, B]) and topics ([marker, ..., source]) through the weights equal the
     model run forward on the same contexts (long-range rules are probe-measured only)."""
@@ -165,8 +206,9 @@ def test_new_primitives_headline_equals_activation_derived_kl(spec_name, metric_
 
     language = parse_language(getattr(tests.conftest, spec_name))
     n_ctx = 12
-    cfg = ModelConfig(d_vocab=language.d_vocab, n_ctx=n_ctx, n_members=2, n_layers=2, n_heads=2, d_model=16,
-                      d_head=4)
+    cfg = ModelConfig(
+        d_vocab=language.d_vocab, n_ctx=n_ctx, n_members=2, n_layers=2, n_heads=2, d_model=16, d_head=4
+    )
     model = TensorTransformer(cfg, seed=5).double()
     with torch.no_grad():
         model.W_O.normal_(0, 0.5)
@@ -177,7 +219,9 @@ def test_new_primitives_headline_equals_activation_derived_kl(spec_name, metric_
     for name in metric_names:
         metric = names.index(name)
         contexts = [dict(zip(c.positions, c.tokens)) for m, c in headline.contexts if m == metric]
-        assert contexts and all(len(c) == (1 if name.startswith(("quote", "brackets")) else 2) for c in contexts)
+        assert contexts and all(
+            len(c) == (1 if name.startswith(("quote", "brackets")) else 2) for c in contexts
+        )
         np.testing.assert_allclose(values[metric], activation_kl(model, language, contexts, n_ctx), rtol=1e-5)
 
 
@@ -214,10 +258,14 @@ def test_open_positions_and_attention_to_the_open(spec_name):
     sample = language.sample(6, 20, seed=1)
     opens = span.open_positions(sample.tokens)
     for row in range(6):
-        assert opens[row].tolist() == brute_force_open_positions(spec["primitives"][0], language.decode(sample.tokens[row]))
+        assert opens[row].tolist() == brute_force_open_positions(
+            spec["primitives"][0], language.decode(sample.tokens[row])
+        )
     assert (opens >= 0).any()
     # a one-layer model: the share of |pattern| on the open, query by query, by a plain loop
-    cfg = ModelConfig(d_vocab=language.d_vocab, n_ctx=20, n_members=2, n_layers=1, n_heads=2, d_model=16, d_head=4)
+    cfg = ModelConfig(
+        d_vocab=language.d_vocab, n_ctx=20, n_members=2, n_layers=1, n_heads=2, d_model=16, d_head=4
+    )
     model = TensorTransformer(cfg, seed=2)
     tokens = torch.from_numpy(sample.tokens)
     got = attention_to_open(model, tokens, torch.from_numpy(opens)[None], batch_size=4)[0]  # (M, L, H)
@@ -228,6 +276,10 @@ def test_open_positions_and_attention_to_the_open(spec_name):
             if 0 <= opens[b, t] < t:
                 for m in range(2):
                     for h in range(2):
-                        shares[m][h].append(float(pattern[m, b, h, t, opens[b, t]] / pattern[m, b, h, t].sum()))
-    expected = torch.tensor([[np.mean(shares[m][h]) for h in range(2)] for m in range(2)], dtype=torch.float32)
+                        shares[m][h].append(
+                            float(pattern[m, b, h, t, opens[b, t]] / pattern[m, b, h, t].sum())
+                        )
+    expected = torch.tensor(
+        [[np.mean(shares[m][h]) for h in range(2)] for m in range(2)], dtype=torch.float32
+    )
     torch.testing.assert_close(got[:, 0], expected, rtol=1e-4, atol=1e-6)

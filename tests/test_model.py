@@ -10,8 +10,20 @@ VARIANTS = [(a, p) for a in ("bilinear", "squared", "softmax") for p in ("rope",
 
 
 def make_model(attention="bilinear", positions="rope", mlp=False, n_members=2, seed=0, norm=False):
-    cfg = ModelConfig(d_vocab=11, n_ctx=16, n_members=n_members, n_layers=2, n_heads=3, d_model=12,
-                      d_head=4, attention=attention, positions=positions, mlp=mlp, d_mlp=10, norm=norm)
+    cfg = ModelConfig(
+        d_vocab=11,
+        n_ctx=16,
+        n_members=n_members,
+        n_layers=2,
+        n_heads=3,
+        d_model=12,
+        d_head=4,
+        attention=attention,
+        positions=positions,
+        mlp=mlp,
+        d_mlp=10,
+        norm=norm,
+    )
     model = TensorTransformer(cfg, seed=seed)
     with torch.no_grad():  # W_O and W_U start at zero; make every path live for these checks
         g = torch.Generator().manual_seed(123)
@@ -83,8 +95,9 @@ def test_rope_pattern_depends_on_relative_position_only(attention):
     u, w = torch.randn(12, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
     reference = pattern_between(model, u, w, 3, 1)
     for shift in (1, 5, 12):
-        torch.testing.assert_close(pattern_between(model, u, w, 3 + shift, 1 + shift), reference,
-                                   rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            pattern_between(model, u, w, 3 + shift, 1 + shift), reference, rtol=1e-9, atol=1e-12
+        )
     assert not torch.allclose(pattern_between(model, u, w, 4, 1), reference)  # offset matters
 
 
@@ -103,10 +116,10 @@ def test_members_are_independent_models():
     for k in range(3):
         alone = TensorTransformer(ModelConfig(**{**ensemble.cfg.__dict__, "n_members": 1}), seed=10 + k)
         with torch.no_grad():
-            alone.W_O.copy_(ensemble.W_O[k:k + 1])
-            alone.W_U.copy_(ensemble.W_U[k:k + 1])
+            alone.W_O.copy_(ensemble.W_O[k : k + 1])
+            alone.W_U.copy_(ensemble.W_U[k : k + 1])
         torch.testing.assert_close(alone.W_Q[0], ensemble.W_Q[k], rtol=0, atol=0)
-        torch.testing.assert_close(alone(tokens[k:k + 1])[0], logits[k], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(alone(tokens[k : k + 1])[0], logits[k], rtol=1e-5, atol=1e-5)
 
 
 def test_bilinear_mlp_is_the_elementwise_product_of_two_linear_maps():
@@ -121,8 +134,19 @@ def test_bilinear_mlp_is_the_elementwise_product_of_two_linear_maps():
 def test_linear_attention_path_equals_the_quadratic_one(attention, seq_len, chunk):
     """Chunked linear attention (d_head^2 features) computes the same function as the T x T
     pattern, with RoPE, for outputs and gradients."""
-    cfg = ModelConfig(d_vocab=12, n_ctx=512, n_members=2, n_layers=2, n_heads=2, d_model=16, d_head=8,
-                      attention=attention, positions="rope", attention_path="quadratic", linear_chunk=chunk)
+    cfg = ModelConfig(
+        d_vocab=12,
+        n_ctx=512,
+        n_members=2,
+        n_layers=2,
+        n_heads=2,
+        d_model=16,
+        d_head=8,
+        attention=attention,
+        positions="rope",
+        attention_path="quadratic",
+        linear_chunk=chunk,
+    )
     model = TensorTransformer(cfg, seed=3).double()
     with torch.no_grad():
         model.W_O.normal_(0, 0.3)
@@ -140,8 +164,17 @@ def test_linear_attention_path_equals_the_quadratic_one(attention, seq_len, chun
 
 
 def test_linear_path_with_given_positions_and_in_float32():
-    cfg = ModelConfig(d_vocab=12, n_ctx=64, n_members=1, n_layers=1, n_heads=2, d_model=16, d_head=8,
-                      attention_path="linear", linear_chunk=8)
+    cfg = ModelConfig(
+        d_vocab=12,
+        n_ctx=64,
+        n_members=1,
+        n_layers=1,
+        n_heads=2,
+        d_model=16,
+        d_head=8,
+        attention_path="linear",
+        linear_chunk=8,
+    )
     model = TensorTransformer(cfg, seed=1)
     with torch.no_grad():
         model.W_O.normal_(0, 0.3)

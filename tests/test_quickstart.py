@@ -16,9 +16,21 @@ from tests.conftest import ROOT, SEED_SPEC_PATH
 
 
 def test_quickstart_learns_bigrams_and_skip_trigrams(tmp_path, capsys):
-    code = main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--run.root", str(tmp_path),
-                 "--run.wandb_mode", "disabled", "--data.language", str(SEED_SPEC_PATH),
-                 "--trainer.enable_progress_bar", "false"])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "quickstart.yaml"),
+            "--run.root",
+            str(tmp_path),
+            "--run.wandb_mode",
+            "disabled",
+            "--data.language",
+            str(SEED_SPEC_PATH),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "quickstart" / "probe_summary.json").read_text())
@@ -36,8 +48,10 @@ def test_quickstart_learns_bigrams_and_skip_trigrams(tmp_path, capsys):
         np.testing.assert_array_equal(f["every_step/step"][:], np.arange(1500))
         assert int(f["every_step/committed"][0]) == 1500
         names = [n.decode() for n in f["every_step/names"][:]]
-        assert all(re.fullmatch(r"(bigram|skip_trigram|induction|category)/[^/]+/kl|train/loss|train_loss/\w+", n)
-                   for n in names), names
+        assert all(
+            re.fullmatch(r"(bigram|skip_trigram|induction|category)/[^/]+/kl|train/loss|train_loss/\w+", n)
+            for n in names
+        ), names
         np.testing.assert_array_equal(f["probe/step"][:], np.arange(0, 1501, 10))
         # the weight-derived bigram metric agrees with the probe: learned at the end
         values = f["every_step/values"][-1]

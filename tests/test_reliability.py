@@ -39,8 +39,12 @@ KILLS = {
 
 
 def config(root, name, live, kill=None):
-    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": CHECKPOINT}}]
+    callbacks = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": CHECKPOINT},
+        }
+    ]
     if kill:
         callbacks.append({"class_path": "tests.kill.KillAt", "init_args": {"step": kill[0], "at": kill[1]}})
     spec = yaml.safe_load((ROOT / "tests" / "data" / "tiny.yaml").read_text())
@@ -56,9 +60,21 @@ def config(root, name, live, kill=None):
 
 def start(*args, wandb=False):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "devinterp", *map(str, args), "--run.wandb_mode",
-                             "offline" if wandb else "disabled"], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "devinterp",
+            *map(str, args),
+            "--run.wandb_mode",
+            "offline" if wandb else "disabled",
+        ],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def rows(path, group):
@@ -79,7 +95,9 @@ def flushed_through(step, at):
 
 def expected_prefix(reference, group, flushed):
     steps, values = reference[group]
-    keep = steps <= flushed if group == "probe" else steps < flushed  # probe rows at a flush step commit with it
+    keep = (
+        steps <= flushed if group == "probe" else steps < flushed
+    )  # probe rows at a flush step commit with it
     return steps[keep], values[keep]
 
 
@@ -128,11 +146,15 @@ def resumed_runs(killed_runs):
     root, _ = killed_runs
     logged_before = {}
     for name in KILLS:
-        with h5py.File(root / name / "timeline.h5", "r", swmr=KILLS[name][0], libver="latest"
-                       if KILLS[name][0] else None) as f:
+        with h5py.File(
+            root / name / "timeline.h5", "r", swmr=KILLS[name][0], libver="latest" if KILLS[name][0] else None
+        ) as f:
             logged_before[name] = int(f["meta/logged_through"][0])
-    processes = {name: start("resume", root / name, wandb=wandb)
-                 for name, (_, _, _, resume, wandb) in KILLS.items() if resume}
+    processes = {
+        name: start("resume", root / name, wandb=wandb)
+        for name, (_, _, _, resume, wandb) in KILLS.items()
+        if resume
+    }
     results = {name: p.communicate(timeout=600) + (p.returncode,) for name, p in processes.items()}
     return root, results, logged_before
 
@@ -162,9 +184,14 @@ def test_resumed_wandb_segment_shares_the_group_and_repeats_no_step(resumed_runs
     reference = history(next((root / "reference" / "wandb").glob("offline-run-*/run-*.wandb")))
     reference_steps = sorted({row["trainer/global_step"] for row in reference})
     for name in ("after-flush", "live-mid-buffer"):
-        files = sorted((root / name / "wandb").glob("offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
+        files = sorted(
+            (root / name / "wandb").glob("offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime
+        )
         assert len(files) == 2, files
-        assert run_group(files[1]) == name and run_group(files[0]) in (name, None)  # None: killed before writing
+        assert run_group(files[1]) == name and run_group(files[0]) in (
+            name,
+            None,
+        )  # None: killed before writing
         first, second = ({row["trainer/global_step"] for row in history(f)} for f in files)
         assert not first & second  # no step twice across segments
         assert max(first, default=-1) <= logged_before[name]
@@ -178,8 +205,10 @@ def test_resumed_wandb_segment_shares_the_group_and_repeats_no_step(resumed_runs
 def test_resume_refuses_a_run_without_checkpoint_and_a_finished_run(resumed_runs):
     root, _, _ = resumed_runs
     before = sorted(p.name for p in (root / "before-checkpoint").rglob("*"))
-    for folder, message in ((root / "before-checkpoint", "no checkpoint"),
-                            (root / "reference", "the run already finished (step 30")):
+    for folder, message in (
+        (root / "before-checkpoint", "no checkpoint"),
+        (root / "reference", "the run already finished (step 30"),
+    ):
         process = start("resume", folder)
         out, err = process.communicate(timeout=300)
         assert process.returncode == 2

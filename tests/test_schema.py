@@ -28,8 +28,10 @@ class StepParity(L.Callback):
     timeline_groups = ("parity",)
 
     def setup(self, trainer, pl_module, stage):
-        infos = [MetricInfo("parity/all/odd", "diagnostic", "parity", "all"),
-                 MetricInfo("parity/all/unembed_sum", "diagnostic", "parity", "all", unit="logit")]
+        infos = [
+            MetricInfo("parity/all/odd", "diagnostic", "parity", "all"),
+            MetricInfo("parity/all/unembed_sum", "diagnostic", "parity", "all", unit="logit"),
+        ]
         self.writer = find_writer(trainer)
         self.writer.declare(TimelineGroup("parity", infos, pl_module.cfg.n_members, every_n_steps=2))
 
@@ -60,20 +62,38 @@ def test_a_producer_after_the_writer_is_refused_in_setup(tmp_path):
 
 def test_reading_a_timeline_imports_no_torch(tmp_path):
     path = fit(tmp_path, 4)
-    code = ("import sys, analysis; t = analysis.load_timeline(sys.argv[1]); "
-            "assert 'torch' not in sys.modules, 'torch imported'; print(len(t.steps('every_step')))")
+    code = (
+        "import sys, analysis; t = analysis.load_timeline(sys.argv[1]); "
+        "assert 'torch' not in sys.modules, 'torch imported'; print(len(t.steps('every_step')))"
+    )
     done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["4"]
 
 
 def test_the_file_names_its_axes_and_keeps_the_whole_config(tmp_path, capsys):
-    code = main(["fit", "--config", str(TINY), "--run.root", str(tmp_path), "--run.wandb_mode", "disabled",
-                 "--data.language", str(SEED_SPEC_PATH), "--trainer.max_steps", "3",
-                 "--circuits.flush_every_n_steps", "2"])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(TINY),
+            "--run.root",
+            str(tmp_path),
+            "--run.wandb_mode",
+            "disabled",
+            "--data.language",
+            str(SEED_SPEC_PATH),
+            "--trainer.max_steps",
+            "3",
+            "--circuits.flush_every_n_steps",
+            "2",
+        ]
+    )
     assert code == 0
-    assert "notice: circuits.flush_every_n_steps is now timeline.flush_every_n_steps; the run flushes every 2 " \
-           "steps" in capsys.readouterr().err
+    assert (
+        "notice: circuits.flush_every_n_steps is now timeline.flush_every_n_steps; the run flushes every 2 "
+        "steps" in capsys.readouterr().err
+    )
     run = tmp_path / "tiny"
     with h5py.File(run / "timeline.h5", "r") as f:
         assert f["every_step/values"].attrs["axes"] == "row, metric, member"
@@ -85,8 +105,12 @@ def test_the_file_names_its_axes_and_keeps_the_whole_config(tmp_path, capsys):
         config = yaml.safe_load(f["meta/config"][()].decode())
         n_vocab = len(f["ground_truth/vocab"])
     assert {"trainer", "model", "data", "probe", "circuits", "timeline", "run"} <= set(config)
-    assert config["timeline"]["flush_every_n_steps"] == 2 and config["circuits"]["flush_every_n_steps"] is None
-    assert config["model"]["d_vocab"] == n_vocab > 0 and config["trainer"]["max_steps"] == 3  # linked values included
+    assert (
+        config["timeline"]["flush_every_n_steps"] == 2 and config["circuits"]["flush_every_n_steps"] is None
+    )
+    assert (
+        config["model"]["d_vocab"] == n_vocab > 0 and config["trainer"]["max_steps"] == 3
+    )  # linked values included
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["circuits"]["flush_every_n_steps"] is None and saved["timeline"]["flush_every_n_steps"] == 2
 
@@ -111,7 +135,9 @@ class Echo(Primitive):
         return Firing(fires=fires, rule=np.where(fires, 0, -1), dist=tokens[:, t])
 
     def minimal_contexts(self):
-        return [MinimalContext(0, (self.marker, v), (0, 1)) for v in range(self.vocab.size) if v != self.marker]
+        return [
+            MinimalContext(0, (self.marker, v), (0, 1)) for v in range(self.vocab.size) if v != self.marker
+        ]
 
     def ground_truth(self):
         return {"marker": np.array(self.marker)}
@@ -136,11 +162,14 @@ def test_a_rich_run_report_draws_each_primitive_its_own_qk_figure(tmp_path):
     timeline = load_timeline(path)
     assert timeline.primitive_kinds["long_range"] == "long_range" and len(timeline.primitive_kinds) == 9
     views = qk_views(timeline)
-    assert {name: (kind, view.query_role, view.key_role, view.offsets(16)[0], view.offsets(16)[-1])
-            for name, (kind, view) in views.items()} == {
+    assert {
+        name: (kind, view.query_role, view.key_role, view.offsets(16)[0], view.offsets(16)[-1])
+        for name, (kind, view) in views.items()
+    } == {
         "skip_trigram": ("skip_trigram", "trigger", "anchor", 1, 8),  # the stored max_skip
         "token_trigram": ("token_trigram", "second", "first", 1, 1),
-        "long_range": ("long_range", "trigger", "cue", 12, 15)}  # min_distance 12 up to n_ctx - 1
+        "long_range": ("long_range", "trigger", "cue", 12, 15),
+    }  # min_distance 12 up to n_ctx - 1
     vocab = list(timeline.vocab)
     skip = views["skip_trigram"][1]
     assert {vocab[t] for t in skip.queries} == {"big", "old", "new", "small"}

@@ -28,17 +28,35 @@ def test_point_names():
 
 
 def test_local_sweep_trains_every_point_once_and_analyze_pools_them(tmp_path, capsys):
-    sweep = {"name": "grid", "method": "grid",
-             "command": ["${env}", "python", "-m", "devinterp", "fit", "--config", str(TINY), "--run.wandb_mode",
-                         "online", "${args}"],
-             "parameters": {"model.seed": {"values": [0, 2]}, "data.knockout": {"values": [[], ["bigram"]]}}}
+    sweep = {
+        "name": "grid",
+        "method": "grid",
+        "command": [
+            "${env}",
+            "python",
+            "-m",
+            "devinterp",
+            "fit",
+            "--config",
+            str(TINY),
+            "--run.wandb_mode",
+            "online",
+            "${args}",
+        ],
+        "parameters": {"model.seed": {"values": [0, 2]}, "data.knockout": {"values": [[], ["bigram"]]}},
+    }
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
     extra = ["--", "--data.language", str(SEED_SPEC_PATH), "--trainer.max_steps", "6"]
     assert main(["sweep", str(path), "--root", str(tmp_path / "runs"), *extra]) == 0
     runs = tmp_path / "runs" / "grid"
     names = sorted(p.name for p in runs.iterdir())
-    assert names == ["seed-0_knockout-bigram", "seed-0_knockout-none", "seed-2_knockout-bigram", "seed-2_knockout-none"]
+    assert names == [
+        "seed-0_knockout-bigram",
+        "seed-0_knockout-none",
+        "seed-2_knockout-bigram",
+        "seed-2_knockout-none",
+    ]
     config = yaml.safe_load((runs / "seed-2_knockout-bigram" / "config.yaml").read_text())
     assert config["model"]["seed"] == 2 and config["data"]["knockout"] == ["bigram"]
     assert config["run"]["wandb_mode"] == "offline"  # a local sweep never tries to reach a server
@@ -55,11 +73,17 @@ def test_local_sweep_trains_every_point_once_and_analyze_pools_them(tmp_path, ca
     assert by_y["induction"]["x"] == "bigram" and by_y["induction"]["knock_out"]["n_units"] <= 4
 
 
-@pytest.mark.parametrize("text,message", [
-    ("method: bayes\nparameters: {model.seed: {values: [1]}}\ncommand: [fit]\n", "runs grids only"),
-    ("method: grid\nparameters: {model.seed: 3}\ncommand: [fit]\n", "parameters.model.seed: expected {values"),
-    ("method: grid\nparameters: {model.seed: {values: [1]}}\n", "command: expected the W&B command"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("method: bayes\nparameters: {model.seed: {values: [1]}}\ncommand: [fit]\n", "runs grids only"),
+        (
+            "method: grid\nparameters: {model.seed: 3}\ncommand: [fit]\n",
+            "parameters.model.seed: expected {values",
+        ),
+        ("method: grid\nparameters: {model.seed: {values: [1]}}\n", "command: expected the W&B command"),
+    ],
+)
 def test_bad_sweep_files_are_named(tmp_path, capsys, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)

@@ -43,23 +43,61 @@ class RecordingLogger(Logger):
         pass
 
 
-def fit(root, max_steps, ckpt_path=None, live=False, lr=3e-3, every_n_train_steps=None, logger=None, producers=(),
-        writer_first=False):
+def fit(
+    root,
+    max_steps,
+    ckpt_path=None,
+    live=False,
+    lr=3e-3,
+    every_n_train_steps=None,
+    logger=None,
+    producers=(),
+    writer_first=False,
+):
     """A tiny run; ``producers`` are more timeline producers, listed before the writer (after it
     with ``writer_first``)."""
-    data = ToyLanguageData(language=str(SEED_SPEC_PATH), seq_len=16, batch_size=4, n_members=2, seed=0,
-                           probe_size=8, steps_per_block=4)
-    module = TensorTransformerModule(d_vocab=data.d_vocab, n_ctx=16, label_names=data.label_names, n_members=2,
-                                     n_layers=2, n_heads=2, d_model=16, d_head=8, warmup_steps=2, lr=lr)
+    data = ToyLanguageData(
+        language=str(SEED_SPEC_PATH),
+        seq_len=16,
+        batch_size=4,
+        n_members=2,
+        seed=0,
+        probe_size=8,
+        steps_per_block=4,
+    )
+    module = TensorTransformerModule(
+        d_vocab=data.d_vocab,
+        n_ctx=16,
+        label_names=data.label_names,
+        n_members=2,
+        n_layers=2,
+        n_heads=2,
+        d_model=16,
+        d_head=8,
+        warmup_steps=2,
+        lr=lr,
+    )
     callbacks = [CircuitMetrics(diagnostics_every_n_steps=3), ProbeMetrics(every_n_steps=5), *producers]
     writer = TimelineWriter(flush_every_n_steps=4, live=live, n_snapshots=5)
     callbacks.insert(0 if writer_first else len(callbacks), writer)
     if every_n_train_steps:
-        callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=every_n_train_steps,
-                                         save_top_k=-1))
-    trainer = L.Trainer(max_steps=max_steps, default_root_dir=root, logger=logger or False, callbacks=callbacks,
-                        enable_checkpointing=bool(every_n_train_steps), enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", deterministic=True)
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=root / "checkpoints", every_n_train_steps=every_n_train_steps, save_top_k=-1
+            )
+        )
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        default_root_dir=root,
+        logger=logger or False,
+        callbacks=callbacks,
+        enable_checkpointing=bool(every_n_train_steps),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+        deterministic=True,
+    )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return root / "timeline.h5"
 
@@ -77,8 +115,13 @@ def test_one_row_per_step_with_design_names_and_ground_truth(tmp_path):
     np.testing.assert_array_equal(steps, np.arange(12))
     assert committed == 12 and values.shape[1:] == (len(names), 2)
     assert all(NAME.match(n) for n in names), [n for n in names if not NAME.match(n)]
-    assert {"bigram/alice/kl", "skip_trigram/beach..big->at/kl", "induction/copy/kl", "train/loss",
-            "train_loss/bigram"} <= set(names)
+    assert {
+        "bigram/alice/kl",
+        "skip_trigram/beach..big->at/kl",
+        "induction/copy/kl",
+        "train/loss",
+        "train_loss/bigram",
+    } <= set(names)
     # row 0 is the initial weights: W_U = 0, so every headline KL equals its "nothing learned" value
     with h5py.File(path, "r") as f:
         nothing = f["every_step/metric_info/nothing"][:]
@@ -95,7 +138,9 @@ def test_one_row_per_step_with_design_names_and_ground_truth(tmp_path):
         assert np.abs(f["snapshots/W_U"][-1]).sum() > 0
     probe_steps, _, probe_names, _ = read(path, "probe")
     np.testing.assert_array_equal(probe_steps, [0, 5, 10, 12])
-    assert {"probe_excess/bigram", "probe_excess/bigram/alice", "icl/score", "probe_loss/pos1"} <= set(probe_names)
+    assert {"probe_excess/bigram", "probe_excess/bigram/alice", "icl/score", "probe_loss/pos1"} <= set(
+        probe_names
+    )
     np.testing.assert_array_equal(read(path, "diagnostics")[0], [0, 3, 6, 9])
     # loggers: one dict per step for the weight rows, keys grouped by primitive
     per_step = [step for step, metrics in logger.calls if "bigram/weight_progress" in metrics]
@@ -123,9 +168,25 @@ def test_resumed_run_has_every_step_once_and_equals_an_uninterrupted_run(tmp_pat
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_rows(tmp_path, capsys):
-    code = main(["fit", "--config", str(TINY), "--run.root", str(tmp_path), "--run.wandb_mode", "disabled",
-                 "--data.language", str(SEED_SPEC_PATH), "--model.lr", "1000", "--model.warmup_steps", "1",
-                 "--trainer.max_steps", "40"])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(TINY),
+            "--run.root",
+            str(tmp_path),
+            "--run.wandb_mode",
+            "disabled",
+            "--data.language",
+            str(SEED_SPEC_PATH),
+            "--model.lr",
+            "1000",
+            "--model.warmup_steps",
+            "1",
+            "--trainer.max_steps",
+            "40",
+        ]
+    )
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 3
     match = re.search(r"training diverged: (\S+) is (nan|inf|-inf) for member \d at step (\d+)", message)
@@ -140,7 +201,10 @@ def test_divergence_stops_with_the_step_and_keeps_the_rows(tmp_path, capsys):
 
 def test_writer_flags_dense_but_not_sparse_nan(tmp_path):
     writer = TimelineWriter()
-    infos = [MetricInfo("a/x/kl", "weight", "a", "x"), MetricInfo("train_loss/a", "train", "a", "all", sparse=True)]
+    infos = [
+        MetricInfo("a/x/kl", "weight", "a", "x"),
+        MetricInfo("train_loss/a", "train", "a", "all", sparse=True),
+    ]
     writer.declare(TimelineGroup("every_step", infos, n_members=1))
     writer.path = tmp_path / "t.h5"
     writer.file = h5py.File(writer.path, "w")
@@ -159,10 +223,33 @@ def test_writer_flags_dense_but_not_sparse_nan(tmp_path):
 
 def test_live_mode_can_be_read_while_the_run_writes(tmp_path):
     run = subprocess.Popen(
-        [sys.executable, "-m", "devinterp", "fit", "--config", str(TINY), "--run.root", str(tmp_path),
-         "--run.wandb_mode", "disabled", "--data.language", str(SEED_SPEC_PATH), "--trainer.max_steps", "400",
-         "--timeline.live", "true", "--timeline.flush_every_n_steps", "5", "--circuits.flush_every_n_steps", "5"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "devinterp",
+            "fit",
+            "--config",
+            str(TINY),
+            "--run.root",
+            str(tmp_path),
+            "--run.wandb_mode",
+            "disabled",
+            "--data.language",
+            str(SEED_SPEC_PATH),
+            "--trainer.max_steps",
+            "400",
+            "--timeline.live",
+            "true",
+            "--timeline.flush_every_n_steps",
+            "5",
+            "--circuits.flush_every_n_steps",
+            "5",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     path = tmp_path / "tiny" / "timeline.h5"
     seen, previous = [], {}
     deadline = time.time() + 240
@@ -180,8 +267,8 @@ def test_live_mode_can_be_read_while_the_run_writes(tmp_path):
                 for name, group in timeline.groups.items():  # each read extends the one before it
                     if name in previous:
                         old_steps, old_values = previous[name]
-                        np.testing.assert_array_equal(group.steps[:len(old_steps)], old_steps)
-                        np.testing.assert_array_equal(group.values[:len(old_steps)], old_values)
+                        np.testing.assert_array_equal(group.steps[: len(old_steps)], old_steps)
+                        np.testing.assert_array_equal(group.values[: len(old_steps)], old_values)
                     previous[name] = (group.steps, group.values)
                 seen.append(len(steps))
             time.sleep(0.1)
@@ -192,15 +279,17 @@ def test_live_mode_can_be_read_while_the_run_writes(tmp_path):
     final = load_timeline(path)
     assert len(final.steps("every_step")) == 400
     for name, (steps, values) in previous.items():  # what was read live is what the file keeps
-        np.testing.assert_array_equal(final.groups[name].values[:len(steps)], values)
+        np.testing.assert_array_equal(final.groups[name].values[: len(steps)], values)
 
 
 def test_load_timeline_reads_committed_rows_and_progress(tmp_path):
     path = fit(tmp_path, 12)
     timeline = load_timeline(path)
     assert timeline.n_members == 2 and set(timeline.groups) == {"every_step", "diagnostics", "probe"}
-    assert timeline.names("skip_trigram/*/kl") == [f"skip_trigram/{r}/kl" for r in
-                                                   ("beach..big->at", "garden..old->and", "lake..new->or", "office..small->to")]
+    assert timeline.names("skip_trigram/*/kl") == [
+        f"skip_trigram/{r}/kl"
+        for r in ("beach..big->at", "garden..old->and", "lake..new->or", "office..small->to")
+    ]
     progress = timeline.progress("bigram/alice/kl")
     assert progress.shape == (12, 2) and progress[0] == pytest.approx(0.0, abs=1e-6)
     assert ((progress >= 0) & (progress <= 1)).all()
@@ -213,12 +302,18 @@ def test_load_timeline_reads_committed_rows_and_progress(tmp_path):
     assert len(load_timeline(path).steps("every_step")) == 7
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda p: p.write_text("not hdf5"), "not a readable HDF5 file"),
-    (lambda p: h5py.File(p, "w").close(), "not a timeline"),
-    (lambda p: h5py.File(p, "w").create_dataset("meta/schema_version", data="99"), "unknown timeline schema version '99'"),
-    (lambda p: None, "no such timeline file"),
-])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: p.write_text("not hdf5"), "not a readable HDF5 file"),
+        (lambda p: h5py.File(p, "w").close(), "not a timeline"),
+        (
+            lambda p: h5py.File(p, "w").create_dataset("meta/schema_version", data="99"),
+            "unknown timeline schema version '99'",
+        ),
+        (lambda p: None, "no such timeline file"),
+    ],
+)
 def test_load_timeline_refuses_other_files(tmp_path, make, message):
     path = tmp_path / "t.h5"
     make(path)
@@ -234,8 +329,17 @@ def test_expected_size_bounds_the_finished_file(tmp_path):
     with h5py.File(path, "r") as f:
         for group in ("every_step", "diagnostics", "probe"):
             names = [n.decode() for n in f[group]["names"][()]]
-            writer.declare(TimelineGroup(group, [MetricInfo(n, "weight", "p", "r") for n in names],
-                                         f[group]["values"].shape[2], {"every_step": 1, "diagnostics": 3, "probe": 5}[group]))
-        n_parameters = sum(f["snapshots"][k].size // f["snapshots"][k].shape[0] for k in f["snapshots"]
-                           if k not in ("step", "planned_step"))
+            writer.declare(
+                TimelineGroup(
+                    group,
+                    [MetricInfo(n, "weight", "p", "r") for n in names],
+                    f[group]["values"].shape[2],
+                    {"every_step": 1, "diagnostics": 3, "probe": 5}[group],
+                )
+            )
+        n_parameters = sum(
+            f["snapshots"][k].size // f["snapshots"][k].shape[0]
+            for k in f["snapshots"]
+            if k not in ("step", "planned_step")
+        )
     assert path.stat().st_size <= writer.expected_bytes(12, n_parameters)

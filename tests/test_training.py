@@ -13,15 +13,37 @@ SEQ_LEN = 24
 
 
 def small_run(n_members: int, seed: int, steps: int = 20, share_data: bool = False, **module_args):
-    data = ToyLanguageData(language=str(SEED_SPEC_PATH), seq_len=SEQ_LEN, batch_size=8,
-                           n_members=n_members, seed=seed, share_data=share_data, probe_size=16,
-                           steps_per_block=4)
-    module = TensorTransformerModule(d_vocab=data.d_vocab, n_ctx=SEQ_LEN, label_names=data.label_names,
-                                     n_members=n_members, seed=seed, n_layers=2, n_heads=2,
-                                     d_model=16, d_head=8, **{"warmup_steps": 5, **module_args})
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        accelerator="cpu")
+    data = ToyLanguageData(
+        language=str(SEED_SPEC_PATH),
+        seq_len=SEQ_LEN,
+        batch_size=8,
+        n_members=n_members,
+        seed=seed,
+        share_data=share_data,
+        probe_size=16,
+        steps_per_block=4,
+    )
+    module = TensorTransformerModule(
+        d_vocab=data.d_vocab,
+        n_ctx=SEQ_LEN,
+        label_names=data.label_names,
+        n_members=n_members,
+        seed=seed,
+        n_layers=2,
+        n_heads=2,
+        d_model=16,
+        d_head=8,
+        **{"warmup_steps": 5, **module_args},
+    )
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+    )
     trainer.fit(module, datamodule=data)
     return module
 
@@ -35,13 +57,15 @@ def test_member_k_of_an_ensemble_matches_a_solo_run_with_its_seeds():
             moved = (param[k] - getattr(initial, name)[k]).abs().max()
             assert moved > 1e-3, f"{name} of member {k} did not train"
             # stated tolerance: float32 batched vs unbatched matmul, over 20 AdamW steps
-            torch.testing.assert_close(param[k], getattr(solo, name)[0], rtol=1e-4, atol=2e-5,
-                                       msg=f"{name} of member {k}")
+            torch.testing.assert_close(
+                param[k], getattr(solo, name)[0], rtol=1e-4, atol=2e-5, msg=f"{name} of member {k}"
+            )
 
 
 def test_members_differ_and_shared_data_only_differs_by_initialisation():
-    data = ToyLanguageData(language=str(SEED_SPEC_PATH), seq_len=SEQ_LEN, batch_size=4, n_members=3,
-                           seed=5, steps_per_block=2)
+    data = ToyLanguageData(
+        language=str(SEED_SPEC_PATH), seq_len=SEQ_LEN, batch_size=4, n_members=3, seed=5, steps_per_block=2
+    )
     batch = next(iter(data.train_dataloader()))
     assert batch["tokens"].shape == (3, 4, SEQ_LEN)
     assert not torch.equal(batch["tokens"][0], batch["tokens"][1])
@@ -51,9 +75,11 @@ def test_members_differ_and_shared_data_only_differs_by_initialisation():
 
 
 def test_stream_is_a_function_of_the_step():
-    data = ToyLanguageData(language=str(SEED_SPEC_PATH), seq_len=SEQ_LEN, batch_size=4, n_members=2,
-                           seed=1, steps_per_block=3)
+    data = ToyLanguageData(
+        language=str(SEED_SPEC_PATH), seq_len=SEQ_LEN, batch_size=4, n_members=2, seed=1, steps_per_block=3
+    )
     from devinterp.data import MemberStreams
+
     stream = iter(data.train_dataloader().dataset)
     batches = [next(stream) for _ in range(7)]
     resumed = iter(MemberStreams(data.language, SEQ_LEN, 4, data.stream_seeds, 3, start_step=5))
@@ -76,8 +102,9 @@ def test_grouped_mean_matches_a_loop():
 
 def test_probe_excess_is_cross_entropy_minus_exact_entropy():
     data = ToyLanguageData(language=str(SEED_SPEC_PATH), seq_len=SEQ_LEN, n_members=2, probe_size=24)
-    model = TensorTransformer(ModelConfig(d_vocab=data.d_vocab, n_ctx=SEQ_LEN, n_members=2,
-                                          d_model=16, d_head=8), seed=0)
+    model = TensorTransformer(
+        ModelConfig(d_vocab=data.d_vocab, n_ctx=SEQ_LEN, n_members=2, d_model=16, d_head=8), seed=0
+    )
     with torch.no_grad():
         model.W_U.normal_(0, 0.3)
         model.W_O.normal_(0, 0.3)
@@ -85,7 +112,9 @@ def test_probe_excess_is_cross_entropy_minus_exact_entropy():
     result = evaluate_probe(model, probe, len(data.label_names), len(data.language.rule_names), batch_size=10)
     # independent: expected cross-entropy under the exact distribution, minus its entropy
     true_next = data.language.true_next_dist(probe.tokens.numpy())[:, :-1]  # float64
-    log_q = torch.log_softmax(model(probe.tokens[None, :, :-1].expand(2, -1, -1)).double(), -1).detach().numpy()
+    log_q = (
+        torch.log_softmax(model(probe.tokens[None, :, :-1].expand(2, -1, -1)).double(), -1).detach().numpy()
+    )
     cross_entropy = -(true_next[None] * log_q).sum(-1)
     entropy = -(true_next * np.log(np.where(true_next > 0, true_next, 1))).sum(-1)
     excess = cross_entropy - entropy[None]  # (M, n, T-1)
@@ -103,8 +132,12 @@ def test_training_lowers_the_per_primitive_loss():
     module = small_run(n_members=2, seed=0, steps=60)
     data = ToyLanguageData(language=str(SEED_SPEC_PATH), seq_len=SEQ_LEN, n_members=2, probe_size=64)
     trained = evaluate_probe(module.model, data.probe, len(data.label_names), len(data.language.rule_names))
-    initial = evaluate_probe(TensorTransformer(module.model.cfg, seed=0), data.probe,
-                             len(data.label_names), len(data.language.rule_names))
+    initial = evaluate_probe(
+        TensorTransformer(module.model.cfg, seed=0),
+        data.probe,
+        len(data.label_names),
+        len(data.language.rule_names),
+    )
     bigram = data.label_names.index("bigram")
     assert (trained.excess_by_label[:, bigram] < 0.6 * initial.excess_by_label[:, bigram]).all()
 
@@ -114,20 +147,32 @@ def test_learning_rate_warms_up_then_follows_the_schedule(schedule, final_factor
     module = small_run(n_members=1, seed=0, steps=20, schedule=schedule, lr=0.01, warmup_steps=5)
     scheduler = module.trainer.lr_scheduler_configs[0].scheduler
     factors = [scheduler.lr_lambdas[0](step) for step in range(21)]
-    assert factors[0] == pytest.approx(0.2) and factors[4] == pytest.approx(1.0)  # linear warm-up over 5 steps
+    assert factors[0] == pytest.approx(0.2) and factors[4] == pytest.approx(
+        1.0
+    )  # linear warm-up over 5 steps
     assert factors[20] == pytest.approx(final_factor)
     assert module.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * final_factor)
 
 
 def test_knock_in_curriculum_switches_language_at_the_set_step():
-    data = ToyLanguageData(language=str(SEED_SPEC_PATH), seq_len=SEQ_LEN, batch_size=16, n_members=2, seed=3,
-                           steps_per_block=4, knockin=["bigram"], knockin_steps=6)
+    data = ToyLanguageData(
+        language=str(SEED_SPEC_PATH),
+        seq_len=SEQ_LEN,
+        batch_size=16,
+        n_members=2,
+        seed=3,
+        steps_per_block=4,
+        knockin=["bigram"],
+        knockin_steps=6,
+    )
     stream = iter(data.train_dataloader().dataset)
     full = data.language.label_names
     for step in range(12):
         labels = next(stream)["labels"]
         if step < 6:  # bigram alone: no induction or skip-trigram positions can occur
-            assert not torch.isin(labels, torch.tensor([full.index("induction"), full.index("skip_trigram")])).any()
+            assert not torch.isin(
+                labels, torch.tensor([full.index("induction"), full.index("skip_trigram")])
+            ).any()
         else:
             assert (labels == full.index("induction")).any()
     assert data.probe.labels.eq(full.index("induction")).any()  # probes use the full language

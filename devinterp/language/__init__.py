@@ -4,4 +4,14 @@ from devinterp.language.language import Language, Sample, load_language, parse_l
 from devinterp.language.primitive import Firing, MinimalContext, Primitive
 from devinterp.language.spec import SpecError
 
-__all__ = ["Firing", "MinimalContext", "Language", "Primitive", "Sample", "SpecError", "load_language", "parse_language", "plogp"]
+__all__ = [
+    "Firing",
+    "MinimalContext",
+    "Language",
+    "Primitive",
+    "Sample",
+    "SpecError",
+    "load_language",
+    "parse_language",
+    "plogp",
+]

@@ -47,8 +47,17 @@ class Corpus:
     primitives: list = []  # no rules with known circuits: no weight-derived headline metrics
     rule_names: list[str] = []
 
-    def __init__(self, name: str, vocab: Vocab, label_names: list[str], tokens: np.ndarray, labels: np.ndarray,
-                 logp: np.ndarray | None, source: str = "<corpus>", digest: str = ""):
+    def __init__(
+        self,
+        name: str,
+        vocab: Vocab,
+        label_names: list[str],
+        tokens: np.ndarray,
+        labels: np.ndarray,
+        logp: np.ndarray | None,
+        source: str = "<corpus>",
+        digest: str = "",
+    ):
         self.name, self.vocab, self.source, self.digest = name, vocab, source, digest
         self.label_names = [START] + list(label_names)
         self.tokens = tokens  # (N, T) int64
@@ -69,16 +78,20 @@ class Corpus:
     def check_sequence_length(self, seq_len: int) -> None:
         """Sequences are cut to their first seq_len tokens (a prefix keeps every label and logp)."""
         if not 2 <= seq_len <= self.tokens.shape[1]:
-            raise SpecError(f"data.seq_len: must be between 2 and the corpus's sequence length "
-                            f"{self.tokens.shape[1]} ({self.source}), got {seq_len}")
+            raise SpecError(
+                f"data.seq_len: must be between 2 and the corpus's sequence length "
+                f"{self.tokens.shape[1]} ({self.source}), got {seq_len}"
+            )
         self.seq_len = seq_len
 
     def split(self, probe_size: int, seed: int) -> None:
         """Hold out ``probe_size`` sequences (a seeded choice) as the probe set; train on the rest."""
         N = self.tokens.shape[0]
         if probe_size >= N:
-            raise SpecError(f"data.probe_size: holding out {probe_size} sequences leaves none of the "
-                            f"{N} in {self.source} for training")
+            raise SpecError(
+                f"data.probe_size: holding out {probe_size} sequences leaves none of the "
+                f"{N} in {self.source} for training"
+            )
         held_out = np.sort(np.random.default_rng(seed).permutation(N)[:probe_size])
         self.probe_rows = held_out
         self.train_rows = np.setdiff1d(np.arange(N), held_out)
@@ -101,8 +114,12 @@ class Corpus:
         first = int(epoch[0])
         out = []
         for seed in stream_seeds:
-            orders = np.stack([np.random.default_rng([seed, e]).permutation(n_train)
-                               for e in range(first, int(epoch[-1]) + 1)])  # (epochs touched, n_train)
+            orders = np.stack(
+                [
+                    np.random.default_rng([seed, e]).permutation(n_train)
+                    for e in range(first, int(epoch[-1]) + 1)
+                ]
+            )  # (epochs touched, n_train)
             out.append(self._sample(self.train_rows[orders[epoch - first, offset]], seq_len))
         return out
 
@@ -122,20 +139,27 @@ class Corpus:
         """What the timeline keeps in place of a spec (the file itself is not copied)."""
         N, T = self.tokens.shape
         names = ", ".join(self.label_names[1:])
-        return (f"corpus: {self.source}\nsha256: {self.digest}\nsequences: {N}\ntokens_per_sequence: {T}\n"
-                f"vocab_size: {self.d_vocab}\nlabels: [{names}]\nlogp: {str(self.has_logp).lower()}\n")
+        return (
+            f"corpus: {self.source}\nsha256: {self.digest}\nsequences: {N}\ntokens_per_sequence: {T}\n"
+            f"vocab_size: {self.d_vocab}\nlabels: [{names}]\nlogp: {str(self.has_logp).lower()}\n"
+        )
 
     def notice(self) -> str:
         """The one line that says what this corpus cannot measure."""
         lacks = "no rules with known circuits, so no weight-derived headline metrics"
         if self.has_logp:
-            return (f"{self.source}: a corpus: {lacks}; probe excess loss is the log-likelihood gap on "
-                    "the token that came next (from the corpus's logp)")
-        return (f"{self.source}: a corpus: {lacks}; no logp, so no excess loss: the probe set reports "
-                "cross-entropy and top-1 accuracy against the token that came next")
+            return (
+                f"{self.source}: a corpus: {lacks}; probe excess loss is the log-likelihood gap on "
+                "the token that came next (from the corpus's logp)"
+            )
+        return (
+            f"{self.source}: a corpus: {lacks}; no logp, so no excess loss: the probe set reports "
+            "cross-entropy and top-1 accuracy against the token that came next"
+        )
 
 
 # ---- reading and checking the file -------------------------------------------------------------
+
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
@@ -145,8 +169,10 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                 try:
                     arrays[key] = archive[key]
                 except ValueError:  # an object array: would need pickle
-                    raise SpecError(f"{path}: {key}: stored as Python objects; store strings as a fixed-width "
-                                    "array (np.array(names, dtype=str))") from None
+                    raise SpecError(
+                        f"{path}: {key}: stored as Python objects; store strings as a fixed-width "
+                        "array (np.array(names, dtype=str))"
+                    ) from None
             return arrays
     except SpecError:
         raise
@@ -169,7 +195,9 @@ def _read_hdf5(path: Path) -> dict[str, np.ndarray]:
                     raise SpecError(f"{path}: {key}: expected a dataset, found a group")
                 value = item[()]
                 if item.dtype.kind == "O" or (item.dtype.kind == "S"):  # HDF5 strings arrive as bytes
-                    value = np.array([v.decode() if isinstance(v, bytes) else str(v) for v in np.ravel(value)])
+                    value = np.array(
+                        [v.decode() if isinstance(v, bytes) else str(v) for v in np.ravel(value)]
+                    )
                 arrays[key] = value
             return arrays
     except SpecError:
@@ -181,7 +209,9 @@ def _read_hdf5(path: Path) -> dict[str, np.ndarray]:
 def _strings(value: np.ndarray, field: str) -> list[str]:
     value = np.asarray(value)
     if value.ndim != 1 or value.dtype.kind not in "US" or len(value) == 0:
-        raise SpecError(f"{field}: expected a non-empty 1-D array of strings, got {value.dtype} with shape {value.shape}")
+        raise SpecError(
+            f"{field}: expected a non-empty 1-D array of strings, got {value.dtype} with shape {value.shape}"
+        )
     names = [v.decode() if isinstance(v, bytes) else str(v) for v in value.tolist()]
     if any(not n for n in names):
         raise SpecError(f"{field}: empty string at index {names.index('')}")
@@ -210,18 +240,25 @@ def parse_corpus(arrays: dict[str, np.ndarray], source: str, digest: str = "") -
             raise SpecError(f"{source}: missing required array {key!r}")
     tokens = _integers(arrays["tokens"], f"{source}: tokens")
     if tokens.ndim != 2 or tokens.shape[0] < 2 or tokens.shape[1] < 2:
-        raise SpecError(f"{source}: tokens: expected shape (sequences, tokens) with at least 2 of each, "
-                        f"got {tokens.shape}")
+        raise SpecError(
+            f"{source}: tokens: expected shape (sequences, tokens) with at least 2 of each, "
+            f"got {tokens.shape}"
+        )
     labels = _integers(arrays["labels"], f"{source}: labels", tokens.shape)
     label_names = _strings(arrays["label_names"], f"{source}: label_names")
     if START in label_names:
-        raise SpecError(f"{source}: label_names: {START!r} is reserved for position 0, which is never predicted; "
-                        "rename that label")
+        raise SpecError(
+            f"{source}: label_names: {START!r} is reserved for position 0, which is never predicted; "
+            "rename that label"
+        )
     if any("/" in n for n in label_names):
-        raise SpecError(f"{source}: label_names: names cannot contain '/' "
-                        f"({next(n for n in label_names if '/' in n)!r})")
+        raise SpecError(
+            f"{source}: label_names: names cannot contain '/' ({next(n for n in label_names if '/' in n)!r})"
+        )
     _in_range(labels, len(label_names), f"{source}: labels", "label ids must be below len(label_names)")
-    token_strings = _strings(arrays["token_strings"], f"{source}: token_strings") if "token_strings" in arrays else None
+    token_strings = (
+        _strings(arrays["token_strings"], f"{source}: token_strings") if "token_strings" in arrays else None
+    )
     vocab_size = None
     if "vocab_size" in arrays:
         size = np.asarray(arrays["vocab_size"])
@@ -229,7 +266,9 @@ def parse_corpus(arrays: dict[str, np.ndarray], source: str, digest: str = "") -
             raise SpecError(f"{source}: vocab_size: expected one positive integer, got {size!r}")
         vocab_size = int(size)
         if token_strings is not None and len(token_strings) != vocab_size:
-            raise SpecError(f"{source}: vocab_size: {vocab_size} but token_strings has {len(token_strings)} entries")
+            raise SpecError(
+                f"{source}: vocab_size: {vocab_size} but token_strings has {len(token_strings)} entries"
+            )
     V = len(token_strings) if token_strings is not None else vocab_size or int(tokens.max()) + 1
     _in_range(tokens, V, f"{source}: tokens", f"token ids must be below the vocabulary size {V}")
     logp = None
@@ -243,12 +282,18 @@ def parse_corpus(arrays: dict[str, np.ndarray], source: str, digest: str = "") -
         bad = ~np.isfinite(logp[:, 1:]) | (logp[:, 1:] > LOGP_TOLERANCE)
         if bad.any():
             n, t = np.argwhere(bad)[0]
-            raise SpecError(f"{source}: logp: sequence {n}, token {t + 1}: {logp[n, t + 1]} is not a "
-                            "log-probability (finite, at most 0)")
+            raise SpecError(
+                f"{source}: logp: sequence {n}, token {t + 1}: {logp[n, t + 1]} is not a "
+                "log-probability (finite, at most 0)"
+            )
         logp = np.minimum(logp, 0.0)
     strings = tuple(token_strings) if token_strings is not None else tuple(f"t{i}" for i in range(V))
-    vocab = Vocab(tokens=strings, categories=("token",), token_category=np.zeros(V, dtype=np.int64),
-                  within_category=np.full(V, 1.0 / V))
+    vocab = Vocab(
+        tokens=strings,
+        categories=("token",),
+        token_category=np.zeros(V, dtype=np.int64),
+        within_category=np.full(V, 1.0 / V),
+    )
     return Corpus(Path(source).stem, vocab, label_names, tokens, labels, logp, source, digest)
 
 

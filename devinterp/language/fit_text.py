@@ -66,7 +66,9 @@ def fit_text_file(path: Path, out: Path, vocab_size: int) -> Path:
     spec = fit_text(text.split(), vocab_size, name=path.stem)
     if out.exists():
         raise UsageError(f"{out}: exists; choose another --out (a spec is never overwritten)")
-    header = (f"# Estimated from {path} by `devinterp language fit-text` ({len(text.split())} tokens, "
-              f"the {vocab_size} most frequent kept, the rest {UNKNOWN}).\n")
+    header = (
+        f"# Estimated from {path} by `devinterp language fit-text` ({len(text.split())} tokens, "
+        f"the {vocab_size} most frequent kept, the rest {UNKNOWN}).\n"
+    )
     out.write_text(header + yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, width=120))
     return out

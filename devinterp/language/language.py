@@ -124,7 +124,9 @@ class Language:
         emitter = np.minimum((claimed <= mass).sum(axis=0), len(firings) - 1)  # first rule above
         rows = np.arange(len(uniform))
         below = claimed[emitter, rows] - weights[emitter, rows]
-        within = np.clip((mass - below) / np.maximum(weights[emitter, rows], 1e-300), 0.0, np.nextafter(1.0, 0.0))
+        within = np.clip(
+            (mass - below) / np.maximum(weights[emitter, rows], 1e-300), 0.0, np.nextafter(1.0, 0.0)
+        )
         token = np.zeros(len(uniform), dtype=np.int64)
         for i, firing in enumerate(firings):
             where = np.flatnonzero(emitter == i)
@@ -158,9 +160,13 @@ class Language:
         logp[:, 0] = np.log(self.start_dist[tokens[:, 0]])
         states = [p.begin(rows_total) for p in self.primitives]
         for t in range(1, seq_len):
-            tokens[:, t], labels[:, t], rules[:, t], logp[:, t] = self._draw_next(states, tokens, t - 1, uniforms[:, t])
-        return [Sample(*(array[k * n:(k + 1) * n] for array in (tokens, labels, logp, rules)))
-                for k in range(len(seeds))]
+            tokens[:, t], labels[:, t], rules[:, t], logp[:, t] = self._draw_next(
+                states, tokens, t - 1, uniforms[:, t]
+            )
+        return [
+            Sample(*(array[k * n : (k + 1) * n] for array in (tokens, labels, logp, rules)))
+            for k in range(len(seeds))
+        ]
 
     def stream_block(self, n: int, seq_len: int, stream_seeds: list, block_index: int) -> list[Sample]:
         """Block ``block_index`` of each training stream: n sequences sampled from
@@ -206,17 +212,22 @@ class Language:
     def only(self, names: list[str]) -> "Language":
         """The language with just these primitives and the category fallback (a curriculum's
         first phase: train on X alone)."""
-        return self._keep([p for p in self.primitives if p.name in names or p.kind == "category"], names,
-                          "keep")
+        return self._keep(
+            [p for p in self.primitives if p.name in names or p.kind == "category"], names, "keep"
+        )
 
     def _keep(self, kept: list[Primitive], names: list[str], verb: str) -> "Language":
         known = {p.name for p in self.primitives}
         for name in names:
             if name not in known:
-                raise SpecError(f"{self.source}: cannot {verb} {name!r}: no such primitive "
-                                f"(primitives: {', '.join(p.name for p in self.primitives)})")
+                raise SpecError(
+                    f"{self.source}: cannot {verb} {name!r}: no such primitive "
+                    f"(primitives: {', '.join(p.name for p in self.primitives)})"
+                )
             if verb == "knock out" and name == self.primitives[-1].name:
-                raise SpecError(f"{self.source}: cannot knock out {name!r}: it is the fallback every position needs")
+                raise SpecError(
+                    f"{self.source}: cannot knock out {name!r}: it is the fallback every position needs"
+                )
         language = Language(self.name, self.vocab, self.start_dist, kept, self.source)
         language.seq_len = self.seq_len
         return language
@@ -252,7 +263,9 @@ def parse_language(data: dict, source: str = "<spec>") -> Language:
             raise SpecError(f"{field}: expected a mapping with a 'type'")
         kind = spec.get("type")
         if kind not in PRIMITIVES:
-            raise SpecError(f"{field}.type: unknown primitive {kind!r} (known: {', '.join(sorted(PRIMITIVES))})")
+            raise SpecError(
+                f"{field}.type: unknown primitive {kind!r} (known: {', '.join(sorted(PRIMITIVES))})"
+            )
         primitive = PRIMITIVES[kind].from_spec(spec, vocab, field)
         if primitive.name in [p.name for p in primitives] or primitive.name == START:
             raise SpecError(f"{field}.name: duplicate primitive name {primitive.name!r}")
@@ -261,8 +274,10 @@ def parse_language(data: dict, source: str = "<spec>") -> Language:
     for i, primitive in enumerate(primitives):
         for target in primitive.suppresses:
             if target not in names or target == primitive.name or target == names[-1]:
-                raise SpecError(f"{source}: primitives[{i}].suppresses: {target!r} is not another primitive "
-                                f"that can be switched off ({', '.join(n for n in names[:-1] if n != primitive.name)})")
+                raise SpecError(
+                    f"{source}: primitives[{i}].suppresses: {target!r} is not another primitive "
+                    f"that can be switched off ({', '.join(n for n in names[:-1] if n != primitive.name)})"
+                )
     fallbacks = [i for i, p in enumerate(primitives) if isinstance(p, CategoryTransition)]
     if fallbacks != [len(primitives) - 1]:
         raise SpecError(

@@ -130,8 +130,10 @@ class Primitive(ABC):
         kind = cls.__dict__.get("kind")
         if kind is not None:
             if kind in Primitive.registry and Primitive.registry[kind] is not cls:
-                raise TypeError(f"primitive kind {kind!r} is defined twice ({Primitive.registry[kind].__name__}, "
-                                f"{cls.__name__})")
+                raise TypeError(
+                    f"primitive kind {kind!r} is defined twice ({Primitive.registry[kind].__name__}, "
+                    f"{cls.__name__})"
+                )
             Primitive.registry[kind] = cls
 
     def __init__(self, name: str, p: float, vocab: Vocab, rule_names: list[str]):

@@ -28,9 +28,22 @@ class Brackets(Primitive):
     kind = "brackets"
     extra_keys = {"pairs", "max_depth", "p_open", "p_close", "content", "table"}
 
-    def __init__(self, name, p, vocab, opens: list[int], closes: list[int], max_depth: int, p_open: float,
-                 p_close: float, content: np.ndarray, table: np.ndarray):
-        super().__init__(name, p, vocab, rule_names=[vocab.tokens[o] + vocab.tokens[c] for o, c in zip(opens, closes)])
+    def __init__(
+        self,
+        name,
+        p,
+        vocab,
+        opens: list[int],
+        closes: list[int],
+        max_depth: int,
+        p_open: float,
+        p_close: float,
+        content: np.ndarray,
+        table: np.ndarray,
+    ):
+        super().__init__(
+            name, p, vocab, rule_names=[vocab.tokens[o] + vocab.tokens[c] for o, c in zip(opens, closes)]
+        )
         self.opens, self.closes = np.array(opens), np.array(closes)
         self.max_depth, self.p_open, self.p_close = max_depth, p_open, p_close
         self.content_rows = np.where(table.sum(-1, keepdims=True) > 0, table, content[None, :])  # (V, V)
@@ -40,16 +53,29 @@ class Brackets(Primitive):
         open_mix[self.opens] = 1.0 / len(opens)
         # next-token distribution inside, by (innermost type, below the depth limit, current token)
         close = np.eye(vocab.size)[self.closes]  # (k, V)
-        self.next_inside = np.stack([
-            np.stack([p_close * close[k][None, :] + p_o * open_mix[None, :] + (1 - p_close - p_o) * self.content_rows
-                      for p_o in (0.0, p_open)])
-            for k in range(len(opens))])  # (k, 2, V, V)
+        self.next_inside = np.stack(
+            [
+                np.stack(
+                    [
+                        p_close * close[k][None, :]
+                        + p_o * open_mix[None, :]
+                        + (1 - p_close - p_o) * self.content_rows
+                        for p_o in (0.0, p_open)
+                    ]
+                )
+                for k in range(len(opens))
+            ]
+        )  # (k, 2, V, V)
         self.rows = RowTable(self.next_inside)  # row (type * 2 + below the limit) * V + current token
 
     @classmethod
     def parse(cls, spec, vocab, field, name, p):
         pairs = spec.get("pairs")
-        if not isinstance(pairs, list) or not pairs or not all(isinstance(q, list) and len(q) == 2 for q in pairs):
+        if (
+            not isinstance(pairs, list)
+            or not pairs
+            or not all(isinstance(q, list) and len(q) == 2 for q in pairs)
+        ):
             raise SpecError(f"{field}.pairs: expected a non-empty list of [open, close] token pairs")
         opens = [vocab.token_id(o, f"{field}.pairs[{i}][0]") for i, (o, _) in enumerate(pairs)]
         closes = [vocab.token_id(c, f"{field}.pairs[{i}][1]") for i, (_, c) in enumerate(pairs)]
@@ -59,16 +85,26 @@ class Brackets(Primitive):
         p_open = require_probability(spec.get("p_open", 0.0), f"{field}.p_open")
         p_close = require_probability(spec.get("p_close"), f"{field}.p_close")
         if p_close == 0 or p_open + p_close > 1:
-            raise SpecError(f"{field}.p_close: must be above 0 and p_open + p_close at most 1, got {p_open} + {p_close}")
+            raise SpecError(
+                f"{field}.p_close: must be above 0 and p_open + p_close at most 1, got {p_open} + {p_close}"
+            )
         content = distribution(spec.get("content"), f"{field}.content", vocab.token_id, vocab.size)
-        table = token_table(spec["table"], f"{field}.table", vocab)[0] if "table" in spec else np.zeros((vocab.size,) * 2)
+        table = (
+            token_table(spec["table"], f"{field}.table", vocab)[0]
+            if "table" in spec
+            else np.zeros((vocab.size,) * 2)
+        )
         brackets = opens + closes
         if content[brackets].sum() > 0 or table[:, brackets].sum() > 0:
-            raise SpecError(f"{field}.content: bracket tokens cannot be content (opens and closes come from the rule)")
+            raise SpecError(
+                f"{field}.content: bracket tokens cannot be content (opens and closes come from the rule)"
+            )
         return cls(name, p, vocab, opens, closes, max_depth, p_open, p_close, content, table)
 
     def begin(self, n):
-        return np.zeros((n, self.max_depth + 1), dtype=np.int64)  # [depth, type of open 1, ..., of open max_depth]
+        return np.zeros(
+            (n, self.max_depth + 1), dtype=np.int64
+        )  # [depth, type of open 1, ..., of open max_depth]
 
     def fire(self, stack, tokens, t):
         current = tokens[:, t]
@@ -85,8 +121,12 @@ class Brackets(Primitive):
         inside = depth > 0
         top = stack[rows, np.maximum(depth, 1)]
         can_open = (depth < self.max_depth).astype(np.int64)
-        return Firing(fires=inside, rule=np.where(inside, top, -1),
-                      dist=(top * 2 + can_open) * self.vocab.size + current, table=self.rows)
+        return Firing(
+            fires=inside,
+            rule=np.where(inside, top, -1),
+            dist=(top * 2 + can_open) * self.vocab.size + current,
+            table=self.rows,
+        )
 
     def open_positions(self, tokens: np.ndarray) -> np.ndarray:
         """(n, T) tokens -> (n, T): position of the innermost open in force after token t, -1
@@ -114,5 +154,11 @@ class Brackets(Primitive):
         return [MinimalContext(k, (int(o),), (0,)) for k, o in enumerate(self.opens.tolist())]
 
     def ground_truth(self):
-        return {"opens": self.opens, "closes": self.closes, "max_depth": np.array(self.max_depth),
-                "p_open": np.array(self.p_open), "p_close": np.array(self.p_close), "next_inside": self.next_inside}
+        return {
+            "opens": self.opens,
+            "closes": self.closes,
+            "max_depth": np.array(self.max_depth),
+            "p_open": np.array(self.p_open),
+            "p_close": np.array(self.p_close),
+            "next_inside": self.next_inside,
+        }

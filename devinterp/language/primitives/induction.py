@@ -49,8 +49,11 @@ class Induction(Primitive):
     def minimal_contexts(self):
         """[x, y, x] for every eligible x and token y (the prediction should be y); the metric
         keeps the pairs the language can produce (``possible_contexts_only``)."""
-        return [MinimalContext(0, (int(x), y, int(x)), (0, 1, 2))
-                for x in np.flatnonzero(self.eligible) for y in range(self.vocab.size)]
+        return [
+            MinimalContext(0, (int(x), y, int(x)), (0, 1, 2))
+            for x in np.flatnonzero(self.eligible)
+            for y in range(self.vocab.size)
+        ]
 
     def weight_diagnostics(self):
         return [InductionCircuit()]

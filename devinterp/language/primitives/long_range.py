@@ -43,7 +43,9 @@ class LongRange(Primitive):
 
     def check_sequence_length(self, seq_len, field):
         if self.min_distance >= seq_len:
-            raise SpecError(f"{field}.min_distance: {self.min_distance} must be below the sequence length {seq_len}")
+            raise SpecError(
+                f"{field}.min_distance: {self.min_distance} must be below the sequence length {seq_len}"
+            )
 
     def begin(self, n):
         return np.full((n, len(self.cues)), NEVER)  # first position of each cue
@@ -67,8 +69,14 @@ class LongRange(Primitive):
 
     def qk_view(self):
         """Trigger (query) against cue (key), at least ``min_distance`` back."""
-        return QKView(tuple(sorted(set(self.rules[:, 1].tolist()))), tuple(sorted(set(self.rules[:, 0].tolist()))),
-                      self.min_distance, None, "trigger", "cue")
+        return QKView(
+            tuple(sorted(set(self.rules[:, 1].tolist()))),
+            tuple(sorted(set(self.rules[:, 0].tolist()))),
+            self.min_distance,
+            None,
+            "trigger",
+            "cue",
+        )
 
     def ground_truth(self):
         return {"rules": self.rules, "min_distance": np.array(self.min_distance)}

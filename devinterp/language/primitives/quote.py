@@ -27,8 +27,17 @@ class Quote(Primitive):
     kind = "quote"
     extra_keys = {"open", "close", "p_close", "content", "table"}
 
-    def __init__(self, name, p, vocab, open_token: int, close_token: int, p_close: float, content: np.ndarray,
-                 table: np.ndarray):
+    def __init__(
+        self,
+        name,
+        p,
+        vocab,
+        open_token: int,
+        close_token: int,
+        p_close: float,
+        content: np.ndarray,
+        table: np.ndarray,
+    ):
         super().__init__(name, p, vocab, rule_names=["inside"])
         self.open_token, self.close_token, self.p_close = open_token, close_token, p_close
         rows = np.where(table.sum(-1, keepdims=True) > 0, table, content[None, :])  # (V, V)
@@ -47,7 +56,11 @@ class Quote(Primitive):
         if p_close == 0:
             raise SpecError(f"{field}.p_close: must be above 0, or a quote never ends")
         content = distribution(spec.get("content"), f"{field}.content", vocab.token_id, vocab.size)
-        table = token_table(spec["table"], f"{field}.table", vocab)[0] if "table" in spec else np.zeros((vocab.size,) * 2)
+        table = (
+            token_table(spec["table"], f"{field}.table", vocab)[0]
+            if "table" in spec
+            else np.zeros((vocab.size,) * 2)
+        )
         for where, dist in [(f"{field}.content", content)] + [(f"{field}.table", row) for row in table]:
             if dist[[open_token, close_token]].sum() > 0:
                 raise SpecError(f"{where}: the open and close tokens cannot be quote content")
@@ -82,5 +95,8 @@ class Quote(Primitive):
         return [MinimalContext(0, (self.open_token,), (0,))]
 
     def ground_truth(self):
-        return {"open": np.array(self.open_token), "close": np.array(self.close_token),
-                "next_inside": self.next_inside}
+        return {
+            "open": np.array(self.open_token),
+            "close": np.array(self.close_token),
+            "next_inside": self.next_inside,
+        }

@@ -27,9 +27,7 @@ class SkipTrigram(Primitive):
     extra_keys = {"rules", "max_skip"}
 
     def __init__(self, name: str, p: float, vocab: Vocab, rules: np.ndarray, max_skip: int):
-        names = [
-            f"{vocab.tokens[a]}..{vocab.tokens[b]}->{vocab.tokens[c]}" for a, b, c in rules.tolist()
-        ]
+        names = [f"{vocab.tokens[a]}..{vocab.tokens[b]}->{vocab.tokens[c]}" for a, b, c in rules.tolist()]
         super().__init__(name, p, vocab, rule_names=names)
         self.rules = rules  # (n_rules, 3): anchor, trigger, output token ids
         self.max_skip = max_skip
@@ -62,16 +60,25 @@ class SkipTrigram(Primitive):
 
     def minimal_contexts(self):
         """A at offset d before B, the positions between empty, for d = 1..max_skip."""
-        return [MinimalContext(r, (int(a), int(b)), (0, d))
-                for r, (a, b, _) in enumerate(self.rules.tolist()) for d in range(1, self.max_skip + 1)]
+        return [
+            MinimalContext(r, (int(a), int(b)), (0, d))
+            for r, (a, b, _) in enumerate(self.rules.tolist())
+            for d in range(1, self.max_skip + 1)
+        ]
 
     def weight_diagnostics(self):
         return [TrigramPush(self.rules, tuple(range(1, self.max_skip + 1)))]
 
     def qk_view(self):
         """Trigger (query) against anchor (key), at the offsets the rule allows."""
-        return QKView(tuple(sorted(set(self.rules[:, 1].tolist()))), tuple(sorted(set(self.rules[:, 0].tolist()))),
-                      1, self.max_skip, "trigger", "anchor")
+        return QKView(
+            tuple(sorted(set(self.rules[:, 1].tolist()))),
+            tuple(sorted(set(self.rules[:, 0].tolist()))),
+            1,
+            self.max_skip,
+            "trigger",
+            "anchor",
+        )
 
     def ground_truth(self):
         return {"rules": self.rules, "max_skip": np.array(self.max_skip)}

@@ -33,25 +33,42 @@ class TokenTrigram(Primitive):
 
     @classmethod
     def parse(cls, spec, vocab, field, name, p):
-        return cls(name, p, vocab, token_rules(spec.get("rules"), ("first", "second", "output"), f"{field}.rules", vocab))
+        return cls(
+            name,
+            p,
+            vocab,
+            token_rules(spec.get("rules"), ("first", "second", "output"), f"{field}.rules", vocab),
+        )
 
     def fire(self, state, tokens, t):
         n = tokens.shape[0]
         if t == 0:
-            return Firing(fires=np.zeros(n, dtype=bool), rule=np.full(n, -1), dist=np.zeros(n, dtype=np.int64))
-        holds = (tokens[:, t - 1, None] == self.rules[None, :, 0]) & (tokens[:, t, None] == self.rules[None, :, 1])
+            return Firing(
+                fires=np.zeros(n, dtype=bool), rule=np.full(n, -1), dist=np.zeros(n, dtype=np.int64)
+            )
+        holds = (tokens[:, t - 1, None] == self.rules[None, :, 0]) & (
+            tokens[:, t, None] == self.rules[None, :, 1]
+        )
         fires = holds.any(axis=1)
         rule = np.where(fires, holds.argmax(axis=1), -1)
         return Firing(fires=fires, rule=rule, dist=self.rules[np.maximum(rule, 0), 2])
 
     def minimal_contexts(self):
         """A then B at adjacent positions."""
-        return [MinimalContext(r, (int(a), int(b)), (0, 1)) for r, (a, b, _) in enumerate(self.rules.tolist())]
+        return [
+            MinimalContext(r, (int(a), int(b)), (0, 1)) for r, (a, b, _) in enumerate(self.rules.tolist())
+        ]
 
     def qk_view(self):
         """Second token (query) against first token (key), one position back."""
-        return QKView(tuple(sorted(set(self.rules[:, 1].tolist()))), tuple(sorted(set(self.rules[:, 0].tolist()))),
-                      1, 1, "second", "first")
+        return QKView(
+            tuple(sorted(set(self.rules[:, 1].tolist()))),
+            tuple(sorted(set(self.rules[:, 0].tolist()))),
+            1,
+            1,
+            "second",
+            "first",
+        )
 
     def ground_truth(self):
         return {"rules": self.rules}

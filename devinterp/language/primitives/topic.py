@@ -56,8 +56,9 @@ class Topic(Primitive):
         active = topic != NONE
         fires = active & self.has_row[np.maximum(topic, 0), current]
         rule = np.where(fires, topic, -1)
-        return Firing(fires=fires, rule=rule, dist=np.maximum(topic, 0) * self.vocab.size + current,
-                      table=self.rows)
+        return Firing(
+            fires=fires, rule=rule, dist=np.maximum(topic, 0) * self.vocab.size + current, table=self.rows
+        )
 
     def minimal_contexts(self):
         """The marker, then a token with a row in its table at distance d = 1..8."""
