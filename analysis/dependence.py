@@ -94,23 +94,30 @@ def dependence(
     level: float = 0.5,
     source: str = "probe",
     alpha: float = 0.01,
+    yardstick: str = "fallback",
 ) -> list[Dependence]:
     """Verdicts for every (Y, X) where X has a knock-out or knock-in variant. With several full
     runs (a sweep over seeds) each variant pairs with the full run of its own seed, and the
-    paired members of all seeds are pooled."""
+    paired members of all seeds are pooled. Every variant's progress is measured on its full
+    run's baselines (one yardstick: an onset shift measures the model, not a changed baseline)."""
     fulls = full if isinstance(full, list) else [full]
-    full_by_seed = {}
+    full_by_seed, baselines_by_seed = {}, {}
     for timeline in fulls:
-        full_by_seed.setdefault(seed_of(timeline), primitive_onsets(timeline, level=level, source=source))
+        seed = seed_of(timeline)
+        if seed not in full_by_seed:
+            full_by_seed[seed] = primitive_onsets(timeline, level=level, source=source, yardstick=yardstick)
+            baselines_by_seed[seed] = timeline.baselines(yardstick)
     first = next(iter(full_by_seed.values()))
+    first_baselines = next(iter(baselines_by_seed.values()))
     by_x: dict[str, dict[str, list[tuple[dict, dict]]]] = {}  # x -> kind -> [(full onsets, variant onsets)]
     for timeline in variants:
         kind, primitives = variant_of(timeline)
         if kind == "full":
             continue
+        baselines = baselines_by_seed.get(seed_of(timeline), first_baselines)
         pair = (
             full_by_seed.get(seed_of(timeline), first),
-            primitive_onsets(timeline, level=level, source=source),
+            primitive_onsets(timeline, level=level, source=source, yardstick=yardstick, baselines=baselines),
         )
         for x in primitives:
             by_x.setdefault(x, {}).setdefault(kind, []).append(pair)

@@ -1,6 +1,8 @@
 """When is a metric learned? Onsets per metric and member, from progress curves.
 
-Conventions, stated once: progress is in [0, 1] (0 = nothing learned, 1 = learned); time is
+Conventions, stated once: progress is 1 when learned and 0 at the yardstick's baseline (by
+default the best prediction without the primitive, so a curve starts at or below 0 and a
+primitive's fallback does not count as the primitive; analysis.timeline); time is
 log(step + 1), since learning curves span decades of steps; curves are first averaged into bins
 of a log-spaced grid (so a run logged every step and one logged every 10 weigh the same) and
 smoothed with a short moving average. An onset that never happens is *censored* at the last
@@ -217,10 +219,18 @@ def changepoint_onsets(
     return onsets
 
 
-def primitive_progress(timeline, primitive: str, source: str = "probe") -> tuple[np.ndarray, np.ndarray]:
+def primitive_progress(
+    timeline,
+    primitive: str,
+    source: str = "probe",
+    yardstick: str = "fallback",
+    baselines: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """A primitive's progress (steps (N,), (N, members)): the median over its rules of each
     rule's progress. ``source`` "probe": probe excess loss per rule (falling back to the
-    primitive's own probe metric); "weight": its weight-derived headline KLs."""
+    primitive's own probe metric); "weight": its weight-derived headline KLs. ``yardstick`` and
+    ``baselines`` (metric name -> "nothing learned", overriding the file's) as in
+    ``Timeline.progress``."""
     if source == "probe":
         names = timeline.names(f"probe_excess/{primitive}/*") or timeline.names(f"probe_excess/{primitive}")
     elif source == "weight":
@@ -229,12 +239,18 @@ def primitive_progress(timeline, primitive: str, source: str = "probe") -> tuple
         raise ValueError(f"source: expected 'probe' or 'weight', got {source!r}")
     if not names:
         raise KeyError(f"{timeline.path}: no {source} metrics for primitive {primitive!r}")
-    progress = np.median(np.stack([timeline.progress(n) for n in names]), axis=0)
+    baselines = baselines or {}
+    progress = np.median(np.stack([timeline.progress(n, yardstick, baselines.get(n)) for n in names]), axis=0)
     return timeline.steps(names[0]), progress
 
 
 def primitive_onsets(
-    timeline, primitives: list[str] | None = None, level: float = 0.5, source: str = "probe"
+    timeline,
+    primitives: list[str] | None = None,
+    level: float = 0.5,
+    source: str = "probe",
+    yardstick: str = "fallback",
+    baselines: dict | None = None,
 ) -> dict[str, list[Onset]]:
     """t-level onsets (default t50) of each primitive's progress, one per member. A primitive
     without metrics of this source (long-range rules have no weight-derived metric) is left out."""
@@ -243,7 +259,7 @@ def primitive_onsets(
     out = {}
     for primitive in primitives:
         try:
-            steps, progress = primitive_progress(timeline, primitive, source)
+            steps, progress = primitive_progress(timeline, primitive, source, yardstick, baselines)
         except KeyError:
             continue
         out[primitive] = threshold_onsets(primitive, steps, progress, level)

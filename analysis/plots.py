@@ -14,10 +14,15 @@ from analysis.onset import Onset  # noqa: E402
 
 
 def plot_progress(
-    curves: dict[str, tuple[np.ndarray, np.ndarray]], onsets: dict[str, list[Onset]], path: Path, title: str
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    onsets: dict[str, list[Onset]],
+    path: Path,
+    title: str,
+    baseline: str = "nothing learned",
 ) -> Path:
     """Progress per primitive against log-step: each member thin, the median bold, onsets as
-    ticks (censored onsets as open circles at the last step)."""
+    ticks (censored onsets as open circles at the last step). Progress below 0 (not yet as good
+    as the baseline) is drawn, down to -1."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, (steps, progress)) in enumerate(curves.items()):
@@ -35,10 +40,13 @@ def plot_progress(
                 markersize=8,
                 markerfacecolor="none" if onset.censored else color,
             )
+    ax.axhline(0.0, color="grey", linewidth=0.6, linestyle=":")
     ax.set_xscale("log")
     ax.set_xlabel("step + 1")
-    ax.set_ylabel("progress (0 = nothing learned, 1 = learned)")
-    ax.set_ylim(-0.03, 1.06)
+    ax.set_ylabel("progress (1 = learned)")
+    lowest = min((float(np.nanmin(np.median(p, axis=1))) for _, p in curves.values()), default=0.0)
+    ax.set_ylim(max(-1.0, min(0.0, lowest)) - 0.05, 1.06)
+    fig.text(0.01, 0.01, f"0 = {baseline}", fontsize=6, color="grey")
     ax.set_title(title)
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()

@@ -31,6 +31,16 @@ class Analysis:
     lead_lag: dict[str, float]  # "X->Y": log-step lag of Y behind X (positive: X leads)
     dependence: list[Dependence]
     n_units: int
+    yardstick: str = (
+        "fallback"  # what progress 0 means: the best prediction without the primitive, or uniform
+    )
+
+
+YARDSTICK_TEXT = {
+    "fallback": "the best prediction without the primitive (the knocked-out language mixed with uniform; "
+    "uniform for the category fallback)",
+    "uniform": "the uniform prediction",
+}
 
 
 def find_timelines(paths: list[str | Path]) -> list[Path]:
@@ -48,26 +58,30 @@ def find_timelines(paths: list[str | Path]) -> list[Path]:
     return found
 
 
-def progress_or_none(timeline: Timeline, primitive: str, source: str):
+def progress_or_none(timeline: Timeline, primitive: str, source: str, yardstick: str = "fallback"):
     try:
-        return primitive_progress(timeline, primitive, source)
+        return primitive_progress(timeline, primitive, source, yardstick)
     except KeyError:  # no metric of this source for the primitive
         return None
 
 
 def pooled_onsets(
-    timelines: list[Timeline], primitives: list[str], level: float, source: str
+    timelines: list[Timeline], primitives: list[str], level: float, source: str, yardstick: str = "fallback"
 ) -> dict[str, list[Onset]]:
     pooled: dict[str, list[Onset]] = {p: [] for p in primitives}
     for timeline in timelines:
-        onsets = primitive_onsets(timeline, primitives, level=level, source=source)
+        onsets = primitive_onsets(timeline, primitives, level=level, source=source, yardstick=yardstick)
         for p in primitives:
             pooled[p] += onsets.get(p, [])
     return {p: units for p, units in pooled.items() if units}  # primitives this source measures
 
 
 def analyze_timelines(
-    timelines: list[Timeline], level: float = 0.5, source: str = "probe", alpha: float = 0.01
+    timelines: list[Timeline],
+    level: float = 0.5,
+    source: str = "probe",
+    alpha: float = 0.01,
+    yardstick: str = "fallback",
 ) -> Analysis:
     full = [t for t in timelines if variant_of(t)[0] == "full"]
     variants = [t for t in timelines if variant_of(t)[0] != "full"]
@@ -76,9 +90,9 @@ def analyze_timelines(
             "no run of the full language among the timelines (only knock-out/knock-in variants)"
         )
     primitives = [p for p in full[0].label_names if p != "start"]
-    onsets = {s: pooled_onsets(full, primitives, level, s) for s in ("probe", "weight")}
+    onsets = {s: pooled_onsets(full, primitives, level, s, yardstick) for s in ("probe", "weight")}
     ordering = infer_ordering(onsets[source], alpha=alpha)
-    curves = {p: c for p in primitives if (c := progress_or_none(full[0], p, source)) is not None}
+    curves = {p: c for p in primitives if (c := progress_or_none(full[0], p, source, yardstick)) is not None}
     measured = list(curves)
     if not measured:
         raise TimelineError(
@@ -90,8 +104,12 @@ def analyze_timelines(
         for i, a in enumerate(measured)
         for b in measured[i + 1 :]
     }
-    found = dependence(full, variants, level=level, source=source, alpha=alpha) if variants else []
-    return Analysis(primitives, onsets, ordering, lags, found, len(onsets[source][measured[0]]))
+    found = (
+        dependence(full, variants, level=level, source=source, alpha=alpha, yardstick=yardstick)
+        if variants
+        else []
+    )
+    return Analysis(primitives, onsets, ordering, lags, found, len(onsets[source][measured[0]]), yardstick)
 
 
 def _median_iqr(onsets: list[Onset]) -> str:
@@ -229,17 +247,20 @@ def write_report(
     source: str = "probe",
     alpha: float = 0.01,
     at_steps: list[int] | None = None,
+    yardstick: str = "fallback",
 ) -> Path:
     """Analyse runs and write report.md, ordering.json and the PNGs into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = find_timelines(paths)
     timelines = [load_timeline(p) for p in files]
-    result = analyze_timelines(timelines, level, source, alpha)
+    result = analyze_timelines(timelines, level, source, alpha, yardstick)
     full = [(f, t) for f, t in zip(files, timelines) if variant_of(t)[0] == "full"]
     first_file, first = full[0]
     figures = []
-    curves = {p: c for p in result.primitives if (c := progress_or_none(first, p, source)) is not None}
+    curves = {
+        p: c for p in result.primitives if (c := progress_or_none(first, p, source, yardstick)) is not None
+    }
     first_onsets = {p: result.onsets[source][p][: first.n_members] for p in curves}
     figures.append(
         plot_progress(
@@ -247,10 +268,11 @@ def write_report(
             first_onsets,
             out / "progress.png",
             f"{source} progress per primitive ({first.n_members} members, t{round(level * 100)} marked)",
+            baseline=YARDSTICK_TEXT[yardstick],
         )
     )
     both = {
-        p: {s: c for s in ("weight", "probe") if (c := progress_or_none(first, p, s)) is not None}
+        p: {s: c for s in ("weight", "probe") if (c := progress_or_none(first, p, s, yardstick)) is not None}
         for p in result.primitives
     }
     figures.append(plot_weight_vs_probe(both, out / "weight_vs_probe.png"))
@@ -263,7 +285,13 @@ def write_report(
         "",
         f"Runs: {', '.join(str(f.parent) for f in files)}. Units (run, member) of the full language: "
         f"{result.n_units}. Onset = {t} of each primitive's progress (median over its rules); "
-        f"ordering from the {source} onsets, Holm-corrected Wilcoxon at alpha = {alpha}.",
+        f"ordering from the {source} onsets, Holm-corrected Wilcoxon at alpha = {alpha}. Progress 0 = "
+        f"{YARDSTICK_TEXT[yardstick]} (`--yardstick {yardstick}`), 1 = the true distribution"
+        + (
+            "; every knock-out/knock-in variant is measured on its full run's baselines."
+            if result.dependence
+            else "."
+        ),
         "",
         "## Onsets (step; median [IQR] over units)",
         "",
@@ -316,6 +344,7 @@ def write_report(
             {
                 "level": level,
                 "source": source,
+                "yardstick": yardstick,
                 "alpha": alpha,
                 "units": result.n_units,
                 "onsets": {

@@ -24,6 +24,7 @@ from devinterp.schema import (
     READABLE_VERSIONS,
     VERSION_1_GROUPS,
     MetricInfo,
+    Yardstick,
 )
 from devinterp.schema import progress as progress_of
 
@@ -90,12 +91,24 @@ class Timeline:
         group = self.groups[self.group_of(name)]
         return group.values[:, group.names.index(name)]
 
-    def progress(self, name: str) -> np.ndarray:
-        """(steps, members) in [0, 1]: (value - nothing) / (learned - nothing), clipped."""
+    def progress(
+        self, name: str, yardstick: Yardstick = "fallback", baseline: float | None = None
+    ) -> np.ndarray:
+        """(steps, members): (value - baseline) / (learned - baseline), not clipped: 1 = learned,
+        0 = as good as the yardstick's baseline, below 0 = not yet that good. ``yardstick``
+        ``fallback`` (default): the best prediction without the primitive (``MetricInfo.fallback``;
+        the uniform one where the metric has none, or in files written before it); ``uniform``:
+        the uniform prediction. ``baseline`` overrides the file's (dependence compares variants
+        on the full run's)."""
         info = self.info(name)
         if not info.is_progress:
             raise KeyError(f"{self.path}: {name} is not a progress metric")
-        return np.clip(progress_of(self.values(name), info.nothing, info.learned), 0.0, 1.0)
+        nothing = info.baseline(yardstick) if baseline is None else baseline
+        return progress_of(self.values(name), nothing, info.learned)
+
+    def baselines(self, yardstick: Yardstick = "fallback") -> dict[str, float]:
+        """Every progress metric's "nothing learned" value on a yardstick, by name."""
+        return {i.name: i.baseline(yardstick) for g in self.groups.values() for i in g.infos if i.is_progress}
 
     def snapshot(self, slot: int) -> tuple[int, dict[str, np.ndarray]]:
         """(step, {parameter: (member, ...) float32}) of weight snapshot ``slot``, read from the

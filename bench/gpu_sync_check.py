@@ -106,7 +106,7 @@ def main() -> int:
             callbacks=[
                 counter,
                 circuits,
-                ProbeMetrics(every_n_steps=10),
+                ProbeMetrics(every_n_steps=10, schedule="every_n_steps"),
                 TimelineWriter(flush_every_n_steps=args.flush),
                 FlushedLossBar(),
             ],

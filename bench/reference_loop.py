@@ -28,6 +28,7 @@ from common import load_run_config, report  # noqa: E402
 from tracking_overhead import make, tracked_seconds_per_step  # noqa: E402
 
 from devinterp.probe import grouped_mean  # noqa: E402
+from devinterp.schedule import due_steps  # noqa: E402
 
 
 def plain_seconds_per_step(steps: int, warmup: int) -> float:
@@ -61,7 +62,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("WANDB_SILENT", "true")
-    probe_every = load_run_config("reference")["probe"]["every_n_steps"]
+    config = load_run_config("reference")
+    # the mean spacing of the config's log-spaced probe schedule over the whole run (a few timed
+    # steps near step 0 would otherwise all be probe steps)
+    max_steps = config["trainer"]["max_steps"]
+    probe_every = round(max_steps / len(due_steps(max_steps, "log", 1, config["probe"]["per_doubling"])))
     plain, ours = [], []
     for _ in range(args.repeats):
         plain.append(plain_seconds_per_step(args.steps, args.warmup))

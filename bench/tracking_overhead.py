@@ -108,9 +108,11 @@ def tracked_seconds_per_step(
     with tempfile.TemporaryDirectory() as root:
         callbacks = [clock]
         if tracking:
-            callbacks.append(CircuitMetrics(diagnostics_every_n_steps=10))
+            callbacks.append(
+                CircuitMetrics(diagnostics_every_n_steps=10, diagnostics_schedule="every_n_steps")
+            )
         if probes:
-            callbacks.append(ProbeMetrics(every_n_steps=probe_every))
+            callbacks.append(ProbeMetrics(every_n_steps=probe_every, schedule="every_n_steps"))
         if tracking:
             callbacks.append(TimelineWriter(flush_every_n_steps=100))
         logger = WandbLogger(save_dir=root, project="bench", mode="offline") if tracking else False

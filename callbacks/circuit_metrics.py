@@ -4,7 +4,8 @@ At the start of step s (weights before the s-th update) the headline metrics (on
 devinterp.metrics) are computed under inference_mode; at its end they are joined with the
 step's per-member training losses (per primitive; the module's ``training_step`` returns them as
 ``loss_row``) into one row of the timeline group ``every_step``. Diagnostics run every
-``diagnostics_every_n_steps`` steps into the group ``diagnostics``. Rows go to the
+``diagnostics_every_n_steps`` steps, or log-spaced (``diagnostics_schedule``, the default; see
+devinterp/schedule.py), into the group ``diagnostics``. Rows go to the
 TimelineWriter as they are made, on the model's device; the writer moves them to the host at its
 flush and hands the loggers one dict per step made by ``summarize``: per-primitive summaries
 (``<primitive>/weight_progress``, median over members of the mean progress over its rules;
@@ -15,6 +16,7 @@ metric by its timeline name when ``log_all`` is set.
 from __future__ import annotations
 
 import warnings
+from typing import get_args
 
 import lightning as L
 import numpy as np
@@ -22,8 +24,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.timeline_writer import TimelineGroup, find_writer
-from devinterp.errors import at_least
+from devinterp.errors import at_least, one_of
 from devinterp.metrics import Diagnostics, HeadlineMetrics
+from devinterp.schedule import Schedule, is_due
 from devinterp.schema import MetricInfo, progress
 
 
@@ -42,7 +45,10 @@ class CircuitMetrics(L.Callback):
     """Weight-derived metrics every step, training losses with them (timeline producer).
 
     Args:
-        diagnostics_every_n_steps: cadence of the mechanism diagnostics (0 = off).
+        diagnostics_every_n_steps: cadence of the mechanism diagnostics under the
+            ``every_n_steps`` schedule (0 = no diagnostics, under either schedule).
+        diagnostics_schedule: ``log`` (``per_doubling`` per doubling of the step, from the step
+            alone) or ``every_n_steps``.
         flush_every_n_steps: deprecated alias of ``timeline.flush_every_n_steps`` (the writer
             alone flushes); the CLI maps it there with a notice.
         log_all: send every metric to the loggers, not only the per-primitive summaries.
@@ -55,8 +61,13 @@ class CircuitMetrics(L.Callback):
         diagnostics_every_n_steps: int = 10,
         flush_every_n_steps: int | None = None,
         log_all: bool = False,
+        diagnostics_schedule: Schedule = "log",
+        per_doubling: int = 16,
     ):
         at_least(diagnostics_every_n_steps, 0, "circuits.diagnostics_every_n_steps")
+        at_least(per_doubling, 1, "circuits.per_doubling")
+        one_of(diagnostics_schedule, get_args(Schedule), "circuits.diagnostics_schedule")
+        self.diagnostics_schedule, self.per_doubling = diagnostics_schedule, per_doubling
         if flush_every_n_steps is not None:
             at_least(flush_every_n_steps, 1, "circuits.flush_every_n_steps")
         self.diagnostics_every_n_steps = diagnostics_every_n_steps
@@ -88,7 +99,13 @@ class CircuitMetrics(L.Callback):
         if self.diagnostics_every_n_steps:
             self.diagnostics = Diagnostics(language, pl_module.cfg)
             writer.declare(
-                TimelineGroup("diagnostics", self.diagnostics.infos, M, self.diagnostics_every_n_steps)
+                TimelineGroup(
+                    "diagnostics",
+                    self.diagnostics.infos,
+                    M,
+                    self.diagnostics_every_n_steps,
+                    due=self.diagnostics_due,
+                )
             )
         self._writer = writer
         # per-primitive summary: which headline rows belong to which primitive
@@ -109,7 +126,7 @@ class CircuitMetrics(L.Callback):
         step = trainer.global_step
         with torch.inference_mode():
             self._current = self.headline.compute(pl_module.model)
-            if self.diagnostics is not None and step % self.diagnostics_every_n_steps == 0:
+            if self.diagnostics is not None and self.diagnostics_due(step):
                 self._writer.append("diagnostics", step, self.diagnostics.compute(pl_module.model))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -118,6 +135,9 @@ class CircuitMetrics(L.Callback):
         self.last_loss_device = losses.device
         train = torch.cat([losses[:, :1], losses[:, 2:]], 1).T  # drop the never-predicted start label
         self._writer.append("every_step", step, torch.cat([self._current, train.to(self._current.dtype)]))
+
+    def diagnostics_due(self, step: int) -> bool:
+        return is_due(step, self.diagnostics_schedule, self.diagnostics_every_n_steps, self.per_doubling)
 
     def summarize(self, steps: np.ndarray, values: np.ndarray) -> list[dict[str, float]]:
         """Host rows (n,), (n, n_metrics, member) -> one logger dict per step."""

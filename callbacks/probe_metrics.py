@@ -1,14 +1,18 @@
 """ProbeMetrics: the learning curves users look at first.
 
-Every ``every_n_steps`` steps (and at step 0 and the last step) every member is evaluated on
-the fixed probe set shared by all members: per-primitive and per-rule excess loss, i.e. the
-exact KL(true next-token distribution || model), accuracy against the Bayes-optimal guess, the
-loss at each position, and the in-context-learning score of Olsson et al. (2022): the loss late
-in the sequence minus the loss early in it (negative once context helps). Rows go to the
-TimelineWriter (group ``probe``, one value per member); medians over members go to
-``trainer.loggers`` grouped by primitive (``<primitive>/probe_excess``,
-``<primitive>/probe_acc``). At the end a table of step 0 against the last step is printed and
-written to ``<run folder>/probe_summary.json``.
+On a log-spaced schedule (devinterp/schedule.py: 16 evaluations per doubling of the step, dense
+where onsets happen; or every ``every_n_steps`` steps), at step 0 and at the last step, every
+member is evaluated on the fixed probe set shared by all members: per-primitive and per-rule
+excess loss, i.e. the exact KL(true next-token distribution || model), accuracy against the
+Bayes-optimal guess, the loss at each position, and the in-context-learning score of Olsson et
+al. (2022): the loss late in the sequence minus the loss early in it (negative once context
+helps). Each excess metric's ``fallback`` is the excess of the best prediction without its
+primitive (devinterp/baselines.py). Rows go to the TimelineWriter as they are made (group
+``probe``, one value per member, on the device); at its flush the writer sends medians over
+members to ``trainer.loggers`` grouped by primitive (``<primitive>/probe_excess``,
+``<primitive>/probe_acc``) through ``summarize``. At the end a table of step 0 against the last
+step, with each primitive's position count and the standard error of its excess, is printed
+and written to ``<run folder>/probe_summary.json``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import math
 from dataclasses import fields
 from pathlib import Path
+from typing import get_args
 
 import lightning as L
 import numpy as np
@@ -25,8 +30,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from callbacks.timeline_writer import TimelineGroup, find_writer
-from devinterp.errors import at_least
+from devinterp.baselines import probe_fallbacks
+from devinterp.errors import at_least, one_of
 from devinterp.probe import ProbeResult, attention_to_open, evaluate_probe, grouped_sums, uniform_share
+from devinterp.schedule import Schedule, is_due
 from devinterp.schema import MetricInfo
 
 
@@ -37,10 +44,13 @@ def icl_positions(seq_len: int) -> tuple[int, int]:
 
 
 class ProbeMetrics(L.Callback):
-    """Evaluate all members on the shared probe set every ``every_n_steps`` training steps.
+    """Evaluate all members on the shared probe set, log-spaced or every ``every_n_steps`` steps.
 
     Args:
-        every_n_steps: evaluation cadence in optimiser steps (step 0 and the last step always).
+        schedule: ``log`` (``per_doubling`` evaluations per doubling of the step; depends on the
+            step alone, so a resumed or extended run keeps it) or ``every_n_steps``; step 0 and the
+            last step always.
+        every_n_steps: the cadence of the ``every_n_steps`` schedule, in optimiser steps.
         log_rules: also send every rule's excess loss to the loggers (the timeline has them always).
         batch_size: probe sequences per forward pass (per member). Small batches keep the
             (member, batch, head, pos, pos) attention tensors in cache: on 2 CPU cores 8 sequences
@@ -49,8 +59,18 @@ class ProbeMetrics(L.Callback):
 
     timeline_groups = ("probe",)
 
-    def __init__(self, every_n_steps: int = 10, log_rules: bool = False, batch_size: int = 8):
+    def __init__(
+        self,
+        every_n_steps: int = 10,
+        log_rules: bool = False,
+        batch_size: int = 8,
+        schedule: Schedule = "log",
+        per_doubling: int = 16,
+    ):
         at_least(every_n_steps, 1, "probe.every_n_steps")
+        at_least(per_doubling, 1, "probe.per_doubling")
+        one_of(schedule, get_args(Schedule), "probe.schedule")
+        self.schedule, self.per_doubling = schedule, per_doubling
         at_least(batch_size, 1, "probe.batch_size")
         self.every_n_steps = every_n_steps
         self.log_rules = log_rules
@@ -78,32 +98,75 @@ class ProbeMetrics(L.Callback):
         self.has_excess = probe.has_excess
         names = language.label_names
         self.label_names, self.rule_names = list(names), list(language.rule_names)
+        # the best prediction without each primitive (devinterp/baselines.py); none for a corpus
+        label_fallback, rule_fallback = {}, {}
+        if probe.true_next is not None:
+            label_fallback, rule_fallback = probe_fallbacks(
+                language,
+                probe.tokens.numpy(),
+                probe.true_next.double().numpy(),
+                probe.labels[:, 1:].numpy(),
+                probe.rules[:, 1:].numpy(),
+            )
+
+        def yardsticks(fallback: float | None, uniform: float) -> dict:
+            if fallback is None:
+                return {"fallback": uniform, "fallback_from": "uniform"}
+            return {"fallback": fallback, "fallback_from": "knock_out"}
+
         self.infos = []
         if self.has_excess:
+            uniform = float(plogp.mean()) + log_v
+            every = MetricInfo(
+                "probe/excess", "probe", "all", "all", uniform, 0.0, unit="nats", **yardsticks(None, uniform)
+            )
+            self.infos.append(every)
             self.infos += [
-                MetricInfo("probe/excess", "probe", "all", "all", float(plogp.mean()) + log_v, 0.0)
-            ]
-            self.infos += [
-                MetricInfo(f"probe_excess/{names[i]}", "probe", names[i], "all", by_label[i] + log_v, 0.0)
+                MetricInfo(
+                    f"probe_excess/{names[i]}",
+                    "probe",
+                    names[i],
+                    "all",
+                    by_label[i] + log_v,
+                    0.0,
+                    unit="nats",
+                    **yardsticks(label_fallback.get(i), by_label[i] + log_v),
+                )
                 for i in self.label_columns
             ]
         self.infos += [
             MetricInfo(f"probe_acc/{names[i]}", "probe", names[i], "all") for i in self.label_columns
         ]
-        self.infos += [
-            MetricInfo(f"probe_ce/{names[i]}", "probe", names[i], "all", log_v, -by_label[i])
+        self.infos += [  # cross-entropy = entropy + excess: the fallback's is entropy + its excess
+            MetricInfo(
+                f"probe_ce/{names[i]}",
+                "probe",
+                names[i],
+                "all",
+                log_v,
+                -by_label[i],
+                unit="nats",
+                **yardsticks(None if i not in label_fallback else label_fallback[i] - by_label[i], log_v),
+            )
             for i in self.label_columns
         ]
         for i in self.rule_columns if self.has_excess else ():
             primitive, rule = language.rule_names[i].split("/", 1)
             self.infos.append(
                 MetricInfo(
-                    f"probe_excess/{primitive}/{rule}", "probe", primitive, rule, by_rule[i] + log_v, 0.0
+                    f"probe_excess/{primitive}/{rule}",
+                    "probe",
+                    primitive,
+                    rule,
+                    by_rule[i] + log_v,
+                    0.0,
+                    **yardsticks(rule_fallback.get(i), by_rule[i] + log_v),
                 )
             )
         T = datamodule.seq_len
         self.infos += [
-            MetricInfo(f"probe_loss/pos{t + 1}", "probe", "all", f"pos{t + 1}") for t in range(T - 1)
+            MetricInfo(f"probe_loss/pos{t + 1}", "probe", "all", f"pos{t + 1}", unit="nats")
+            for t in range(T - 1)
         ]
         self.icl_early, self.icl_late = icl_positions(T)
         self.infos.append(
@@ -132,9 +195,18 @@ class ProbeMetrics(L.Callback):
         self._writer = find_writer(trainer)
         self._writer.declare(
             TimelineGroup(
-                "probe", self.infos, pl_module.cfg.n_members, self.every_n_steps, summarize=self.summarize
+                "probe",
+                self.infos,
+                pl_module.cfg.n_members,
+                self.every_n_steps,
+                due=self.due,
+                summarize=self.summarize,
             )
         )
+
+    def due(self, step: int) -> bool:
+        """Whether the schedule evaluates at ``step`` (the last step is evaluated anyway)."""
+        return is_due(step, self.schedule, self.every_n_steps, self.per_doubling)
 
     def values(self, result: ProbeResult, attention: Tensor | None = None) -> dict[str, Tensor]:
         """Every metric of one evaluation by name, (member,) each; ``attention`` (span
@@ -184,7 +256,7 @@ class ProbeMetrics(L.Callback):
             pl_module.model, self._probe, len(language.label_names), len(language.rule_names), self.batch_size
         )
         pl_module.train(was_training)
-        result = ProbeResult(*(getattr(result, f.name).float() for f in fields(result)))
+        result = result.apply(lambda v: v.float())
         if self.first is None:
             self.first = (step, result)
         self.last = (step, result)
@@ -226,7 +298,8 @@ class ProbeMetrics(L.Callback):
         if self.first is None:
             return {}
         step, result = self.first
-        return {"first_step": step, "first": [getattr(result, f.name).cpu().clone() for f in fields(result)]}
+        result = result.apply(lambda v: v.cpu().clone())
+        return {"first_step": step, "first": [getattr(result, f.name) for f in fields(result)]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict:
@@ -236,18 +309,13 @@ class ProbeMetrics(L.Callback):
         self._probe = trainer.datamodule.probe.to(pl_module.device)  # moved once, not per evaluation
         restored = getattr(self, "_restored_first", None) if trainer.global_step > 0 else None
         if restored is not None:
-            restored = (
-                restored[0],
-                ProbeResult(
-                    *(getattr(restored[1], f.name).to(pl_module.device) for f in fields(restored[1]))
-                ),
-            )
+            restored = (restored[0], restored[1].apply(lambda v: v.to(pl_module.device)))
         self.first, self.last = restored, None
-        if trainer.global_step % self.every_n_steps == 0:  # step 0; a resumed run keeps the cadence
+        if self.due(trainer.global_step):  # step 0; a resumed run keeps the schedule
             self._evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
+        if self.due(trainer.global_step):
             self._evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -258,7 +326,7 @@ class ProbeMetrics(L.Callback):
     def make_summary(self, datamodule) -> dict:
         """Per-primitive excess loss (median over members) at the first and last evaluation."""
         (first_step, first), (last_step, last) = self.first, self.last
-        first, last = (ProbeResult(*(getattr(r, f.name).cpu() for f in fields(r))) for r in (first, last))
+        first, last = (r.apply(lambda v: v.cpu()) for r in (first, last))
         labels = datamodule.probe.labels[:, 1:]
         rows = {}
         measure = (
@@ -274,8 +342,15 @@ class ProbeMetrics(L.Callback):
                 (r.excess_by_label if self.has_excess else r.loss_by_label)[:, i] for r in (first, last)
             )
             initial, final = first_values.median().item(), last_values.median().item()
+            n = int((labels == i).sum())
+            se = float("nan")
+            if self.has_excess and last.excess_sq_by_label is not None and n > 1:
+                spread = (last.excess_sq_by_label[:, i] - last.excess_by_label[:, i].square()).clamp_min(0)
+                se = (spread * n / (n - 1) / n).sqrt().median().item()  # of the mean over positions
             rows[name] = {
                 "share": (labels == i).float().mean().item(),
+                "positions": n,
+                "final_se": se,
                 "initial": initial,
                 "final": final,
                 "fall": 1 - final / initial if initial > 0 else float("nan"),
@@ -311,12 +386,20 @@ def format_summary(summary: dict) -> str:
     }
     lines = [
         title[summary.get("measure", "excess")],
-        f"{'primitive':<14}{'positions':>10}{f'step {first}':>12}{f'step {last}':>12}"
+        f"{'primitive':<14}{'positions':>16}{f'step {first}':>12}{f'step {last}':>12}{'+-SE':>8}"
         f"{'fall':>8}{'top-1 acc':>11}",
     ]
     for name, row in summary["primitives"].items():
+        count = f"{row.get('positions', 0)} ({row['share']:.1%})"
+        se = row.get("final_se", float("nan"))
         lines.append(
-            f"{name:<14}{row['share']:>10.1%}{row['initial']:>12.4f}{row['final']:>12.4f}"
+            f"{name:<14}{count:>16}{row['initial']:>12.4f}{row['final']:>12.4f}{se:>8.4f}"
             f"{row['fall']:>8.0%}{row['final_accuracy']:>11.1%}"
+        )
+    rare = [name for name, row in summary["primitives"].items() if 0 < row.get("positions", 100) < 100]
+    if rare:
+        lines.append(
+            f"fewer than 100 probe positions: {', '.join(rare)}; their excess is noisy "
+            "(raise --data.probe_min_positions or --data.probe_size)"
         )
     return "\n".join(lines)

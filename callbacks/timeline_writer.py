@@ -74,7 +74,8 @@ class TimelineGroup:
     name: the HDF5 group (and how ``analysis.Timeline.groups`` names it).
     infos: one per metric, in the order of a row's first axis.
     n_members: a row's second axis.
-    every_n_steps: about how often a row comes (sizes the file for the disk-space check).
+    every_n_steps: about how often a row comes (sizes the file for the disk-space check);
+        ``due`` (step -> bool), where given, says exactly which steps have one.
     summarize: host rows (steps (n,), values (n, n_metrics, member)) -> one logger dict per
         row; None sends nothing to the loggers.
     """
@@ -83,6 +84,7 @@ class TimelineGroup:
     infos: list[MetricInfo]
     n_members: int
     every_n_steps: int = 1
+    due: Callable[[int], bool] | None = None
     summarize: LoggerRows | None = None
 
 
@@ -339,10 +341,13 @@ class TimelineWriter(L.Callback):
     def expected_bytes(self, max_steps: int, n_parameters: int) -> int:
         """About how large the finished file will be: every group's rows, the snapshots, and
         1 MiB for meta, ground truth and HDF5's own structures."""
-        rows = sum(
-            (max_steps // g.every_n_steps + 2) * (len(g.infos) * g.n_members * 4 + 8)
-            for g in self.groups.values()
-        )
+
+        def n_rows(g: TimelineGroup) -> int:
+            if g.due is not None:
+                return sum(map(g.due, range(max_steps + 1))) + 2
+            return max_steps // g.every_n_steps + 2
+
+        rows = sum(n_rows(g) * (len(g.infos) * g.n_members * 4 + 8) for g in self.groups.values())
         snapshots = len(log_spaced_steps(max_steps, self.n_snapshots)) * n_parameters * 4
         return rows + snapshots + 2**20
 

@@ -296,6 +296,12 @@ def analyze_main(argv: list[str]) -> int:
     )
     parser.add_argument("--alpha", type=float, default=0.01)
     parser.add_argument(
+        "--yardstick",
+        choices=["fallback", "uniform"],
+        default="fallback",
+        help="what progress 0 means: the best prediction without the primitive (default), or uniform",
+    )
+    parser.add_argument(
         "--steps",
         type=int,
         nargs="*",
@@ -308,7 +314,9 @@ def analyze_main(argv: list[str]) -> int:
     if not 0 < args.alpha < 1:
         parser.error(f"--alpha: must be between 0 and 1, got {args.alpha}")
     try:
-        report = write_report(args.runs, args.out, args.level, args.source, args.alpha, args.steps)
+        report = write_report(
+            args.runs, args.out, args.level, args.source, args.alpha, args.steps, args.yardstick
+        )
     except (TimelineError, KeyError) as error:
         print(f"devinterp: error: {one_line(error)}", file=sys.stderr)
         return 2

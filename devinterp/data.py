@@ -140,6 +140,8 @@ class ToyLanguageData(L.LightningDataModule):
         share_data: every member reads the stream of ``seed`` (only initialisation differs).
         probe_size: sequences in the fixed probe set shared by all members (a corpus holds them out).
         probe_seed: seed of the probe set (kept apart from training streams; a corpus's choice).
+        probe_min_positions: grow the probe set (doubling, up to 16 x probe_size sequences)
+            until every primitive has at least this many predicted positions in it (0 = off).
         steps_per_block: steps sampled at once per member.
         knockout: primitives removed from the language (their positions fall back to the next
             rule down); the probe set and metrics follow the knocked-out language.
@@ -157,6 +159,7 @@ class ToyLanguageData(L.LightningDataModule):
         share_data: bool = False,
         probe_size: int = 256,
         probe_seed: int = 2**31 - 1,
+        probe_min_positions: int = 0,
         steps_per_block: int = 16,
         knockout: list[str] | None = None,
         knockin: list[str] | None = None,
@@ -193,6 +196,8 @@ class ToyLanguageData(L.LightningDataModule):
         self.share_data = share_data
         self.probe_size = probe_size
         self.probe_seed = probe_seed
+        at_least(probe_min_positions, 0, "data.probe_min_positions")
+        self.probe_min_positions = probe_min_positions
         self.steps_per_block = steps_per_block
         self._probe: ProbeSet | None = None
 
@@ -219,6 +224,28 @@ class ToyLanguageData(L.LightningDataModule):
         if isinstance(self.language, Corpus) and (self.trainer is None or self.trainer.is_global_zero):
             print(f"notice: {self.language.notice()}", file=sys.stderr, flush=True)
 
+    def _probe_sample(self):
+        """``probe_size`` sequences, doubled (up to 16 times as many) until every primitive has
+        at least ``probe_min_positions`` predicted positions in them."""
+        n, cap = self.probe_size, 16 * self.probe_size
+        while True:
+            sample = self.language.sample(n, self.seq_len, seed=self.probe_seed)
+            counts = np.bincount(sample.labels[:, 1:].ravel(), minlength=len(self.label_names))[1:]
+            if counts.min() >= self.probe_min_positions or n >= cap:
+                break
+            n = min(2 * n, cap)
+        short = [
+            f"{name} ({c})" for name, c in zip(self.label_names[1:], counts) if c < self.probe_min_positions
+        ]
+        if short and (self.trainer is None or self.trainer.is_global_zero):
+            print(
+                f"notice: data.probe_min_positions: {', '.join(short)} probe positions in {n} sequences, "
+                f"fewer than {self.probe_min_positions}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return sample
+
     @property
     def probe(self) -> ProbeSet:
         if self._probe is None and isinstance(self.language, Corpus):
@@ -232,7 +259,7 @@ class ToyLanguageData(L.LightningDataModule):
                 true_top=torch.from_numpy(sample.tokens[:, 1:]),
             )
         if self._probe is None:
-            sample = self.language.sample(self.probe_size, self.seq_len, seed=self.probe_seed)
+            sample = self._probe_sample()
             true_next = self.language.true_next_dist(sample.tokens)[:, :-1]
             self._probe = ProbeSet(
                 tokens=torch.from_numpy(sample.tokens),
@@ -278,6 +305,6 @@ class ToyLanguageData(L.LightningDataModule):
                 "true_plogp": probe.true_plogp[i : i + self.batch_size],
             }
             | ({} if probe.true_next is None else {"true_next": probe.true_next[i : i + self.batch_size]})
-            for i in range(0, self.probe_size, self.batch_size)
+            for i in range(0, len(probe.tokens), self.batch_size)
         ]
         return DataLoader(batches, batch_size=None)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from devinterp import circuits
+from devinterp.baselines import best_mixture
 from devinterp.language import Language, plogp
 from devinterp.language.primitive import InductionCircuit, TrigramPush
 from devinterp.model import ModelConfig, TensorTransformer
@@ -45,6 +46,29 @@ def context_logits(
     if live is not None:
         x = x * live[None, :, :, None]
     return model.unembed(model.blocks(x, positions)[:, :, -1:])[:, :, 0]
+
+
+def occurrences(
+    language: Language, index: int, contexts: list, n_ctx: int, n: int = 1024, seed: int = 7
+) -> np.ndarray:
+    """(n_contexts,) how often each minimal context of primitive ``index`` (1-based label) occurs
+    in ``n`` sequences of the language, its tokens at the same relative positions and its rule
+    firing at its last slot (so an offset the language never produces counts 0)."""
+    primitive = language.primitives[index - 1]
+    sample = language.sample(n, n_ctx, seed=seed)
+    tokens, labels, rules = sample.tokens[:, :-1], sample.labels[:, 1:], sample.rules[:, 1:]  # next token's
+    counts = np.zeros(len(contexts))
+    for j, context in enumerate(contexts):
+        rule = language.rule_names.index(f"{primitive.name}/{primitive.rule_names[context.rule]}")
+        back = [context.positions[-1] - p for p in context.positions]  # offsets before the last slot
+        reach = max(back)
+        if reach >= tokens.shape[1]:
+            continue
+        hit = (labels[:, reach:] == index) & (rules[:, reach:] == rule)
+        for token, offset in zip(context.tokens, back):
+            hit &= tokens[:, reach - offset : tokens.shape[1] - offset] == token
+        counts[j] = hit.sum()
+    return counts
 
 
 def possible_under(language: Language, contexts: list) -> np.ndarray:
@@ -78,6 +102,8 @@ class HeadlineMetrics:
         category_onehot = np.eye(len(language.vocab.categories))[language.vocab.token_category]  # (V, C)
         infos: list[MetricInfo] = []
         entries = []  # (metric, tokens, positions, category_level)
+        context_weights: list[float] = []  # how often each context occurs (1 unless counted)
+        owners: list[int] = []  # index of each context's primitive
         for index, primitive in enumerate(language.primitives, start=1):
             by_rule: dict[int, list] = {}
             for context in primitive.minimal_contexts():
@@ -92,6 +118,14 @@ class HeadlineMetrics:
                 labels = language.next_label(np.array([c.tokens for c in contexts]))
                 # contexts where a higher-priority rule takes over do not show this rule
                 contexts = [c for c, label in zip(contexts, labels) if label == index]
+                weights = np.ones(len(contexts))
+                if contexts and primitive.weigh_contexts_by_occurrence:
+                    weights = occurrences(language, index, contexts, n_ctx)
+                    if weights.sum() > 0:  # contexts the language never produces are left out
+                        contexts = [c for c, w in zip(contexts, weights) if w > 0]
+                        weights = weights[weights > 0]
+                    else:  # a rule too rare for the sample: every context counts the same
+                        weights = np.ones(len(contexts))
                 if contexts:
                     infos.append(
                         MetricInfo(
@@ -103,7 +137,10 @@ class HeadlineMetrics:
                         )
                     )
                     entries += [(len(infos) - 1, c, primitive.category_level) for c in contexts]
+                    context_weights += weights.tolist()
+                    owners += [index - 1] * len(contexts)
         self.contexts = [(m, c) for m, c, _ in entries]  # (metric index, MinimalContext)
+        self.weights = np.array(context_weights, dtype=np.float64)  # (n_contexts,)
         k = max((len(c.tokens) for _, c, _ in entries), default=1)
         pad = lambda row, fill: (fill,) * (k - len(row)) + tuple(row)  # noqa: E731
         tokens = np.array([pad(c.tokens, 0) for _, c, _ in entries], dtype=np.int64).reshape(-1, k)
@@ -134,8 +171,8 @@ class HeadlineMetrics:
                 target, uniform = target @ category_onehot, uniform @ category_onehot
             target_plogp = plogp(target)
             average = np.zeros((len(infos), len(chosen)))
-            average[metric[chosen], np.arange(len(chosen))] = 1.0
-            average /= np.maximum(average.sum(1, keepdims=True), 1)
+            average[metric[chosen], np.arange(len(chosen))] = self.weights[chosen]
+            average /= np.where(average.sum(1, keepdims=True) > 0, average.sum(1, keepdims=True), 1)
             nothing += average @ (target_plogp - target @ np.log(uniform))
             self.tensors.update(
                 {
@@ -145,9 +182,48 @@ class HeadlineMetrics:
                     f"{name}_average": torch.from_numpy(average).float(),
                 }
             )
+        fallback, fallback_from = self._fallbacks(language, infos, nothing, tokens, k, owners, category_level)
         self.infos = [
-            MetricInfo(i.name, i.kind, i.primitive, i.rule, float(n), 0.0) for i, n in zip(infos, nothing)
+            MetricInfo(
+                i.name,
+                i.kind,
+                i.primitive,
+                i.rule,
+                float(n),
+                0.0,
+                unit="nats",
+                fallback=float(f),
+                fallback_from=source,
+            )
+            for i, n, f, source in zip(infos, nothing, fallback, fallback_from)
         ]
+
+    def _fallbacks(self, language, infos, nothing, tokens, k, owners, category_level):
+        """Per metric, the mean KL of the best mixture of the knocked-out language and uniform
+        (devinterp/baselines.py) over its contexts, with the contexts' weights; the uniform KL
+        where the primitive has no knock-out (the last, fallback primitive) or the metric is at
+        category level."""
+        fallback, fallback_from = np.array(nothing, dtype=np.float64), ["uniform"] * len(infos)
+        metric = np.array([m for m, _ in self.contexts], dtype=np.int64)
+        lengths = np.array([len(c.tokens) for _, c in self.contexts], dtype=np.int64)
+        owners = np.array(owners, dtype=np.int64)
+        for owner in sorted(set(owners.tolist())):
+            primitive = language.primitives[owner]
+            if owner == len(language.primitives) - 1 or primitive.category_level:
+                continue
+            knocked_out = language.knock_out([primitive.name])
+            rows = np.flatnonzero(owners == owner)
+            target, without = np.zeros((len(rows), language.d_vocab)), np.zeros((len(rows), language.d_vocab))
+            for length in sorted(set(lengths[rows].tolist())):
+                chosen = np.flatnonzero(lengths[rows] == length)
+                visible = tokens[rows[chosen], k - length :]
+                target[chosen] = language.true_next_dist(visible)[:, -1]
+                without[chosen] = knocked_out.true_next_dist(visible)[:, -1]
+            for m in sorted(set(metric[rows].tolist())):
+                mine = metric[rows] == m
+                fallback[m], _ = best_mixture(target[mine], without[mine], self.weights[rows[mine]])
+                fallback_from[m] = "knock_out"
+        return fallback, fallback_from
 
     def to(self, device: torch.device) -> "HeadlineMetrics":
         self.tensors = {name: t.to(device) for name, t in self.tensors.items()}
@@ -161,6 +237,12 @@ class HeadlineMetrics:
         log_q = (
             context_logits(model, t["tokens"], t["positions"], t["live"]).float().log_softmax(-1)
         )  # (M, n, V)
+        return self.kl(log_q)
+
+    def kl(self, log_q: Tensor) -> Tensor:
+        """(n_headline, member) KL values from predictions log_q (member, n_contexts, V) in the
+        contexts' order (``self.contexts``): the metric of any prediction, a model's or not."""
+        t = self.tensors
         token_kl = t["token_plogp"] - (t["token_target"] * log_q[:, t["token_index"]]).sum(-1)  # (M, n_token)
         category_q = log_q[:, t["category_index"]].exp() @ t["category_onehot"]  # (M, n_category, C)
         category_kl = t["category_plogp"] - (t["category_target"] * category_q.clamp_min(1e-30).log()).sum(-1)

@@ -13,7 +13,7 @@ positions estimates the KL; NaN without logp), and accuracy is against the token
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -31,6 +31,11 @@ class ProbeResult:
     excess: Tensor  # (member,): mean KL over all predicted positions
     loss_by_position: Tensor  # (member, T - 1): cross-entropy of the sampled token t + 1 at each t
     loss_by_label: Tensor  # (member, n_labels): mean cross-entropy of the sampled next tokens
+    excess_sq_by_label: Tensor | None = None  # (member, n_labels): mean squared excess (its spread)
+
+    def apply(self, fn) -> "ProbeResult":
+        """The same result with ``fn`` applied to every tensor (e.g. moved or cast)."""
+        return ProbeResult(*(None if (v := getattr(self, f.name)) is None else fn(v) for f in fields(self)))
 
 
 def grouped_sums(values: Tensor, groups: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
@@ -106,6 +111,7 @@ def evaluate_probe(
         excess=kl.mean(1),
         loss_by_position=nll.mean(1),
         loss_by_label=grouped_mean(nll.flatten(1), labels, n_labels),
+        excess_sq_by_label=grouped_mean(kl.square(), labels, n_labels),
     )
 
 

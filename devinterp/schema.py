@@ -42,6 +42,8 @@ GROUP_MARKER = "devinterp_metric_group"  # attribute set (to 1) on every metric 
 VALUES_AXES = "row, metric, member"
 
 MetricKind = Literal["weight", "diagnostic", "probe", "probe_attention", "train"]
+Yardstick = Literal["fallback", "uniform"]
+YARDSTICKS: tuple[str, ...] = get_args(Yardstick)
 METRIC_KINDS: tuple[str, ...] = get_args(MetricKind)
 
 NAN = float("nan")
@@ -54,8 +56,13 @@ class MetricInfo:
     kind: ``weight`` (headline KL read from the weights), ``diagnostic`` (a mechanism measure
     read from the weights), ``probe`` (measured on the probe set), ``probe_attention`` (a
     head's attention on the probe set), ``train`` (training loss of the step's batch).
-    ``nothing`` / ``learned``: the values meaning "nothing learned" and "learned" (progress
-    metrics only, NaN otherwise). ``sparse``: NaN means "no data at this step".
+    ``nothing`` / ``learned``: the values meaning "nothing learned" (the uniform prediction) and
+    "learned" (progress metrics only, NaN otherwise). ``fallback``: "nothing learned" measured
+    against the best prediction without the primitive (devinterp/baselines.py), the default
+    yardstick of onsets; ``fallback_from`` says what it is: ``knock_out`` (the best mixture of the
+    knocked-out language and uniform) or ``uniform`` (no knock-out exists: the category fallback,
+    a corpus, a metric of all primitives), where it equals ``nothing``. ``sparse``: NaN means "no
+    data at this step". ``unit``: of the values, where they have one.
     """
 
     name: str
@@ -66,6 +73,8 @@ class MetricInfo:
     learned: float = NAN
     sparse: bool = False
     unit: str = ""
+    fallback: float = NAN
+    fallback_from: str = ""
 
     def __post_init__(self):
         if self.kind not in METRIC_KINDS:
@@ -77,6 +86,15 @@ class MetricInfo:
     def is_progress(self) -> bool:
         return not (math.isnan(self.nothing) or math.isnan(self.learned) or self.nothing == self.learned)
 
+    def baseline(self, yardstick: Yardstick = "fallback") -> float:
+        """The value meaning "nothing learned" on a yardstick: ``fallback`` (the best prediction
+        without the primitive; the uniform one where the metric has none) or ``uniform``."""
+        if yardstick not in YARDSTICKS:
+            raise ValueError(f"yardstick: expected one of {', '.join(YARDSTICKS)}, got {yardstick!r}")
+        if yardstick == "fallback" and not math.isnan(self.fallback):
+            return self.fallback
+        return self.nothing
+
 
 # metric_info/<field>: how each MetricInfo field is stored (the name is the group's `names`)
 INFO_FIELDS: dict[str, str] = {
@@ -87,6 +105,8 @@ INFO_FIELDS: dict[str, str] = {
     "learned": "float",
     "sparse": "bool",
     "unit": "str",
+    "fallback": "float",
+    "fallback_from": "str",
 }
 INFO_DEFAULTS = {f.name: f.default for f in fields(MetricInfo) if f.name in INFO_FIELDS}
 assert set(INFO_FIELDS) == {f.name for f in fields(MetricInfo)} - {"name"}, "every field is stored"

@@ -96,8 +96,8 @@ def test_tracked_training_steps_read_nothing_on_the_host_between_flushes(tmp_pat
     )
     callbacks = [
         window,
-        CircuitMetrics(diagnostics_every_n_steps=3),
-        ProbeMetrics(every_n_steps=5),
+        CircuitMetrics(diagnostics_every_n_steps=3, diagnostics_schedule="every_n_steps"),
+        ProbeMetrics(every_n_steps=5, schedule="every_n_steps"),
         TimelineWriter(flush_every_n_steps=flush, n_snapshots=8),
         FlushedLossBar(),
     ]

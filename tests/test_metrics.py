@@ -118,8 +118,9 @@ def test_nothing_is_nan_at_initialisation(language):
 # ---- weight-derived equals activation-derived --------------------------------------------------
 
 
-def activation_kl(model, language, tokens_by_slot, n_ctx):
-    """KL(true || model) at the last token of each crafted sequence, run through the full model.
+def activation_kl(model, language, tokens_by_slot, n_ctx, weights=None):
+    """KL(true || model) at the last token of each crafted sequence, run through the full model,
+    averaged with ``weights`` (default: evenly).
 
     tokens_by_slot: list of dicts {position: token}; other positions up to the last are empty:
     their embedding (and position embedding) is set to zero before the first layer."""
@@ -137,7 +138,7 @@ def activation_kl(model, language, tokens_by_slot, n_ctx):
         visible = np.array([[context[p] for p in sorted(context)]])
         p = language.true_next_dist(visible)[0, -1]
         kls.append((p * (np.log(np.where(p > 0, p, 1)) - log_q)).sum(-1))
-    return np.mean(kls, axis=0)  # (M,)
+    return np.average(kls, axis=0, weights=weights)  # (M,)
 
 
 @pytest.mark.parametrize("n_layers", [1, 2])
@@ -172,6 +173,7 @@ def test_weight_derived_kl_equals_activation_derived(language, n_layers, positio
     ):
         metric = names.index(name)
         contexts = [dict(zip(c.positions, c.tokens)) for m, c in headline.contexts if m == metric]
+        weights = [w for (m, _), w in zip(headline.contexts, headline.weights) if m == metric]
         assert contexts
         if name.startswith("category"):  # distributions over categories
             onehot = np.eye(len(language.vocab.categories))[language.vocab.token_category]
@@ -183,10 +185,16 @@ def test_weight_derived_kl_equals_activation_derived(language, n_layers, positio
                 kls.append((p * (np.log(np.where(p > 0, p, 1)) - np.log(q))).sum(-1))
             np.testing.assert_allclose(values[metric], np.mean(kls, axis=0), rtol=1e-5)
             continue
-        np.testing.assert_allclose(values[metric], activation_kl(model, language, contexts, n_ctx), rtol=1e-5)
-    # the skip-trigram contexts are beach at offset d before big, d = 1..8, the rest empty
+        np.testing.assert_allclose(
+            values[metric], activation_kl(model, language, contexts, n_ctx, weights), rtol=1e-5
+        )
+    # the skip-trigram contexts are beach at offset d before big, the rest empty, for the offsets
+    # d <= max_skip the seed language produces: after "beach" (PLACE) comes PREP or END, then a
+    # NAME or DET before any ADJ, so "big" is never 1, 2 or 4 tokens after it (7 and 8 are rare
+    # in sequences of 12 and may be missing from the sample that weighs the contexts)
     skip = [c for m, c in headline.contexts if m == names.index("skip_trigram/beach..big->at/kl")]
-    assert sorted(c.positions for c in skip) == [(0, d) for d in range(1, 9)]
+    offsets = {c.positions[1] for c in skip}
+    assert {3, 5, 6} <= offsets <= {3, 5, 6, 7, 8}, offsets
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,7 @@ def fit(
     logger=None,
     producers=(),
     writer_first=False,
+    schedule="every_n_steps",
 ):
     """A tiny run; ``producers`` are more timeline producers, listed before the writer (after it
     with ``writer_first``)."""
@@ -77,7 +78,11 @@ def fit(
         warmup_steps=2,
         lr=lr,
     )
-    callbacks = [CircuitMetrics(diagnostics_every_n_steps=3), ProbeMetrics(every_n_steps=5), *producers]
+    callbacks = [
+        CircuitMetrics(diagnostics_every_n_steps=3, diagnostics_schedule=schedule),
+        ProbeMetrics(every_n_steps=5, schedule=schedule),
+        *producers,
+    ]
     writer = TimelineWriter(flush_every_n_steps=4, live=live, n_snapshots=5)
     callbacks.insert(0 if writer_first else len(callbacks), writer)
     if every_n_train_steps:
@@ -343,3 +348,16 @@ def test_expected_size_bounds_the_finished_file(tmp_path):
             if k not in ("step", "planned_step")
         )
     assert path.stat().st_size <= writer.expected_bytes(12, n_parameters)
+
+
+def test_log_spaced_schedule_is_the_default_and_depends_on_the_step_alone(tmp_path):
+    from devinterp.schedule import due_steps, log_interval
+
+    assert len(due_steps(1500, "log", 10, 16)) + 1 <= 151  # no more probes than every 10 steps (+ the last)
+    assert [log_interval(s, 16) for s in (0, 31, 32, 63, 64, 1000)] == [1, 1, 2, 2, 4, 32]
+    np.testing.assert_array_equal(due_steps(600, "log", 10, 16), due_steps(1500, "log", 10, 16)[:99])
+    assert ProbeMetrics().schedule == "log" and CircuitMetrics().diagnostics_schedule == "log"
+    path = fit(tmp_path, 70, schedule="log")
+    expected = [s for s in range(71) if s < 32 or (s < 64 and s % 2 == 0) or s % 4 == 0]
+    np.testing.assert_array_equal(read(path, "probe")[0], expected + ([70] if 70 not in expected else []))
+    np.testing.assert_array_equal(read(path, "diagnostics")[0], [s for s in expected if s < 70])

@@ -124,6 +124,8 @@ class Primitive(ABC):
     category_level: ClassVar[bool] = False
     # keep only minimal contexts the language can produce (adjacent tokens with p > 0)
     possible_contexts_only: ClassVar[bool] = False
+    # weigh minimal contexts by how often the language produces them (0: left out)
+    weigh_contexts_by_occurrence: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

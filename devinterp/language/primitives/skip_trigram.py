@@ -25,6 +25,7 @@ NEVER = -(10**9)  # "last seen" position of an anchor not yet seen
 class SkipTrigram(Primitive):
     kind = "skip_trigram"
     extra_keys = {"rules", "max_skip"}
+    weigh_contexts_by_occurrence = True  # an offset the language never produces teaches nothing
 
     def __init__(self, name: str, p: float, vocab: Vocab, rules: np.ndarray, max_skip: int):
         names = [f"{vocab.tokens[a]}..{vocab.tokens[b]}->{vocab.tokens[c]}" for a, b, c in rules.tolist()]
