@@ -295,9 +295,13 @@ def test_load_timeline_reads_committed_rows_and_progress(tmp_path):
         f"skip_trigram/{r}/kl"
         for r in ("beach..big->at", "garden..old->and", "lake..new->or", "office..small->to")
     ]
-    progress = timeline.progress("bigram/alice/kl")
+    # against uniform, step 0 (zero unembedding: the uniform prediction) is progress 0
+    progress = timeline.progress("bigram/alice/kl", yardstick="uniform")
     assert progress.shape == (12, 2) and progress[0] == pytest.approx(0.0, abs=1e-6)
-    assert ((progress >= 0) & (progress <= 1)).all()
+    assert ((progress >= -1e-6) & (progress <= 1)).all()  # unclipped: float rounding at 0
+    # against the fallback (the best prediction without the primitive), uniform is worse: below 0
+    fallback = timeline.progress("bigram/alice/kl")
+    assert fallback.shape == (12, 2) and (fallback[0] < 0).all() and (fallback <= progress).all()
     np.testing.assert_array_equal(timeline.steps("probe_excess/bigram"), [0, 5, 10, 12])
     with pytest.raises(KeyError, match="not a progress metric"):
         timeline.progress("probe_acc/bigram")
