@@ -171,6 +171,26 @@ class TensorTransformerModule(L.LightningModule):
         metrics.update({f"val_excess/{n}": v for n, v in zip(self.label_names, per_label) if not v.isnan()})
         self.log_dict(metrics)
 
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """``--trainer.gradient_clip_val`` clips each member's gradient on its own: Lightning's
+        norm clipping takes one norm over every parameter, which would couple the members.
+        Per member it is torch's ``clip_grad_norm_`` (scale ``max / (norm + 1e-6)``, at most 1);
+        value clipping is element-wise, so Lightning's own is already per member."""
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]  # each (member, ...)
+        if not grads:
+            return
+        norms = torch.stack([g.flatten(1).float().pow(2).sum(1) for g in grads]).sum(0).sqrt()  # (member,)
+        scale = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
+
     def configure_optimizers(self):
         hp = self.hparams
         # fused: one kernel for all parameters, and its step counters stay on the device (the

@@ -12,7 +12,14 @@ from tests.conftest import SEED_SPEC_PATH
 SEQ_LEN = 24
 
 
-def small_run(n_members: int, seed: int, steps: int = 20, share_data: bool = False, **module_args):
+def small_run(
+    n_members: int,
+    seed: int,
+    steps: int = 20,
+    share_data: bool = False,
+    clip: float | None = None,
+    **module_args,
+):
     data = ToyLanguageData(
         language=str(SEED_SPEC_PATH),
         seq_len=SEQ_LEN,
@@ -43,16 +50,18 @@ def small_run(n_members: int, seed: int, steps: int = 20, share_data: bool = Fal
         enable_model_summary=False,
         limit_val_batches=0,
         accelerator="cpu",
+        gradient_clip_val=clip,
     )
     trainer.fit(module, datamodule=data)
     return module
 
 
-def test_member_k_of_an_ensemble_matches_a_solo_run_with_its_seeds():
-    ensemble = small_run(n_members=3, seed=40).model
+@pytest.mark.parametrize("clip", [None, 0.05])  # 0.05 binds: the gradient norms are above it
+def test_member_k_of_an_ensemble_matches_a_solo_run_with_its_seeds(clip):
+    ensemble = small_run(n_members=3, seed=40, clip=clip).model
     initial = TensorTransformer(ensemble.cfg, seed=40)
     for k in range(3):
-        solo = small_run(n_members=1, seed=40 + k).model
+        solo = small_run(n_members=1, seed=40 + k, clip=clip).model
         for name, param in ensemble.named_parameters():
             moved = (param[k] - getattr(initial, name)[k]).abs().max()
             assert moved > 1e-3, f"{name} of member {k} did not train"
@@ -60,6 +69,31 @@ def test_member_k_of_an_ensemble_matches_a_solo_run_with_its_seeds():
             torch.testing.assert_close(
                 param[k], getattr(solo, name)[0], rtol=1e-4, atol=2e-5, msg=f"{name} of member {k}"
             )
+
+
+def test_gradient_clipping_is_torchs_per_member():
+    """Each member's gradient is clipped as torch's clip_grad_norm_ clips that member alone."""
+    module = TensorTransformerModule(
+        d_vocab=12, n_ctx=SEQ_LEN, label_names=["all"], n_members=3, seed=0, d_model=8, d_head=4, n_heads=2
+    )
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.tensor([10.0, 1e-3, 1.0])  # member 1's norm is below the limit: left alone
+    for p in module.parameters():
+        p.grad = torch.randn(p.shape, generator=generator) * scales.view(-1, *[1] * (p.dim() - 1))
+    expected = []
+    for k in range(3):
+        member = [torch.zeros(p.shape[1:], requires_grad=True) for p in module.parameters()]
+        for alone, p in zip(member, module.parameters()):
+            alone.grad = p.grad[k].clone()
+        norm = torch.nn.utils.clip_grad_norm_(member, max_norm=1.0)
+        expected.append(([alone.grad for alone in member], float(norm)))
+    module.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    assert expected[0][1] > 1.0 > expected[1][1]
+    for k, (member, _) in enumerate(expected):
+        for p, want in zip(module.parameters(), member):
+            torch.testing.assert_close(p.grad[k], want)
+    clipped = torch.stack([p.grad.flatten(1).pow(2).sum(1) for p in module.parameters()]).sum(0).sqrt()
+    assert clipped[0] == pytest.approx(1.0, rel=1e-4) and clipped[1] == pytest.approx(expected[1][1])
 
 
 def test_members_differ_and_shared_data_only_differs_by_initialisation():
