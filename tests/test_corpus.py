@@ -11,7 +11,7 @@ import torch
 
 from devinterp.cli import main
 from devinterp.data import MemberStreams, ProbeSet, ToyLanguageData
-from devinterp.language import SpecError, load_language
+from devinterp.language import SpecError, load_language, save_corpus
 from devinterp.language.corpus import load_corpus
 from devinterp.model import ModelConfig, TensorTransformer
 from devinterp.probe import evaluate_probe, grouped_mean
@@ -306,3 +306,60 @@ def test_resume_refuses_a_language_spec_that_changed_but_not_an_edited_comment(t
     assert "language or corpus has changed since it started" in capsys.readouterr().err
     spec.write_text("# a comment added later\n" + text)
     assert main(["resume", str(run), "--trainer.max_steps", "6"]) == 0
+
+
+def test_save_corpus_maps_strings_and_round_trips(tmp_path):
+    """Strings become ids in order of first appearance, 'start' at token 0 stands for the unused
+    label, and the file reads back as the same tokens, labels and log-probabilities."""
+    sequences = [["the", "cat", "the", "cat"], ["a", "dog", "a", "dog"]]
+    labels = [["start", "noun", "copy", "copy"], ["start", "noun", "copy", "copy"]]
+    logp = np.log(np.full((2, 4), 0.5))
+    path = save_corpus(tmp_path / "c.npz", sequences, labels, logp=logp)
+    corpus = load_corpus(path)
+    np.testing.assert_array_equal(corpus.tokens, [[0, 1, 0, 1], [2, 3, 2, 3]])
+    assert list(corpus.vocab.tokens) == ["the", "cat", "a", "dog"]
+    assert corpus.label_names == ["start", "noun", "copy"]
+    np.testing.assert_array_equal(corpus.labels[:, 1:], [[1, 2, 2], [1, 2, 2]])
+    np.testing.assert_allclose(corpus.logp, logp)
+    # ids with the generator's own vocabulary and label names give the same file contents
+    again = save_corpus(
+        tmp_path / "ids.npz",
+        corpus.tokens,
+        [[0, 0, 1, 1], [0, 0, 1, 1]],
+        token_strings=["the", "cat", "a", "dog"],
+        label_names=["noun", "copy"],
+    )
+    np.testing.assert_array_equal(load_corpus(again).labels, corpus.labels)
+    assert list(load_corpus(again).vocab.tokens) == list(corpus.vocab.tokens)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (dict(sequences=[[1, 2, 3], [1, 2]], labels=[["x"] * 3, ["x"] * 2]), "sequence 1 has 2 entries"),
+        (dict(sequences=[[1, 2], [2, 1]], labels=[["x", "start"], ["x", "x"]]), "'start' is reserved"),
+        (
+            dict(sequences=[["a", "b"], ["b", "z"]], labels=[["x"] * 2] * 2, token_strings=["a", "b"]),
+            "sequence 1, token 1: 'z' is not in token_strings",
+        ),
+        (dict(sequences=[[1, 2], [2, 1]], labels=[[0, 0], [0, 0]]), "label_names: integer labels need"),
+        (dict(sequences=[[1, 2], [2, 1]], labels=[["x"] * 3] * 2), "does not match sequences"),
+        (
+            dict(sequences=[[1, 2], [2, 1]], labels=[["x"] * 2] * 2, logp=[[0.0, 0.5], [0.0, -1.0]]),
+            "logp: sequence 0, token 1",
+        ),
+    ],
+)
+def test_save_corpus_says_what_is_wrong_and_writes_nothing(tmp_path, args, message):
+    with pytest.raises(SpecError, match=message) as error:
+        save_corpus(tmp_path / "c.npz", **args)
+    assert "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_corpus_never_overwrites_unasked(tmp_path):
+    path = save_corpus(tmp_path / "c.npz", [[1, 2], [2, 1]], [["x", "x"], ["x", "y"]])
+    before = path.read_bytes()
+    with pytest.raises(SpecError, match="already exists"):
+        save_corpus(path, [[0, 0], [0, 0]], [["x", "x"], ["x", "x"]])
+    assert path.read_bytes() == before

@@ -2,6 +2,7 @@
 
 from devinterp.language.language import Language, Sample, load_language, parse_language, plogp
 from devinterp.language.primitive import Firing, MinimalContext, Primitive
+from devinterp.language.save_corpus import save_corpus
 from devinterp.language.spec import SpecError
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "load_language",
     "parse_language",
     "plogp",
+    "save_corpus",
 ]
