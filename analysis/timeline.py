@@ -123,7 +123,8 @@ class Timeline:
 
 
 def open_timeline(path: str | Path) -> h5py.File:
-    """Plain read, or SWMR read when a live writer holds the file."""
+    """Plain read, or SWMR read when a writer holds the file or was killed holding it (the file
+    is never altered: no ``h5clear``)."""
     try:
         return h5py.File(path, "r")
     except OSError:
@@ -133,8 +134,8 @@ def open_timeline(path: str | Path) -> h5py.File:
     except OSError as error:
         if "unable to lock file" in str(error):
             raise TimelineError(
-                f"{path}: a run is writing it without live mode; read it when the run ends, "
-                "or train with --timeline.live true to read while it runs"
+                f"{path}: a run is writing it without SWMR (a file from before every timeline was "
+                "written in SWMR mode); read it when the run ends"
             ) from None
         raise TimelineError(f"{path}: not a readable HDF5 file ({error})") from None
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from callbacks.timeline_writer import TimelineGroup, find_writer
+from callbacks.timeline_writer import TimelineGroup, find_writer, last_step_reached
 from devinterp.errors import at_least, one_of
 from devinterp.metrics import Diagnostics, HeadlineMetrics
 from devinterp.schedule import Schedule, is_due
@@ -32,8 +32,8 @@ from devinterp.schema import MetricInfo, progress
 
 def train_infos(label_names: list[str]) -> list[MetricInfo]:
     """Training-loss metrics: total, then one per primitive (NaN = none of its positions in
-    that step's batch)."""
-    infos = [MetricInfo("train/loss", "train", "all", "all", unit="nats")]
+    that step's batch; every one NaN at the last step, whose final weights train on no batch)."""
+    infos = [MetricInfo("train/loss", "train", "all", "all", sparse=True, unit="nats")]
     infos += [
         MetricInfo(f"train_loss/{name}", "train", name, "all", sparse=True, unit="nats")
         for name in label_names[1:]
@@ -118,6 +118,7 @@ class CircuitMetrics(L.Callback):
         self._learned = np.array([i.learned for i in self.headline.infos])
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._final_step = -1
         self.headline.to(pl_module.device)
         if self.diagnostics is not None:
             self.diagnostics.to(pl_module.device)
@@ -135,9 +136,28 @@ class CircuitMetrics(L.Callback):
         self.last_loss_device = losses.device
         train = torch.cat([losses[:, :1], losses[:, 2:]], 1).T  # drop the never-predicted start label
         self._writer.append("every_step", step, torch.cat([self._current, train.to(self._current.dtype)]))
+        if last_step_reached(trainer):
+            self._measure_final(trainer, pl_module)
 
     def diagnostics_due(self, step: int) -> bool:
         return is_due(step, self.diagnostics_schedule, self.diagnostics_every_n_steps, self.per_doubling)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._measure_final(trainer, pl_module)  # a run ended otherwise than by max_steps
+
+    def _measure_final(self, trainer, pl_module) -> None:
+        """The final weights get their row too (step ``global_step``, after the last update):
+        weight metrics and diagnostics of the final weights, training losses NaN (no batch)."""
+        step = trainer.global_step
+        if self._final_step == step:
+            return
+        self._final_step = step
+        with torch.inference_mode():
+            headline = self.headline.compute(pl_module.model)
+            no_batch = headline.new_full((len(self.train), headline.shape[1]), float("nan"))
+            self._writer.append("every_step", step, torch.cat([headline, no_batch]))
+            if self.diagnostics is not None:
+                self._writer.append("diagnostics", step, self.diagnostics.compute(pl_module.model))
 
     def summarize(self, steps: np.ndarray, values: np.ndarray) -> list[dict[str, float]]:
         """Host rows (n,), (n, n_metrics, member) -> one logger dict per step."""

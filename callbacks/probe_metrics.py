@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from callbacks.timeline_writer import TimelineGroup, find_writer
+from callbacks.timeline_writer import TimelineGroup, find_writer, last_step_reached
 from devinterp.baselines import probe_fallbacks
 from devinterp.errors import at_least, one_of
 from devinterp.probe import ProbeResult, attention_to_open, evaluate_probe, grouped_sums, uniform_share
@@ -315,8 +315,8 @@ class ProbeMetrics(L.Callback):
             self._evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.due(trainer.global_step):
-            self._evaluate(trainer, pl_module)
+        if self.due(trainer.global_step) or last_step_reached(trainer):  # the final weights, before
+            self._evaluate(trainer, pl_module)  # the last step's checkpoint (see last_step_reached)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._evaluate(trainer, pl_module)

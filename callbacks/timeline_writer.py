@@ -12,11 +12,15 @@ makes no host synchronisation. Producers are listed before the writer (checked i
 at a step's end the writer holds every row of that step; a step reaches the loggers once, when
 all its rows have (a probe row evaluated after the last update of a block waits for the next).
 
-A killed run keeps every row up to its last commit. Non-finite values are caught when a block
-reaches the host: the rows are written and committed, then the run stops with the first bad step
-and metric named. Only global rank zero writes. Live mode opens the file with SWMR so another
-process can read while it is written (``h5py.File(path, "r", swmr=True, libver="latest")``;
-analysis.load_timeline does this).
+A killed run keeps every row up to its last commit, and a checkpoint commits first. The file is
+written in SWMR mode from its creation (structure flushed before the first step), so a kill at
+any moment leaves a file that opens with zero or more committed rows, and another process can
+read it while it is written (``h5py.File(path, "r", swmr=True, libver="latest")``;
+analysis.load_timeline does this). A killed writer leaves the file marked open for writing: a
+plain ``h5py.File(path, "r")`` or h5ls refuses it until ``h5clear -s path`` (hdf5-tools);
+load_timeline and a resume read it as it is and never alter it. Non-finite values are caught
+when a block reaches the host: the rows are written and committed, then the run stops with the
+first bad step and metric named. Only global rank zero writes.
 
 Resume: a run restored from a checkpoint at step r copies the old file's committed rows before
 r into a fresh file, checked against the metrics this run declares, and replaces the old file
@@ -36,6 +40,7 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import subprocess
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,10 +54,11 @@ import torch
 import yaml
 
 import devinterp
+from analysis.timeline import TimelineError, open_timeline
 from devinterp.errors import UsageError, at_least
 from devinterp.model import PARAMETER_AXES
 from devinterp.schema import GROUP_MARKER, INFO_FIELDS, SCHEMA_VERSION, VALUES_AXES, MetricInfo
-from devinterp.wandb_files import last_logged_step
+from devinterp.wandb_files import WandbReadError, last_logged_step
 
 STRING = h5py.string_dtype()
 PROGRESS_BAR_METRIC = "train/loss"  # the progress bar shows its last flushed value
@@ -115,7 +121,7 @@ class TimelineWriter(L.Callback):
         filename: file name inside the trainer's ``default_root_dir``.
         flush_every_n_steps: commit cadence: rows move to the host, the file and the loggers
             this often (one setting for the whole run).
-        live: SWMR mode, so another process can read the file while it is written.
+        live: accepted for old configs; every timeline is now written in SWMR mode (below).
         n_snapshots: weight snapshots at this many log-spaced steps (0 = none); the last
             snapshot holds the final weights.
     """
@@ -134,6 +140,7 @@ class TimelineWriter(L.Callback):
         self.live = live
         self.n_snapshots = n_snapshots
         self.run_config: str | None = None  # the resolved CLI config (YAML), set by the CLI
+        self.resuming = False  # set by the CLI's resume: an existing file is this run's, resumed
         self.groups: dict[str, TimelineGroup] = {}
         self.file: h5py.File | None = None
         self.path: Path | None = None
@@ -144,6 +151,7 @@ class TimelineWriter(L.Callback):
         self._trainer = self._module = None
         self._logged_through = -1  # last step handed to the loggers, this segment or earlier ones
         self._logged_before = -1  # last step an earlier segment of this run handed to them
+        self._no_batch_step = -1  # the final weights' step: its training losses have no batch
         self._flushed_loss: tuple[int, float] | None = None  # (step, train/loss) last handed over
 
     # ---- producers -----------------------------------------------------------------------
@@ -246,9 +254,13 @@ class TimelineWriter(L.Callback):
                 self._pending_logs[step].update(metrics)
 
     def _check_finite(self, name: str, steps: np.ndarray, values: np.ndarray) -> None:
+        """Sparse metrics may be NaN, except the total training loss, which every step with a
+        batch has (all its primitives' losses are NaN only at the final weights' step)."""
         infos = self.groups[name].infos
-        dense = ~np.array([i.sparse for i in infos], dtype=bool)  # sparse metrics may be NaN
-        bad = ~np.isfinite(values) & dense[None, :, None]
+        total_loss = np.array([i.kind == "train" and i.primitive == "all" for i in infos])
+        dense = ~np.array([i.sparse for i in infos], dtype=bool)
+        dense = dense[None, :] | (total_loss[None, :] & (steps != self._no_batch_step)[:, None])
+        bad = ~np.isfinite(values) & dense[:, :, None]
         if bad.any():
             row, metric, member = np.argwhere(bad)[0]
             raise NonFiniteMetricError(
@@ -260,8 +272,7 @@ class TimelineWriter(L.Callback):
 
     def _create(self, trainer: L.Trainer, pl_module: L.LightningModule, path: Path) -> h5py.File:
         """A new file with meta, ground truth, empty groups and snapshot slots (not yet SWMR)."""
-        libver = "latest" if self.live else None  # never "latest" without SWMR (DESIGN.md)
-        f = h5py.File(path, "w", libver=libver)
+        f = h5py.File(path, "w", libver="latest")  # SWMR from the start: see _start
         meta = f.create_group("meta")
         meta["schema_version"] = str(SCHEMA_VERSION)
         meta["package_version"] = devinterp.__version__
@@ -285,9 +296,14 @@ class TimelineWriter(L.Callback):
         return f
 
     def _start(self, f: h5py.File) -> None:
+        """Switch to SWMR writing once every dataset exists, and flush: from here on the file on
+        disk is valid after a kill at any moment (SWMR orders its metadata writes so a reader
+        never sees a half-written structure; a plain HDF5 file is not crash-consistent while it
+        is written), and another process can read it while it is written."""
         self.file = f
-        if self.live:
-            f.swmr_mode = True  # every dataset exists by now, as SWMR requires
+        f.flush()
+        f.swmr_mode = True
+        f.flush()
 
     def _config_text(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
         """The run's resolved config (every section, from the CLI) with the model and data
@@ -379,11 +395,9 @@ class TimelineWriter(L.Callback):
     def _resume(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         """Copy the old file's committed rows before ``step`` into a fresh file that replaces it."""
         try:
-            old = _open_killed(self.path)
-        except OSError as error:
-            raise TimelineWriteError(
-                f"{self.path}: cannot resume, the old timeline does not open ({error})"
-            ) from None
+            old = open_timeline(self.path)
+        except TimelineError as error:
+            raise TimelineWriteError(f"cannot resume: {error}") from None
         partial = self.path.with_name(self.path.name + ".resume")
         with old:
             new = self._create(trainer, pl_module, partial)
@@ -423,7 +437,7 @@ class TimelineWriter(L.Callback):
             finally:
                 new.close()
         os.replace(partial, self.path)  # the old file stays whole until the copy is complete
-        self._start(h5py.File(self.path, "r+", libver="latest" if self.live else None))
+        self._start(h5py.File(self.path, "r+", libver="latest"))
         self._replay_lost_logs(trainer, step)
 
     def _replay_lost_logs(self, trainer: L.Trainer, step: int) -> None:
@@ -431,7 +445,7 @@ class TimelineWriter(L.Callback):
         lost when their process was killed (their writer had not yet put them on disk)."""
         try:
             persisted = last_logged_step(Path(trainer.default_root_dir) / "wandb")
-        except Exception:  # an unreadable W&B file: trust what was handed over
+        except (WandbReadError, OSError, ValueError, subprocess.SubprocessError):  # trust the hand-over
             persisted = None
         if persisted is None or persisted >= self._logged_before:
             return
@@ -480,7 +494,7 @@ class TimelineWriter(L.Callback):
         if self.file is not None or trainer is None or not trainer.is_global_zero:
             return
         self.path = Path(trainer.default_root_dir) / self.filename
-        if trainer.global_step > 0 and self.path.exists():
+        if self.path.exists() and (trainer.global_step > 0 or self.resuming):
             self._resume(trainer, pl_module, trainer.global_step)
             return
         if self.path.exists():
@@ -499,9 +513,14 @@ class TimelineWriter(L.Callback):
         self._snapshot(trainer.global_step, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.flush_every_n_steps:
+        if last_step_reached(trainer):
+            self._finish(trainer, pl_module)
+        elif trainer.global_step % self.flush_every_n_steps:
             return
-        self.commit(complete_through=trainer.global_step - 1)  # later rows (a probe after the update) wait
+        else:
+            self.commit(
+                complete_through=trainer.global_step - 1
+            )  # later rows (a probe after the update) wait
         if self._flushed_loss is not None:  # host values already: the bar reads no tensor on the device
             step, loss = self._flushed_loss
             pl_module.log_dict(
@@ -513,7 +532,23 @@ class TimelineWriter(L.Callback):
                 batch_size=1,
             )
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        """A checkpoint never claims a step whose rows are not committed: a resume keeps the
+        committed rows before the checkpoint's step and recomputes from it, so whatever the
+        flush and checkpoint cadences, nothing falls between them."""
+        if trainer.state.fn == "fit" and self.file is not None:
+            self.commit(complete_through=trainer.global_step - 1)
+
     def on_train_end(self, trainer, pl_module) -> None:
+        self._finish(trainer, pl_module)  # a run ended otherwise than by max_steps
+        self.commit()
+
+    def _finish(self, trainer, pl_module) -> None:
+        """The final weights: their snapshot, and a commit of every row (the producers gave
+        the final weights' rows just before), once."""
+        if self._no_batch_step == trainer.global_step:
+            return
+        self._no_batch_step = trainer.global_step  # its training losses have no batch
         self._snapshot(trainer.global_step, pl_module, final=True)
         self.commit()
 
@@ -562,13 +597,11 @@ class TimelineWriter(L.Callback):
         return {"filename": self.filename, "rows": rows}
 
 
-def _open_killed(path: Path) -> h5py.File:
-    """Open a timeline for reading whatever state its writer left it in (a killed SWMR writer's
-    file opens only as an SWMR reader)."""
-    try:
-        return h5py.File(path, "r")
-    except OSError:
-        return h5py.File(path, "r", swmr=True, libver="latest")
+def last_step_reached(trainer: L.Trainer) -> bool:
+    """The last batch of a run bounded by ``max_steps`` has ended. The final weights are measured
+    and committed then, in the batch's end hook, before ModelCheckpoint (always the last
+    callback) saves that step: a checkpoint at the last step never claims uncommitted rows."""
+    return trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
 
 
 def log_spaced_steps(max_steps: int, n: int) -> np.ndarray:

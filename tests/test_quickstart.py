@@ -46,8 +46,8 @@ def test_quickstart_learns_bigrams_and_skip_trigrams(tmp_path, capsys):
 
     # the timeline: one row per training step, in order, named as DESIGN.md says
     with h5py.File(tmp_path / "quickstart" / "timeline.h5", "r") as f:
-        np.testing.assert_array_equal(f["every_step/step"][:], np.arange(1500))
-        assert int(f["every_step/committed"][0]) == 1500
+        np.testing.assert_array_equal(f["every_step/step"][:], np.arange(1501))
+        assert int(f["every_step/committed"][0]) == 1501
         names = [n.decode() for n in f["every_step/names"][:]]
         assert all(
             re.fullmatch(r"(bigram|skip_trigram|induction|category)/[^/]+/kl|train/loss|train_loss/\w+", n)

@@ -68,7 +68,7 @@ def test_reading_a_timeline_imports_no_torch(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["4"]
+    assert done.stdout.split() == ["5"]  # steps 0..4, the final weights included
 
 
 def test_the_file_names_its_axes_and_keeps_the_whole_config(tmp_path, capsys):

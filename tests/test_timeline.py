@@ -117,8 +117,9 @@ def test_one_row_per_step_with_design_names_and_ground_truth(tmp_path):
     logger = RecordingLogger()
     path = fit(tmp_path, 12, logger=logger)
     steps, values, names, committed = read(path, "every_step")
-    np.testing.assert_array_equal(steps, np.arange(12))
-    assert committed == 12 and values.shape[1:] == (len(names), 2)
+    # steps 0..11 before each update, and step 12: the final weights, whose training losses have no batch
+    np.testing.assert_array_equal(steps, np.arange(13))
+    assert committed == 13 and values.shape[1:] == (len(names), 2)
     assert all(NAME.match(n) for n in names), [n for n in names if not NAME.match(n)]
     assert {
         "bigram/alice/kl",
@@ -146,10 +147,13 @@ def test_one_row_per_step_with_design_names_and_ground_truth(tmp_path):
     assert {"probe_excess/bigram", "probe_excess/bigram/alice", "icl/score", "probe_loss/pos1"} <= set(
         probe_names
     )
-    np.testing.assert_array_equal(read(path, "diagnostics")[0], [0, 3, 6, 9])
+    train = np.array([n.startswith("train") for n in names])
+    assert np.isnan(values[-1, train]).all() and np.isfinite(values[-1, ~train]).all()
+    assert np.isfinite(values[:-1, names.index("train/loss")]).all()
+    np.testing.assert_array_equal(read(path, "diagnostics")[0], [0, 3, 6, 9, 12])
     # loggers: one dict per step for the weight rows, keys grouped by primitive
     per_step = [step for step, metrics in logger.calls if "bigram/weight_progress" in metrics]
-    assert per_step == list(range(12))
+    assert per_step == list(range(13))
     steps_sent = [step for step, _ in logger.calls]  # one dict per step, in order (W&B: one row each)
     assert steps_sent == sorted(set(steps_sent)) and steps_sent[-1] == 12
     assert {"probe/excess", "train/loss"} <= set(dict(logger.calls)[10])  # a probe step: one merged dict
@@ -268,7 +272,7 @@ def test_live_mode_can_be_read_while_the_run_writes(tmp_path):
                     continue
                 steps = timeline.steps("every_step")
                 np.testing.assert_array_equal(steps, np.arange(len(steps)))
-                assert np.isfinite(timeline.values("train/loss")).all()
+                assert np.isfinite(timeline.values("train/loss")[steps < 400]).all()
                 for name, group in timeline.groups.items():  # each read extends the one before it
                     if name in previous:
                         old_steps, old_values = previous[name]
@@ -282,7 +286,7 @@ def test_live_mode_can_be_read_while_the_run_writes(tmp_path):
     assert run.returncode == 0, run.stderr.read()[-2000:]
     assert len({s for s in seen if 0 < s < 400}) >= 3, seen  # rows grew while the run was live
     final = load_timeline(path)
-    assert len(final.steps("every_step")) == 400
+    assert len(final.steps("every_step")) == 401  # the final weights' row included
     for name, (steps, values) in previous.items():  # what was read live is what the file keeps
         np.testing.assert_array_equal(final.groups[name].values[: len(steps)], values)
 
@@ -297,11 +301,11 @@ def test_load_timeline_reads_committed_rows_and_progress(tmp_path):
     ]
     # against uniform, step 0 (zero unembedding: the uniform prediction) is progress 0
     progress = timeline.progress("bigram/alice/kl", yardstick="uniform")
-    assert progress.shape == (12, 2) and progress[0] == pytest.approx(0.0, abs=1e-6)
+    assert progress.shape == (13, 2) and progress[0] == pytest.approx(0.0, abs=1e-6)
     assert ((progress >= -1e-6) & (progress <= 1)).all()  # unclipped: float rounding at 0
     # against the fallback (the best prediction without the primitive), uniform is worse: below 0
     fallback = timeline.progress("bigram/alice/kl")
-    assert fallback.shape == (12, 2) and (fallback[0] < 0).all() and (fallback <= progress).all()
+    assert fallback.shape == (13, 2) and (fallback[0] < 0).all() and (fallback <= progress).all()
     np.testing.assert_array_equal(timeline.steps("probe_excess/bigram"), [0, 5, 10, 12])
     with pytest.raises(KeyError, match="not a progress metric"):
         timeline.progress("probe_acc/bigram")
@@ -364,4 +368,4 @@ def test_log_spaced_schedule_is_the_default_and_depends_on_the_step_alone(tmp_pa
     path = fit(tmp_path, 70, schedule="log")
     expected = [s for s in range(71) if s < 32 or (s < 64 and s % 2 == 0) or s % 4 == 0]
     np.testing.assert_array_equal(read(path, "probe")[0], expected + ([70] if 70 not in expected else []))
-    np.testing.assert_array_equal(read(path, "diagnostics")[0], [s for s in expected if s < 70])
+    np.testing.assert_array_equal(read(path, "diagnostics")[0], [s for s in expected if s < 70] + [70])
