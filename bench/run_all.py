@@ -19,6 +19,7 @@ SCRIPTS = [
     ["attention_paths.py"],
     ["analysis_scale.py"],
     ["gpu_sync_check.py"],
+    ["cli_startup.py"],
 ]
 
 

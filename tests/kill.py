@@ -31,3 +31,28 @@ class KillAt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.at == "batch_end":
             self._maybe_kill(trainer)
+
+
+class KillInCommit(L.Callback):
+    """Kill the process inside the timeline writer's commit that holds ``step``: after the first
+    group's rows are written and flushed to the file, before any is marked committed (the test
+    hook for "killed during a commit"; a real kill can land there too, only less predictably)."""
+
+    def __init__(self, step: int, marker: str = "killed"):
+        self.step, self.marker = step, marker
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from callbacks.timeline_writer import TimelineWriter
+
+        writer = next(c for c in trainer.callbacks if isinstance(c, TimelineWriter))
+        marker = Path(trainer.default_root_dir) / self.marker
+        write_rows = writer._write_rows
+
+        def write_then_kill(name, steps, values) -> None:
+            write_rows(name, steps, values)
+            if steps.max() >= self.step and not marker.exists():
+                writer.file.flush()  # the rows are on disk, their "committed" count is not
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        writer._write_rows = write_then_kill

@@ -314,7 +314,7 @@ CASES = [
         "last.ckpt: not a readable checkpoint",
     ),
     # command line
-    ("unknown-subcommand", lambda t, r, run: ["fitt"], "invalid choice: 'fitt'"),
+    ("unknown-subcommand", lambda t, r, run: ["fitt"], "'fitt' is not a command; one of: fit"),
     ("unknown-flag", lambda t, r, run: fit(r, "--bogus", "1"), "--bogus"),
     (
         "language-unknown-command",
