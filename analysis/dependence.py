@@ -6,7 +6,9 @@ the full language (shared/reference/science.md, "Causal"). Runs share member see
 of a variant pairs with member k of the full run. For every Y the onset shift in log(step + 1),
 variant minus full, is reported per variant with a 95% bootstrap interval of its median and a
 Wilcoxon signed-rank p-value; a Y that never forms in the variant is counted as blocked (its
-shift is then a lower bound: the last step minus the full run's onset).
+shift is then a lower bound: the last step minus the full run's onset). In a knock-in run every
+Y that was not in the first phase's data is timed from the switch to the full language: before
+it Y could not be learned, and counting those steps would make every knock-in look like a delay.
 
 Verdict per (Y, X):
 - "Y needs X": knocking X out blocks or delays Y, and knocking X in speeds Y up;
@@ -17,7 +19,7 @@ Verdict per (Y, X):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import yaml
@@ -37,6 +39,7 @@ class Shift:
     low: float
     high: float
     p: float
+    dropped: int = 0  # pairs left out: Y formed in neither the full run nor the variant
 
 
 @dataclass(frozen=True)
@@ -50,14 +53,15 @@ class Dependence:
 
 def onset_shift(full: list[Onset], variant: list[Onset], n_boot: int = 2000, seed: int = 0) -> Shift:
     """Paired shift of one primitive's onsets, variant minus full, in log(step + 1)."""
-    shifts, blocked = [], 0
+    shifts, blocked, dropped = [], 0, 0
     for a, b in zip(full, variant):
         if a.censored and b.censored:
+            dropped += 1
             continue
         blocked += b.censored and not a.censored
         shifts.append(math.log(b.step + 1) - math.log(a.step + 1))
     if not shifts:
-        return Shift(0, 0, math.nan, math.nan, math.nan, 1.0)
+        return Shift(0, 0, math.nan, math.nan, math.nan, 1.0, dropped)
     values = np.array(shifts)
     rng = np.random.default_rng(seed)
     medians = np.median(rng.choice(values, size=(n_boot, len(values))), axis=1)
@@ -70,6 +74,7 @@ def onset_shift(full: list[Onset], variant: list[Onset], n_boot: int = 2000, see
         float(np.percentile(medians, 2.5)),
         float(np.percentile(medians, 97.5)),
         p,
+        dropped,
     )
 
 
@@ -81,6 +86,33 @@ def variant_of(timeline: Timeline) -> tuple[str, list[str]]:
     if data.get("knockin"):
         return "knockin", list(data["knockin"])
     return "full", []
+
+
+def switch_step_of(timeline: Timeline) -> int:
+    """A knock-in run's switch to the full language (``data.knockin_steps``; 0 for other runs)."""
+    data = (yaml.safe_load(timeline.meta.get("config", "")) or {}).get("data", {})
+    return int(data.get("knockin_steps") or 0) if data.get("knockin") else 0
+
+
+def from_switch(onsets: dict[str, list[Onset]], switch: int, knocked_in: list[str]) -> dict[str, list[Onset]]:
+    """A knock-in run's onsets of the primitives that were not in its data before ``switch``,
+    counted from the switch (at least 0): before it they could not be learned, so the fair
+    comparison with the full run is the time to learn them once they are in the data."""
+    moved = {}
+    for name, per_member in onsets.items():
+        if name in knocked_in:
+            moved[name] = per_member
+            continue
+        moved[name] = [
+            replace(
+                o,
+                step=max(0.0, o.step - switch),
+                low=max(0.0, o.low - switch),
+                high=max(0.0, o.high - switch),
+            )
+            for o in per_member
+        ]
+    return moved
 
 
 def seed_of(timeline: Timeline) -> int | None:
@@ -115,10 +147,13 @@ def dependence(
         if kind == "full":
             continue
         baselines = baselines_by_seed.get(seed_of(timeline), first_baselines)
-        pair = (
-            full_by_seed.get(seed_of(timeline), first),
-            primitive_onsets(timeline, level=level, source=source, yardstick=yardstick, baselines=baselines),
+        onsets = primitive_onsets(
+            timeline, level=level, source=source, yardstick=yardstick, baselines=baselines
         )
+        if kind == "knockin":  # the first phase holds X and the category fallback (Language.only)
+            first_phase = primitives + [n for n, k in timeline.primitive_kinds.items() if k == "category"]
+            onsets = from_switch(onsets, switch_step_of(timeline), first_phase)
+        pair = (full_by_seed.get(seed_of(timeline), first), onsets)
         for x in primitives:
             by_x.setdefault(x, {}).setdefault(kind, []).append(pair)
     full_onsets = first

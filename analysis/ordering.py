@@ -106,6 +106,26 @@ def compare(x: str, onsets_x: list[Onset], y: str, onsets_y: list[Onset]) -> Pai
     )
 
 
+def smallest_wilcoxon_p(n_untied: int) -> float:
+    """The smallest two-sided p the Wilcoxon signed-rank test can give on ``n_untied`` nonzero
+    paired differences: every one of one sign, under the exact null distribution, 2 / 2^n."""
+    return 1.0 if n_untied < 2 else min(1.0, 2.0 ** (1 - n_untied))
+
+
+def smallest_holm_p(n_untied: int, n_pairs: int) -> float:
+    """The smallest Holm-corrected p any pair can reach: Holm multiplies the smallest p by the
+    number of pairs."""
+    return min(1.0, max(1, n_pairs) * smallest_wilcoxon_p(n_untied))
+
+
+def units_needed(n_pairs: int, alpha: float) -> int:
+    """The fewest untied units whose smallest Holm-corrected p is below ``alpha``."""
+    n = 2
+    while smallest_holm_p(n, n_pairs) >= alpha:
+        n += 1
+    return n
+
+
 def holm(p_values: list[float]) -> list[float]:
     """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1)."""
     order = np.argsort(p_values)

@@ -16,7 +16,7 @@ import yaml
 
 from analysis.dependence import Dependence, dependence, variant_of
 from analysis.onset import Onset, primitive_onsets, primitive_progress
-from analysis.ordering import Ordering, infer_ordering, lead_lag
+from analysis.ordering import Ordering, infer_ordering, lead_lag, smallest_holm_p, units_needed
 from analysis.plots import plot_dag, plot_direct_path, plot_progress, plot_qk_slices, plot_weight_vs_probe
 from analysis.timeline import Timeline, TimelineError, load_timeline
 from devinterp.language import SpecError, parse_language
@@ -124,11 +124,36 @@ def _median_iqr(onsets: list[Onset]) -> str:
     return text + (f", {censored}/{len(onsets)} censored" if censored else "")
 
 
+def power_text(ordering: Ordering, n_units: int) -> str:
+    """What the test can show with these units: the smallest reachable corrected p, and a
+    warning, with the units that would do, when alpha is out of reach."""
+    n_pairs = len(ordering.pairs)
+    untied = max((p.x_first + p.y_first for p in ordering.pairs), default=0)
+    best = smallest_holm_p(untied, n_pairs)
+    text = (
+        f"Power: with {untied} untied units (of {n_units}) and {n_pairs} pairs, the smallest Holm-corrected "
+        f"p any pair can reach is {best:.2g} (every unit one way: 2 / 2^n, times {n_pairs})"
+    )
+    if best >= ordering.alpha:
+        return (
+            f"{text}. **alpha = {ordering.alpha} is out of reach: no edge can be found with these units**; "
+            f"{units_needed(n_pairs, ordering.alpha)} untied units would reach it."
+        )
+    return f"{text}, below alpha = {ordering.alpha}."
+
+
 def _shift_text(shift) -> str:
     if shift is None:
         return "-"
-    blocked = f", blocked {shift.blocked}/{shift.n_units}" if shift.blocked else ""
-    return f"{shift.median:+.2f} [{shift.low:+.2f}, {shift.high:+.2f}], p {shift.p:.2g}{blocked}"
+    dropped = f"; {shift.dropped} pairs left out (formed in neither run)" if shift.dropped else ""
+    if not shift.n_units:
+        return f"formed in neither run{dropped}"
+    if shift.blocked:  # a unit where Y never formed counts the run's end: the shift is at least that
+        return (
+            f">= {shift.median:+.2f} [>= {shift.low:+.2f}, >= {shift.high:+.2f}], p {shift.p:.2g}, lower "
+            f"bounds: never formed in the variant in {shift.blocked} of {shift.n_units}{dropped}"
+        )
+    return f"{shift.median:+.2f} [{shift.low:+.2f}, {shift.high:+.2f}], p {shift.p:.2g}{dropped}"
 
 
 def _disagree(probe: list[Onset], weight: list[Onset]) -> str:
@@ -308,21 +333,37 @@ def write_report(
         "",
         "## Ordering",
         "",
-        "| X | Y | units | X first | Y first | P(X first) [95% CI] | median gap (log step) | sign p | "
-        "Wilcoxon p | Holm p | edge | lead-lag (log step) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| X | Y | units | X first | Y first | ties | P(X first) [95% CI] | median gap (log step) | "
+        "sign p | Wilcoxon p | Holm p | edge | lead-lag (log step) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for pair in result.ordering.pairs:
         edge = {"x->y": f"{pair.x} -> {pair.y}", "y->x": f"{pair.y} -> {pair.x}"}.get(pair.edge, "")
         lag = result.lead_lag.get(f"{pair.x}->{pair.y}", math.nan)
+        first = (
+            f"{pair.p_x_first:.2f} [{pair.p_x_first_low:.2f}, {pair.p_x_first_high:.2f}]"
+            if pair.x_first + pair.y_first
+            else "all tied: no order to test"
+        )
         lines.append(
-            f"| {pair.x} | {pair.y} | {pair.n_units} | {pair.x_first} | {pair.y_first} | "
-            f"{pair.p_x_first:.2f} [{pair.p_x_first_low:.2f}, {pair.p_x_first_high:.2f}] | "
-            f"{pair.median_log_gap:+.2f} | {pair.sign_p:.2g} | {pair.wilcoxon_p:.2g} | {pair.holm_p:.2g} | "
-            f"{edge} | {lag:+.2f} |"
+            f"| {pair.x} | {pair.y} | {pair.n_units} | {pair.x_first} | {pair.y_first} | {pair.ties} | "
+            f"{first} | {pair.median_log_gap:+.2f} | {pair.sign_p:.2g} | {pair.wilcoxon_p:.2g} | "
+            f"{pair.holm_p:.2g} | {edge} | {lag:+.2f} |"
         )
     dag = ", ".join(f"{a} -> {b}" for a, b in result.ordering.dag) or "no significant edge"
-    lines += ["", f"Ordering DAG (transitive reduction): {dag}.", "", "![ordering](ordering_dag.png)", ""]
+    lines += [
+        "",
+        "Columns: a unit is one member of one run; X first / Y first / ties count units by which onset "
+        "came first; the gap is log(t_Y + 1) - log(t_X + 1), median over units (> 0: X first); "
+        "lead-lag is the shift in log(step + 1) that maximises the correlation of the two "
+        "member-averaged progress derivatives (> 0: X leads); it has no interval and depends on the "
+        "run's length (the grid spans the whole run), so read it beside the onsets, never alone.",
+        "",
+        power_text(result.ordering, result.n_units),
+        "",
+        f"Ordering DAG (transitive reduction): {dag} (figure: ordering_dag.png, below).",
+        "",
+    ]
     if result.dependence:
         lines += [
             "## Dependence (knock-out / knock-in)",
@@ -330,12 +371,17 @@ def write_report(
             "| Y | X | knock-out shift [95% CI], blocked | knock-in shift [95% CI] | verdict |",
             "|---|---|---|---|---|",
         ]
+        notes = [
+            "Shifts are in log(step + 1), variant minus full, median over paired members (> 0: later). "
+            "A knock-in run's Y is timed from its switch to the full language (before it Y was not "
+            "in the data), so a knock-in shift < 0 means Y formed faster once it could."
+        ]
         for d in result.dependence:
             verdict = d.verdict.replace("Y", d.y).replace("X", d.x)
             lines.append(
                 f"| {d.y} | {d.x} | {_shift_text(d.knock_out)} | {_shift_text(d.knock_in)} | {verdict} |"
             )
-        lines.append("")
+        lines += ["", *notes, ""]
     lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")

@@ -139,12 +139,14 @@ from pathlib import Path  # noqa: E402
 import yaml  # noqa: E402
 
 from analysis.dependence import dependence  # noqa: E402
-from analysis.report import analyze_timelines  # noqa: E402
+from analysis.report import analyze_timelines, power_text  # noqa: E402
 from analysis.timeline import Group, Timeline  # noqa: E402
 from devinterp.schema import MetricInfo  # noqa: E402
 
 
-def synthetic_timeline(midpoints: dict[str, float], data_config: dict, members=16, seed=0) -> Timeline:
+def synthetic_timeline(
+    midpoints: dict[str, float], data_config: dict, members=16, seed=0, kinds: dict | None = None
+) -> Timeline:
     """A timeline whose probe and weight progress follow planted log-step midpoints."""
     rng = np.random.default_rng(seed)
     steps = STEPS[::4]
@@ -166,6 +168,7 @@ def synthetic_timeline(midpoints: dict[str, float], data_config: dict, members=1
         {"every_step": weight, "probe": probe},
         {"config": yaml.safe_dump({"data": data_config})},
         ("start", *midpoints),
+        primitive_kinds=kinds or {},
     )
 
 
@@ -192,3 +195,79 @@ def test_analysis_pools_runs_and_orders_primitives():
     assert set(result.ordering.dag) == {("bigram", "induction"), ("induction", "never")}
     assert all(o.censored for o in result.onsets["probe"]["never"])
     assert result.lead_lag["bigram->induction"] == pytest.approx(1.5, abs=0.35)  # 8 jittered members
+
+
+def test_knock_in_times_the_other_primitives_from_the_switch():
+    """Y not in the knock-in phase's data cannot form before the switch: planted to form exactly
+    as long after the switch as it takes from scratch, its knock-in shift is 0, not a delay."""
+    switch = 200
+    full = synthetic_timeline({"x": 3.5, "y": 5.0, "c": 4.0}, {})
+    late = float(np.log(np.exp(5.0) + switch))  # the full run's time to learn y, after the switch
+    knockin = synthetic_timeline(
+        {"x": 3.5, "y": late, "c": 4.0},
+        {"knockin": ["x"], "knockin_steps": switch},
+        seed=2,
+        kinds={"x": "bigram", "y": "induction", "c": "category"},
+    )
+    verdicts = {d.y: d for d in dependence(full, [knockin])}
+    shift = verdicts["y"].knock_in
+    assert abs(shift.median) < 0.15 and shift.p > 0.01
+    # the category fallback is in the first phase's data too: its clock starts at 0 (no shift)
+    assert abs(verdicts["c"].knock_in.median) < 0.15
+    # counted from step 0 instead, the same runs would show a delay of about log(348 / 148)
+    raw = {
+        d.y: d
+        for d in dependence(full, [synthetic_timeline({"x": 3.5, "y": late}, {"knockout": ["x"]}, seed=2)])
+    }
+    assert raw["y"].knock_out.median == pytest.approx(late - 5.0, abs=0.15)
+
+
+@pytest.mark.parametrize("n", [3, 8, 12])
+def test_smallest_reachable_p_is_what_the_tests_give_when_every_unit_agrees(n):
+    """All n units one way: the Wilcoxon p is the smallest the test can give (2 / 2^n), and
+    Holm multiplies it by the number of pairs; 4 primitives (6 pairs) need 11 units for 0.01."""
+    from analysis.ordering import smallest_holm_p, smallest_wilcoxon_p, units_needed
+
+    early = [Onset("x", k, 10.0 + k, 10.0 + k, 10.0 + k, False, "t50") for k in range(n)]
+    late = [Onset("y", k, 100.0 + 7 * k, 0, 0, False, "t50") for k in range(n)]
+    pair = compare("x", early, "y", late)
+    assert pair.wilcoxon_p == pytest.approx(smallest_wilcoxon_p(n))
+    assert smallest_holm_p(n, 6) == pytest.approx(min(1.0, 6 * 2.0 ** (1 - n)))
+    assert units_needed(6, 0.01) == 11 and smallest_holm_p(11, 6) < 0.01 <= smallest_holm_p(10, 6)
+
+
+def test_the_report_warns_when_alpha_is_out_of_reach(tmp_path):
+    runs = [synthetic_timeline({"a": 3.5, "b": 4.5, "c": 5.5, "d": 6.5}, {}, members=8)]
+    text = power_text(analyze_timelines(runs).ordering, 8)
+    assert "smallest Holm-corrected p any pair can reach is 0.047" in text
+    assert "out of reach: no edge can be found" in text and "11 untied units would reach it" in text
+    runs = [synthetic_timeline({"a": 3.5, "b": 4.5, "c": 5.5, "d": 6.5}, {}, members=16)]
+    assert "below alpha" in power_text(analyze_timelines(runs).ordering, 16)
+
+
+REPORTS = sorted((Path(__file__).resolve().parents[1] / "docs").rglob("report.md"))
+
+
+@pytest.mark.parametrize("report", REPORTS, ids=[r.parent.name for r in REPORTS])
+def test_every_image_a_shipped_report_links_exists(report):
+    import re
+
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report.read_text())
+    assert links, report
+    assert len(links) == len(set(links)), "a figure linked twice"
+    assert [link for link in links if not (report.parent / link).is_file()] == []
+
+
+def test_censored_shifts_are_printed_as_lower_bounds():
+    from analysis.dependence import Shift
+    from analysis.report import _shift_text
+
+    text = _shift_text(Shift(3, 3, 0.16, 0.04, 0.16, 0.25, dropped=5))
+    assert (
+        text.startswith(">= +0.16 [>= +0.04, >= +0.16]") and "never formed in the variant in 3 of 3" in text
+    )
+    assert "5 pairs left out (formed in neither run)" in text
+    assert _shift_text(Shift(0, 0, math.nan, math.nan, math.nan, 1.0, dropped=8)).startswith(
+        "formed in neither"
+    )
+    assert _shift_text(Shift(8, 0, -0.5, -0.7, -0.3, 0.0078)) == "-0.50 [-0.70, -0.30], p 0.0078"
