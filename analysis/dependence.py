@@ -2,7 +2,8 @@
 
 A knock-out run removes X from the language (its positions fall back to the next rule down); a
 knock-in run trains on X alone (with the category fallback) for a set number of steps, then on
-the full language (shared/reference/science.md, "Causal"). Runs share member seeds, so member k
+the full language (a curriculum, as in Singh et al. 2024, arXiv 2404.07129, who clamp
+sub-circuits instead). Runs share member seeds, so member k
 of a variant pairs with member k of the full run. For every Y the onset shift in log(step + 1),
 variant minus full, is reported per variant with a 95% bootstrap interval of its median and a
 Wilcoxon signed-rank p-value; a Y that never forms in the variant is counted as blocked (its

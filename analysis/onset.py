@@ -10,7 +10,7 @@ step: ``censored=True`` and ``step`` = the last step, never a made-up number.
 
 Three detectors, one small API (each returns frozen Onset records):
 - ``threshold_onsets``: the first step after which smoothed progress stays at or above a level
-  (t10, t50, t90; shared/reference/science.md).
+  (t10, t50, t90, as in Hoogland et al. 2024, arXiv 2402.02364).
 - ``logistic_onsets``: a logistic fit in log-step, midpoint and width, with a bootstrap interval
   for the midpoint.
 - ``changepoint_onsets``: PELT (Killick et al. 2012) on the binned curve with a Gaussian

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -217,6 +218,12 @@ def circuit_figures(timeline: Timeline, out: Path, at_steps: list[int] | None = 
     if at_steps:
         nearest = lambda s: int(written[np.argmin(np.abs(np.log1p(steps[written]) - np.log1p(s)))])  # noqa: E731
         slots = sorted({nearest(s) for s in at_steps})
+        for wanted in at_steps:
+            got = int(steps[nearest(wanted)])
+            if abs(np.log1p(got) - np.log1p(wanted)) > 0.1:  # more than ~10% away: say so
+                print(
+                    f"notice: --steps {wanted}: the nearest weight snapshot is at step {got}", file=sys.stderr
+                )
     else:
         slots = sorted({int(written[-1]), int(written[len(written) // 2])})
     views = qk_views(timeline)

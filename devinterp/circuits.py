@@ -1,6 +1,7 @@
 """Weight-only circuits of a tensor-transformer, batched over members and heads.
 
-Conventions (shared/reference/science.md; weights right-multiply as in model.py):
+Conventions (Elhage et al. 2021, "A mathematical framework for transformer circuits";
+weights right-multiply as in model.py):
 - E = W_E (member, V, d_model), U = W_U (member, d_model, V); rows of every V x V object are
   the *current* (query / source) token, columns the other one.
 - Direct path: E U [current, next].

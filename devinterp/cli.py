@@ -39,12 +39,22 @@ commands:
   dependence   train the full language and knock-out / knock-in variants with the same seeds
   sweep        train a grid of configs, one run folder per point
 """
-TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
+TRAINING_COMMANDS = ("fit", "validate")  # Lightning's test and predict: the model has no such step
+RESUME_HELP = """usage: devinterp resume RUN_FOLDER [--section.field value ...]
+
+Continue a stopped run in its own folder from checkpoints/last.ckpt (a run killed before its first
+checkpoint restarts from step 0). Options override the run's config.yaml, e.g.
+--trainer.max_steps 5000 extends a finished run.
+"""
 
 
 def analyze_main(argv: list[str]) -> int:
     """``devinterp analyze RUN [RUN ...] --out DIR``: onsets, ordering, dependence, report."""
-    parser = ArgumentParser(prog="devinterp analyze", description=analyze_main.__doc__)
+    parser = ArgumentParser(
+        prog="devinterp analyze",
+        description="Onsets, ordering, dependence and a report (report.md, ordering.json, PNGs) for "
+        "run folders, timeline files, or folders of run folders.",
+    )
     parser.add_argument("runs", nargs="+", help="run folders, timeline files, or folders of run folders")
     parser.add_argument("--out", required=True, help="folder for report.md, ordering.json and the PNGs")
     parser.add_argument("--level", type=float, default=0.5, help="onset level (0.5: t50)")
@@ -149,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{argv[0]!r} is not a command; one of: fit, validate, resume, language, "
                 "analyze, dependence, sweep (devinterp --help)"
             )
+        if argv[0] == "resume" and (len(argv) < 2 or argv[1] in ("-h", "--help")):
+            print(RESUME_HELP, end="")
+            return 0 if len(argv) > 1 else 2
         check_config_files(argv)
         if argv[0] == "resume":
             argv = resume_argv(argv[1:])

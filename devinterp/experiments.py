@@ -58,7 +58,13 @@ def check_primitives(config: str, extra: list[str], primitives: list[str]) -> No
 
 
 def main(argv: list[str]) -> int:
-    parser = ArgumentParser(prog="devinterp dependence", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(
+        prog="devinterp dependence",
+        usage="devinterp dependence --config CONFIG --primitives X [X ...] [options] [-- <fit options>]",
+        description="Train the full language and each knock-out / knock-in variant, with the same seeds.",
+        epilog="Options after -- go to every run's `devinterp fit` (e.g. -- --model.n_members 16 "
+        "--trainer.max_steps 1500). Then `devinterp analyze runs/<name>` gives the verdicts.",
+    )
     parser.add_argument("--config", required=True, help="run config (YAML), as for devinterp fit")
     parser.add_argument("--primitives", nargs="+", required=True, help="primitives X to knock out and in")
     parser.add_argument(

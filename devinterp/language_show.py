@@ -104,7 +104,9 @@ def main(argv: list[str]) -> int:
     p = sub.add_parser("show", help="sample sequences with each token's rule, shares and Bayes losses")
     p.add_argument("spec", help="language spec (YAML), or a corpus made elsewhere (.npz, .h5)")
     p.add_argument("--n", type=int, default=3, help="sequences to print")
-    p.add_argument("--seq-len", type=int, default=48)
+    p.add_argument(
+        "--seq-len", type=int, default=64, help="tokens per sequence (the quickstart's data.seq_len)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-stats", type=int, default=2000, help="sequences behind the statistics")
     fit = sub.add_parser("fit-text", help="estimate a spec from a whitespace-tokenised text file")

@@ -4,7 +4,8 @@ Conventions, stated once:
 - Weights are named as in TransformerLens and right-multiply: ``x @ W``.
 - Every parameter has a leading member axis: member k is an independent model with its own
   initialisation (generator seeded with ``seed + k``). Nothing couples members.
-- Bilinear attention (Pearce et al., tensor-transformers; see shared/reference/science.md), per
+- Bilinear attention (Pearce et al. 2024, "Bilinear MLPs enable weight-based mechanistic
+  interpretability", arXiv 2410.08417, and its attention analogue), per
   head, causal: score_r(i, j) = (q_r,i . k_r,j) / d_head for the Q/K pairs r = 1, 2, and
   pattern(i, j) = score_1 * score_2 for j <= i, else 0. No softmax and no normalisation over
   positions, so patterns are signed and rows need not sum to one. ``attention="squared"`` is the

@@ -82,7 +82,13 @@ def grid(parameters: dict) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    parser = ArgumentParser(prog="devinterp sweep", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(
+        prog="devinterp sweep",
+        usage="devinterp sweep SWEEP.yaml [--root ROOT] [--dry-run] [-- <fit options>]",
+        description="Train a W&B sweep's grid locally, one run folder per point (W&B offline).",
+        epilog="Options after -- go to every point's `devinterp fit` (e.g. -- --trainer.max_steps 600). "
+        "Then `devinterp analyze <root>/<sweep name>` pools the points.",
+    )
     parser.add_argument("sweep", help="W&B sweep config (YAML), method grid")
     parser.add_argument("--root", default="runs", help="the runs go to <root>/<sweep name>/")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")

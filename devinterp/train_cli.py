@@ -152,9 +152,10 @@ class DevinterpCLI(LightningCLI):
         )
         parser.add_argument(
             "--run.checkpoint_every_n_steps",
-            type=int,
-            default=500,
-            help="checkpoints/last.ckpt cadence when the config names no ModelCheckpoint",
+            type=Optional[int],
+            default=None,
+            help="checkpoints/last.ckpt cadence (default 500); set, it also overrides the "
+            "every_n_train_steps of a ModelCheckpoint the config names",
         )
         # the producers of timeline rows come before the writer (it checks this in setup)
         parser.add_lightning_class_args(CircuitMetrics, "circuits")
@@ -171,7 +172,7 @@ class DevinterpCLI(LightningCLI):
             self.save_config_callback = None  # only a fit owns a run folder
             return
         config = self.config[self.subcommand]
-        if config.run.checkpoint_every_n_steps < 1:
+        if config.run.checkpoint_every_n_steps is not None and config.run.checkpoint_every_n_steps < 1:
             raise UsageError(
                 f"run.checkpoint_every_n_steps: must be at least 1, got {config.run.checkpoint_every_n_steps}"
             )
@@ -217,13 +218,17 @@ class DevinterpCLI(LightningCLI):
             config.weights_only = True  # checkpoints hold tensors and plain values only: no pickle
         config.trainer.default_root_dir = str(self.run_dir)
         callbacks = config.trainer.get("callbacks") or []
-        if not any("ModelCheckpoint" in str(c.get("class_path", "")) for c in callbacks):
+        every = config.run.checkpoint_every_n_steps
+        own = [c for c in callbacks if "ModelCheckpoint" in str(c.get("class_path", ""))]
+        if own and every is not None:  # the flag wins over the config's own cadence, said once
+            for callback in own:
+                callback.init_args.every_n_train_steps = every
+            print(f"notice: checkpoints every {every} steps (run.checkpoint_every_n_steps)", file=sys.stderr)
+        elif not own:
             callbacks.append(
                 Namespace(
                     class_path="lightning.pytorch.callbacks.ModelCheckpoint",
-                    init_args=Namespace(
-                        save_last=True, save_top_k=0, every_n_train_steps=config.run.checkpoint_every_n_steps
-                    ),
+                    init_args=Namespace(save_last=True, save_top_k=0, every_n_train_steps=every or 500),
                 )
             )
             config.trainer.callbacks = callbacks

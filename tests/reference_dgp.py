@@ -2,7 +2,7 @@
 
 It reads the raw spec mapping (as YAML gives it) and, for one sequence of token strings, works
 out each position's next-token distribution with plain Python loops and dicts, following
-DESIGN.md ("The DGP") literally.
+the conventions of devinterp/language/language.py literally.
 """
 
 from __future__ import annotations

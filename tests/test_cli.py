@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from devinterp.cli import main
@@ -258,3 +259,59 @@ def test_every_shipped_language_trains_and_writes_its_curves(tmp_path, language)
         heads = timeline.names(f"probe_attn/{language.stem}/*", group="probe")
         assert len(heads) == 2 and np.isfinite(timeline.values(heads[0])).all()
         assert 0 < timeline.info(heads[0]).nothing < 1  # a uniform head's share, the progress baseline
+
+
+def test_help_lists_every_command_without_importing_torch():
+    code = (
+        "import sys; from devinterp.cli import main; rc = main(['--help']); "
+        "assert 'torch' not in sys.modules and 'lightning' not in sys.modules, 'imported'; sys.exit(rc)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for command in ("fit", "validate", "resume", "language", "analyze", "dependence", "sweep"):
+        assert f"\n  {command} " in result.stdout, command
+    bare = run_cli()
+    assert bare.returncode == 2 and "commands:" in bare.stdout
+    for hidden in ("test", "predict"):  # Lightning's, with no step in this model: refused in one line
+        refused = run_cli(hidden)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+        assert f"'{hidden}' is not a command" in refused.stderr
+    for command in ("resume", "dependence", "sweep"):
+        shown = run_cli(command, "--help")
+        assert shown.returncode == 0 and "usage: devinterp " + command in shown.stdout, command
+    assert "-- <fit options>" in run_cli("dependence", "--help").stdout
+    assert "``" not in run_cli("analyze", "--help").stdout
+
+
+def test_checkpoint_flag_wins_over_the_configs_own_model_checkpoint(tmp_path):
+    """The quickstart names its own ModelCheckpoint (every 500 steps): the flag still sets the
+    cadence, with a notice, so a quickstart run killed before step 500 has a checkpoint to resume."""
+    result = run_cli(
+        "fit",
+        "--config",
+        ROOT / "configs" / "quickstart.yaml",
+        "--run.root",
+        tmp_path,
+        "--run.wandb_mode",
+        "disabled",
+        "--model.n_members",
+        "1",
+        "--data.batch_size",
+        "8",
+        "--data.probe_size",
+        "8",
+        "--trainer.max_steps",
+        "25",
+        "--run.checkpoint_every_n_steps",
+        "10",
+        "--trainer.enable_progress_bar",
+        "false",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "notice: checkpoints every 10 steps (run.checkpoint_every_n_steps)" in result.stderr
+    checkpoint = torch.load(
+        tmp_path / "quickstart" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    assert checkpoint["global_step"] == 20

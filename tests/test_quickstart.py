@@ -44,7 +44,7 @@ def test_quickstart_learns_bigrams_and_skip_trigrams(tmp_path, capsys):
     # deterministic next token
     assert rows["skip_trigram"]["initial"] == pytest.approx(rows["induction"]["initial"], rel=1e-4)
 
-    # the timeline: one row per training step, in order, named as DESIGN.md says
+    # the timeline: one row per training step, in order, named as the README says
     with h5py.File(tmp_path / "quickstart" / "timeline.h5", "r") as f:
         np.testing.assert_array_equal(f["every_step/step"][:], np.arange(1501))
         assert int(f["every_step/committed"][0]) == 1501

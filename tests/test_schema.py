@@ -154,7 +154,7 @@ def test_a_primitive_registers_itself_by_being_defined():
     assert language.label_names[1] == "echo" and len(echo.minimal_contexts()) == language.d_vocab - 1
 
 
-def test_a_rich_run_report_draws_each_primitive_its_own_qk_figure(tmp_path):
+def test_a_rich_run_report_draws_each_primitive_its_own_qk_figure(tmp_path, capsys):
     from analysis.report import qk_views, write_report
     from tests.golden import golden_run
 
@@ -175,6 +175,9 @@ def test_a_rich_run_report_draws_each_primitive_its_own_qk_figure(tmp_path):
     assert {vocab[t] for t in skip.queries} == {"big", "old", "new", "small"}
     assert {vocab[t] for t in skip.keys} == {"beach", "garden", "lake", "office"}
     assert [vocab[t] for t in views["long_range"][1].keys] == ["alice", "carol"]
-    write_report([path], tmp_path / "report")
+    write_report([path], tmp_path / "report", at_steps=[3, 1000])
     drawn = {p.name.split("_step")[0] for p in (tmp_path / "report").glob("qk_*_step*.png")}
     assert drawn == {"qk_skip_trigram", "qk_token_trigram", "qk_long_range"}
+    # a step beyond the run is drawn at the last snapshot, and said so
+    err = capsys.readouterr().err
+    assert "--steps 1000: the nearest weight snapshot is at step 14" in err and "--steps 3:" not in err

@@ -1,6 +1,6 @@
 """A compiled language: exact sampling and exact next-token distributions.
 
-Conventions (DESIGN.md, "The DGP"):
+Conventions (docs/architecture.md):
 - ``sample(n, seq_len, seed)`` -> tokens, labels, logp (and rules), each (n, T); entry t
   describes token t given tokens < t. Position 0 comes from the start distribution (label
   ``start``, rule -1).

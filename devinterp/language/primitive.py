@@ -1,6 +1,6 @@
 """The one interface every DGP primitive implements.
 
-Conventions (DESIGN.md, "The DGP"): a primitive is a rule on the visible context. At position t
+Conventions (docs/architecture.md): a primitive is a rule on the visible context. At position t
 (the current token is ``tokens[:, t]``) it says, for every sequence at once, whether its
 condition holds (``fires``), which of its rules fired (``rule``), and its own next-token
 distribution (``dist``). The language mixes the rules in priority order; no hidden coin flips.
@@ -21,7 +21,7 @@ from devinterp.language.spec import SpecError, Vocab, check_keys, require_probab
 class MinimalContext:
     """The fewest visible tokens that make one rule fire, with their positions; positions not
     listed are empty (zero embedding). The weight-derived headline metric contracts the weights
-    with exactly these one-hot tokens (DESIGN.md, "Weight-derived circuits and metrics")."""
+    with exactly these one-hot tokens (README, "What is measured")."""
 
     rule: int  # index into the primitive's rule_names
     tokens: tuple[int, ...]
