@@ -25,19 +25,23 @@ def plot_progress(
     as the baseline) is drawn, down to -1."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    n = len(curves)
     for i, (name, (steps, progress)) in enumerate(curves.items()):
         color = colors[i % len(colors)]
         x = steps + 1
-        ax.plot(x, progress, color=color, alpha=0.25, linewidth=0.7)
+        low, high = np.percentile(progress, [25, 75], axis=1)
+        ax.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)  # members' IQR
+        ax.plot(x, progress, color=color, alpha=0.2, linewidth=0.5)
         ax.plot(x, np.median(progress, axis=1), color=color, linewidth=2.2, label=name)
+        row = 0.5 + 0.05 * (i - (n - 1) / 2)  # each primitive's onset ticks on their own row near 0.5
         for onset in onsets.get(name, []):
             marker = "o" if onset.censored else "|"
             ax.plot(
                 onset.step + 1,
-                0.5 if not onset.censored else 1.02,
+                row if not onset.censored else 1.02,
                 marker=marker,
                 color=color,
-                markersize=8,
+                markersize=7,
                 markerfacecolor="none" if onset.censored else color,
             )
     ax.axhline(0.0, color="grey", linewidth=0.6, linestyle=":")
@@ -48,7 +52,7 @@ def plot_progress(
     ax.set_ylim(max(-1.0, min(0.0, lowest)) - 0.05, 1.06)
     fig.text(0.01, 0.01, f"0 = {baseline}", fontsize=6, color="grey")
     ax.set_title(title)
-    ax.legend(frameon=False, fontsize=8)
+    ax.legend(frameon=False, fontsize=8, title="median, members' IQR; | = a member's onset", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -75,8 +79,15 @@ def plot_weight_vs_probe(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarra
     return path
 
 
-def plot_dag(nodes: list[str], edges: list[tuple[str, str]], path: Path) -> Path:
-    """The ordering DAG, left to right by longest path from a source."""
+def plot_dag(
+    nodes: list[str],
+    edges: list[tuple[str, str]],
+    path: Path,
+    labels: dict[tuple[str, str], str] | None = None,
+) -> Path:
+    """The ordering DAG, left to right by longest path from a source; ``labels`` are written on
+    the arrows (e.g. "16/16 first, Holm p 0.003")."""
+    labels = labels or {}
     depth = {n: 0 for n in nodes}
     for _ in nodes:  # longest-path layering (the graph is acyclic)
         for a, b in edges:
@@ -96,12 +107,26 @@ def plot_dag(nodes: list[str], edges: list[tuple[str, str]], path: Path) -> Path
             xytext=position[a],
             arrowprops=dict(arrowstyle="-|>", color="0.3", shrinkA=half_width(a), shrinkB=half_width(b)),
         )
+        if (a, b) in labels:
+            (xa, ya), (xb, yb) = position[a], position[b]
+            ax.text(
+                (xa + xb) / 2, (ya + yb) / 2 + 0.12, labels[a, b], ha="center", fontsize=6.5, color="0.25"
+            )
     for n, (x, y) in position.items():
         ax.text(x, y, n, ha="center", va="center", bbox=dict(boxstyle="round", fc="white", ec="0.3"))
     ax.set_xlim(-0.7, max(layers) + 0.7)
     ax.set_ylim(min(y for _, y in position.values()) - 0.8, max(y for _, y in position.values()) + 0.8)
     ax.axis("off")
-    ax.set_title("learned before (arrows: significant, transitive reduction)", fontsize=9)
+    if not edges:
+        ax.text(
+            (max(layers)) / 2,
+            min(y for _, y in position.values()) - 0.55,
+            "no significant order (see the report's power line)",
+            ha="center",
+            fontsize=8,
+            color="0.3",
+        )
+    ax.set_title("learned before: significant orders,\ntransitive reduction", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -115,11 +140,22 @@ def plot_direct_path(
     categories: list[str],
     step: int,
     path: Path,
+    limit: float | None = None,
+    member: int = 0,
 ) -> Path:
-    """W_E W_U [current, next] as a heatmap with category blocks (the proposal's figure)."""
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    limit = float(np.abs(direct).max()) or 1.0
+    """W_E W_U [current, next] as a heatmap with category blocks named on both axes (the
+    proposal's figure); ``limit`` fixes the colour scale (one scale across a run's steps)."""
+    fig, ax = plt.subplots(figsize=(8.0, 7.0))
+    limit = limit or float(np.abs(direct).max()) or 1.0
     image = ax.imshow(direct, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    starts = np.r_[0, np.flatnonzero(np.diff(token_category)) + 1]
+    ends = np.r_[starts[1:], len(token_category)]
+    for begin, end in zip(starts, ends):  # the category of each block, above and right of the map
+        name = categories[int(token_category[begin])]
+        ax.text((begin + end - 1) / 2, -1.0, name, ha="center", va="bottom", fontsize=7, color="0.25")
+        ax.text(
+            len(tokens) - 0.2, (begin + end - 1) / 2, name, ha="left", va="center", fontsize=7, color="0.25"
+        )
     boundaries = np.flatnonzero(np.diff(token_category)) + 0.5
     for b in boundaries:
         ax.axhline(b, color="0.2", linewidth=0.6)
@@ -128,8 +164,9 @@ def plot_direct_path(
     ax.set_yticks(range(len(tokens)), tokens, fontsize=6)
     ax.set_xlabel("next token")
     ax.set_ylabel("current token")
-    ax.set_title(f"direct path W_E W_U at step {step} (member 0)")
-    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_title(f"direct path W_E W_U at step {step}, member {member}", pad=22)
+    bar = fig.colorbar(image, ax=ax, shrink=0.8, pad=0.12)
+    bar.set_label("direct-path logit (same scale at every step)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -145,23 +182,26 @@ def plot_qk_slices(
     title: str = "",
     query_role: str = "query",
     key_role: str = "key",
+    limit: float | None = None,
 ) -> Path:
     """A primitive's QK slice: the pattern (summed over heads, averaged over its offsets) from
-    its query tokens (rows) to its key tokens (columns), one panel per layer."""
+    its query tokens (rows) to its key tokens (columns), one panel per layer, all panels on one
+    colour scale (``limit``: the same across a run's steps)."""
+    limit = limit or max(float(np.abs(m).max()) for m in slices.values()) or 1.0
     fig, axes = plt.subplots(
         1, len(slices), figsize=(3.8 * len(slices), 3.4 + 0.3 * bool(title)), squeeze=False
     )
     if title:
         fig.suptitle(title, fontsize=9)
     for ax, (panel, matrix) in zip(axes[0], slices.items()):
-        limit = float(np.abs(matrix).max()) or 1.0
         image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
         ax.set_xticks(range(len(columns)), columns, rotation=90, fontsize=8)
         ax.set_yticks(range(len(rows)), rows, fontsize=8)
         ax.set_xlabel(f"key ({key_role})")
         ax.set_ylabel(f"query ({query_role})")
         ax.set_title(f"{panel}, step {step}", fontsize=9)
-        fig.colorbar(image, ax=ax, shrink=0.8)
+        bar = fig.colorbar(image, ax=ax, shrink=0.8)
+        bar.set_label("attention score, summed over heads", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -125,6 +125,17 @@ def _median_iqr(onsets: list[Onset]) -> str:
     return text + (f", {censored}/{len(onsets)} censored" if censored else "")
 
 
+def dag_labels(ordering: Ordering) -> dict[tuple[str, str], str]:
+    """Each DAG arrow's evidence: units in which its source came first, and the corrected p."""
+    labels = {}
+    for pair in ordering.pairs:
+        decided = pair.x_first + pair.y_first
+        for a, b, first in ((pair.x, pair.y, pair.x_first), (pair.y, pair.x, pair.y_first)):
+            if (a, b) in ordering.dag:
+                labels[a, b] = f"{first}/{decided} first, Holm p {pair.holm_p:.2g}"
+    return labels
+
+
 def power_text(ordering: Ordering, n_units: int) -> str:
     """What the test can show with these units: the smallest reachable corrected p, and a
     warning, with the units that would do, when alpha is out of reach."""
@@ -204,9 +215,12 @@ def qk_views(timeline: Timeline) -> dict[str, tuple[str, QKView]]:
     }
 
 
-def circuit_figures(timeline: Timeline, out: Path, at_steps: list[int] | None = None) -> list[Path]:
-    """Direct-path heatmaps, and each primitive's own QK slice (``Primitive.qk_view``), at the
-    snapshots nearest ``at_steps`` in log(step + 1) (default: one midway and the last)."""
+def circuit_figures(
+    timeline: Timeline, out: Path, at_steps: list[int] | None = None, member: int = 0
+) -> list[Path]:
+    """Direct-path heatmaps, and each primitive's own QK slice (``Primitive.qk_view``), of one
+    member at the snapshots nearest ``at_steps`` in log(step + 1) (default: one midway and the
+    last), each kind of figure on one colour scale across the steps."""
     import torch
 
     from devinterp import circuits
@@ -228,47 +242,62 @@ def circuit_figures(timeline: Timeline, out: Path, at_steps: list[int] | None = 
         slots = sorted({int(written[-1]), int(written[len(written) // 2])})
     views = qk_views(timeline)
     vocab = list(timeline.vocab)
-    paths = []
+    member = min(max(0, member), timeline.n_members - 1)
+    directs, qk = {}, {}  # step -> matrix; (primitive, step) -> {panel: matrix}
     for slot in slots:
         model, step = snapshot_model(timeline, slot)
         with torch.no_grad():
-            direct = circuits.direct_path(model)[0].numpy()
-            paths.append(
-                plot_direct_path(
-                    direct,
-                    vocab,
-                    timeline.token_category,
-                    list(timeline.categories),
-                    step,
-                    out / f"direct_path_step{step}.png",
-                )
-            )
-            for name, (kind, view) in views.items():
+            directs[step] = circuits.direct_path(model)[member].numpy()
+            for name, (_, view) in views.items():
                 offsets = view.offsets(model.cfg.n_ctx)
                 if not offsets:
                     continue
                 slices = {}
                 for layer in range(model.cfg.n_layers):
-                    pattern = sum(circuits.pattern_at_offset(model, layer, d)[0].sum(0) for d in offsets)
+                    pattern = sum(circuits.pattern_at_offset(model, layer, d)[member].sum(0) for d in offsets)
                     slices[f"layer {layer}"] = (pattern / len(offsets)).numpy()[
                         np.ix_(view.queries, view.keys)
                     ]
-                title = (
-                    f"{name} ({kind}): {view.query_role} x {view.key_role}, "
-                    f"offsets {offsets[0]}..{offsets[-1]}"
+                qk[name, step] = (slices, offsets)
+    # one colour scale per figure kind across the steps, so growth reads as growth
+    direct_limit = max(float(np.abs(m).max()) for m in directs.values()) or 1.0
+    paths = []
+    for step, direct in directs.items():
+        paths.append(
+            plot_direct_path(
+                direct,
+                vocab,
+                timeline.token_category,
+                list(timeline.categories),
+                step,
+                out / f"direct_path_step{step}.png",
+                limit=direct_limit,
+                member=member,
+            )
+        )
+    for name, (kind, view) in views.items():
+        mine = {step: value for (n, step), value in qk.items() if n == name}
+        if not mine:
+            continue
+        limit = max(float(np.abs(m).max()) for slices, _ in mine.values() for m in slices.values()) or 1.0
+        for step, (slices, offsets) in mine.items():
+            title = (
+                f"{name} ({kind}): {view.query_role} x {view.key_role}, offsets {offsets[0]}..{offsets[-1]}, "
+                f"member {member}"
+            )
+            paths.append(
+                plot_qk_slices(
+                    slices,
+                    [vocab[t] for t in view.queries],
+                    [vocab[a] for a in view.keys],
+                    step,
+                    out / f"qk_{name}_step{step}.png",
+                    title=title,
+                    query_role=view.query_role,
+                    key_role=view.key_role,
+                    limit=limit,
                 )
-                paths.append(
-                    plot_qk_slices(
-                        slices,
-                        [vocab[t] for t in view.queries],
-                        [vocab[a] for a in view.keys],
-                        step,
-                        out / f"qk_{name}_step{step}.png",
-                        title=title,
-                        query_role=view.query_role,
-                        key_role=view.key_role,
-                    )
-                )
+            )
     return paths
 
 
@@ -280,6 +309,7 @@ def write_report(
     alpha: float = 0.01,
     at_steps: list[int] | None = None,
     yardstick: str = "fallback",
+    member: int = 0,
 ) -> Path:
     """Analyse runs and write report.md, ordering.json and the PNGs into ``out``."""
     out = Path(out)
@@ -308,8 +338,15 @@ def write_report(
         for p in result.primitives
     }
     figures.append(plot_weight_vs_probe(both, out / "weight_vs_probe.png"))
-    figures.append(plot_dag(result.primitives, list(result.ordering.dag), out / "ordering_dag.png"))
-    figures += circuit_figures(first, out, at_steps)
+    figures.append(
+        plot_dag(
+            result.primitives,
+            list(result.ordering.dag),
+            out / "ordering_dag.png",
+            dag_labels(result.ordering),
+        )
+    )
+    figures += circuit_figures(first, out, at_steps, member)
 
     t = f"t{round(level * 100)}"
     lines = [

@@ -75,6 +75,7 @@ def analyze_main(argv: list[str]) -> int:
         default=None,
         help="steps for the direct-path and QK figures (nearest weight snapshots)",
     )
+    parser.add_argument("--member", type=int, default=0, help="the member the circuit figures show")
     args = parser.parse_args(argv)
     if not 0 < args.level < 1:
         parser.error(f"--level: must be between 0 and 1 (0.5 is the t50 onset), got {args.level}")
@@ -85,7 +86,7 @@ def analyze_main(argv: list[str]) -> int:
 
     try:
         report = write_report(
-            args.runs, args.out, args.level, args.source, args.alpha, args.steps, args.yardstick
+            args.runs, args.out, args.level, args.source, args.alpha, args.steps, args.yardstick, args.member
         )
     except (TimelineError, KeyError) as error:
         print(f"devinterp: error: {one_line(error)}", file=sys.stderr)
