@@ -206,3 +206,48 @@ def plot_qk_slices(
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
+
+
+def plot_variants(
+    full: dict[str, tuple[np.ndarray, np.ndarray]],
+    variants: dict[str, tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]],
+    path: Path,
+    baseline: str = "nothing learned",
+) -> Path:
+    """Each knock-out / knock-in variant against the full run: one panel per primitive, the
+    members' median progress of the full run (black) and of each variant (a colour each; the
+    knock-in's switch to the full language marked with a dotted line of its colour)."""
+    names = list(full)
+    columns = min(4, len(names))
+    rows = -(-len(names) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, name in zip(axes.flat, names):
+        steps, progress = full[name]
+        ax.plot(steps + 1, np.median(progress, axis=1), color="black", linewidth=1.8, label="full")
+        for k, (variant, (curves, switch)) in enumerate(variants.items()):
+            if name not in curves:
+                continue
+            color = colors[k % len(colors)]
+            v_steps, v_progress = curves[name]
+            ax.plot(v_steps + 1, np.median(v_progress, axis=1), color=color, linewidth=1.4, label=variant)
+            if switch:
+                ax.axvline(switch + 1, color=color, linestyle=":", linewidth=0.9)
+        ax.axhline(0.0, color="grey", linewidth=0.5, linestyle=":")
+        ax.set_xscale("log")
+        finals = [np.median(full[name][1], axis=1)[-1]] + [
+            np.median(c[name][1], axis=1)[-1] for c, _ in variants.values() if name in c
+        ]
+        ax.set_ylim(max(-3.0, min(-1.0, float(np.nanmin(finals)))) - 0.05, 1.05)  # a variant left far below
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step + 1", fontsize=8)
+        ax.set_ylabel("progress (median)", fontsize=8)
+        ax.legend(frameon=False, fontsize=6)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.suptitle("each variant against the full run (dotted: a knock-in's switch)", fontsize=9)
+    fig.text(0.01, 0.005, f"0 = {baseline}, on the full run's baselines", fontsize=6, color="grey")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

@@ -15,10 +15,17 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from analysis.dependence import Dependence, dependence, variant_of
+from analysis.dependence import Dependence, dependence, switch_step_of, variant_of
 from analysis.onset import Onset, primitive_onsets, primitive_progress
 from analysis.ordering import Ordering, infer_ordering, lead_lag, smallest_holm_p, units_needed
-from analysis.plots import plot_dag, plot_direct_path, plot_progress, plot_qk_slices, plot_weight_vs_probe
+from analysis.plots import (
+    plot_dag,
+    plot_direct_path,
+    plot_progress,
+    plot_qk_slices,
+    plot_variants,
+    plot_weight_vs_probe,
+)
 from analysis.timeline import Timeline, TimelineError, load_timeline
 from devinterp.language import SpecError, parse_language
 from devinterp.language.primitive import QKView
@@ -346,6 +353,22 @@ def write_report(
             dag_labels(result.ordering),
         )
     )
+    variants = [t for t in timelines if variant_of(t)[0] != "full"]
+    if variants:
+        baselines = first.baselines(yardstick)
+        drawn = {}
+        for timeline in variants:
+            kind, primitives = variant_of(timeline)
+            label = f"{kind.replace('knock', 'knock-')} {'+'.join(primitives)}"
+            drawn[label] = (
+                {
+                    p: primitive_progress(timeline, p, source, yardstick, baselines)
+                    for p in curves
+                    if progress_or_none(timeline, p, source, yardstick) is not None
+                },
+                switch_step_of(timeline),
+            )
+        figures.append(plot_variants(curves, drawn, out / "variants.png", YARDSTICK_TEXT[yardstick]))
     figures += circuit_figures(first, out, at_steps, member)
 
     t = f"t{round(level * 100)}"
