@@ -211,6 +211,7 @@ def test_dependence_command_trains_variants_that_analyze_reads(tmp_path):
     report = (out / "report.md").read_text()
     assert "## Onsets" in report and "## Ordering" in report and "## Dependence" in report
     assert "| induction | bigram |" in report  # Y = induction, X = bigram
+    assert "![variants](variants.png)" in report and (out / "variants.png").is_file()
     ordering = json.loads((out / "ordering.json").read_text())
     assert ordering["units"] == 2 and {d["x"] for d in ordering["dependence"]} == {"bigram"}
     for png in ("progress.png", "weight_vs_probe.png", "ordering_dag.png"):
