@@ -127,7 +127,7 @@ def killed_runs(tmp_path_factory):
     # the outside kill: once training is under way, at a random moment
     while not (root / "external" / "timeline.h5").exists() and external.poll() is None:
         time.sleep(0.05)
-    time.sleep(random.Random(0).uniform(0.0, 1.0))  # the 30 steps take about 2 s once the file exists
+    time.sleep(random.Random(0).uniform(0.0, 0.3))  # the 30 steps take 1 to 2 s once the file exists
     external.send_signal(signal.SIGKILL)
     processes["external"] = external
     results = {name: p.communicate(timeout=600) + (p.returncode,) for name, p in processes.items()}
@@ -196,7 +196,7 @@ def test_resumed_runs_equal_the_uninterrupted_run_bit_for_bit(resumed_runs):
 
 
 def test_wandb_holds_each_step_once_with_the_timelines_values(resumed_runs):
-    root, _ = resumed_runs
+    root, results = resumed_runs
     reference = wandb_rows(root / "reference")
     assert sorted(reference) == list(range(MAX_STEPS + 1))
     assert all(len(r) == 1 for r in reference.values())  # one step, one history row
@@ -219,8 +219,13 @@ def test_wandb_holds_each_step_once_with_the_timelines_values(resumed_runs):
     # every killed-and-resumed run: across its segments, each step once, the same keys and values
     for name in [n for n, (_, _, wandb) in KILLS.items() if wandb] + ["external"]:
         segments = run_files(root / name / "wandb")
-        assert len(segments) >= 2 and {run_group(p) for p in segments[1:]} == {name}, name
         got = wandb_rows(root / name)
+        if "the run already finished" in results[name][1]:  # the outside kill came after the last step:
+            # no resume, one segment; a W&B writer killed while finishing may have lost its last rows
+            # (the timeline has them; a finished run is not resumed to replay them)
+            assert len(segments) == 1 and all(len(r) == 1 for r in got.values()), name
+            continue
+        assert len(segments) >= 2 and {run_group(p) for p in segments[1:]} == {name}, name
         assert sorted(got) == list(range(MAX_STEPS + 1)), (name, sorted(got))
         for step, found in got.items():
             assert len(found) == 1, (name, step, len(found))
