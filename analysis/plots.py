@@ -53,10 +53,7 @@ def plot_progress(
     fig.text(0.01, 0.01, f"0 = {baseline}", fontsize=6, color="grey")
     ax.set_title(title)
     ax.legend(frameon=False, fontsize=8, title="median, members' IQR; | = a member's onset", title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_weight_vs_probe(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: Path) -> Path:
@@ -73,10 +70,7 @@ def plot_weight_vs_probe(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarra
         ax.set_xlabel("step + 1")
     axes[0][0].set_ylabel("progress (median of members)")
     axes[0][0].legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_dag(
@@ -127,10 +121,7 @@ def plot_dag(
             color="0.3",
         )
     ax.set_title("learned before: significant orders,\ntransitive reduction", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_direct_path(
@@ -167,10 +158,7 @@ def plot_direct_path(
     ax.set_title(f"direct path W_E W_U at step {step}, member {member}", pad=22)
     bar = fig.colorbar(image, ax=ax, shrink=0.8, pad=0.12)
     bar.set_label("direct-path logit (same scale at every step)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_qk_slices(
@@ -202,10 +190,7 @@ def plot_qk_slices(
         ax.set_title(f"{panel}, step {step}", fontsize=9)
         bar = fig.colorbar(image, ax=ax, shrink=0.8)
         bar.set_label("attention score, summed over heads", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_variants(
@@ -247,6 +232,11 @@ def plot_variants(
         ax.axis("off")
     fig.suptitle("each variant against the full run (dotted: a knock-in's switch)", fontsize=9)
     fig.text(0.01, 0.005, f"0 = {baseline}, on the full run's baselines", fontsize=6, color="grey")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    """Lay out, write at the figures' one resolution, and free the figure."""
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
