@@ -79,9 +79,14 @@ def onset_shift(full: list[Onset], variant: list[Onset], n_boot: int = 2000, see
     )
 
 
+def config_section(timeline: Timeline, section: str) -> dict:
+    """One section of the run's stored config (empty where the file has none)."""
+    return (yaml.safe_load(timeline.meta.get("config", "")) or {}).get(section) or {}
+
+
 def variant_of(timeline: Timeline) -> tuple[str, list[str]]:
     """("full" | "knockout" | "knockin", primitives) from the run's stored config."""
-    data = (yaml.safe_load(timeline.meta.get("config", "")) or {}).get("data", {})
+    data = config_section(timeline, "data")
     if data.get("knockout"):
         return "knockout", list(data["knockout"])
     if data.get("knockin"):
@@ -91,7 +96,7 @@ def variant_of(timeline: Timeline) -> tuple[str, list[str]]:
 
 def switch_step_of(timeline: Timeline) -> int:
     """A knock-in run's switch to the full language (``data.knockin_steps``; 0 for other runs)."""
-    data = (yaml.safe_load(timeline.meta.get("config", "")) or {}).get("data", {})
+    data = config_section(timeline, "data")
     return int(data.get("knockin_steps") or 0) if data.get("knockin") else 0
 
 
@@ -118,7 +123,7 @@ def from_switch(onsets: dict[str, list[Onset]], switch: int, knocked_in: list[st
 
 def seed_of(timeline: Timeline) -> int | None:
     """The run's model seed (member k was initialised with seed + k) from its stored config."""
-    return ((yaml.safe_load(timeline.meta.get("config", "")) or {}).get("model") or {}).get("seed")
+    return config_section(timeline, "model").get("seed")
 
 
 def dependence(

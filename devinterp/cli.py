@@ -40,6 +40,7 @@ commands:
   sweep        train a grid of configs, one run folder per point
 """
 TRAINING_COMMANDS = ("fit", "validate")  # Lightning's test and predict: the model has no such step
+ALL_COMMANDS = (*TRAINING_COMMANDS, "resume", "language", "analyze", "dependence", "sweep")
 RESUME_HELP = """usage: devinterp resume RUN_FOLDER [--section.field value ...]
 
 Continue a stopped run in its own folder from checkpoints/last.ckpt (a run killed before its first
@@ -155,10 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             from devinterp.experiments import main as dependence_main
 
             return dependence_main(argv[1:])
-        if argv[0] not in (*TRAINING_COMMANDS, "resume") and not argv[0].startswith("-"):
+        if argv[0] not in ALL_COMMANDS and not argv[0].startswith("-"):
             raise UsageError(
-                f"{argv[0]!r} is not a command; one of: fit, validate, resume, language, "
-                "analyze, dependence, sweep (devinterp --help)"
+                f"{argv[0]!r} is not a command; one of: {', '.join(ALL_COMMANDS)} (devinterp --help)"
             )
         if argv[0] == "resume" and (len(argv) < 2 or argv[1] in ("-h", "--help")):
             print(RESUME_HELP, end="")

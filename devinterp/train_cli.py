@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
-from analysis.timeline import TimelineError
+from analysis.timeline import TimelineError, open_timeline
 from callbacks.circuit_metrics import CircuitMetrics
 from callbacks.probe_metrics import ProbeMetrics
 from callbacks.progress_bar import FlushedLossBar
@@ -87,8 +87,6 @@ def check_same_data(timeline: Path, spec_text: str) -> None:
     corpus's description, its sha256 included) must equal the one the timeline recorded."""
     if not timeline.is_file():
         return
-    from analysis.timeline import TimelineError, open_timeline
-
     try:
         with open_timeline(timeline) as f:  # a killed writer's SWMR file included
             recorded = f["meta/language_spec"][()].decode()
