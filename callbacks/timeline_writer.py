@@ -32,7 +32,8 @@ A resumed run skips every step at or below the old file's ``logged_through``, so
 W&B twice across the segments of a run. W&B's own writer loses what it had not put on disk when
 its process is killed; a resume reads the earlier segments' W&B files and sends those lost rows
 again from the timeline (through the same ``summarize``), so the segments together hold every
-step once.
+step once. A finished run whose writer was killed while finishing is not trained again: its
+resume sends only those lost rows, from the file as it is.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class TimelineWriter(L.Callback):
         self.n_snapshots = n_snapshots
         self.run_config: str | None = None  # the resolved CLI config (YAML), set by the CLI
         self.resuming = False  # set by the CLI's resume: an existing file is this run's, resumed
+        self.replay_after: int | None = None  # set by the CLI: a finished run, W&B lacks later steps
         self.groups: dict[str, TimelineGroup] = {}
         self.file: h5py.File | None = None
         self.path: Path | None = None
@@ -449,12 +451,16 @@ class TimelineWriter(L.Callback):
             persisted = None
         if persisted is None or persisted >= self._logged_before:
             return
+        self._queue_lost_logs(self.file, persisted, before=step)
+
+    def _queue_lost_logs(self, f: h5py.File, persisted: int, before: int | None = None) -> None:
+        """Queue the committed rows of ``f`` after ``persisted`` (and before ``before``)."""
         self._logged_before = persisted
         for name in self.groups:
-            steps = self.file[name]["step"][()]
-            lost = np.flatnonzero((steps > persisted) & (steps < step))
-            if len(lost):
-                self._queue_logs(name, steps[lost], self.file[name]["values"][lost[0] : lost[-1] + 1])
+            steps = f[name]["step"][: int(f[name]["committed"][0])]
+            lost = np.flatnonzero((steps > persisted) & (steps < (np.inf if before is None else before)))
+            if len(lost):  # steps increase, so the lost rows are one block
+                self._queue_logs(name, steps[lost], f[name]["values"][lost[0] : lost[-1] + 1])
 
     @staticmethod
     def _copy_snapshots(old: h5py.File, new: h5py.File, step: int) -> None:
@@ -483,6 +489,26 @@ class TimelineWriter(L.Callback):
                 f"trainer.callbacks: {', '.join(late)} must come before the TimelineWriter, "
                 "so that every row of a step is written before the step is committed"
             )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.replay_after is not None and trainer.is_global_zero:
+            self._replay_finished(trainer, self.replay_after)
+
+    def _replay_finished(self, trainer: L.Trainer, persisted: int) -> None:
+        """A finished run whose W&B writer was killed while finishing: hand the loggers, from the
+        file as it is (read only), every step after ``persisted``, one dict per step. Training
+        does not run (the restored step is max_steps)."""
+        path = Path(trainer.default_root_dir) / self.filename
+        try:
+            f = open_timeline(path)
+        except TimelineError as error:
+            raise TimelineWriteError(f"cannot send the lost W&B rows: {error}") from None
+        with f:
+            self._queue_lost_logs(f, persisted)
+        for step in sorted(self._pending_logs):
+            metrics = self._pending_logs.pop(step)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._open()

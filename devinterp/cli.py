@@ -6,7 +6,8 @@ checkpoints/, wandb/, probe_summary.json). The name defaults to the first config
 folder that already exists is never reused: the run gets ``name-2``, ``name-3``, ... and the
 folder is printed. ``devinterp resume RUN`` continues a stopped run in its own folder from its
 last checkpoint (``checkpoints/last.ckpt``, written every ``run.checkpoint_every_n_steps`` steps
-unless the config names its own ModelCheckpoint); a finished run is never resumed.
+unless the config names its own ModelCheckpoint); a finished run is never trained again: its
+resume only sends W&B the rows a writer killed while finishing lost, or is refused.
 W&B runs offline by default (``--run.wandb_mode online`` to stream, ``disabled`` for none); every
 segment of a run (the first, then one per resume) is a W&B run in the group named after the run
 folder.
@@ -45,7 +46,8 @@ RESUME_HELP = """usage: devinterp resume RUN_FOLDER [--section.field value ...]
 
 Continue a stopped run in its own folder from checkpoints/last.ckpt (a run killed before its first
 checkpoint restarts from step 0). Options override the run's config.yaml, e.g.
---trainer.max_steps 5000 extends a finished run.
+--trainer.max_steps 5000 extends a finished run. Without it, a finished run is not trained
+again: the resume sends W&B the last rows a writer killed while finishing lost, or is refused.
 """
 
 

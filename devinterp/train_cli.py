@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Literal, Optional
@@ -26,6 +27,7 @@ from callbacks.timeline_writer import NonFiniteMetricError, TimelineWriteError, 
 from devinterp.data import ToyLanguageData
 from devinterp.errors import UsageError
 from devinterp.module import TensorTransformerModule
+from devinterp.wandb_files import WandbReadError, last_logged_step
 
 # what a user's mistake (or a diverged run) raises here: one line, never a traceback
 TRAINING_ERRORS = (
@@ -176,6 +178,7 @@ class DevinterpCLI(LightningCLI):
             )
         map_flush_alias(config)
         self.resume_step = None
+        self.replay_after = None  # a finished run: the last step its W&B files hold
         self.child_rank = os.environ.get("LOCAL_RANK", "0") != "0" and RUN_DIR_VARIABLE in os.environ
         if self.child_rank:  # a DDP process launched by rank zero: its run folder, nothing to make
             self.run_dir = Path(os.environ[RUN_DIR_VARIABLE])
@@ -199,9 +202,18 @@ class DevinterpCLI(LightningCLI):
                 )
             self.resume_step = 0 if checkpoint is None else checkpoint_step(checkpoint)
             if config.trainer.max_steps is not None and self.resume_step >= config.trainer.max_steps:
-                raise UsageError(
-                    f"{self.run_dir}: the run already finished (step {self.resume_step} of "
-                    f"trainer.max_steps {config.trainer.max_steps}); raise --trainer.max_steps to extend it"
+                self.replay_after = wandb_lacks_steps(self.run_dir, self.resume_step)
+                if self.replay_after is None:
+                    raise UsageError(
+                        f"{self.run_dir}: the run already finished (step {self.resume_step} of "
+                        f"trainer.max_steps {config.trainer.max_steps}); "
+                        "raise --trainer.max_steps to extend it"
+                    )
+                print(
+                    f"{self.run_dir}: the run already finished (step {self.resume_step}), but its W&B "
+                    f"files hold steps only through {self.replay_after} (a writer killed while finishing); "
+                    "sending the rest from the timeline, no training",
+                    flush=True,
                 )
             config.ckpt_path = None if checkpoint is None else str(checkpoint)
             self.save_config_callback = None  # the folder's config.yaml stays as the run wrote it
@@ -285,11 +297,22 @@ class DevinterpCLI(LightningCLI):
                     self.config[self.subcommand], skip_none=False
                 )
                 callback.resuming = self.resume_step is not None  # a restart from step 0 included
+                callback.replay_after = self.replay_after
         return trainer
 
     def after_fit(self) -> None:
         if not self.child_rank:
             print(f"run folder: {self.run_dir}", flush=True)
+
+
+def wandb_lacks_steps(run_dir: Path, last_step: int) -> int | None:
+    """The last step a finished run's W&B files hold, where that is before its ``last_step``
+    (None: they hold every step, or the run has no W&B files, or they cannot be read)."""
+    try:
+        persisted = last_logged_step(run_dir / "wandb")
+    except (WandbReadError, OSError, ValueError, subprocess.SubprocessError):
+        return None
+    return persisted if persisted is not None and persisted < last_step else None
 
 
 def run_lightning(argv: list[str] | None) -> None:
