@@ -16,6 +16,13 @@ members and a gap of twice the per-member onset spread it found 98% of planted e
 test 73% (tests/test_analysis.py). With n units the smallest two-sided p-value of either test
 is 2 / 2^n: 8 units reach 0.0078, so alpha = 0.01 needs at least 8.
 
+"No order" is a claim of its own, not a missing edge: X and Y are learned at the same time
+within a margin m (default 0.3 log-steps, a factor 1.35 in step) when two one-sided Wilcoxon
+tests (TOST, Schuirmann 1987) reject both "the gaps sit at or above +m" and "at or below -m",
+Holm-corrected across pairs like the edges. A unit where only one of the two formed counts as a
+gap beyond any margin (its true gap is unknown but at least what was seen), so censoring can
+never make two primitives look simultaneous.
+
 A second signal, reported beside the onset test: the lead-lag of the progress derivatives (the
 log-step shift that best aligns d progress / d log step of X with that of Y).
 """
@@ -50,6 +57,9 @@ class PairTest:
     wilcoxon_p: float
     holm_p: float = math.nan  # Holm-corrected Wilcoxon p-value
     edge: str = ""  # "x->y", "y->x" or ""
+    equivalence_p: float = 1.0  # TOST: both onsets within +-margin of each other
+    equivalence_holm_p: float = math.nan
+    same_time: bool = False  # "no order": equivalence_holm_p below alpha
 
 
 @dataclass(frozen=True)
@@ -58,13 +68,15 @@ class Ordering:
     edges: tuple[tuple[str, str], ...]  # every significant edge
     dag: tuple[tuple[str, str], ...]  # its transitive reduction
     alpha: float
+    margin: float = 0.3  # log-steps, of the "no order" (equivalence) test
 
 
-def compare(x: str, onsets_x: list[Onset], y: str, onsets_y: list[Onset]) -> PairTest:
-    """Paired test of which of X and Y comes first; onsets are paired by position in the lists."""
+def compare(x: str, onsets_x: list[Onset], y: str, onsets_y: list[Onset], margin: float = 0.3) -> PairTest:
+    """Paired test of which of X and Y comes first, and of whether they come at the same time
+    within ``margin`` log-steps; onsets are paired by position in the lists."""
     if len(onsets_x) != len(onsets_y):
         raise ValueError(f"{x} has {len(onsets_x)} onsets and {y} {len(onsets_y)}: they must pair up")
-    gaps, x_first, y_first, ties = [], 0, 0, 0
+    gaps, bounds, x_first, y_first, ties = [], [], 0, 0, 0
     for a, b in zip(onsets_x, onsets_y):
         if a.censored and b.censored:
             continue
@@ -74,6 +86,7 @@ def compare(x: str, onsets_x: list[Onset], y: str, onsets_y: list[Onset]) -> Pai
         elif b.censored:
             gap = max(gap, 1e-12)
         gaps.append(gap)
+        bounds.append(gap if not (a.censored or b.censored) else math.copysign(math.inf, gap))
         if gap > 0:
             x_first += 1
         elif gap < 0:
@@ -103,7 +116,24 @@ def compare(x: str, onsets_x: list[Onset], y: str, onsets_y: list[Onset]) -> Pai
         float(np.median(gaps)) if gaps else math.nan,
         sign_p,
         wilcoxon_p,
+        equivalence_p=equivalence_p(bounds, margin),
     )
+
+
+def equivalence_p(gaps: list[float], margin: float) -> float:
+    """TOST with Wilcoxon signed-rank tests: the larger of the one-sided p-values of "the gaps
+    lie below +margin" and "above -margin" (small: the median gap is within +-margin). An
+    infinite gap (a censored unit) ranks beyond every finite one."""
+    finite = np.asarray(gaps, dtype=np.float64)
+    if len(finite) < 2:
+        return 1.0
+    big = 1e6 * (1 + np.abs(finite[np.isfinite(finite)]).max(initial=0.0))
+    finite = np.clip(finite, -big, big)
+    p_values = []
+    for shifted, alternative in ((finite - margin, "less"), (finite + margin, "greater")):
+        nonzero = shifted[shifted != 0]
+        p_values.append(float(wilcoxon(nonzero, alternative=alternative).pvalue) if len(nonzero) else 1.0)
+    return max(p_values)
 
 
 def smallest_wilcoxon_p(n_untied: int) -> float:
@@ -156,19 +186,22 @@ def transitive_reduction(edges: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(a, b) for a, b in edges if b not in reachable(a, skip=(a, b))]
 
 
-def infer_ordering(onsets: dict[str, list[Onset]], alpha: float = 0.01) -> Ordering:
-    """Every pair of primitives (or metrics) tested; significant edges and their DAG."""
+def infer_ordering(onsets: dict[str, list[Onset]], alpha: float = 0.01, margin: float = 0.3) -> Ordering:
+    """Every pair of primitives (or metrics) tested; significant edges and their DAG, and the
+    pairs learned at the same time within ``margin`` log-steps."""
     names = list(onsets)
-    pairs = [compare(x, onsets[x], y, onsets[y]) for x, y in itertools.combinations(names, 2)]
+    pairs = [compare(x, onsets[x], y, onsets[y], margin) for x, y in itertools.combinations(names, 2)]
     adjusted = holm([p.wilcoxon_p for p in pairs]) if pairs else []
+    same = holm([p.equivalence_p for p in pairs]) if pairs else []
     tested, edges = [], []
-    for pair, p_holm in zip(pairs, adjusted):
+    for pair, p_holm, p_same in zip(pairs, adjusted, same):
         edge = ""
         if p_holm < alpha and pair.median_log_gap != 0:
             edge = "x->y" if pair.median_log_gap > 0 else "y->x"
             edges.append((pair.x, pair.y) if edge == "x->y" else (pair.y, pair.x))
-        tested.append(PairTest(**{**pair.__dict__, "holm_p": p_holm, "edge": edge}))
-    return Ordering(tuple(tested), tuple(edges), tuple(transitive_reduction(edges)), alpha)
+        fields = {"holm_p": p_holm, "edge": edge, "equivalence_holm_p": p_same, "same_time": p_same < alpha}
+        tested.append(PairTest(**{**pair.__dict__, **fields}))
+    return Ordering(tuple(tested), tuple(edges), tuple(transitive_reduction(edges)), alpha, margin)
 
 
 def lead_lag(

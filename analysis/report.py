@@ -401,8 +401,8 @@ def write_report(
         "## Ordering",
         "",
         "| X | Y | units | X first | Y first | ties | P(X first) [95% CI] | median gap (log step) | "
-        "sign p | Wilcoxon p | Holm p | edge | lead-lag (log step) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "sign p | Wilcoxon p | Holm p | edge | same time: Holm p | lead-lag (log step) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for pair in result.ordering.pairs:
         edge = {"x->y": f"{pair.x} -> {pair.y}", "y->x": f"{pair.y} -> {pair.x}"}.get(pair.edge, "")
@@ -412,19 +412,33 @@ def write_report(
             if pair.x_first + pair.y_first
             else "all tied: no order to test"
         )
+        same_mark = " (same time)" if pair.same_time else ""
         lines.append(
             f"| {pair.x} | {pair.y} | {pair.n_units} | {pair.x_first} | {pair.y_first} | {pair.ties} | "
             f"{first} | {pair.median_log_gap:+.2f} | {pair.sign_p:.2g} | {pair.wilcoxon_p:.2g} | "
-            f"{pair.holm_p:.2g} | {edge} | {lag:+.2f} |"
+            f"{pair.holm_p:.2g} | {edge} | {pair.equivalence_holm_p:.2g}{same_mark} | {lag:+.2f} |"
         )
     dag = ", ".join(f"{a} -> {b}" for a, b in result.ordering.dag) or "no significant edge"
+    margin = result.ordering.margin
+    same = [p for p in result.ordering.pairs if p.same_time]
+    no_order = (
+        f"No order: {', '.join(f'{p.x} and {p.y} (Holm p {p.equivalence_holm_p:.2g})' for p in same)} are "
+        f"learned at the same time within +-{margin:g} log-steps (x{math.exp(margin):.2f} in step)."
+        if same
+        else f"No pair is shown to be learned at the same time within +-{margin:g} log-steps, so a missing "
+        'edge means "not shown", not "no order".'
+    )
     lines += [
         "",
         "Columns: a unit is one member of one run; X first / Y first / ties count units by which onset "
         "came first; the gap is log(t_Y + 1) - log(t_X + 1), median over units (> 0: X first); "
         "lead-lag is the shift in log(step + 1) that maximises the correlation of the two "
         "member-averaged progress derivatives (> 0: X leads); it has no interval and depends on the "
-        "run's length (the grid spans the whole run), so read it beside the onsets, never alone.",
+        "run's length (the grid spans the whole run), so read it beside the onsets, never alone. "
+        f"Same time: two one-sided Wilcoxon tests (TOST) that the gaps lie within +-{margin:g} log-steps, "
+        "Holm-corrected; a unit where only one of the two formed counts as beyond the margin.",
+        "",
+        no_order,
         "",
         power_text(result.ordering, result.n_units),
         "",

@@ -271,3 +271,50 @@ def test_censored_shifts_are_printed_as_lower_bounds():
         "formed in neither"
     )
     assert _shift_text(Shift(8, 0, -0.5, -0.7, -0.3, 0.0078)) == "-0.50 [-0.70, -0.30], p 0.0078"
+
+
+def parallel_instance(rng, members=16, shared=0.3, own=0.1, gap=0.0, noise=0.05, from_curves=True):
+    """Two primitives learned in parallel: each member's speed (spread ``shared`` in log-step)
+    moves both, and each primitive has its own jitter ``own``; Y planted ``gap`` after X. The
+    onsets come from noisy progress curves through the t50 detector, or (``from_curves`` False)
+    are the planted midpoints themselves."""
+    speed = rng.uniform(3.0, 4.0) + rng.normal(0, shared, members)
+    onsets = {}
+    for name, offset in (("X", 0.0), ("Y", gap)):
+        midpoints = speed + offset + rng.normal(0, own, members)
+        if not from_curves:
+            onsets[name] = [onset(math.expm1(m), k) for k, m in enumerate(midpoints)]
+            continue
+        progress = 1 / (1 + np.exp(-(X[:, None] - midpoints[None]) / 0.25))
+        onsets[name] = threshold_onsets(name, STEPS, progress + rng.normal(0, noise, progress.shape), 0.5)
+    return onsets
+
+
+def test_no_true_order_gives_false_edges_within_the_binomial_bound_and_says_no_order():
+    """500 synthetic instances of two primitives with no true order: edges no more often than
+    alpha allows (binomial upper tail at 0.001), and "no order" (same time within the margin)
+    said in nearly all; with a planted gap of 1 log-step, "no order" is never said. The 500 take
+    their onsets as planted (the ordering test alone); 40 more go through curves and the t50
+    detector, whose onsets sit on a grid (ties, so slower exact tests)."""
+    from scipy.stats import binom
+
+    rng = np.random.default_rng(500)
+    alpha, n = 0.01, 500
+    pairs = [
+        infer_ordering(parallel_instance(rng, from_curves=False), alpha=alpha).pairs[0] for _ in range(n)
+    ]
+    assert sum(bool(p.edge) for p in pairs) <= binom.ppf(0.999, n, alpha)
+    assert sum(p.same_time for p in pairs) >= 0.95 * n
+    detected = [infer_ordering(parallel_instance(rng), alpha=alpha).pairs[0] for _ in range(40)]
+    assert sum(bool(p.edge) for p in detected) <= binom.ppf(0.999, 40, alpha)
+    assert sum(p.same_time for p in detected) >= 0.9 * 40
+    apart = [infer_ordering(parallel_instance(rng, gap=1.0), alpha=alpha).pairs[0] for _ in range(20)]
+    assert not any(p.same_time for p in apart) and all(p.edge == "x->y" for p in apart)
+
+
+def test_a_censored_unit_never_counts_towards_the_same_time():
+    formed = [onset(100 + m, m) for m in range(16)]
+    never = [onset(5000, m, censored=True) for m in range(16)]
+    half = formed[:8] + never[8:]
+    assert compare("X", formed, "Y", formed).equivalence_p < 1e-3  # identical onsets: same time
+    assert compare("X", formed, "Y", half).equivalence_p > 0.5  # half never formed Y
