@@ -235,6 +235,87 @@ def plot_variants(
     return _save(fig, path)
 
 
+def plot_stages(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    onsets: dict[str, list[Onset]],
+    steps: np.ndarray,
+    states: np.ndarray,
+    labels: list[str],
+    path: Path,
+    title: str,
+) -> Path:
+    """Progress per primitive (medians over members, median onsets dashed) above a strip plot of
+    every member's latent state (one row per member, ``states`` (member, bin) on the bins' log-step
+    grid ``steps``), on one log-step axis."""
+    n_members, n_bins = states.shape
+    fig, (top, strip) = plt.subplots(
+        2, 1, figsize=(7, 3.2 + 0.12 * n_members), sharex=True, height_ratios=[2.2, 0.4 + 0.1 * n_members]
+    )
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, (curve_steps, progress)) in enumerate(curves.items()):
+        color = colors[i % len(colors)]
+        top.plot(curve_steps + 1, np.median(progress, axis=1), color=color, linewidth=2, label=name)
+        formed = [o.step for o in onsets.get(name, []) if not o.censored]
+        if formed:
+            top.axvline(np.median(formed) + 1, color=color, linewidth=0.8, linestyle="--")
+    top.set_xscale("log")
+    top.set_ylabel("progress (median)")
+    top.set_ylim(-0.3, 1.06)
+    top.legend(frameon=False, fontsize=7, title="dashed: median onset", title_fontsize=7)
+    top.set_title(title)
+    # bin edges halfway (in log step) between the bins' steps, so each cell covers its bin
+    x = np.log(steps + 1)
+    edges = np.exp(np.r_[x[0] - (x[1] - x[0]) / 2, (x[:-1] + x[1:]) / 2, x[-1] + (x[-1] - x[-2]) / 2])
+    n_states = int(states.max()) + 1
+    cmap = plt.get_cmap("tab10", max(n_states, 2))
+    mesh = strip.pcolormesh(
+        edges, np.arange(n_members + 1), states, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, shading="flat"
+    )
+    strip.set_yticks(np.arange(n_members) + 0.5, labels, fontsize=5)
+    strip.invert_yaxis()
+    strip.set_xlabel("step + 1")
+    bar = fig.colorbar(mesh, ax=strip, ticks=range(n_states), fraction=0.04, pad=0.01)
+    bar.set_label("state", fontsize=7)
+    return _save(fig, path)
+
+
+def plot_essential_dynamics(
+    steps: np.ndarray,
+    coords: np.ndarray,
+    explained: np.ndarray,
+    onset_steps: dict[str, float],
+    path: Path,
+) -> Path:
+    """Each member's trajectory in the first two principal components of the model's outputs
+    (thin lines, points coloured by log step), the median onset of each primitive marked on
+    every member's path at the snapshot nearest it (in log step)."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    colour = np.log10(steps + 1)
+    for member in range(coords.shape[0]):
+        ax.plot(coords[member, :, 0], coords[member, :, 1], color="grey", linewidth=0.5, alpha=0.6)
+        points = ax.scatter(coords[member, :, 0], coords[member, :, 1], c=colour, cmap="viridis", s=10)
+    markers = "^sDvP*X"
+    for i, (name, step) in enumerate(onset_steps.items()):
+        nearest = int(np.argmin(np.abs(np.log1p(steps) - np.log1p(step))))
+        ax.scatter(
+            coords[:, nearest, 0],
+            coords[:, nearest, 1],
+            marker=markers[i % len(markers)],
+            s=45,
+            facecolors="none",
+            edgecolors=f"C{i}",
+            label=f"{name} onset (step {step:.0f})",
+        )
+    bar = fig.colorbar(points, ax=ax)
+    bar.set_label("log10(step + 1)")
+    ax.set_xlabel(f"PC1 ({explained[0]:.0%} of variance)")
+    ax.set_ylabel(f"PC2 ({explained[1]:.0%} of variance)")
+    ax.set_title("essential dynamics: outputs on fixed inputs, PCA over snapshots", fontsize=9)
+    if onset_steps:
+        ax.legend(frameon=False, fontsize=7)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     """Lay out, write at the figures' one resolution, and free the figure."""
     fig.tight_layout()

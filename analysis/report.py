@@ -21,11 +21,14 @@ from analysis.ordering import Ordering, infer_ordering, lead_lag, smallest_holm_
 from analysis.plots import (
     plot_dag,
     plot_direct_path,
+    plot_essential_dynamics,
     plot_progress,
     plot_qk_slices,
+    plot_stages,
     plot_variants,
     plot_weight_vs_probe,
 )
+from analysis.stages import NEAR_ONSET, StageFit, fit_stages, near_onsets, stage_data
 from analysis.timeline import Timeline, TimelineError, load_timeline
 from devinterp.language import SpecError, parse_language
 from devinterp.language.primitive import QKView
@@ -308,6 +311,110 @@ def circuit_figures(
     return paths
 
 
+def stages_section(
+    full: list[Timeline],
+    onsets: dict[str, list[Onset]],
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    out: Path,
+    yardstick: str,
+) -> tuple[list[str], list[Path], StageFit | None]:
+    """The latent-state model of the full runs (analysis.stages) and essential dynamics of the
+    first run's snapshots: the report's lines and figures."""
+    lines = ["## Stages of training", ""]
+    try:
+        fit = near_onsets(fit_stages(stage_data(full, yardstick=yardstick)), onsets)
+    except (ValueError, KeyError) as error:
+        return lines + [f"No latent-state model: {error}.", ""], [], None
+    bic = ", ".join(f"{k}: {v:.0f}" for k, v in fit.bic.items())
+    lines += [
+        f"A Gaussian HMM (Hu, Saphra et al. 2023) on {len(fit.data.features)} standardised features "
+        f"({', '.join(fit.data.features)}; the training loss left out), {len(fit.data.steps)} log-step bins, "
+        f"{len(fit.states)} members pooled. BIC picks **{fit.n_states} states** (BIC by state count: {bic}). "
+        "States are numbered by when members first reach them."
+        + (
+            " The count is the largest tried: more states may fit better, so read them as a lower bound."
+            if fit.n_states == max(fit.bic)
+            else ""
+        ),
+        "",
+        "| transition | members | median step | nearest primitive onset (log-steps) | features that change "
+        "most (standard units) |",
+        "|---|---|---|---|---|",
+    ]
+    unplanted = []
+    for t in fit.transitions:
+        near = "" if t.nearest_onset is None else f"{t.nearest_onset[0]} ({t.nearest_onset[1]:+.2f})"
+        if t.nearest_onset is None or abs(t.nearest_onset[1]) > NEAR_ONSET:
+            unplanted.append(t)
+        top = ", ".join(f"{name} {change:+.1f}" for name, change in t.top_features)
+        lines.append(f"| {t.before} -> {t.after} | {t.n_sequences} | {t.median_step:.0f} | {near} | {top} |")
+    matrix = ["| from \\ to | " + " | ".join(map(str, range(fit.n_states))) + " |"]
+    matrix.append("|---" * (fit.n_states + 1) + "|")
+    for i, row in enumerate(fit.transition_matrix):
+        matrix.append(f"| {i} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+    lines += ["", "Transition matrix (per bin):", "", *matrix, ""]
+    if unplanted:
+        lines.append(
+            "Transitions with no primitive onset within "
+            f"{NEAR_ONSET} log-steps (a stage no primitive explains): "
+            + ", ".join(f"{t.before} -> {t.after} at step {t.median_step:.0f}" for t in unplanted)
+            + "."
+        )
+    else:
+        lines.append(f"Every transition lies within {NEAR_ONSET} log-steps of a primitive's median onset.")
+    if fit.detours:
+        for state, visitors in fit.detours.items():
+            who = ", ".join(
+                f"{fit.data.sequences[v]} (converges at step {fit.convergence_steps[v]:.0f})"
+                for v in visitors
+            )
+            others = np.median([c for i, c in enumerate(fit.convergence_steps) if i not in visitors])
+            lines.append(
+                f"Detour: state {state} is visited by {len(visitors)} of {len(fit.states)} members: {who}; "
+                f"the others converge at a median step of {others:.0f}."
+            )
+    else:
+        lines.append("No detour state: every state is visited by at least half the members, or by none.")
+    figures = [
+        plot_stages(
+            curves,
+            onsets,
+            fit.data.steps,
+            fit.states,
+            fit.data.sequences,
+            out / "stages.png",
+            f"latent states ({fit.n_states}, BIC) under the primitives' progress",
+        )
+    ]
+    lines += ["", "Figure stages.png: the primitives' progress above every member's state sequence.", ""]
+    try:
+        from analysis.essential_dynamics import essential_dynamics
+
+        dynamics = essential_dynamics(full[0])
+    except KeyError as error:
+        lines += [f"No essential dynamics: {error}.", ""]
+        return lines, figures, fit
+    medians = {
+        p: float(np.median([o.step for o in v if not o.censored]))
+        for p, v in onsets.items()
+        if any(not o.censored for o in v)
+    }
+    figures.append(
+        plot_essential_dynamics(
+            dynamics.steps, dynamics.coords, dynamics.explained, medians, out / "essential_dynamics.png"
+        )
+    )
+    share = ", ".join(f"{e:.0%}" for e in dynamics.explained)
+    lines += [
+        f"Essential dynamics (Hoogland et al. 2024): the outputs on 32 fixed sequences at the "
+        f"{len(dynamics.steps)} weight snapshots of {full[0].path.parent.name or full[0].path.name}, PCA "
+        f"over snapshots and members together; the first components explain {share} of the variance "
+        "(figure essential_dynamics.png, primitives' median onsets marked).",
+        "",
+    ]
+    return lines, figures, fit
+
+
 def write_report(
     paths: list[str | Path],
     out: str | Path,
@@ -317,6 +424,7 @@ def write_report(
     at_steps: list[int] | None = None,
     yardstick: str = "fallback",
     member: int = 0,
+    stages: bool = True,
 ) -> Path:
     """Analyse runs and write report.md, ordering.json and the PNGs into ``out``."""
     out = Path(out)
@@ -463,6 +571,13 @@ def write_report(
                 f"| {d.y} | {d.x} | {_shift_text(d.knock_out)} | {_shift_text(d.knock_in)} | {verdict} |"
             )
         lines += ["", *notes, ""]
+    fit = None
+    if stages:
+        stage_lines, stage_figures, fit = stages_section(
+            [t for _, t in full], result.onsets[source], curves, out, yardstick
+        )
+        lines += stage_lines
+        figures += stage_figures
     lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
@@ -482,6 +597,18 @@ def write_report(
                 "dag": result.ordering.dag,
                 "lead_lag": result.lead_lag,
                 "dependence": [asdict(d) for d in result.dependence],
+                "stages": None
+                if fit is None
+                else {
+                    "n_states": fit.n_states,
+                    "bic": fit.bic,
+                    "features": fit.data.features,
+                    "bin_steps": fit.data.steps.tolist(),
+                    "states": fit.states.tolist(),
+                    "transition_matrix": fit.transition_matrix.tolist(),
+                    "transitions": [asdict(t) for t in fit.transitions],
+                    "detours": {str(k): v for k, v in fit.detours.items()},
+                },
             },
             indent=2,
             default=float,

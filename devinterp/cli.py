@@ -79,6 +79,11 @@ def analyze_main(argv: list[str]) -> int:
         help="steps for the direct-path and QK figures (nearest weight snapshots)",
     )
     parser.add_argument("--member", type=int, default=0, help="the member the circuit figures show")
+    parser.add_argument(
+        "--no-stages",
+        action="store_true",
+        help="leave out the stages section (latent-state model and essential dynamics)",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.level < 1:
         parser.error(f"--level: must be between 0 and 1 (0.5 is the t50 onset), got {args.level}")
@@ -89,7 +94,15 @@ def analyze_main(argv: list[str]) -> int:
 
     try:
         report = write_report(
-            args.runs, args.out, args.level, args.source, args.alpha, args.steps, args.yardstick, args.member
+            args.runs,
+            args.out,
+            args.level,
+            args.source,
+            args.alpha,
+            args.steps,
+            args.yardstick,
+            args.member,
+            stages=not args.no_stages,
         )
     except (TimelineError, KeyError) as error:
         print(f"devinterp: error: {one_line(error)}", file=sys.stderr)

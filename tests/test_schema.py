@@ -60,10 +60,11 @@ def test_a_producer_after_the_writer_is_refused_in_setup(tmp_path):
         fit(tmp_path, 3, writer_first=True)
 
 
-def test_reading_a_timeline_imports_no_torch(tmp_path):
+def test_reading_a_timeline_and_fitting_its_stages_imports_no_torch(tmp_path):
     path = fit(tmp_path, 4)
     code = (
         "import sys, analysis; t = analysis.load_timeline(sys.argv[1]); "
+        "from analysis.stages import fit_stages, stage_data; fit_stages(stage_data([t]), range(1, 3)); "
         "assert 'torch' not in sys.modules, 'torch imported'; print(len(t.steps('every_step')))"
     )
     done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True)

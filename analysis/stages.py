@@ -1,0 +1,304 @@
+"""Stages of training as a whole: a latent-state model of the metric trajectories.
+
+After Hu, Saphra et al. (2023, "Latent state models of training dynamics", arXiv 2308.09543):
+each member's training is a sequence of metric vectors, a Gaussian HMM is fitted to the
+sequences of all members (and runs) pooled, as Hu et al. pool seeds, and each member's Viterbi
+path is its sequence of stages. Conventions, stated once:
+
+- Time is log(step + 1), as for onsets. The rows (every step, every diagnostics step, every
+  probe step) are first averaged into ``n_bins`` bins evenly spaced in log(step + 1) (an empty
+  bin of a sparse group takes the group's value interpolated in log-step), since ~1000
+  autocorrelated per-step rows would make BIC pick the largest state count.
+- Features: per primitive its weight progress and its probe progress (the curves the onsets
+  use, on the same yardstick), and log10 of the headline weight norms of the diagnostics group
+  (``model/*/*_norm``). The training loss is left out: it jumps by construction when the data
+  change (a curriculum switch), and the point is to find stages from the model alone.
+  Standardised per feature over all members and bins, then optionally reduced by PCA.
+- Gaussian HMM with diagonal covariances (hmmlearn), the number of states chosen by BIC over a
+  range, the best of several restarts (random initialisations) per state count.
+- States are numbered by when members first reach them (median first visit), so state 0 is
+  where training starts. A *boundary* is a bin where a member's Viterbi state changes; its step
+  is the geometric midpoint of the two bins' steps.
+- A *detour* state (Hu et al.) is one that at least one member, but fewer than half, visit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from analysis.onset import Onset, primitive_progress
+
+NEAR_ONSET = 0.3  # log-steps: a boundary this close to a primitive's median onset is "at" it
+
+
+@dataclass(frozen=True)
+class StageData:
+    """Metric trajectories on a common log-step grid."""
+
+    steps: np.ndarray  # (bin,) the bins' mean steps
+    values: np.ndarray  # (sequence, bin, feature), raw (not standardised)
+    features: list[str]
+    sequences: list[str]  # one label per sequence, e.g. "run/member 3"
+
+
+@dataclass(frozen=True)
+class Boundary:
+    sequence: int
+    step: float
+    before: int  # state before the boundary
+    after: int
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One kind of state change, pooled over the sequences that make it."""
+
+    before: int
+    after: int
+    n_sequences: int
+    median_step: float
+    top_features: list[tuple[str, float]]  # (feature, change of the state mean in standard units)
+    nearest_onset: tuple[str, float] | None = None  # (primitive, log-step distance, signed)
+
+
+@dataclass
+class StageFit:
+    n_states: int
+    bic: dict[int, float]  # state count -> BIC of its best restart
+    transition_matrix: np.ndarray  # (state, state), states renumbered
+    means: np.ndarray  # (state, feature) in standard units (after undoing PCA where used)
+    states: np.ndarray  # (sequence, bin) Viterbi state
+    data: StageData
+    boundaries: list[Boundary] = field(default_factory=list)
+    transitions: list[Transition] = field(default_factory=list)
+    detours: dict[int, list[int]] = field(default_factory=dict)  # state -> sequences visiting it
+    convergence_steps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (sequence,)
+
+
+def on_grid(steps: np.ndarray, values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Average rows (N, ...) into bins with ``edges`` (bin + 1,) in log(step + 1); a bin with no
+    row takes the rows' value linearly interpolated in log-step at the bin's centre."""
+    x = np.log1p(np.asarray(steps, dtype=np.float64))
+    values = np.asarray(values, dtype=np.float64)
+    n_bins = len(edges) - 1
+    which = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, n_bins - 1)
+    flat = values.reshape(len(x), -1)
+    out = np.empty((n_bins, flat.shape[1]))
+    centres = (edges[:-1] + edges[1:]) / 2
+    for b in range(n_bins):
+        rows = flat[which == b]
+        rows = rows[np.isfinite(rows).all(axis=1)] if len(rows) else rows
+        if len(rows):
+            out[b] = rows.mean(axis=0)
+        else:
+            for column in range(flat.shape[1]):
+                ok = np.isfinite(flat[:, column])
+                out[b, column] = np.interp(centres[b], x[ok], flat[ok, column]) if ok.any() else np.nan
+    return out.reshape(n_bins, *values.shape[1:])
+
+
+def stage_data(timelines: list, n_bins: int = 40, yardstick: str = "fallback") -> StageData:
+    """The stage features of every member of every timeline on one log-step grid (the
+    timelines must share primitives and cover the same steps: runs of one config)."""
+    first = timelines[0]
+    primitives = [p for p in first.label_names if p != "start"]
+    last_step = min(int(t.steps(next(iter(t.groups))).max()) for t in timelines)
+    densest = min(max(int((g.steps <= last_step).sum()) for g in t.groups.values()) for t in timelines)
+    n_bins = max(2, min(n_bins, densest))  # no more bins than rows: a bin must hold data
+    edges = np.linspace(0.0, math.log1p(last_step), n_bins + 1)
+    centres = np.expm1((edges[:-1] + edges[1:]) / 2)
+    per_run, features = [], None
+    for timeline in timelines:
+        columns, names = [], []
+        for source in ("weight", "probe"):
+            for primitive in primitives:
+                try:
+                    steps, progress = primitive_progress(timeline, primitive, source, yardstick)
+                except KeyError:
+                    continue
+                keep = steps <= last_step
+                columns.append(on_grid(steps[keep], progress[keep], edges))  # (bin, member)
+                names.append(f"{source}:{primitive}")
+        for name in timeline.names("model/*_norm", group="diagnostics"):
+            steps = timeline.steps(name)
+            keep = steps <= last_step
+            norm = np.log10(np.maximum(timeline.values(name)[keep], 1e-12))
+            columns.append(on_grid(steps[keep], norm, edges))
+            names.append(f"log10 {name}")
+        if features is None:
+            features = names
+        elif names != features:
+            raise ValueError(f"{timeline.path}: its stage features differ from {first.path}'s")
+        per_run.append(np.stack(columns, axis=-1).transpose(1, 0, 2))  # (member, bin, feature)
+    values = np.concatenate(per_run)
+    labels = [
+        f"{t.path.parent.name or t.path.stem}/member {m}" if len(timelines) > 1 else f"member {m}"
+        for t in timelines
+        for m in range(t.n_members)
+    ]
+    return StageData(centres, values, features or [], labels)
+
+
+def fit_stages(
+    data: StageData,
+    state_counts: range = range(1, 9),
+    restarts: int = 5,
+    n_components: int | None = None,
+    seed: int = 0,
+    n_iter: int = 200,
+) -> StageFit:
+    """Fit Gaussian HMMs with each number of states, keep the one BIC prefers, and decode every
+    sequence (Viterbi). ``n_components``: reduce the standardised features by PCA first."""
+    from hmmlearn.hmm import GaussianHMM
+
+    logging.getLogger("hmmlearn").setLevel(logging.ERROR)  # per-iteration chatter; the score decides
+
+    values = data.values  # (sequence, bin, feature)
+    n_seq, n_bins, n_feat = values.shape
+    flat = values.reshape(-1, n_feat)
+    keep = np.isfinite(flat).all(axis=0) & (np.nanstd(flat, axis=0) > 0)
+    flat = flat[:, keep]
+    features = [f for f, k in zip(data.features, keep) if k]
+    if not features:
+        raise ValueError("stages: no feature varies over training")
+    mean, scale = flat.mean(axis=0), flat.std(axis=0)
+    standard = (flat - mean) / scale
+    basis = np.eye(standard.shape[1])
+    if n_components is not None and n_components < standard.shape[1]:
+        _, _, vt = np.linalg.svd(standard - standard.mean(axis=0), full_matrices=False)
+        basis = vt[:n_components].T  # (feature, component)
+    X = standard @ basis
+    lengths = [n_bins] * n_seq
+    rng = np.random.default_rng(seed)
+    best_by_count, bic = {}, {}
+    for n_states in state_counts:
+        if n_states * 2 > len(X):
+            break
+        best, best_score = None, -np.inf
+        for restart in range(restarts):
+            model = GaussianHMM(
+                n_components=n_states,
+                covariance_type="diag",
+                n_iter=n_iter,
+                random_state=int(rng.integers(2**31 - 1)),
+                min_covar=1e-3,
+                init_params="stc",  # the means are ours: k-means (hmmlearn's default) costs 10x the fit
+            )
+            model.means_ = _initial_means(X.reshape(n_seq, n_bins, -1), n_states, restart, rng)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # convergence chatter; the score decides
+                try:
+                    model.fit(X, lengths)
+                    score = model.score(X, lengths)
+                except ValueError:  # a degenerate start (e.g. an empty state)
+                    continue
+            if np.isfinite(score) and score > best_score:
+                best, best_score = model, score
+        if best is not None:
+            best_by_count[n_states], bic[n_states] = best, float(best.bic(X, lengths))
+    if not bic:
+        raise ValueError("stages: no hidden Markov model could be fitted")
+    n_states = min(bic, key=bic.get)
+    model = best_by_count[n_states]
+    raw_states = model.predict(X, lengths).reshape(n_seq, n_bins)
+    # renumber by median first visit, so state 0 is where training starts
+    first_visit = [
+        np.median([np.flatnonzero(row == s)[0] if (row == s).any() else n_bins for row in raw_states])
+        for s in range(n_states)
+    ]
+    order = np.argsort(first_visit, kind="stable")
+    rename = np.empty(n_states, dtype=np.int64)
+    rename[order] = np.arange(n_states)
+    states = rename[raw_states]
+    means = (model.means_ @ basis.T)[order]  # (state, feature) in standard units
+    fit = StageFit(
+        n_states=n_states,
+        bic=bic,
+        transition_matrix=model.transmat_[np.ix_(order, order)],
+        means=means,
+        states=states,
+        data=StageData(data.steps, data.values[:, :, keep], features, data.sequences),
+    )
+    _describe(fit)
+    return fit
+
+
+def _initial_means(X: np.ndarray, n_states: int, restart: int, rng: np.random.Generator) -> np.ndarray:
+    """Starting state means from X (sequence, bin, feature): the first restart splits training
+    into equal stretches of log-step and takes each stretch's mean (training moves forward);
+    later ones run k-means from k-means++ seeds (Arthur and Vassilvitskii 2007), a few Lloyd
+    iterations in numpy."""
+    if restart == 0:
+        return np.stack([part.mean(axis=(0, 1)) for part in np.array_split(X, n_states, axis=1)])
+    flat = X.reshape(-1, X.shape[-1])
+    centres = [flat[rng.integers(len(flat))]]
+    for _ in range(1, n_states):
+        distance = np.min([((flat - c) ** 2).sum(axis=1) for c in centres], axis=0)
+        total = distance.sum()
+        pick = rng.choice(len(flat), p=distance / total) if total > 0 else rng.integers(len(flat))
+        centres.append(flat[pick])
+    centres = np.stack(centres)
+    for _ in range(20):
+        nearest = np.argmin(((flat[:, None] - centres[None]) ** 2).sum(axis=2), axis=1)
+        moved = np.stack(
+            [flat[nearest == k].mean(axis=0) if (nearest == k).any() else centres[k] for k in range(n_states)]
+        )
+        if np.allclose(moved, centres):
+            break
+        centres = moved
+    return centres
+
+
+def _describe(fit: StageFit, n_top: int = 3) -> None:
+    """Boundaries, the transitions they make with the features that change most, detour states
+    and each sequence's convergence step (where it enters its last state)."""
+    log_steps = np.log1p(fit.data.steps)
+    for sequence, row in enumerate(fit.states):
+        for b in np.flatnonzero(np.diff(row)):
+            step = float(np.expm1((log_steps[b] + log_steps[b + 1]) / 2))
+            fit.boundaries.append(Boundary(sequence, step, int(row[b]), int(row[b + 1])))
+    kinds: dict[tuple[int, int], list[Boundary]] = {}
+    for boundary in fit.boundaries:
+        kinds.setdefault((boundary.before, boundary.after), []).append(boundary)
+    for (before, after), found in sorted(kinds.items(), key=lambda kv: np.median([b.step for b in kv[1]])):
+        change = fit.means[after] - fit.means[before]
+        top = [(fit.data.features[i], float(change[i])) for i in np.argsort(-np.abs(change))[:n_top]]
+        fit.transitions.append(
+            Transition(
+                before,
+                after,
+                len({b.sequence for b in found}),
+                float(np.median([b.step for b in found])),
+                top,
+            )
+        )
+    n_seq = len(fit.states)
+    for state in range(fit.n_states):
+        visitors = [s for s, row in enumerate(fit.states) if (row == state).any()]
+        if 0 < len(visitors) < n_seq / 2:
+            fit.detours[state] = visitors
+    last = [np.flatnonzero(np.diff(row))[-1] + 1 if np.diff(row).any() else 0 for row in fit.states]
+    fit.convergence_steps = fit.data.steps[np.array(last, dtype=np.int64)]
+
+
+def near_onsets(fit: StageFit, onsets: dict[str, list[Onset]]) -> StageFit:
+    """Each transition beside the nearest primitive's median onset (uncensored onsets only):
+    (primitive, log(boundary step + 1) - log(onset + 1))."""
+    medians = {}
+    for primitive, found in onsets.items():
+        formed = [o.step for o in found if not o.censored]
+        if formed:
+            medians[primitive] = float(np.median(np.log1p(formed)))
+    for i, transition in enumerate(fit.transitions):
+        if medians:
+            here = math.log1p(transition.median_step)
+            name = min(medians, key=lambda p: abs(here - medians[p]))
+            fit.transitions[i] = Transition(
+                **{**transition.__dict__, "nearest_onset": (name, here - medians[name])}
+            )
+    return fit

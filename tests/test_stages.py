@@ -1,0 +1,161 @@
+"""Stages of training: the latent-state model recovers planted states, boundaries and detours
+(issue: Stages of training)."""
+
+import numpy as np
+import pytest
+
+from analysis.stages import StageData, fit_stages, on_grid
+
+N_BINS = 100
+
+
+def planted_trajectories(seed, n_seq=6, n_feat=4, n_states=4, detour=None):
+    """Sequences that move through ``n_states`` states in order (each its own boundaries, at
+    least 8 bins apart), Gaussian noise of unit variance around well-separated state means.
+    ``detour`` (state, sequences): only those sequences pass through that state."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 3, size=(n_states, n_feat))
+    while min(np.linalg.norm(means[i] - means[j]) for i in range(n_states) for j in range(i)) < 4:
+        means = rng.normal(0, 3, size=(n_states, n_feat))
+    values, boundaries = [], []
+    for sequence in range(n_seq):
+        path = list(range(n_states))
+        if detour is not None and sequence not in detour[1]:
+            path.remove(detour[0])
+        while True:
+            cuts = np.sort(rng.choice(np.arange(10, N_BINS - 10), len(path) - 1, replace=False))
+            if np.diff(cuts).min(initial=99) >= 8:
+                break
+        state = np.array(path)[np.searchsorted(cuts, np.arange(N_BINS), side="right")]
+        values.append(means[state] + rng.normal(0, 1, size=(N_BINS, n_feat)))
+        boundaries.append(cuts)
+    steps = np.expm1(np.linspace(0.1, 9.0, N_BINS))
+    data = StageData(
+        steps, np.stack(values), [f"f{i}" for i in range(n_feat)], [str(i) for i in range(n_seq)]
+    )
+    return data, boundaries
+
+
+def test_bic_picks_four_states_and_boundaries_land_within_two_percent():
+    """20 seeds of a known 4-state model: BIC picks 4 in at least 18, and at least 90% of the
+    planted boundaries have a Viterbi boundary within 2% of the run (2 of 100 bins)."""
+    picks, hits, total = [], 0, 0
+    for seed in range(20):
+        data, planted = planted_trajectories(seed)
+        fit = fit_stages(data, range(2, 7), restarts=4, seed=seed, n_iter=100)
+        picks.append(fit.n_states)
+        for sequence, cuts in enumerate(planted):
+            found = np.flatnonzero(np.diff(fit.states[sequence])) + 1
+            for cut in cuts:
+                total += 1
+                hits += bool(len(found)) and int(np.abs(found - cut).min()) <= 0.02 * N_BINS
+    assert picks.count(4) >= 18, picks
+    assert hits >= 0.9 * total, (hits, total)
+
+
+def test_states_are_numbered_in_training_order_and_describe_their_changes():
+    data, _ = planted_trajectories(3)
+    fit = fit_stages(data, range(2, 7), restarts=4)
+    assert fit.n_states == 4
+    assert (fit.states[:, 0] == 0).all() and (fit.states[:, -1] == 3).all()
+    assert [(t.before, t.after) for t in fit.transitions] == [(0, 1), (1, 2), (2, 3)]
+    assert all(t.n_sequences == 6 for t in fit.transitions)
+    # the feature that changes most at a transition is the one whose planted mean moves most
+    means = np.stack([data.values[:, :, :][fit.states == s].mean(axis=0) for s in range(4)])
+    for t in fit.transitions:
+        moved = np.abs((means[t.after] - means[t.before]) / data.values.reshape(-1, 4).std(axis=0))
+        assert t.top_features[0][0] == f"f{int(np.argmax(moved))}"
+    np.testing.assert_allclose(fit.transition_matrix.sum(axis=1), 1.0)
+    assert not fit.detours
+
+
+def test_a_state_only_some_members_visit_is_named_a_detour():
+    data, _ = planted_trajectories(7, n_seq=8, n_states=5, detour=(2, [1, 4]))
+    fit = fit_stages(data, range(2, 8), restarts=4)
+    assert fit.n_states == 5
+    assert list(fit.detours.values()) == [[1, 4]], fit.detours
+
+
+def test_on_grid_averages_bins_and_interpolates_empty_ones():
+    edges = np.log1p(np.array([0.0, 9.0, 99.0, 999.0, 9999.0]))
+    steps = np.array([0, 5, 500, 600])
+    values = np.array([1.0, 3.0, 10.0, 20.0])[:, None]
+    got = on_grid(steps, values, edges)[:, 0]
+    centre = (edges[1] + edges[2]) / 2  # an empty bin: interpolated in log-step at its centre
+    between = np.interp(centre, np.log1p(steps), values[:, 0])
+    assert got.tolist() == pytest.approx([2.0, between, 15.0, 20.0])
+    assert 3.0 < between < 10.0
+
+
+def test_essential_dynamics_pca_recovers_a_planted_plane_and_keeps_distances():
+    """Outputs that move along a curve in a 2-D plane of a 1000-dimensional space: two components
+    explain all the variance, and the coordinates keep every pairwise distance (a rotation)."""
+    from analysis.essential_dynamics import principal_trajectory
+
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 3, 24)
+    curve = np.stack([np.stack([np.cos(t) * (1 + m), np.sin(2 * t) + m], axis=-1) for m in range(3)])
+    plane = np.linalg.qr(rng.normal(size=(1000, 2)))[0].T  # (2, 1000), orthonormal rows
+    outputs = curve @ plane + 5.0  # (member, snapshot, feature), offset: the PCA centres
+    coords, explained = principal_trajectory(outputs, n_components=3)
+    assert explained[:2].sum() == pytest.approx(1.0, abs=1e-9) and explained[2] < 1e-9
+    flat, planted = coords[..., :2].reshape(-1, 2), curve.reshape(-1, 2)
+    distance = lambda a: np.linalg.norm(a[:, None] - a[None], axis=-1)  # noqa: E731
+    np.testing.assert_allclose(distance(flat), distance(planted), atol=1e-9)
+
+
+def test_snapshot_outputs_are_the_models_centred_log_probabilities(tmp_path):
+    """The outputs at a snapshot equal an independent forward pass of the weights stored in it."""
+    import torch
+    import yaml
+
+    from analysis.essential_dynamics import INPUT_SEED, snapshot_outputs
+    from analysis.timeline import load_timeline
+    from devinterp.cli import main
+    from devinterp.language import parse_language
+    from devinterp.model import ModelConfig, TensorTransformer
+    from tests.conftest import ROOT
+
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "tests/data/tiny.yaml"),
+                "--run.root",
+                str(tmp_path),
+                "--run.wandb_mode",
+                "disabled",
+                "--trainer.max_steps",
+                "12",
+                "--timeline.n_snapshots",
+                "4",
+            ]
+        )
+        == 0
+    )
+    timeline = load_timeline(next(tmp_path.glob("*/timeline.h5")))
+    steps, outputs = snapshot_outputs(timeline, n_sequences=3)
+    assert list(steps) == sorted(timeline.snapshot_steps[timeline.snapshot_steps >= 0])
+    config = yaml.safe_load(timeline.meta["config"])["model"]
+    model = TensorTransformer(
+        ModelConfig(**{k: v for k, v in config.items() if k in ModelConfig.__dataclass_fields__})
+    )
+    slot = int(np.flatnonzero(timeline.snapshot_steps == steps[-1])[0])
+    _, weights = timeline.snapshot(slot)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    language = parse_language(yaml.safe_load(timeline.meta["language_spec"]))
+    tokens = torch.from_numpy(language.sample(3, model.cfg.n_ctx, INPUT_SEED).tokens)
+    with torch.no_grad():
+        logits = model(tokens.expand(model.cfg.n_members, -1, -1)).double()
+    logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    want = (logp - logp.mean(dim=-1, keepdim=True)).reshape(model.cfg.n_members, -1).numpy()
+    np.testing.assert_allclose(outputs[:, -1], want, rtol=1e-6, atol=1e-9)
+    # the report's stages section, its figures, and --no-stages
+    from analysis.report import write_report
+
+    report = write_report([tmp_path], tmp_path / "analysis").read_text()
+    assert "## Stages of training" in report and "BIC picks" in report and "Essential dynamics" in report
+    assert (tmp_path / "analysis" / "stages.png").is_file()
+    assert (tmp_path / "analysis" / "essential_dynamics.png").is_file()
+    assert "## Stages" not in write_report([tmp_path], tmp_path / "bare", stages=False).read_text()
