@@ -7,6 +7,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.colors  # noqa: E402
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -56,20 +58,35 @@ def plot_progress(
     return _save(fig, path)
 
 
-def plot_weight_vs_probe(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: Path) -> Path:
-    """One panel per primitive: weight-derived and probe progress (medians over members)."""
+def plot_weight_vs_probe(
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: Path, baseline: str = "nothing learned"
+) -> Path:
+    """One panel per primitive: weight-derived and probe progress, the median over members bold
+    and their interquartile range shaded, a legend in every panel."""
     names = list(curves)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.3), sharey=True, squeeze=False)
     for ax, name in zip(axes[0], names):
-        for source, style in (("weight", "-"), ("probe", "--")):
+        for source, style, color in (("weight", "-", "C0"), ("probe", "--", "C1")):
             if source in curves[name]:
                 steps, progress = curves[name][source]
-                ax.plot(steps + 1, np.median(progress, axis=1), style, label=source)
+                low, high = np.percentile(progress, [25, 75], axis=1)
+                ax.fill_between(steps + 1, low, high, color=color, alpha=0.18, linewidth=0)
+                ax.plot(
+                    steps + 1,
+                    np.median(progress, axis=1),
+                    style,
+                    color=color,
+                    label=f"{source} (median, IQR)",
+                )
+        ax.axhline(0.0, color="grey", linewidth=0.6, linestyle=":")
         ax.set_xscale("log")
+        ax.set_ylim(-1.05, 1.08)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step + 1")
-    axes[0][0].set_ylabel("progress (median of members)")
-    axes[0][0].legend(frameon=False, fontsize=8)
+        ax.legend(frameon=False, fontsize=7, loc="upper left")
+    axes[0][0].set_ylabel("progress (1 = learned)")
+    fig.suptitle("weight-derived and probe progress per primitive", fontsize=10)
+    fig.text(0.01, 0.01, f"0 = {baseline}", fontsize=6, color="grey")
     return _save(fig, path)
 
 
@@ -260,22 +277,26 @@ def plot_stages(
             top.axvline(np.median(formed) + 1, color=color, linewidth=0.8, linestyle="--")
     top.set_xscale("log")
     top.set_ylabel("progress (median)")
-    top.set_ylim(-0.3, 1.06)
+    lowest = min((float(np.nanmin(np.median(p, axis=1))) for _, p in curves.values()), default=0.0)
+    top.set_ylim(max(-1.0, min(0.0, lowest)) - 0.05, 1.06)
     top.legend(frameon=False, fontsize=7, title="dashed: median onset", title_fontsize=7)
     top.set_title(title)
     # bin edges halfway (in log step) between the bins' steps, so each cell covers its bin
     x = np.log(steps + 1)
     edges = np.exp(np.r_[x[0] - (x[1] - x[0]) / 2, (x[:-1] + x[1:]) / 2, x[-1] + (x[-1] - x[-2]) / 2])
     n_states = int(states.max()) + 1
-    cmap = plt.get_cmap("tab10", max(n_states, 2))
-    mesh = strip.pcolormesh(
-        edges, np.arange(n_members + 1), states, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, shading="flat"
+    palette = plt.get_cmap("tab10" if n_states <= 10 else "tab20")
+    cmap = matplotlib.colors.ListedColormap([palette(i) for i in range(n_states)])
+    strip.pcolormesh(
+        edges, np.arange(n_members + 1), states, cmap=cmap, vmin=-0.5, vmax=n_states - 0.5, shading="flat"
     )
     strip.set_yticks(np.arange(n_members) + 0.5, labels, fontsize=5)
     strip.invert_yaxis()
     strip.set_xlabel("step + 1")
-    bar = fig.colorbar(mesh, ax=strip, ticks=range(n_states), fraction=0.04, pad=0.01)
-    bar.set_label("state", fontsize=7)
+    handles = [matplotlib.patches.Patch(color=palette(i), label=f"state {i}") for i in range(n_states)]
+    strip.legend(
+        handles=handles, fontsize=6, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0), ncol=1
+    )
     return _save(fig, path)
 
 

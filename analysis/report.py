@@ -311,6 +311,23 @@ def circuit_figures(
     return paths
 
 
+def run_header(timeline: Timeline) -> str:
+    """The first full run's steps, members, model and language, from its stored config."""
+    config = yaml.safe_load(timeline.meta.get("config", "")) or {}
+    model, data = config.get("model") or {}, config.get("data") or {}
+    steps = int(max(g.steps.max() for g in timeline.groups.values() if len(g.steps)))
+    keys = ("n_layers", "n_heads", "d_model", "d_head", "attention") + (
+        ("d_mlp",) if model.get("mlp") else ()
+    )
+    shape = ", ".join(f"{key} {model[key]}" for key in keys if model.get(key) is not None)
+    language = Path(str(data.get("language") or data.get("corpus") or "?")).name
+    name = timeline.path.parent.name or timeline.path.name
+    return (
+        f"Run {name}: {steps} steps, {timeline.n_members} members; model: {shape or 'see config.yaml'}; "
+        f"language {language}, sequences of {data.get('seq_len', '?')}, batch {data.get('batch_size', '?')}."
+    )
+
+
 def stages_section(
     full: list[Timeline],
     onsets: dict[str, list[Onset]],
@@ -452,7 +469,7 @@ def write_report(
         p: {s: c for s in ("weight", "probe") if (c := progress_or_none(first, p, s, yardstick)) is not None}
         for p in result.primitives
     }
-    figures.append(plot_weight_vs_probe(both, out / "weight_vs_probe.png"))
+    figures.append(plot_weight_vs_probe(both, out / "weight_vs_probe.png", YARDSTICK_TEXT[yardstick]))
     figures.append(
         plot_dag(
             result.primitives,
@@ -482,6 +499,8 @@ def write_report(
     t = f"t{round(level * 100)}"
     lines = [
         f"# Analysis of {len(files)} run(s)",
+        "",
+        run_header(first),
         "",
         f"Runs: {', '.join(str(f.parent) for f in files)}. Units (run, member) of the full language: "
         f"{result.n_units}. Onset = {t} of each primitive's progress (median over its rules); "

@@ -156,6 +156,8 @@ def test_snapshot_outputs_are_the_models_centred_log_probabilities(tmp_path):
 
     report = write_report([tmp_path], tmp_path / "analysis").read_text()
     assert "## Stages of training" in report and "BIC picks" in report and "Essential dynamics" in report
+    header = report.splitlines()[2]  # the run at the top: its steps, members and model
+    assert header.startswith("Run tiny: 12 steps, 2 members; model: n_layers 1, n_heads 2, d_model 16")
     assert (tmp_path / "analysis" / "stages.png").is_file()
     assert (tmp_path / "analysis" / "essential_dynamics.png").is_file()
     assert "## Stages" not in write_report([tmp_path], tmp_path / "bare", stages=False).read_text()
