@@ -10,8 +10,9 @@ path is its sequence of stages. Conventions, stated once:
   bin of a sparse group takes the group's value interpolated in log-step), since ~1000
   autocorrelated per-step rows would make BIC pick the largest state count.
 - Features: per primitive its weight progress and its probe progress (the curves the onsets
-  use, on the same yardstick), and log10 of the headline weight norms of the diagnostics group
-  (``model/*/*_norm``). The training loss is left out: it jumps by construction when the data
+  use, on the same yardstick), and log10 of the weight norms of the diagnostics group, per layer
+  (the mean over its heads of each of qk1, qk2 and ov) and for the whole model (direct path,
+  all weights). The training loss is left out: it jumps by construction when the data
   change (a curriculum switch), and the point is to find stages from the model alone.
   Standardised per feature over all members and bins, then optionally reduced by PCA.
 - Gaussian HMM with diagonal covariances (hmmlearn), the number of states chosen by BIC over a
@@ -102,6 +103,18 @@ def on_grid(steps: np.ndarray, values: np.ndarray, edges: np.ndarray) -> np.ndar
     return out.reshape(n_bins, *values.shape[1:])
 
 
+def _norm_families(timeline) -> dict[str, list[str]]:
+    """The diagnostics' weight norms, one feature per layer and kind (the mean over the layer's
+    heads, e.g. ``model/L0/ov_norm``) and the whole model's (``model/all/*``), so a model with
+    many heads does not outweigh the primitives' progress."""
+    families: dict[str, list[str]] = {}
+    for name in timeline.names("model/*_norm", group="diagnostics"):
+        _, where, kind = name.split("/")
+        layer = where.split("H")[0] if where.startswith("L") else where
+        families.setdefault(f"model/{layer}/{kind}", []).append(name)
+    return families
+
+
 def stage_data(timelines: list, n_bins: int = 40, yardstick: str = "fallback") -> StageData:
     """The stage features of every member of every timeline on one log-step grid (the
     timelines must share primitives and cover the same steps: runs of one config)."""
@@ -124,11 +137,11 @@ def stage_data(timelines: list, n_bins: int = 40, yardstick: str = "fallback") -
                 keep = steps <= last_step
                 columns.append(on_grid(steps[keep], progress[keep], edges))  # (bin, member)
                 names.append(f"{source}:{primitive}")
-        for name in timeline.names("model/*_norm", group="diagnostics"):
-            steps = timeline.steps(name)
+        for name, heads in _norm_families(timeline).items():
+            steps = timeline.steps(heads[0])
             keep = steps <= last_step
-            norm = np.log10(np.maximum(timeline.values(name)[keep], 1e-12))
-            columns.append(on_grid(steps[keep], norm, edges))
+            mean = np.mean([timeline.values(h)[keep] for h in heads], axis=0)
+            columns.append(on_grid(steps[keep], np.log10(np.maximum(mean, 1e-12)), edges))
             names.append(f"log10 {name}")
         if features is None:
             features = names
