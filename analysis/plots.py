@@ -50,8 +50,7 @@ def plot_progress(
     ax.set_xscale("log")
     ax.set_xlabel("step + 1")
     ax.set_ylabel("progress (1 = learned)")
-    lowest = min((float(np.nanmin(np.median(p, axis=1))) for _, p in curves.values()), default=0.0)
-    ax.set_ylim(max(-1.0, min(0.0, lowest)) - 0.05, 1.06)
+    ax.set_ylim(*_progress_limits(curves))
     fig.text(0.01, 0.01, f"0 = {baseline}", fontsize=6, color="grey")
     ax.set_title(title)
     ax.legend(frameon=False, fontsize=8, title="median, members' IQR; | = a member's onset", title_fontsize=7)
@@ -277,8 +276,7 @@ def plot_stages(
             top.axvline(np.median(formed) + 1, color=color, linewidth=0.8, linestyle="--")
     top.set_xscale("log")
     top.set_ylabel("progress (median)")
-    lowest = min((float(np.nanmin(np.median(p, axis=1))) for _, p in curves.values()), default=0.0)
-    top.set_ylim(max(-1.0, min(0.0, lowest)) - 0.05, 1.06)
+    top.set_ylim(*_progress_limits(curves))
     top.legend(frameon=False, fontsize=7, title="dashed: median onset", title_fontsize=7)
     top.set_title(title)
     # bin edges halfway (in log step) between the bins' steps, so each cell covers its bin
@@ -335,6 +333,12 @@ def plot_essential_dynamics(
     if onset_steps:
         ax.legend(frameon=False, fontsize=7)
     return _save(fig, path)
+
+
+def _progress_limits(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
+    """y limits of a progress axis: down to the lowest median (not below -1), up to just over 1."""
+    lowest = min((float(np.nanmin(np.median(p, axis=1))) for _, p in curves.values()), default=0.0)
+    return max(-1.0, min(0.0, lowest)) - 0.05, 1.06
 
 
 def _save(fig, path: Path) -> Path:
