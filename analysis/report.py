@@ -28,7 +28,7 @@ from analysis.plots import (
     plot_variants,
     plot_weight_vs_probe,
 )
-from analysis.stages import NEAR_ONSET, StageFit, fit_stages, near_onsets, stage_data
+from analysis.stages import NEAR_ONSET, SHARP, StageFit, fit_stages, near_onsets, stage_data
 from analysis.timeline import Timeline, TimelineError, load_timeline
 from devinterp.language import SpecError, parse_language
 from devinterp.language.primitive import QKView
@@ -354,9 +354,13 @@ def stages_section(
             else ""
         ),
         "",
-        "| transition | members | median step | nearest primitive onset (log-steps) | features that change "
-        "most (standard units) |",
-        "|---|---|---|---|---|",
+        f"A boundary is *sharp* where the members' features move at least {SHARP:g} times as far "
+        "between its two bins as between neighbouring bins (a sudden change, such as a curriculum "
+        "switch); the others cut a gradual change into states.",
+        "",
+        "| transition | members | sharp in | median step | nearest primitive onset (log-steps) | features "
+        "that change most (standard units) |",
+        "|---|---|---|---|---|---|",
     ]
     unplanted = []
     for t in fit.transitions:
@@ -364,7 +368,8 @@ def stages_section(
         if t.nearest_onset is None or abs(t.nearest_onset[1]) > NEAR_ONSET:
             unplanted.append(t)
         top = ", ".join(f"{name} {change:+.1f}" for name, change in t.top_features)
-        lines.append(f"| {t.before} -> {t.after} | {t.n_sequences} | {t.median_step:.0f} | {near} | {top} |")
+        counts = f"{t.n_sequences} | {t.n_sharp} | {t.median_step:.0f}"
+        lines.append(f"| {t.before} -> {t.after} | {counts} | {near} | {top} |")
     matrix = ["| from \\ to | " + " | ".join(map(str, range(fit.n_states))) + " |"]
     matrix.append("|---" * (fit.n_states + 1) + "|")
     for i, row in enumerate(fit.transition_matrix):

@@ -10,16 +10,24 @@ path is its sequence of stages. Conventions, stated once:
   bin of a sparse group takes the group's value interpolated in log-step), since ~1000
   autocorrelated per-step rows would make BIC pick the largest state count.
 - Features: per primitive its weight progress and its probe progress (the curves the onsets
-  use, on the same yardstick), and log10 of the weight norms of the diagnostics group, per layer
-  (the mean over its heads of each of qk1, qk2 and ov) and for the whole model (direct path,
-  all weights). The training loss is left out: it jumps by construction when the data
-  change (a curriculum switch), and the point is to find stages from the model alone.
-  Standardised per feature over all members and bins, then optionally reduced by PCA.
+  use, on the same yardstick), and log(1 + norm) of the weight norms of the diagnostics group,
+  per layer (the mean over its heads of each of qk1, qk2 and ov) and for the whole model (direct
+  path, all weights). Not log(norm): W_O starts at zero, so the OV and direct-path norms are 0
+  at step 0, and the log of a floor there would outweigh the whole run. The training loss is
+  left out: it jumps by construction when the data change (a curriculum switch), and the point
+  is to find stages from the model alone. Standardised per feature over all members and bins,
+  then optionally reduced by PCA.
 - Gaussian HMM with diagonal covariances (hmmlearn), the number of states chosen by BIC over a
   range, the best of several restarts (random initialisations) per state count.
 - States are numbered by when members first reach them (median first visit), so state 0 is
   where training starts. A *boundary* is a bin where a member's Viterbi state changes; its step
   is the geometric midpoint of the two bins' steps.
+- A boundary's *jump* is how far the member's features move between the two bins (root mean
+  square over features, standard units), divided by the median move between neighbouring bins
+  in the ``SHARP_WINDOW`` bins on either side. A state boundary also cuts a smooth drift (a
+  weight norm growing like log step is split into states wherever the fit puts them), where the
+  jump is about 1; one that a sudden event makes (a curriculum switch) stands out of its
+  neighbourhood. A boundary with a jump of at least ``SHARP`` is *sharp*.
 - A *detour* state (Hu et al.) is one that at least one member, but fewer than half, visit.
 """
 
@@ -35,6 +43,10 @@ import numpy as np
 from analysis.onset import Onset, primitive_progress
 
 NEAR_ONSET = 0.3  # log-steps: a boundary this close to a primitive's median onset is "at" it
+SHARP = 2.5  # a boundary whose jump is this many times its neighbourhood's typical move is sharp
+SHARP_WINDOW = 4  # bins on either side that set a boundary's neighbourhood
+N_BINS = 80  # log-step bins: 0.08 log-steps wide over 500 steps, finer than the 0.1 a switch is placed to
+MAX_STATES = 12  # the largest state count BIC is offered
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,11 @@ class Boundary:
     step: float
     before: int  # state before the boundary
     after: int
+    jump: float = float("nan")  # the features' move across it over its neighbourhood's typical move
+
+    @property
+    def sharp(self) -> bool:
+        return bool(self.jump >= SHARP)
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,7 @@ class Transition:
     after: int
     n_sequences: int
     median_step: float
+    n_sharp: int  # sequences where this transition is a sharp boundary
     top_features: list[tuple[str, float]]  # (feature, change of the state mean in standard units)
     nearest_onset: tuple[str, float] | None = None  # (primitive, log-step distance, signed)
 
@@ -115,7 +133,7 @@ def _norm_families(timeline) -> dict[str, list[str]]:
     return families
 
 
-def stage_data(timelines: list, n_bins: int = 40, yardstick: str = "fallback") -> StageData:
+def stage_data(timelines: list, n_bins: int = N_BINS, yardstick: str = "fallback") -> StageData:
     """The stage features of every member of every timeline on one log-step grid (the
     timelines must share primitives and cover the same steps: runs of one config)."""
     first = timelines[0]
@@ -141,8 +159,8 @@ def stage_data(timelines: list, n_bins: int = 40, yardstick: str = "fallback") -
             steps = timeline.steps(heads[0])
             keep = steps <= last_step
             mean = np.mean([timeline.values(h)[keep] for h in heads], axis=0)
-            columns.append(on_grid(steps[keep], np.log10(np.maximum(mean, 1e-12)), edges))
-            names.append(f"log10 {name}")
+            columns.append(on_grid(steps[keep], np.log1p(mean), edges))
+            names.append(f"log1p {name}")
         if features is None:
             features = names
         elif names != features:
@@ -159,7 +177,7 @@ def stage_data(timelines: list, n_bins: int = 40, yardstick: str = "fallback") -
 
 def fit_stages(
     data: StageData,
-    state_counts: range = range(1, 9),
+    state_counts: range = range(1, MAX_STATES + 1),
     restarts: int = 5,
     n_components: int | None = None,
     seed: int = 0,
@@ -271,10 +289,18 @@ def _describe(fit: StageFit, n_top: int = 3) -> None:
     """Boundaries, the transitions they make with the features that change most, detour states
     and each sequence's convergence step (where it enters its last state)."""
     log_steps = np.log1p(fit.data.steps)
+    flat = fit.data.values.reshape(-1, fit.data.values.shape[-1])
+    standard = (fit.data.values - flat.mean(axis=0)) / flat.std(axis=0)  # (sequence, bin, feature)
+    moves = np.sqrt((np.diff(standard, axis=1) ** 2).mean(axis=2))  # (sequence, bin - 1)
     for sequence, row in enumerate(fit.states):
         for b in np.flatnonzero(np.diff(row)):
             step = float(np.expm1((log_steps[b] + log_steps[b + 1]) / 2))
-            fit.boundaries.append(Boundary(sequence, step, int(row[b]), int(row[b + 1])))
+            around = np.r_[
+                moves[sequence, max(0, b - SHARP_WINDOW) : b], moves[sequence, b + 1 : b + 1 + SHARP_WINDOW]
+            ]
+            typical = float(np.median(around)) if len(around) else float("nan")
+            jump = float(moves[sequence, b] / typical) if typical > 0 else float("inf")
+            fit.boundaries.append(Boundary(sequence, step, int(row[b]), int(row[b + 1]), jump))
     kinds: dict[tuple[int, int], list[Boundary]] = {}
     for boundary in fit.boundaries:
         kinds.setdefault((boundary.before, boundary.after), []).append(boundary)
@@ -287,6 +313,7 @@ def _describe(fit: StageFit, n_top: int = 3) -> None:
                 after,
                 len({b.sequence for b in found}),
                 float(np.median([b.step for b in found])),
+                len({b.sequence for b in found if b.sharp}),
                 top,
             )
         )

@@ -1,6 +1,9 @@
 """Stages of training: the latent-state model recovers planted states, boundaries and detours
 (issue: Stages of training)."""
 
+import functools
+import math
+
 import numpy as np
 import pytest
 
@@ -161,3 +164,86 @@ def test_snapshot_outputs_are_the_models_centred_log_probabilities(tmp_path):
     assert (tmp_path / "analysis" / "stages.png").is_file()
     assert (tmp_path / "analysis" / "essential_dynamics.png").is_file()
     assert "## Stages" not in write_report([tmp_path], tmp_path / "bare", stages=False).read_text()
+
+
+def switch_timeline(switch: int | None, members=10, last=500, seed=0):
+    """A timeline shaped like a knock-in run: "early" is learned at step ~30 in both runs; with a
+    switch at step ``switch``, "late" appears in the data only then and its progress rises within
+    ~15 steps from a plateau below the yardstick (as the knocked-in run's skip-trigrams do);
+    without one, "late" is learned smoothly around step 60. A weight norm grows throughout.
+    Weight rows every step, probe rows on a log schedule (16 per doubling), as a run writes."""
+    from pathlib import Path
+
+    import yaml
+
+    from analysis.timeline import Group, Timeline
+    from devinterp.schema import MetricInfo
+
+    rng = np.random.default_rng(seed)
+    steps = np.arange(last + 1)
+    x = np.log1p(steps)[:, None]
+    jitter = lambda scale: rng.normal(0, scale, members)[None]  # noqa: E731
+    early = 1 / (1 + np.exp(-(x - math.log(30) - jitter(0.1)) / 0.25))
+    if switch is None:
+        late = 1 / (1 + np.exp(-(x - math.log(60) - jitter(0.1)) / 0.25))
+    else:
+        after = np.maximum(steps[:, None] - switch, 0)
+        late = np.where(steps[:, None] < switch, -2.0, 1 - 1.0 * np.exp(-after / (15 * (1 + jitter(0.1)))))
+    progress = {"early": early, "late": late}
+    noisy = lambda v: v + rng.normal(0, 0.02, v.shape)  # noqa: E731
+    weight = Group(
+        steps,
+        np.stack([1 - noisy(p) for p in progress.values()], 1),
+        tuple(MetricInfo(f"{n}/r/kl", "weight", n, "r", 1.0, 0.0) for n in progress),
+    )
+    probe_steps = np.unique(np.round(2 ** np.arange(0, math.log2(last + 1), 1 / 16))).astype(int)
+    probe = Group(
+        probe_steps,
+        np.stack([1 - noisy(p[probe_steps]) for p in progress.values()], 1),
+        tuple(MetricInfo(f"probe_excess/{n}", "probe", n, "all", 1.0, 0.0) for n in progress),
+    )
+    norm = np.log1p(steps)[:, None] * (1 + jitter(0.05))
+    diagnostics = Group(
+        steps[::10],
+        noisy(norm[::10])[:, None],
+        (MetricInfo("model/L0H0/ov_norm", "diagnostic", "model", "L0H0"),),
+    )
+    return Timeline(
+        Path(f"switch{switch}.h5"),
+        {"every_step": weight, "probe": probe, "diagnostics": diagnostics},
+        {"config": yaml.safe_dump({"data": {}})},
+        ("start", "early", "late"),
+    )
+
+
+def nearest_boundary(fit, step: float, sharp_only: bool) -> np.ndarray:
+    """(sequence,) the log-step distance from ``step`` to each sequence's nearest (sharp) boundary."""
+    found = [
+        [b.step for b in fit.boundaries if b.sequence == s and (b.sharp or not sharp_only)]
+        for s in range(len(fit.states))
+    ]
+    return np.array([min((abs(math.log1p(b) - math.log1p(step)) for b in f), default=np.inf) for f in found])
+
+
+@functools.cache
+def no_switch_fit():
+    from analysis.stages import fit_stages, stage_data
+
+    return fit_stages(stage_data([switch_timeline(None)]))
+
+
+@pytest.mark.parametrize("switch", [120, 350])
+def test_a_curriculum_switch_puts_a_sharp_boundary_within_a_tenth_of_a_log_step(switch):
+    """A planted switch: a sharp state boundary within 0.1 log-steps of it in at least 90% of
+    the members; the same language with no switch has no sharp boundary anywhere. Its plain
+    boundaries may fall near the switch step: the HMM also cuts the smooth growth of the weight
+    norm into states, wherever the fit puts them."""
+    from analysis.stages import fit_stages, stage_data
+
+    switched = fit_stages(stage_data([switch_timeline(switch)]))
+    near = nearest_boundary(switched, switch, sharp_only=True)
+    assert (near <= 0.1).mean() >= 0.9, near
+    control = no_switch_fit()
+    assert control.boundaries and not any(b.sharp for b in control.boundaries), [
+        b.jump for b in control.boundaries
+    ]
