@@ -21,7 +21,9 @@ within a margin m (default 0.3 log-steps, a factor 1.35 in step) when two one-si
 tests (TOST, Schuirmann 1987) reject both "the gaps sit at or above +m" and "at or below -m",
 Holm-corrected across pairs like the edges. A unit where only one of the two formed counts as a
 gap beyond any margin (its true gap is unknown but at least what was seen), so censoring can
-never make two primitives look simultaneous.
+never make two primitives look simultaneous. Both tests can reject at once: a gap that is
+consistently non-zero but small. Such a pair is ordered (the edge stands) and *close*, never
+"no order".
 
 A second signal, reported beside the onset test: the lead-lag of the progress derivatives (the
 log-step shift that best aligns d progress / d log step of X with that of Y).
@@ -59,7 +61,8 @@ class PairTest:
     edge: str = ""  # "x->y", "y->x" or ""
     equivalence_p: float = 1.0  # TOST: both onsets within +-margin of each other
     equivalence_holm_p: float = math.nan
-    same_time: bool = False  # "no order": equivalence_holm_p below alpha
+    same_time: bool = False  # "no order": equivalence_holm_p below alpha and no edge
+    close: bool = False  # an edge, and yet the gap lies within +-margin: ordered, but close
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,14 @@ def infer_ordering(onsets: dict[str, list[Onset]], alpha: float = 0.01, margin: 
         if p_holm < alpha and pair.median_log_gap != 0:
             edge = "x->y" if pair.median_log_gap > 0 else "y->x"
             edges.append((pair.x, pair.y) if edge == "x->y" else (pair.y, pair.x))
-        fields = {"holm_p": p_holm, "edge": edge, "equivalence_holm_p": p_same, "same_time": p_same < alpha}
+        within = p_same < alpha
+        fields = {
+            "holm_p": p_holm,
+            "edge": edge,
+            "equivalence_holm_p": p_same,
+            "same_time": within and not edge,
+            "close": within and bool(edge),
+        }
         tested.append(PairTest(**{**pair.__dict__, **fields}))
     return Ordering(tuple(tested), tuple(edges), tuple(transitive_reduction(edges)), alpha, margin)
 

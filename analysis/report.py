@@ -544,7 +544,7 @@ def write_report(
             if pair.x_first + pair.y_first
             else "all tied: no order to test"
         )
-        same_mark = " (same time)" if pair.same_time else ""
+        same_mark = " (same time)" if pair.same_time else " (ordered, but close)" if pair.close else ""
         lines.append(
             f"| {pair.x} | {pair.y} | {pair.n_units} | {pair.x_first} | {pair.y_first} | {pair.ties} | "
             f"{first} | {pair.median_log_gap:+.2f} | {pair.sign_p:.2g} | {pair.wilcoxon_p:.2g} | "
@@ -560,6 +560,17 @@ def write_report(
         else f"No pair is shown to be learned at the same time within +-{margin:g} log-steps, so a missing "
         'edge means "not shown", not "no order".'
     )
+    close = [p for p in result.ordering.pairs if p.close]
+    if close:
+        no_order += (
+            " Ordered, but close: "
+            + ", ".join(
+                f"{p.x if p.edge == 'x->y' else p.y} before {p.y if p.edge == 'x->y' else p.x} (Holm p "
+                f"{p.holm_p:.2g}), by less than {margin:g} log-steps (Holm p {p.equivalence_holm_p:.2g})"
+                for p in close
+            )
+            + ": each pair comes in a consistent order, a small step apart."
+        )
     lines += [
         "",
         "Columns: a unit is one member of one run; X first / Y first / ties count units by which onset "

@@ -318,3 +318,16 @@ def test_a_censored_unit_never_counts_towards_the_same_time():
     half = formed[:8] + never[8:]
     assert compare("X", formed, "Y", formed).equivalence_p < 1e-3  # identical onsets: same time
     assert compare("X", formed, "Y", half).equivalence_p > 0.5  # half never formed Y
+
+
+def test_a_small_consistent_gap_is_ordered_but_close_never_no_order():
+    """Y after X in every member by 0.15 log-steps: the edge stands, the gap lies within the
+    0.3 margin, and the pair is called close, not "no order" (the seed run's bigram and
+    skip-trigram pass both tests)."""
+    rng = np.random.default_rng(3)
+    pair = infer_ordering(parallel_instance(rng, own=0.02, gap=0.15, from_curves=False)).pairs[0]
+    assert pair.edge == "x->y" and pair.equivalence_holm_p < 0.01
+    assert pair.close and not pair.same_time
+    instance = parallel_instance(rng, shared=0.3, own=0.1, from_curves=False)
+    alone = infer_ordering(instance).pairs[0]
+    assert alone.same_time and not alone.close
