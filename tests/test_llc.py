@@ -1,0 +1,180 @@
+"""The LLC estimator recovers known learning coefficients (issue: The learning coefficient).
+
+Known answers: the normal-crossing potential w1^2 w2^4 (lambda 1/4) against an independent
+quadrature of the very quantity the sampler targets at finite n_beta and gamma (the tempered,
+localised posterior mean); reduced-rank regression against Aoyagi and Watanabe's (2005) formula;
+a regular model (lambda = d / 2)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import quad
+
+from devinterp.llc import SamplerConfig, default_n_beta, estimate_llc
+
+
+def normal_crossing_target(n_beta: float, gamma: float) -> float:
+    """n_beta E[w1^2 w2^4] under p(w) ~ exp(-n_beta w1^2 w2^4 - gamma |w|^2 / 2), by quadrature.
+    Given w2 the density is Gaussian in w1 with variance 1 / (2 n_beta w2^4 + gamma), so the
+    w1 integral is closed-form and one 1-D integral over w2 is left."""
+    density = lambda w2: np.exp(-gamma * w2**2 / 2) / np.sqrt(n_beta * w2**4 + gamma / 2)  # noqa: E731
+    inner = lambda w2: density(w2) * n_beta * w2**4 / (2 * n_beta * w2**4 + gamma)  # noqa: E731
+    points = [0.0, n_beta**-0.25]
+    top = 12 / math.sqrt(gamma)
+    return (
+        quad(inner, 0, top, points=points, limit=500)[0] / quad(density, 0, top, points=points, limit=500)[0]
+    )
+
+
+def test_the_quadrature_reproduces_the_published_targets():
+    # the values the issue quotes for gamma = 1, approaching lambda = 1/4 as n_beta grows
+    got = [normal_crossing_target(n, 1.0) for n in (1e2, 1e4, 1e6)]
+    assert got == pytest.approx([0.206, 0.236, 0.246], abs=6e-4)
+
+
+def crossing_loss(params, step):
+    w = params["w"]  # (copy, 2)
+    return w[:, 0] ** 2 * w[:, 1] ** 4
+
+
+NORMAL_CROSSING = [
+    pytest.param("sgld", 1e2, 1e-3, 2000, id="sgld-nbeta1e2"),
+    pytest.param("rmsprop", 1e4, 1e-3, 2000, id="rmsprop-nbeta1e4"),
+    pytest.param("sgld", 1e4, 3e-5, 20000, id="sgld-nbeta1e4", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("sampler, n_beta, eps, burn_in", NORMAL_CROSSING)
+def test_the_sampler_recovers_the_tempered_posterior_mean_of_a_normal_crossing(sampler, n_beta, eps, burn_in):
+    """Within 3.5 standard errors of the quadrature, the standard error below 5% of it."""
+    config = SamplerConfig(
+        n_beta=n_beta, eps=eps, gamma=1.0, chains=1000, draws=2 * burn_in, burn_in=burn_in, sampler=sampler
+    )
+    estimate = estimate_llc(crossing_loss, {"w": torch.zeros(1, 2, dtype=torch.float64)}, config)
+    want = normal_crossing_target(n_beta, 1.0)
+    (got,), (error,) = estimate.llc, estimate.std_error
+    assert error < 0.05 * want
+    assert abs(got - want) < 3.5 * error, (got, want, error)
+    assert not estimate.diverged.any() and not estimate.below_init.any()
+
+
+def aoyagi_watanabe(inputs: int, hidden: int, outputs: int, rank: int) -> float:
+    """The learning coefficient of reduced-rank regression y = B A x (A: hidden x inputs, B:
+    outputs x hidden) at a true map of rank ``rank`` (Aoyagi and Watanabe 2005, Theorem 1)."""
+    n, h, m, r = inputs, hidden, outputs, rank
+    if m + h < n + r:
+        return (h * m - h * r + n * r) / 2
+    if n + h < m + r:
+        return (h * n - h * r + m * r) / 2
+    if m + n < h + r:
+        return m * n / 2
+    central = 2 * (h + r) * (m + n) - (m - n) ** 2 - (h + r) ** 2
+    return (central + (m + n + h + r) % 2) / 8
+
+
+def test_the_formula_gives_the_cases_worked_by_hand():
+    assert aoyagi_watanabe(1, 1, 1, 0) == 0.5  # K = (ab)^2: lambda 1/2
+    assert aoyagi_watanabe(1, 1, 1, 1) == 0.5  # ab = c != 0: a one-dimensional fibre
+    assert aoyagi_watanabe(5, 1, 2, 1) == 3.0  # rank one: 7 weights, 6 directions that matter
+
+
+@pytest.mark.parametrize("inputs, hidden, outputs, rank", [(3, 2, 3, 1), (4, 3, 2, 1), (2, 2, 2, 0)])
+def test_reduced_rank_regression_within_twenty_percent_of_aoyagi_watanabe(inputs, hidden, outputs, rank):
+    """Population loss K = |BA - C|_F^2 / 2 (x standard normal), at the deepest true point (the
+    spare hidden units' weights zero); RMSProp-SGLD at n_beta 1e4, gamma 1."""
+    generator = torch.Generator().manual_seed(1)
+    A = torch.zeros(1, hidden, inputs, dtype=torch.float64)
+    B = torch.zeros(1, outputs, hidden, dtype=torch.float64)
+    A[0, :rank] = torch.randn(rank, inputs, generator=generator, dtype=torch.float64)
+    B[0, :, :rank] = torch.randn(outputs, rank, generator=generator, dtype=torch.float64)
+    target = (B @ A)[0]
+
+    def loss(params, step):
+        return 0.5 * ((params["B"] @ params["A"] - target) ** 2).sum(dim=(1, 2))
+
+    config = SamplerConfig(
+        n_beta=1e4, eps=1e-3, gamma=1.0, chains=200, draws=2000, burn_in=1000, sampler="rmsprop"
+    )
+    estimate = estimate_llc(loss, {"A": A, "B": B}, config)
+    want = aoyagi_watanabe(inputs, hidden, outputs, rank)
+    assert estimate.llc[0] == pytest.approx(want, rel=0.2), (estimate.llc, want)
+    assert estimate.llc[0] < 0.8 * hidden * (inputs + outputs) / 2  # well below the regular d/2
+
+
+def test_a_regular_model_is_within_ten_percent_of_half_its_dimension():
+    """Linear regression (4 inputs, 3 outputs: d = 12) on 5000 noisy samples, at its least-squares
+    fit, minibatches of 500, n_beta 1000, gamma 1."""
+    n, din, dout, batch = 5000, 4, 3, 500
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(n, din, generator=generator, dtype=torch.float64)
+    Y = X @ torch.randn(dout, din, generator=generator, dtype=torch.float64).T
+    Y = Y + torch.randn(n, dout, generator=generator, dtype=torch.float64)
+    least_squares = torch.linalg.lstsq(X, Y).solution.T  # (dout, din)
+
+    def loss(params, step):
+        W = params["W"]  # (copy, dout, din)
+        rows = torch.randint(n, (W.shape[0], batch), generator=torch.Generator().manual_seed(step))
+        residual = torch.einsum("cbi,coi->cbo", X[rows], W) - Y[rows]
+        return 0.5 * (residual**2).sum(-1).mean(-1)
+
+    config = SamplerConfig(
+        n_beta=1e3, eps=1e-3, gamma=1.0, chains=40, draws=1000, burn_in=300, sampler="rmsprop"
+    )
+    estimate = estimate_llc(loss, {"W": least_squares[None]}, config)
+    assert estimate.llc[0] == pytest.approx(din * dout / 2, rel=0.1), estimate.llc
+
+
+def test_members_are_groups_and_a_mask_freezes_what_it_leaves_out():
+    """Two groups at once: K = w1^2 + w2^2 (lambda 1) and, with w2 frozen at w*, only w1 moves
+    (lambda 1/2). Exactly n_beta / (n_beta + gamma / 2) per moving direction, times 1/2; eps small
+    enough that SGLD's own bias (about eps (2 n_beta + gamma) / 4 of the variance) is 0.5%."""
+
+    def loss(params, step):
+        return (params["w"] ** 2).sum(dim=1)
+
+    config = SamplerConfig(n_beta=100.0, eps=1e-4, gamma=1.0, chains=400, draws=2000, burn_in=500)
+    init = {"w": torch.zeros(2, 2, dtype=torch.float64)}
+    both = estimate_llc(loss, init, config)
+    frozen = estimate_llc(loss, init, config, mask={"w": torch.tensor([1.0, 0.0], dtype=torch.float64)})
+    per_direction = 0.5 * 100 / (100 + 0.5)
+    np.testing.assert_allclose(both.llc, 2 * per_direction, rtol=0.05)
+    np.testing.assert_allclose(frozen.llc, per_direction, rtol=0.05)
+
+
+def test_a_diverged_chain_is_counted_and_left_out_and_a_dip_below_w_star_is_flagged():
+    def blows_up(params, step):  # copy 1 of 4 returns inf from the tenth step on
+        loss = (params["w"] ** 2).sum(dim=1)
+        return torch.where((torch.arange(len(loss)) == 1) & (step >= 10), torch.inf, loss)
+
+    config = SamplerConfig(n_beta=10.0, eps=1e-3, gamma=1.0, chains=4, draws=50)
+    estimate = estimate_llc(blows_up, {"w": torch.zeros(1, 2, dtype=torch.float64)}, config)
+    assert estimate.diverged.tolist() == [[False, True, False, False]]
+    assert np.isnan(estimate.per_chain[0, 1]) and np.isfinite(estimate.llc[0])
+    assert estimate.llc[0] == pytest.approx(np.mean(estimate.per_chain[0, [0, 2, 3]]))
+
+    def not_a_minimum(params, step):  # w* = 0 sits on a slope: chains fall below L(w*)
+        return ((params["w"] - 1.0) ** 2).sum(dim=1)
+
+    estimate = estimate_llc(not_a_minimum, {"w": torch.zeros(1, 2, dtype=torch.float64)}, config)
+    assert estimate.below_init.all() and estimate.llc[0] < 0
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("eps", 0.0, "eps: must be a positive number"),
+        ("n_beta", -1.0, "n_beta: must be a positive number"),
+        ("chains", 0, "chains: must be at least 1"),
+        ("sampler", "adam", "sampler: expected 'sgld' or 'rmsprop'"),
+    ],
+)
+def test_bad_hyperparameters_are_named(field, value, message):
+    settings = {"n_beta": 10.0, field: value}
+    with pytest.raises(ValueError, match=message):
+        SamplerConfig(**settings)
+
+
+def test_default_n_beta_is_b_over_log_b():
+    assert default_n_beta(256) == pytest.approx(256 / math.log(256))
