@@ -178,3 +178,74 @@ def test_bad_hyperparameters_are_named(field, value, message):
 
 def test_default_n_beta_is_b_over_log_b():
     assert default_n_beta(256) == pytest.approx(256 / math.log(256))
+
+
+def small_model_and_pool(n_members=2, chains=3):
+    """A seed-language model of ``n_members`` (random weights, W_O and W_U moved off zero so
+    every path is live) and a data pool; the batched model holds members x chains copies."""
+    from devinterp.llc_run import DataPool
+    from devinterp.model import ModelConfig, TensorTransformer
+    from tests.conftest import seed_spec
+
+    spec = seed_spec()
+    pool = DataPool.from_spec(spec, 64, 17)
+    base = ModelConfig(d_vocab=33, n_ctx=16, n_members=n_members, n_layers=2, n_heads=2, d_model=16, d_head=8)
+    members = TensorTransformer(base, seed=3)
+    with torch.no_grad():
+        for param in members.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
+    params = {name: p.detach().clone() for name, p in members.named_parameters()}
+    batched = TensorTransformer(ModelConfig(**{**base.__dict__, "n_members": n_members * chains}))
+    return spec, pool, members, params, batched
+
+
+@pytest.mark.parametrize("primitive", [None, "induction", "bigram"])
+def test_the_batched_loss_is_each_members_own_loss_on_its_batch(primitive):
+    """Every copy's loss at w* equals its member's mean cross-entropy over the chosen positions,
+    recomputed from a forward pass of that member alone and log-softmax in float64."""
+    from devinterp.language import parse_language
+    from devinterp.llc_run import Refinement, make_loss
+
+    spec, pool, members, params, batched = small_model_and_pool()
+    names = parse_language(spec).label_names
+    refinement = Refinement(primitive or "model", label=names.index(primitive) if primitive else None)
+    loss = make_loss(batched, pool, refinement, batch_size=4)
+    copies = {name: value.repeat_interleave(3, dim=0) for name, value in params.items()}
+    got = loss(copies, step=7)
+    # the batches the loss drew at step 7, drawn again the same way
+    rows = pool.holding(refinement.label)
+    picked = rows[torch.randint(len(rows), (6, 4), generator=torch.Generator().manual_seed(7))]
+    with torch.no_grad():
+        for copy in range(6):
+            tokens = pool.tokens[picked[copy]]  # (batch, pos)
+            logits = members(tokens[None, :, :-1].expand(2, -1, -1))[copy // 3].double()
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+            keep = torch.ones_like(logp, dtype=torch.bool)
+            if primitive:
+                keep = pool.labels[picked[copy]][:, 1:] == refinement.label
+                assert keep.any()  # every batch of a refined chain holds the primitive
+            assert float(got[copy]) == pytest.approx(float(-logp[keep].mean()), rel=1e-5)
+
+
+def test_a_head_refined_chain_moves_that_head_only():
+    from devinterp.llc_run import HEAD_PARAMETERS, Refinement, head_mask, make_loss
+
+    _, pool, _, params, batched = small_model_and_pool(n_members=1, chains=2)
+    loss = make_loss(batched, pool, Refinement("L1H0", head=(1, 0)), batch_size=2)
+    calls = []
+
+    def recording(current, step):
+        calls.append({name: value.detach().clone() for name, value in current.items()})
+        return loss(current, step)
+
+    config = SamplerConfig(n_beta=10.0, eps=1e-3, gamma=1.0, chains=2, draws=5)
+    estimate_llc(recording, params, config, mask=head_mask(params, 1, 0))
+    seen = calls[-2]  # the chains at the last step (the last call is the loss at w*)
+    for name, start in params.items():
+        moved = (seen[name] != start.repeat_interleave(2, dim=0)).any(dim=0)  # (...) per entry
+        if name not in HEAD_PARAMETERS:
+            assert not moved.any(), name
+            continue
+        own = moved[1, :, 0] if name in ("W_Q", "W_K") else moved[1, 0]
+        assert own.all(), name  # every weight of the head moves
+        assert moved.sum() == own.sum(), name  # and nothing else

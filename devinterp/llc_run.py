@@ -1,0 +1,146 @@
+"""LLC estimates of a trained run's weight snapshots: the whole model, data-refined per primitive
+and weight-refined per head (devinterp.llc does the sampling).
+
+Conventions, stated once:
+
+- The data are a fixed pool of ``pool_size`` sequences drawn once from the run's language
+  (``POOL_SEED``, independent of training): the dataset D_n the LLC is local to. Every copy
+  (member x chain) draws its batch from the pool at every step, by an index generator seeded with
+  the step, so the loss at w* is evaluated on the very batches the draws see.
+- The loss is the training loss, the mean next-token cross-entropy, over all predicted
+  positions (``model``) or over the positions the DGP labels with one primitive (data-refined,
+  Wang et al. 2024). A primitive's batches are drawn from the pool's sequences that hold at
+  least one of its positions, so no chain's loss is empty (NaN) by construction.
+- Weight-refined ``L<l>H<h>``: only that head's W_Q, W_K (both pairs), W_V and W_O move; every
+  other weight stays at the snapshot's. The loss is the whole model's.
+- n_beta is fixed by the caller for every refinement of a run, so their estimates compare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import yaml
+from torch.func import functional_call
+
+from devinterp.language import parse_language
+from devinterp.llc import LLCEstimate, SamplerConfig, estimate_llc
+from devinterp.model import ModelConfig, TensorTransformer
+
+POOL_SEED = 1_000_003  # the LLC data pool's seed: fixed, so every snapshot sees the same data
+HEAD_PARAMETERS = ("W_Q", "W_K", "W_V", "W_O")  # per-head weights; W_Q, W_K: (member, layer, pair, head, ...)
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """What one estimate is restricted to: ``label`` (data) or ``head`` (weights), or neither."""
+
+    name: str  # "model", a primitive, or "L<l>H<h>"
+    label: int | None = None  # index into the language's label names
+    head: tuple[int, int] | None = None  # (layer, head)
+
+
+def refinements(label_names: list[str], cfg: ModelConfig, which: list[str] | None = None) -> list[Refinement]:
+    """Every refinement of a run (the model, each primitive, each head), or those named."""
+    every = [Refinement("model")]
+    every += [Refinement(name, label=i) for i, name in enumerate(label_names) if name != "start"]
+    every += [
+        Refinement(f"L{layer}H{head}", head=(layer, head))
+        for layer in range(cfg.n_layers)
+        for head in range(cfg.n_heads)
+    ]
+    if which is None:
+        return every
+    known = {r.name: r for r in every}
+    unknown = [name for name in which if name not in known]
+    if unknown:
+        raise ValueError(f"refinements: no {unknown[0]!r} in this run (choose from {', '.join(known)})")
+    return [known[name] for name in which]
+
+
+@dataclass(frozen=True)
+class DataPool:
+    tokens: torch.Tensor  # (sequence, pos) int64
+    labels: torch.Tensor  # (sequence, pos) int64
+
+    @classmethod
+    def from_spec(cls, spec: dict, size: int, seq_len: int) -> DataPool:
+        sample = parse_language(spec).sample(size, seq_len, POOL_SEED)
+        return cls(torch.from_numpy(sample.tokens), torch.from_numpy(sample.labels))
+
+    def holding(self, label: int | None) -> torch.Tensor:
+        """Indices of the sequences with at least one predicted position of ``label``."""
+        if label is None:
+            return torch.arange(len(self.tokens))
+        return torch.nonzero((self.labels[:, 1:] == label).any(dim=1)).flatten()
+
+
+def snapshot_params(weights: dict[str, np.ndarray], members: list[int]) -> dict[str, torch.Tensor]:
+    """A snapshot's weights (member, ...) as float32 tensors, for the chosen members."""
+    return {name: torch.from_numpy(np.ascontiguousarray(value[members])) for name, value in weights.items()}
+
+
+def head_mask(params: dict[str, torch.Tensor], layer: int, head: int) -> dict[str, torch.Tensor]:
+    """1 on one head's own weights, 0 everywhere else (every other parameter frozen)."""
+    mask = {name: torch.zeros_like(value[:1]) for name, value in params.items()}
+    for name in HEAD_PARAMETERS:
+        if name in ("W_Q", "W_K"):
+            mask[name][:, layer, :, head] = 1.0
+        else:
+            mask[name][:, layer, head] = 1.0
+    return mask
+
+
+def make_loss(
+    model: TensorTransformer, pool: DataPool, refinement: Refinement, batch_size: int, seed: int = 0
+):
+    """The loss of every copy on its own batch: (params (copy, ...), step) -> (copy,)."""
+    rows = pool.holding(refinement.label)
+    if len(rows) == 0:
+        raise ValueError(f"{refinement.name}: no sequence of the data pool holds this primitive")
+    n_copies = model.cfg.n_members
+
+    def loss(params: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        picked = rows[torch.randint(len(rows), (n_copies, batch_size), generator=generator)]
+        tokens, labels = pool.tokens[picked], pool.labels[picked]  # (copy, batch, pos)
+        logits = functional_call(model, params, (tokens[..., :-1],))  # (copy, batch, pos - 1, vocab)
+        nll = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 2).float(), tokens[..., 1:].flatten(), reduction="none"
+        ).view(n_copies, -1)
+        if refinement.label is None:
+            return nll.mean(dim=1)
+        keep = (labels[..., 1:] == refinement.label).reshape(n_copies, -1).to(nll.dtype)
+        return (nll * keep).sum(dim=1) / keep.sum(dim=1)
+
+    return loss
+
+
+def snapshot_llc(
+    config_yaml: str,
+    spec: dict,
+    weights: dict[str, np.ndarray],
+    refinement: Refinement,
+    sampler: SamplerConfig,
+    members: list[int],
+    pool: DataPool,
+    batch_size: int,
+    seed: int = 0,
+) -> LLCEstimate:
+    """The LLC of each chosen member of one snapshot, all members' chains in one batched model."""
+    model_config = yaml.safe_load(config_yaml)["model"]
+    fields = ModelConfig.__dataclass_fields__
+    cfg = ModelConfig(
+        **{
+            **{k: v for k, v in model_config.items() if k in fields},
+            "n_members": len(members) * sampler.chains,
+        }
+    )
+    model = TensorTransformer(cfg)
+    params = snapshot_params(weights, members)
+    mask = head_mask(params, *refinement.head) if refinement.head is not None else None
+    return estimate_llc(
+        make_loss(model, pool, refinement, batch_size, seed), params, sampler, mask=mask, seed=seed
+    )
