@@ -1,5 +1,5 @@
 """The ``devinterp`` command: LightningCLI for fit/validate, plus ``language``, ``analyze``,
-``dependence``, ``sweep`` and ``resume``.
+``dependence``, ``sweep``, ``llc`` and ``resume``.
 
 Each ``fit`` writes to ``<run.root>/<run.name>/`` (resolved config.yaml, timeline.h5,
 checkpoints/, wandb/, probe_summary.json). The name defaults to the first config file's stem; a
@@ -39,9 +39,10 @@ commands:
   analyze      onsets, ordering, dependence and a report: devinterp analyze runs/NAME --out DIR
   dependence   train the full language and knock-out / knock-in variants with the same seeds
   sweep        train a grid of configs, one run folder per point
+  llc          local learning coefficients at a run's weight snapshots: devinterp llc runs/NAME
 """
 TRAINING_COMMANDS = ("fit", "validate")  # Lightning's test and predict: the model has no such step
-ALL_COMMANDS = (*TRAINING_COMMANDS, "resume", "language", "analyze", "dependence", "sweep")
+ALL_COMMANDS = (*TRAINING_COMMANDS, "resume", "language", "analyze", "dependence", "sweep", "llc")
 RESUME_HELP = """usage: devinterp resume RUN_FOLDER [--section.field value ...]
 
 Continue a stopped run in its own folder from checkpoints/last.ckpt (a run killed before its first
@@ -167,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             from devinterp.sweep import main as sweep_main
 
             return sweep_main(argv[1:])
+        if argv[0] == "llc":
+            from devinterp.llc_cli import main as llc_main
+
+            return llc_main(argv[1:])
         if argv[0] == "dependence":
             from devinterp.experiments import main as dependence_main
 

@@ -249,3 +249,87 @@ def test_a_head_refined_chain_moves_that_head_only():
         own = moved[1, :, 0] if name in ("W_Q", "W_K") else moved[1, 0]
         assert own.all(), name  # every weight of the head moves
         assert moved.sum() == own.sum(), name  # and nothing else
+
+
+def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_input(tmp_path, capsys):
+    import yaml
+
+    from analysis.timeline import load_timeline
+    from devinterp.cli import main
+    from devinterp.llc_cli import load_llc
+    from devinterp.llc_run import DataPool, Refinement, snapshot_llc
+    from tests.conftest import ROOT
+
+    fit = ["fit", "--config", str(ROOT / "tests/data/tiny.yaml"), "--run.root", str(tmp_path)]
+    assert (
+        main(
+            fit + ["--run.wandb_mode", "disabled", "--trainer.max_steps", "12", "--timeline.n_snapshots", "4"]
+        )
+        == 0
+    )
+    run = tmp_path / "tiny"
+    timeline_bytes = (run / "timeline.h5").read_bytes()
+    settings = ["--chains", "2", "--draws", "6", "--pool-size", "64", "--batch-size", "4"]
+    assert main(["llc", str(run), *settings, "--refinements", "model", "L0H1"]) == 0
+    first = load_llc(run)
+    assert sorted(first) == ["L0H1", "model"] and first["model"]["steps"].tolist() == [0, 1, 5, 12]
+    assert first["model"]["llc"].shape == (4, 2) and first["model"]["loss_trace"].shape == (4, 2, 2, 6)
+    # the same estimate made directly: the command adds nothing of its own
+    timeline = load_timeline(run / "timeline.h5")
+    _, weights = timeline.snapshot(int(np.flatnonzero(timeline.snapshot_steps == 12)[0]))
+    config = yaml.safe_load(timeline.meta["config"])
+    spec = yaml.safe_load(timeline.meta["language_spec"])
+    sampler = SamplerConfig(
+        n_beta=default_n_beta(4 * (config["data"]["seq_len"] - 1)), eps=1e-4, chains=2, draws=6
+    )
+    direct = snapshot_llc(
+        timeline.meta["config"],
+        spec,
+        weights,
+        Refinement("model"),
+        sampler,
+        [0, 1],
+        DataPool.from_spec(spec, 64, config["data"]["seq_len"]),
+        4,
+    )
+    np.testing.assert_allclose(first["model"]["llc"][3], direct.llc, rtol=1e-6)
+    # a rerun with one more refinement makes only that one and keeps the others as they were
+    assert main(["llc", str(run), *settings, "--refinements", "model", "L0H1", "induction"]) == 0
+    assert "llc: 4 estimates to make (4 snapshots x 3 refinements" in capsys.readouterr().err
+    second = load_llc(run)
+    np.testing.assert_array_equal(second["model"]["llc"], first["model"]["llc"])
+    assert np.isfinite(second["induction"]["llc"]).all() or second["induction"]["diverged"].any()
+    assert (run / "timeline.h5").read_bytes() == timeline_bytes  # the training record untouched
+    sidecar = (run / "llc.h5").read_bytes()
+    capsys.readouterr()
+    for bad, message in [
+        (["--steps", "7"], "--steps: no snapshot at step 7 (snapshots at 0, 1, 5, 12)"),
+        (["--eps", "0"], "eps: must be a positive number"),
+        (["--n-beta", "-1"], "n_beta: must be a positive number"),
+        (["--refinements", "L5H0"], "refinements: no 'L5H0' in this run"),
+        (["--chains", "3"], "made with other settings (chains 2 there, 3 asked)"),
+    ]:
+        argv = ["llc", str(run), *settings, *bad]
+        assert main(argv) == 2, bad
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert (run / "llc.h5").read_bytes() == sidecar  # nothing written on bad input
+    empty = tmp_path / "bare"
+    assert (
+        main(
+            fit
+            + [
+                "--run.name",
+                "bare",
+                "--run.wandb_mode",
+                "disabled",
+                "--trainer.max_steps",
+                "2",
+                "--timeline.n_snapshots",
+                "0",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["llc", str(empty)]) == 2 and "no weight snapshots" in capsys.readouterr().err

@@ -1,0 +1,243 @@
+"""``devinterp llc RUN``: LLC estimates at a run's weight snapshots, into ``RUN/llc.h5``.
+
+The estimates go to a sidecar file beside the timeline, never into it, so the training rows are
+never at risk. Layout of ``llc.h5`` (rewritten whole, through a temporary file and a rename, after
+every estimate, so a stopped command leaves the last complete file and a rerun with the same
+settings goes on from there):
+
+- attrs ``settings``: JSON of the sampler's hyperparameters, the members, the pool and batch size;
+- ``steps`` (snapshot,): the snapshot steps estimated so far, increasing;
+- per refinement R (``model``, a primitive, ``L<l>H<h>``) the group ``R`` with ``llc``,
+  ``std_error``, ``init_loss`` (snapshot, member), ``diverged``, ``below_init`` (snapshot, member)
+  counts of chains, ``per_chain`` (snapshot, member, chain) and ``loss_trace`` (snapshot, member,
+  chain, kept draw); NaN where that snapshot has no estimate yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from devinterp.errors import ArgumentParser
+
+FILENAME = "llc.h5"
+
+
+def parse(argv: list[str]):
+    parser = ArgumentParser(
+        prog="devinterp llc",
+        description="Estimate the local learning coefficient (LLC) at a run's weight snapshots: the "
+        "whole model, data-refined per primitive and weight-refined per head, every member's chains "
+        f"at once. Writes RUN/{FILENAME}; a rerun with the same settings continues where it stopped.",
+    )
+    parser.add_argument("run", help="a run folder (holding timeline.h5 with weight snapshots)")
+    parser.add_argument("--steps", type=int, nargs="*", default=None, help="snapshot steps (default: all)")
+    parser.add_argument("--members", type=int, nargs="*", default=None, help="members (default: all)")
+    parser.add_argument(
+        "--refinements", nargs="*", default=None, help="model, primitives, heads L<l>H<h> (default: all)"
+    )
+    parser.add_argument(
+        "--n-beta",
+        type=float,
+        default=None,
+        help="inverse temperature, the same for every refinement (default: b / log b for the b "
+        "predicted tokens of a batch)",
+    )
+    parser.add_argument("--eps", type=float, default=1e-4, help="SGLD step size")
+    parser.add_argument("--gamma", type=float, default=100.0, help="localisation strength")
+    parser.add_argument("--chains", type=int, default=4)
+    parser.add_argument("--draws", type=int, default=100)
+    parser.add_argument("--burn-in", type=int, default=0)
+    parser.add_argument("--sampler", choices=["sgld", "rmsprop"], default="sgld")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per chain and step")
+    parser.add_argument("--pool-size", type=int, default=1024, help="sequences in the fixed data pool")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    import torch
+    import yaml
+
+    from analysis.timeline import load_timeline
+    from devinterp.llc import SamplerConfig, default_n_beta
+    from devinterp.llc_run import DataPool, refinements, snapshot_llc
+    from devinterp.model import ModelConfig
+
+    run = Path(args.run)
+    timeline = load_timeline(run / "timeline.h5" if run.is_dir() else run)
+    folder = timeline.path.parent
+    slots = {int(timeline.snapshot_steps[s]): s for s in np.flatnonzero(timeline.snapshot_steps >= 0)}
+    if not slots:
+        raise ValueError(
+            f"{timeline.path}: no weight snapshots (train with --timeline.n_snapshots N, e.g. 64)"
+        )
+    steps = sorted(slots) if args.steps is None else args.steps
+    for step in steps:
+        if step not in slots:
+            raise ValueError(
+                f"--steps: no snapshot at step {step} (snapshots at {', '.join(map(str, sorted(slots)))})"
+            )
+    spec_text = timeline.meta.get("language_spec", "")
+    spec = yaml.safe_load(spec_text) if spec_text else None
+    if not isinstance(spec, dict) or "primitives" not in spec:
+        raise ValueError(
+            f"{timeline.path}: the LLC needs the run's language spec (a corpus run is not supported yet)"
+        )
+    config = yaml.safe_load(timeline.meta["config"])
+    model_config = {k: v for k, v in config["model"].items() if k in ModelConfig.__dataclass_fields__}
+    cfg = ModelConfig(**model_config)
+    members = list(range(cfg.n_members)) if args.members is None else args.members
+    for member in members:
+        if not 0 <= member < cfg.n_members:
+            raise ValueError(f"--members: no member {member} (the run has {cfg.n_members})")
+    chosen = refinements(list(timeline.label_names), cfg, args.refinements)
+    seq_len = int(config["data"]["seq_len"])
+    if args.batch_size < 1 or args.pool_size < args.batch_size:
+        raise ValueError(
+            "--batch-size, --pool-size: need 1 <= batch size <= pool size, "
+            f"got {args.batch_size}, {args.pool_size}"
+        )
+    n_beta = args.n_beta if args.n_beta is not None else default_n_beta(args.batch_size * (seq_len - 1))
+    sampler = SamplerConfig(
+        n_beta=n_beta,
+        eps=args.eps,
+        gamma=args.gamma,
+        chains=args.chains,
+        draws=args.draws,
+        burn_in=args.burn_in,
+        sampler=args.sampler,
+    )
+    settings = {
+        "sampler": asdict(sampler),
+        "members": members,
+        "pool_size": args.pool_size,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+    }
+    out = folder / FILENAME
+    store = read(out, settings)  # refuses a file made with other settings, before any work
+    pool = DataPool.from_spec(spec, args.pool_size, seq_len)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    todo = [(s, r) for s in steps for r in chosen if not done(store, s, r.name)]
+    print(
+        f"llc: {len(todo)} estimates to make ({len(steps)} snapshots x {len(chosen)} refinements, "
+        f"{len(members)} members x {sampler.chains} chains, n_beta {n_beta:.4g})",
+        file=sys.stderr,
+    )
+    for k, (step, refinement) in enumerate(todo):
+        started = time.time()
+        _, weights = timeline.snapshot(slots[step])
+        estimate = snapshot_llc(
+            timeline.meta["config"],
+            spec,
+            weights,
+            refinement,
+            sampler,
+            members,
+            pool,
+            args.batch_size,
+            args.seed,
+        )
+        put(store, step, refinement.name, estimate)
+        write(out, store, settings)
+        worst = f", {int(estimate.diverged.sum())} chains diverged" if estimate.diverged.any() else ""
+        if estimate.below_init.any():
+            worst += (
+                f", {int(estimate.below_init.sum())} chains below L(w*): not at a minimum, or eps too large"
+            )
+        print(
+            f"llc: [{k + 1}/{len(todo)}] step {step} {refinement.name}: median "
+            f"{np.nanmedian(estimate.llc):.3g} over members ({time.time() - started:.0f} s{worst})",
+            file=sys.stderr,
+        )
+    print(f"llc: {out}")
+    return 0
+
+
+def read(path: Path, settings: dict) -> dict:
+    """The estimates already in ``path`` ({(step, refinement): arrays}); none if it does not exist."""
+    import h5py
+
+    store: dict = {}
+    if not path.exists():
+        return store
+    with h5py.File(path, "r") as f:
+        there, asked = json.loads(f.attrs["settings"]), json.loads(json.dumps(settings))
+        if there != asked:
+            flat = lambda d: {**d["sampler"], **{k: v for k, v in d.items() if k != "sampler"}}  # noqa: E731
+            old, new = flat(there), flat(asked)
+            differ = ", ".join(
+                f"{k} {old.get(k)} there, {new.get(k)} asked" for k in new if old.get(k) != new[k]
+            )
+            raise ValueError(
+                f"{path}: made with other settings ({differ}); pass the same ones, or move it away"
+            )
+        steps = f["steps"][()]
+        for name in f:
+            if name == "steps":
+                continue
+            group = f[name]
+            for i, step in enumerate(steps):
+                if np.isfinite(group["llc"][i]).any() or group["diverged"][i].any():
+                    store[(int(step), name)] = {key: group[key][i] for key in group}
+    return store
+
+
+def done(store: dict, step: int, name: str) -> bool:
+    return (step, name) in store
+
+
+def put(store: dict, step: int, name: str, estimate) -> None:
+    store[(step, name)] = {
+        "llc": estimate.llc,
+        "std_error": estimate.std_error,
+        "init_loss": estimate.init_loss,
+        "per_chain": estimate.per_chain,
+        "diverged": estimate.diverged.sum(axis=1),
+        "below_init": estimate.below_init.sum(axis=1),
+        "loss_trace": estimate.loss_trace,
+    }
+
+
+def write(path: Path, store: dict, settings: dict) -> None:
+    """Rewrite the whole file through a temporary one and a rename (atomic on one file system)."""
+    import h5py
+
+    steps = sorted({step for step, _ in store})
+    names = sorted({name for _, name in store})
+    partial = path.with_suffix(".h5.partial")
+    with h5py.File(partial, "w") as f:
+        f.attrs["settings"] = json.dumps(settings)
+        f["steps"] = np.asarray(steps, dtype=np.int64)
+        for name in names:
+            example = next(v for (s, n), v in store.items() if n == name)
+            group = f.create_group(name)
+            for key, value in example.items():
+                full = np.full(
+                    (len(steps), *np.shape(value)), np.nan if value.dtype.kind == "f" else 0, value.dtype
+                )
+                for i, step in enumerate(steps):
+                    if (step, name) in store:
+                        full[i] = store[(step, name)][key]
+                group[key] = full
+    os.replace(partial, path)
+
+
+def load_llc(run: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """{refinement: {"steps", "llc", "std_error", ...}} from a run's llc.h5 (for analysis)."""
+    import h5py
+
+    path = Path(run) / FILENAME if Path(run).is_dir() else Path(run)
+    with h5py.File(path, "r") as f:
+        steps = f["steps"][()]
+        return {
+            name: {"steps": steps, **{k: v[()] for k, v in f[name].items()}} for name in f if name != "steps"
+        }
