@@ -347,3 +347,39 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
+
+
+def plot_llc(
+    curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    onsets: dict[str, list[Onset]],
+    path: Path,
+    title: str,
+) -> Path:
+    """LLC per refinement against step (members thin, median bold, the smoothed median dotted),
+    one panel for the whole model and the primitives, one for the heads; primitives' median
+    onsets dashed. ``curves``: refinement -> (steps (snapshot,), llc (snapshot, member), (grid
+    steps, smoothed) stacked (2, grid))."""
+    heads = [n for n in curves if n.startswith("L") and "H" in n and n[1:].replace("H", "").isdigit()]
+    panels = [[n for n in curves if n not in heads], heads] if heads else [list(curves)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, names in zip(axes[0], panels):
+        for i, name in enumerate(names):
+            steps, llc, smooth = curves[name]
+            color = colors[i % len(colors)]
+            ax.plot(steps + 1, llc, color=color, linewidth=0.5, alpha=0.4)
+            shown = np.where(llc >= 0, llc, np.nan)
+            with np.errstate(all="ignore"):
+                ax.plot(steps + 1, np.nanmedian(shown, axis=1), color=color, linewidth=2, label=name)
+            if smooth.size:
+                ax.plot(smooth[0] + 1, smooth[1], color=color, linewidth=1, linestyle=":")
+            formed = [o.step for o in onsets.get(name, []) if not o.censored]
+            if formed:
+                ax.axvline(np.median(formed) + 1, color=color, linewidth=0.8, linestyle="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("step + 1")
+        ax.set_ylabel("LLC estimate")
+        ax.set_ylim(bottom=0)
+        ax.legend(frameon=False, fontsize=7, title="dashed: median onset", title_fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

@@ -22,6 +22,7 @@ from analysis.plots import (
     plot_dag,
     plot_direct_path,
     plot_essential_dynamics,
+    plot_llc,
     plot_progress,
     plot_qk_slices,
     plot_stages,
@@ -437,6 +438,57 @@ def stages_section(
     return lines, figures, fit
 
 
+def llc_section(
+    timeline: Timeline, onsets: dict[str, list[Onset]], out: Path
+) -> tuple[list[str], list[Path]]:
+    """The run's LLC estimates (``RUN/llc.h5``, from ``devinterp llc``): curves, their critical
+    points beside the primitives' onsets, and the chains that went wrong."""
+    from analysis.learning_coefficient import SMOOTH, critical_points, load_llc, median_curve, smoothed
+
+    path = timeline.path.parent / "llc.h5"
+    if not path.exists():
+        return [], []
+    estimates = load_llc(path)
+    medians = {
+        p: float(np.median(np.log1p([o.step for o in v if not o.censored])))
+        for p, v in onsets.items()
+        if any(not o.censored for o in v)
+    }
+    lines = [
+        "## Learning coefficient",
+        "",
+        f"Local learning coefficients from {path.name} (devinterp llc): the median over members per "
+        f"snapshot (estimates below 0, where the chains fell below L(w*), left out), smoothed over "
+        f"{SMOOTH} log-steps; critical points are where the smoothed curve turns (Hoogland et al. 2024), "
+        "each beside the nearest primitive onset (log-steps).",
+        "",
+        "| refinement | snapshots | last step: median [IQR] | estimates below 0 | chains diverged | critical "
+        "points (step: nearest onset) |",
+        "|---|---|---|---|---|---|",
+    ]
+    curves = {}
+    for name, found in estimates.items():
+        steps, llc = found["steps"], found["llc"]
+        median = median_curve(found)
+        grid, smooth = smoothed(steps, median)
+        curves[name] = (steps, llc, np.stack([grid, smooth]) if len(grid) else np.zeros((2, 0)))
+        points = []
+        for point in critical_points(name, steps, median):
+            here = math.log1p(point.step)
+            near = min(medians, key=lambda p: abs(here - medians[p])) if medians else None
+            where = f"{near} {here - medians[near]:+.2f}" if near else "no onset"
+            points.append(f"{point.kind} at {point.step:.0f}: {where}")
+        last = llc[-1][np.isfinite(llc[-1])]
+        quartiles = np.percentile(last, [25, 50, 75]) if len(last) else [math.nan] * 3
+        lines.append(
+            f"| {name} | {int(np.isfinite(llc).any(axis=1).sum())} | {quartiles[1]:.3g} [{quartiles[0]:.3g}, "
+            f"{quartiles[2]:.3g}] | {int((llc < 0).sum())} of {llc.size} | {int(found['diverged'].sum())} | "
+            f"{'; '.join(points) or 'none'} |"
+        )
+    figure = plot_llc(curves, onsets, out / "llc.png", f"LLC over training ({timeline.path.parent.name})")
+    return lines + ["", "Figure llc.png: the LLC curves beside the primitives' onsets.", ""], [figure]
+
+
 def write_report(
     paths: list[str | Path],
     out: str | Path,
@@ -613,6 +665,9 @@ def write_report(
         )
         lines += stage_lines
         figures += stage_figures
+    llc_lines, llc_figures = llc_section(full[0][1], result.onsets[source], out)
+    lines += llc_lines
+    figures += llc_figures
     lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")

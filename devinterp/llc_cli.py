@@ -229,15 +229,3 @@ def write(path: Path, store: dict, settings: dict) -> None:
                         full[i] = store[(step, name)][key]
                 group[key] = full
     os.replace(partial, path)
-
-
-def load_llc(run: str | Path) -> dict[str, dict[str, np.ndarray]]:
-    """{refinement: {"steps", "llc", "std_error", ...}} from a run's llc.h5 (for analysis)."""
-    import h5py
-
-    path = Path(run) / FILENAME if Path(run).is_dir() else Path(run)
-    with h5py.File(path, "r") as f:
-        steps = f["steps"][()]
-        return {
-            name: {"steps": steps, **{k: v[()] for k, v in f[name].items()}} for name in f if name != "steps"
-        }

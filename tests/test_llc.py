@@ -254,9 +254,9 @@ def test_a_head_refined_chain_moves_that_head_only():
 def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_input(tmp_path, capsys):
     import yaml
 
+    from analysis.learning_coefficient import load_llc
     from analysis.timeline import load_timeline
     from devinterp.cli import main
-    from devinterp.llc_cli import load_llc
     from devinterp.llc_run import DataPool, Refinement, snapshot_llc
     from tests.conftest import ROOT
 
@@ -314,6 +314,11 @@ def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_i
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
     assert (run / "llc.h5").read_bytes() == sidecar  # nothing written on bad input
+    from analysis.report import write_report
+
+    report = write_report([run], tmp_path / "analysis", stages=False).read_text()
+    assert "## Learning coefficient" in report and "| model | 4 |" in report and "| induction | 4 |" in report
+    assert (tmp_path / "analysis" / "llc.png").is_file()
     empty = tmp_path / "bare"
     assert (
         main(
@@ -333,3 +338,26 @@ def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_i
     )
     capsys.readouterr()
     assert main(["llc", str(empty)]) == 2 and "no weight snapshots" in capsys.readouterr().err
+
+
+def test_critical_points_of_a_planted_llc_curve():
+    """A curve with a trough at step 50 and a peak at step 400, sampled at 52 log-spaced
+    snapshots with noise: both found within 0.1 log-steps, nothing else; a negative estimate
+    (chains below L(w*)) is left out of the median, not averaged in."""
+    from analysis.learning_coefficient import critical_points, median_curve
+
+    steps = np.unique(np.round(np.expm1(np.linspace(0, math.log1p(1000), 52))))
+    x = np.log1p(steps)
+    curve = (
+        20
+        + 8 * np.exp(-(((x - math.log1p(400)) / 0.5) ** 2))
+        - 6 * np.exp(-(((x - math.log1p(50)) / 0.5) ** 2))
+    )
+    noisy = curve[:, None] + np.random.default_rng(0).normal(0, 0.3, (len(steps), 4))
+    noisy[10, 0] = -500.0  # one snapshot's chains fell below L(w*)
+    median = median_curve({"llc": noisy})
+    assert median[10] == pytest.approx(np.median(noisy[10, 1:]))
+    found = critical_points("model", steps, median)
+    assert [p.kind for p in found] == ["trough", "peak"], found
+    for point, want in zip(found, (50, 400)):
+        assert abs(math.log1p(point.step) - math.log1p(want)) < 0.1, (point, want)

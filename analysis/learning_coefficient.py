@@ -1,0 +1,96 @@
+"""LLC curves over training and their critical points (Hoogland et al. 2024, "Loss landscape
+degeneracy drives stagewise development in transformers": stage boundaries are the critical
+points of the LLC against log step).
+
+Conventions, stated once: a run's estimates are read from ``RUN/llc.h5`` (written by ``devinterp
+llc``; its layout is in devinterp/llc_cli.py). A curve is the median over members at each
+snapshot step, as a function of log(step + 1). It is smoothed with a Gaussian kernel of width
+``SMOOTH`` log-steps (a kernel-weighted mean of the snapshots, so unevenly spaced snapshots are
+fine), and a *critical point* is where its derivative in log-step changes sign: a peak (rising
+then falling) or a trough, if the curve moves by at least ``PROMINENCE`` of its range between
+it and its neighbouring turns. Snapshots whose estimate is negative (the chains fell below L(w*): not
+at a minimum) are left out of the curve, never smoothed into it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SMOOTH = 0.3  # log-steps: the Gaussian kernel's standard deviation
+PROMINENCE = 0.1  # a turn must rise or fall by this share of the curve's range on either side
+FILENAME = "llc.h5"
+
+
+@dataclass(frozen=True)
+class CriticalPoint:
+    refinement: str
+    step: float
+    kind: str  # "peak" or "trough"
+    value: float  # the smoothed LLC there
+
+
+def load_llc(run: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """{refinement: {"steps" (snapshot,), "llc", "std_error", ... (snapshot, member, ...)}}."""
+    import h5py
+
+    path = Path(run) / FILENAME if Path(run).is_dir() else Path(run)
+    with h5py.File(path, "r") as f:
+        steps = f["steps"][()]
+        return {
+            name: {"steps": steps, **{k: v[()] for k, v in f[name].items()}} for name in f if name != "steps"
+        }
+
+
+def smoothed(steps: np.ndarray, values: np.ndarray, width: float = SMOOTH, n_grid: int = 200):
+    """(grid steps, smoothed values) of a curve (steps (N,), values (N,)) on an even log-step grid
+    spanning the finite points; a kernel-weighted mean of the points."""
+    ok = np.isfinite(values)
+    x, y = np.log1p(np.asarray(steps, dtype=np.float64)[ok]), np.asarray(values, dtype=np.float64)[ok]
+    if len(x) < 3:
+        return np.zeros(0), np.zeros(0)
+    grid = np.linspace(x.min(), x.max(), n_grid)
+    weights = np.exp(-0.5 * ((grid[:, None] - x[None]) / width) ** 2)
+    return np.expm1(grid), (weights * y).sum(axis=1) / weights.sum(axis=1)
+
+
+def critical_points(
+    name: str, steps: np.ndarray, values: np.ndarray, width: float = SMOOTH, prominence: float = PROMINENCE
+) -> list[CriticalPoint]:
+    """Peaks and troughs of the smoothed curve: sign changes of its derivative in log-step,
+    keeping only turns that rise or fall by at least ``prominence`` times the curve's range on
+    either side (smaller wiggles are noise left over by the smoothing)."""
+    grid, curve = smoothed(steps, values, width)
+    if len(curve) < 3:
+        return []
+    slope = np.diff(curve)
+    turns = [int(i) + 1 for i in np.flatnonzero(np.sign(slope[:-1]) * np.sign(slope[1:]) < 0)]
+    tolerance = prominence * float(curve.max() - curve.min())
+    # the curve's extremes in order, ends included; drop the smallest swing until all are large
+    points = [0, *turns, len(curve) - 1]
+    while len(points) > 2:
+        swings = np.abs(np.diff(curve[points]))
+        k = int(np.argmin(swings))
+        if swings[k] >= tolerance:
+            break
+        if k == 0:
+            del points[1]  # a wiggle next to the start: the start stays
+        elif k == len(swings) - 1:
+            del points[-2]
+        else:
+            del points[k : k + 2]  # an interior wiggle: both its turns go, alternation kept
+    found = []
+    for i in points[1:-1]:
+        kind = "peak" if curve[i] > curve[i - 1] else "trough"
+        found.append(CriticalPoint(name, float(grid[i]), kind, float(curve[i])))
+    return found
+
+
+def median_curve(estimates: dict[str, np.ndarray]) -> np.ndarray:
+    """(snapshot,) the median over members, with negative estimates (below L(w*)) left out."""
+    llc = np.where(estimates["llc"] >= 0, estimates["llc"], np.nan)
+    with np.errstate(all="ignore"):
+        return np.array([np.nanmedian(row) if np.isfinite(row).any() else math.nan for row in llc])
