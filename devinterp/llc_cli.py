@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,17 @@ def parse(argv: list[str]):
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per chain and step")
     parser.add_argument("--pool-size", type=int, default=1024, help="sequences in the fixed data pool")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="instead of estimating: sweep --eps-grid x --n-beta-grid on one snapshot (the first of "
+        "--steps, or the last) for the whole model, plot the loss traces to RUN/llc_calibration.png, "
+        "flag settings whose chains dip below L(w*), diverge or never level off, and print the choice",
+    )
+    parser.add_argument("--eps-grid", type=float, nargs="*", default=[1e-5, 1e-4, 1e-3])
+    parser.add_argument(
+        "--n-beta-grid", type=float, nargs="*", default=None, help="default: n_beta x 0.1, 1, 10"
+    )
     return parser.parse_args(argv)
 
 
@@ -122,6 +133,48 @@ def main(argv: list[str]) -> int:
         "batch_size": args.batch_size,
         "seed": args.seed,
     }
+    if args.calibrate:
+        grid_n_beta = args.n_beta_grid or [n_beta / 10, n_beta, n_beta * 10]
+        for value in args.eps_grid + grid_n_beta:
+            if not value > 0:
+                raise ValueError(f"--eps-grid, --n-beta-grid: every value must be positive, got {value}")
+        step = steps[0] if args.steps else max(slots)
+        _, weights = timeline.snapshot(slots[step])
+        pool = DataPool.from_spec(spec, args.pool_size, seq_len)
+        results = {}
+        whole = refinements(list(timeline.label_names), cfg, ["model"])[0]
+        for beta in grid_n_beta:
+            for eps in args.eps_grid:
+                setting = replace(sampler, n_beta=beta, eps=eps)
+                estimate = snapshot_llc(
+                    timeline.meta["config"],
+                    spec,
+                    weights,
+                    whole,
+                    setting,
+                    members,
+                    pool,
+                    args.batch_size,
+                    args.seed,
+                )
+                results[(beta, eps)] = (estimate, calibration_flags(estimate))
+                flags = ", ".join(results[(beta, eps)][1]) or "ok"
+                print(
+                    f"llc calibrate: n_beta {beta:.4g} eps {eps:.1e}: "
+                    f"median {np.nanmedian(estimate.llc):.3g} ({flags})",
+                    file=sys.stderr,
+                )
+        figure = plot_calibration(results, folder / "llc_calibration.png", step)
+        good = [key for key, (_, flags) in results.items() if not flags]
+        if good:
+            beta, eps = max(good, key=lambda key: (key[1], key[0]))
+            print(
+                f"llc calibrate: chosen n_beta {beta:.4g}, eps {eps:.1e} "
+                f"(the largest eps with no flag); {figure}"
+            )
+        else:
+            print(f"llc calibrate: every setting is flagged; widen the grids or lengthen --draws; {figure}")
+        return 0
     out = folder / FILENAME
     store = read(out, settings)  # refuses a file made with other settings, before any work
     pool = DataPool.from_spec(spec, args.pool_size, seq_len)
@@ -229,3 +282,54 @@ def write(path: Path, store: dict, settings: dict) -> None:
                         full[i] = store[(step, name)][key]
                 group[key] = full
     os.replace(partial, path)
+
+
+def calibration_flags(estimate) -> list[str]:
+    """What is wrong with a setting's chains: below L(w*), diverged, or not levelled off (the last
+    quarter of the draws' mean loss still moves by over 10% of its rise above L(w*) from the third)."""
+    flags = []
+    if estimate.below_init.any():
+        flags.append("below L(w*)")
+    if estimate.diverged.any():
+        flags.append("diverged")
+    trace = estimate.loss_trace  # (member, chain, draw)
+    quarter = max(1, trace.shape[2] // 4)
+    with np.errstate(all="ignore"):
+        third = np.nanmean(trace[:, :, -2 * quarter : -quarter])
+        last = np.nanmean(trace[:, :, -quarter:])
+        rise = last - float(np.mean(estimate.init_loss))
+    if np.isfinite(rise) and abs(last - third) > 0.1 * abs(rise):
+        flags.append("not levelled off")
+    return flags
+
+
+def plot_calibration(results: dict, path: Path, step: int) -> Path:
+    """One panel per (n_beta, eps): every chain's L(w) - L(w*) over the draws; flagged settings
+    titled in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    betas = sorted({b for b, _ in results})
+    epsilons = sorted({e for _, e in results})
+    fig, axes = plt.subplots(
+        len(betas), len(epsilons), figsize=(3 * len(epsilons), 2.4 * len(betas)), squeeze=False
+    )
+    for (beta, eps), (estimate, flags) in results.items():
+        ax = axes[betas.index(beta), epsilons.index(eps)]
+        gap = estimate.loss_trace - estimate.init_loss[:, None, None]
+        for trace in gap.reshape(-1, gap.shape[-1]):
+            ax.plot(trace, linewidth=0.6)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_title(
+            f"n_beta {beta:.3g}, eps {eps:.0e}\n{', '.join(flags) or 'ok'}",
+            fontsize=7,
+            color="red" if flags else "black",
+        )
+        ax.tick_params(labelsize=6)
+    fig.suptitle(f"LLC calibration at step {step}: L(w) - L(w*) per chain over the draws", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

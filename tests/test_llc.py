@@ -314,6 +314,11 @@ def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_i
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
     assert (run / "llc.h5").read_bytes() == sidecar  # nothing written on bad input
+    calibrate = ["--calibrate", "--eps-grid", "1e-4", "1e-3", "--n-beta-grid", "10", "100"]
+    assert main(["llc", str(run), *settings, *calibrate]) == 0
+    printed = capsys.readouterr()
+    assert printed.err.count("llc calibrate: n_beta") == 4 and "llc calibrate:" in printed.out
+    assert (run / "llc_calibration.png").is_file() and (run / "llc.h5").read_bytes() == sidecar
     from analysis.report import write_report
 
     report = write_report([run], tmp_path / "analysis", stages=False).read_text()
@@ -361,3 +366,25 @@ def test_critical_points_of_a_planted_llc_curve():
     assert [p.kind for p in found] == ["trough", "peak"], found
     for point, want in zip(found, (50, 400)):
         assert abs(math.log1p(point.step) - math.log1p(want)) < 0.1, (point, want)
+
+
+def test_calibration_flags_name_what_went_wrong():
+    from types import SimpleNamespace
+
+    from devinterp.llc_cli import calibration_flags
+
+    draws = np.arange(40.0)
+
+    def made(trace, below=False, diverged=False):
+        return SimpleNamespace(
+            loss_trace=np.broadcast_to(trace, (1, 2, 40)),
+            init_loss=np.array([1.0]),
+            below_init=np.array([[below, False]]),
+            diverged=np.array([[False, diverged]]),
+        )
+
+    levelled = 1.0 + 0.5 * (1 - np.exp(-draws / 3))  # rises and settles within the first quarter
+    climbing = 1.0 + 0.05 * draws  # still rising at the end
+    assert calibration_flags(made(levelled)) == []
+    assert calibration_flags(made(climbing)) == ["not levelled off"]
+    assert calibration_flags(made(levelled, below=True, diverged=True)) == ["below L(w*)", "diverged"]
