@@ -161,7 +161,7 @@ def main(argv: list[str]) -> int:
                 flags = ", ".join(results[(beta, eps)][1]) or "ok"
                 print(
                     f"llc calibrate: n_beta {beta:.4g} eps {eps:.1e}: "
-                    f"median {np.nanmedian(estimate.llc):.3g} ({flags})",
+                    f"median {median_of(estimate.llc):.3g} ({flags})",
                     file=sys.stderr,
                 )
         figure = plot_calibration(results, folder / "llc_calibration.png", step)
@@ -208,7 +208,7 @@ def main(argv: list[str]) -> int:
             )
         print(
             f"llc: [{k + 1}/{len(todo)}] step {step} {refinement.name}: median "
-            f"{np.nanmedian(estimate.llc):.3g} over members ({time.time() - started:.0f} s{worst})",
+            f"{median_of(estimate.llc):.3g} over members ({time.time() - started:.0f} s{worst})",
             file=sys.stderr,
         )
     print(f"llc: {out}")
@@ -333,3 +333,9 @@ def plot_calibration(results: dict, path: Path, step: int) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def median_of(values: np.ndarray) -> float:
+    """The median of the finite values; NaN (not a warning) when there are none."""
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if len(finite) else float("nan")
