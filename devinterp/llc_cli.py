@@ -134,47 +134,7 @@ def main(argv: list[str]) -> int:
         "seed": args.seed,
     }
     if args.calibrate:
-        grid_n_beta = args.n_beta_grid or [n_beta / 10, n_beta, n_beta * 10]
-        for value in args.eps_grid + grid_n_beta:
-            if not value > 0:
-                raise ValueError(f"--eps-grid, --n-beta-grid: every value must be positive, got {value}")
-        step = steps[0] if args.steps else max(slots)
-        _, weights = timeline.snapshot(slots[step])
-        pool = DataPool.from_spec(spec, args.pool_size, seq_len)
-        results = {}
-        whole = refinements(list(timeline.label_names), cfg, ["model"])[0]
-        for beta in grid_n_beta:
-            for eps in args.eps_grid:
-                setting = replace(sampler, n_beta=beta, eps=eps)
-                estimate = snapshot_llc(
-                    timeline.meta["config"],
-                    spec,
-                    weights,
-                    whole,
-                    setting,
-                    members,
-                    pool,
-                    args.batch_size,
-                    args.seed,
-                )
-                results[(beta, eps)] = (estimate, calibration_flags(estimate))
-                flags = ", ".join(results[(beta, eps)][1]) or "ok"
-                print(
-                    f"llc calibrate: n_beta {beta:.4g} eps {eps:.1e}: "
-                    f"median {median_of(estimate.llc):.3g} ({flags})",
-                    file=sys.stderr,
-                )
-        figure = plot_calibration(results, folder / "llc_calibration.png", step)
-        good = [key for key, (_, flags) in results.items() if not flags]
-        if good:
-            beta, eps = max(good, key=lambda key: (key[1], key[0]))
-            print(
-                f"llc calibrate: chosen n_beta {beta:.4g}, eps {eps:.1e} "
-                f"(the largest eps with no flag); {figure}"
-            )
-        else:
-            print(f"llc calibrate: every setting is flagged; widen the grids or lengthen --draws; {figure}")
-        return 0
+        return calibrate(args, timeline, slots, steps, spec, cfg, sampler, members, seq_len, folder, n_beta)
     out = folder / FILENAME
     store = read(out, settings)  # refuses a file made with other settings, before any work
     pool = DataPool.from_spec(spec, args.pool_size, seq_len)
@@ -212,6 +172,52 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
     print(f"llc: {out}")
+    return 0
+
+
+def calibrate(args, timeline, slots, steps, spec, cfg, sampler, members, seq_len, folder, n_beta) -> int:
+    """``--calibrate``: the eps x n_beta sweep on one snapshot (see ``parse``)."""
+    from devinterp.llc_run import DataPool, refinements, snapshot_llc
+
+    grid_n_beta = args.n_beta_grid or [n_beta / 10, n_beta, n_beta * 10]
+    for value in args.eps_grid + grid_n_beta:
+        if not value > 0:
+            raise ValueError(f"--eps-grid, --n-beta-grid: every value must be positive, got {value}")
+    step = steps[0] if args.steps else max(slots)
+    _, weights = timeline.snapshot(slots[step])
+    pool = DataPool.from_spec(spec, args.pool_size, seq_len)
+    results = {}
+    whole = refinements(list(timeline.label_names), cfg, ["model"])[0]
+    for beta in grid_n_beta:
+        for eps in args.eps_grid:
+            setting = replace(sampler, n_beta=beta, eps=eps)
+            estimate = snapshot_llc(
+                timeline.meta["config"],
+                spec,
+                weights,
+                whole,
+                setting,
+                members,
+                pool,
+                args.batch_size,
+                args.seed,
+            )
+            results[(beta, eps)] = (estimate, calibration_flags(estimate))
+            flags = ", ".join(results[(beta, eps)][1]) or "ok"
+            print(
+                f"llc calibrate: n_beta {beta:.4g} eps {eps:.1e}: "
+                f"median {median_of(estimate.llc):.3g} ({flags})",
+                file=sys.stderr,
+            )
+    figure = plot_calibration(results, folder / "llc_calibration.png", step)
+    good = [key for key, (_, flags) in results.items() if not flags]
+    if good:
+        beta, eps = max(good, key=lambda key: (key[1], key[0]))
+        print(
+            f"llc calibrate: chosen n_beta {beta:.4g}, eps {eps:.1e} (the largest eps with no flag); {figure}"
+        )
+    else:
+        print(f"llc calibrate: every setting is flagged; widen the grids or lengthen --draws; {figure}")
     return 0
 
 
