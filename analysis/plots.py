@@ -370,7 +370,15 @@ def plot_llc(
             ax.plot(steps + 1, llc, color=color, linewidth=0.5, alpha=0.4)
             shown = np.where(llc >= 0, llc, np.nan)
             with np.errstate(all="ignore"):
-                ax.plot(steps + 1, np.nanmedian(shown, axis=1), color=color, linewidth=2, label=name)
+                ax.plot(
+                    steps + 1,
+                    np.nanmedian(shown, axis=1),
+                    color=color,
+                    linewidth=2,
+                    marker="o",
+                    markersize=3,
+                    label=name,
+                )
             if smooth.size:
                 ax.plot(smooth[0] + 1, smooth[1], color=color, linewidth=1, linestyle=":")
             formed = [o.step for o in onsets.get(name, []) if not o.censored]
