@@ -482,7 +482,8 @@ def llc_section(
         quartiles = np.percentile(last, [25, 50, 75]) if len(last) else [math.nan] * 3
         lines.append(
             f"| {name} | {int(np.isfinite(llc).any(axis=1).sum())} | {quartiles[1]:.3g} [{quartiles[0]:.3g}, "
-            f"{quartiles[2]:.3g}] | {int((llc < 0).sum())} of {int(np.isfinite(llc).sum())} | {int(found['diverged'].sum())} | "
+            f"{quartiles[2]:.3g}] | {int((llc < 0).sum())} of {int(np.isfinite(llc).sum())} | "
+            f"{int(found['diverged'].sum())} | "
             f"{'; '.join(points) or 'none'} |"
         )
     figure = plot_llc(curves, onsets, out / "llc.png", f"LLC over training ({timeline.path.parent.name})")
