@@ -39,6 +39,7 @@ class Trainee:
     def __init__(self, members: int, seed: int, batch_size: int | None = None):
         data, self.module = make(members)
         data.batch_size = batch_size or data.batch_size
+        self.language = data.language
         seeds = [seed + k for k in range(members)]
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.module.hparams.lr, fused=True)
         self.stream = iter(

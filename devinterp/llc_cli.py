@@ -59,6 +59,13 @@ def parse(argv: list[str]):
     parser.add_argument("--pool-size", type=int, default=1024, help="sequences in the fixed data pool")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--wandb",
+        choices=["offline", "online", "disabled"],
+        default=None,
+        help="send the member-median curves to the run's W&B group as one more segment (job type "
+        "'llc'), once every estimate asked for is made (default: the run's run.wandb_mode)",
+    )
+    parser.add_argument(
         "--calibrate",
         action="store_true",
         help="instead of estimating: sweep --eps-grid x --n-beta-grid on one snapshot (the first of "
@@ -98,10 +105,6 @@ def main(argv: list[str]) -> int:
             )
     spec_text = timeline.meta.get("language_spec", "")
     spec = yaml.safe_load(spec_text) if spec_text else None
-    if not isinstance(spec, dict) or "primitives" not in spec:
-        raise ValueError(
-            f"{timeline.path}: the LLC needs the run's language spec (a corpus run is not supported yet)"
-        )
     config = yaml.safe_load(timeline.meta["config"])
     model_config = {k: v for k, v in config["model"].items() if k in ModelConfig.__dataclass_fields__}
     cfg = ModelConfig(**model_config)
@@ -133,11 +136,11 @@ def main(argv: list[str]) -> int:
         "batch_size": args.batch_size,
         "seed": args.seed,
     }
+    pool = DataPool.from_run(spec, config["data"], args.pool_size, seq_len)
     if args.calibrate:
-        return calibrate(args, timeline, slots, steps, spec, cfg, sampler, members, seq_len, folder, n_beta)
+        return calibrate(args, timeline, slots, steps, pool, cfg, sampler, members, folder, n_beta)
     out = folder / FILENAME
     store = read(out, settings)  # refuses a file made with other settings, before any work
-    pool = DataPool.from_spec(spec, args.pool_size, seq_len)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     todo = [(s, r) for s in steps for r in chosen if not done(store, s, r.name)]
     print(
@@ -150,7 +153,6 @@ def main(argv: list[str]) -> int:
         _, weights = timeline.snapshot(slots[step])
         estimate = snapshot_llc(
             timeline.meta["config"],
-            spec,
             weights,
             refinement,
             sampler,
@@ -171,13 +173,52 @@ def main(argv: list[str]) -> int:
             f"{median_of(estimate.llc):.3g} over members ({time.time() - started:.0f} s{worst})",
             file=sys.stderr,
         )
+    mode = args.wandb or config.get("run", {}).get("wandb_mode", "offline")
+    if todo and mode != "disabled":
+        send_to_wandb(folder, store, config, mode, settings, list(timeline.label_names))
     print(f"llc: {out}")
     return 0
 
 
-def calibrate(args, timeline, slots, steps, spec, cfg, sampler, members, seq_len, folder, n_beta) -> int:
+def wandb_key(name: str, label_names: list[str]) -> str:
+    """W&B's name of a refinement's curve: a primitive's in its own section, like its other curves."""
+    return f"{name}/llc" if name in label_names else f"llc/{name}"
+
+
+def send_to_wandb(
+    folder: Path, store: dict, config: dict, mode: str, settings: dict, label_names: list[str]
+) -> None:
+    """Every estimate in ``store`` as one more segment of the run's W&B group (``<run>@llc``, job
+    type 'llc', which resumes of the training ignore), a row per snapshot step at
+    ``trainer/global_step``: each refinement's median over members and its IQR."""
+    import wandb
+
+    from devinterp.wandb_files import ANALYSIS_JOB
+
+    run = wandb.init(
+        dir=str(folder),
+        project=config.get("run", {}).get("wandb_project", "devinterp"),
+        group=folder.name,
+        name=f"{folder.name}@llc",
+        job_type=ANALYSIS_JOB,
+        mode=mode,
+        config={"llc": settings},
+    )
+    for step in sorted({step for step, _ in store}):
+        row: dict[str, float] = {"trainer/global_step": step}
+        for (at, name), found in store.items():
+            finite = found["llc"][np.isfinite(found["llc"])]
+            if at == step and len(finite):
+                key = wandb_key(name, label_names)
+                quartiles = np.percentile(finite, [25, 50, 75])
+                row[key], row[f"{key}_iqr"] = float(quartiles[1]), float(quartiles[2] - quartiles[0])
+        run.log(row)
+    run.finish()
+
+
+def calibrate(args, timeline, slots, steps, pool, cfg, sampler, members, folder, n_beta) -> int:
     """``--calibrate``: the eps x n_beta sweep on one snapshot (see ``parse``)."""
-    from devinterp.llc_run import DataPool, refinements, snapshot_llc
+    from devinterp.llc_run import refinements, snapshot_llc
 
     grid_n_beta = args.n_beta_grid or [n_beta / 10, n_beta, n_beta * 10]
     for value in args.eps_grid + grid_n_beta:
@@ -185,7 +226,6 @@ def calibrate(args, timeline, slots, steps, spec, cfg, sampler, members, seq_len
             raise ValueError(f"--eps-grid, --n-beta-grid: every value must be positive, got {value}")
     step = steps[0] if args.steps else max(slots)
     _, weights = timeline.snapshot(slots[step])
-    pool = DataPool.from_spec(spec, args.pool_size, seq_len)
     results = {}
     whole = refinements(list(timeline.label_names), cfg, ["model"])[0]
     for beta in grid_n_beta:
@@ -193,7 +233,6 @@ def calibrate(args, timeline, slots, steps, spec, cfg, sampler, members, seq_len
             setting = replace(sampler, n_beta=beta, eps=eps)
             estimate = snapshot_llc(
                 timeline.meta["config"],
-                spec,
                 weights,
                 whole,
                 setting,

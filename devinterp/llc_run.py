@@ -19,6 +19,7 @@ Conventions, stated once:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ import yaml
 from torch.func import functional_call
 
 from devinterp.language import parse_language
+from devinterp.language.corpus import load_corpus
 from devinterp.llc import LLCEstimate, SamplerConfig, estimate_llc
 from devinterp.model import ModelConfig, TensorTransformer
 
@@ -69,6 +71,39 @@ class DataPool:
     def from_spec(cls, spec: dict, size: int, seq_len: int) -> DataPool:
         sample = parse_language(spec).sample(size, seq_len, POOL_SEED)
         return cls(torch.from_numpy(sample.tokens), torch.from_numpy(sample.labels))
+
+    @classmethod
+    def from_corpus(cls, recorded: dict, data_config: dict, size: int, seq_len: int) -> DataPool:
+        """``size`` of a corpus run's training sequences (a ``POOL_SEED`` choice; all of them if
+        fewer), from the file the timeline recorded, refused in one line if it changed since."""
+        path = Path(str(recorded["corpus"]))
+        try:
+            corpus = load_corpus(path)
+        except OSError as error:
+            raise ValueError(
+                f"{path}: cannot read the run's corpus ({error.strerror or error}; recorded in "
+                "meta/language_spec)"
+            ) from None
+        if corpus.digest != str(recorded.get("sha256", "")):
+            raise ValueError(
+                f"{path}: the corpus has changed since the run trained on it (sha256 {corpus.digest[:12]}..., "
+                f"recorded {str(recorded.get('sha256', ''))[:12]}...); its LLC would be of other data"
+            )
+        corpus.split(int(data_config.get("probe_size", 0)), int(data_config.get("probe_seed", 2**31 - 1)))
+        rows = corpus.train_rows
+        chosen = np.sort(np.random.default_rng(POOL_SEED).permutation(len(rows))[:size])
+        tokens, labels = corpus.tokens[rows[chosen], :seq_len], corpus.labels[rows[chosen], :seq_len]
+        return cls(torch.from_numpy(np.ascontiguousarray(tokens)), torch.from_numpy(np.ascontiguousarray(labels)))
+
+    @classmethod
+    def from_run(cls, recorded: dict | None, data_config: dict, size: int, seq_len: int) -> DataPool:
+        """The pool of a run from what its timeline recorded: a language spec, or a corpus's
+        description (its path and sha256)."""
+        if isinstance(recorded, dict) and "primitives" in recorded:
+            return cls.from_spec(recorded, size, seq_len)
+        if isinstance(recorded, dict) and "corpus" in recorded:
+            return cls.from_corpus(recorded, data_config, size, seq_len)
+        raise ValueError("meta/language_spec: neither a language spec nor a corpus description")
 
     def holding(self, label: int | None) -> torch.Tensor:
         """Indices of the sequences with at least one predicted position of ``label``."""
@@ -120,7 +155,6 @@ def make_loss(
 
 def snapshot_llc(
     config_yaml: str,
-    spec: dict,
     weights: dict[str, np.ndarray],
     refinement: Refinement,
     sampler: SamplerConfig,

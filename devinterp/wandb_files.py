@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 
 
+ANALYSIS_JOB = "llc"  # the job type of segments that hold estimates made after training (devinterp llc)
+
+
 class WandbReadError(RuntimeError):
     """W&B's reader could not read a run file."""
 
@@ -44,15 +47,20 @@ def run_files(wandb_dir: Path) -> list[Path]:
 
 
 def last_logged_step(wandb_dir: Path) -> int | None:
-    """The highest ``trainer/global_step`` in the W&B files under ``wandb_dir`` (None: no files);
-    -1 when the files hold no history row."""
-    files = run_files(wandb_dir)
-    if not files:
+    """The highest ``trainer/global_step`` in the training segments' W&B files under ``wandb_dir``
+    (None: no such files); -1 when they hold no history row. Analysis segments (job type
+    ``ANALYSIS_JOB``: LLC curves sent after training) say nothing of the training rows."""
+    training = []
+    for path in run_files(wandb_dir):
+        found = records(path)
+        if not any(r.get("type") == "run" and r["run"].get("job_type") == ANALYSIS_JOB for r in found):
+            training.append(found)
+    if not training:
         return None
-    last = -1
-    for path in files:
-        for row in history(path):
-            step = row.get("trainer/global_step")
-            if isinstance(step, (int, float)):
-                last = max(last, int(step))
-    return last
+    steps = [
+        int(r["history"]["item"]["trainer/global_step"])
+        for found in training
+        for r in found
+        if r.get("type") == "history" and isinstance(r["history"]["item"].get("trainer/global_step"), (int, float))
+    ]
+    return max(steps, default=-1)

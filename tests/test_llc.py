@@ -284,7 +284,6 @@ def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_i
     )
     direct = snapshot_llc(
         timeline.meta["config"],
-        spec,
         weights,
         Refinement("model"),
         sampler,
@@ -294,8 +293,20 @@ def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_i
     )
     np.testing.assert_allclose(first["model"]["llc"][3], direct.llc, rtol=1e-6)
     # a rerun with one more refinement makes only that one and keeps the others as they were
-    assert main(["llc", str(run), *settings, "--refinements", "model", "L0H1", "induction"]) == 0
+    more = ["--refinements", "model", "L0H1", "induction", "--wandb", "offline"]
+    assert main(["llc", str(run), *settings, *more]) == 0
     assert "llc: 4 estimates to make (4 snapshots x 3 refinements" in capsys.readouterr().err
+    # the curves went to W&B as an analysis segment of the run's group, read back with W&B's reader
+    from devinterp.wandb_files import history, last_logged_step, records, run_files
+
+    (segment,) = run_files(run / "wandb")
+    (described,) = [r["run"] for r in records(segment) if r.get("type") == "run"]
+    assert (described["run_group"], described["job_type"]) == ("tiny", "llc")
+    rows = history(segment)
+    assert [row["trainer/global_step"] for row in rows] == [0, 1, 5, 12]
+    assert rows[3]["llc/model"] == pytest.approx(float(np.median(first["model"]["llc"][3])), rel=1e-6)
+    assert {"llc/L0H1", "induction/llc", "llc/model_iqr"} <= set(rows[3])
+    assert last_logged_step(run / "wandb") is None  # a resume's W&B bookkeeping ignores it
     second = load_llc(run)
     np.testing.assert_array_equal(second["model"]["llc"], first["model"]["llc"])
     assert np.isfinite(second["induction"]["llc"]).all() or second["induction"]["diverged"].any()
