@@ -364,3 +364,42 @@ def test_save_corpus_never_overwrites_unasked(tmp_path):
     with pytest.raises(SpecError, match="already exists"):
         save_corpus(path, [[0, 0], [0, 0]], [["x", "x"], ["x", "x"]])
     assert path.read_bytes() == before
+
+
+def test_llc_of_a_corpus_run_reads_the_recorded_file_and_refuses_a_changed_one(tmp_path, capsys):
+    """The LLC's data pool of a corpus run is the run's own training sequences, read from the file
+    the timeline recorded (data-refined per corpus label); a changed file is refused in one line
+    and nothing is written."""
+    import hashlib
+    from pathlib import Path
+
+    import yaml
+
+    from analysis.learning_coefficient import load_llc
+    from devinterp.llc_run import DataPool
+
+    path = write_corpus(tmp_path / "c.npz", corpus_arrays(n=40))
+    root = tmp_path / "runs"
+    fit = ["fit", "--config", str(TINY), "--run.root", str(root), "--run.wandb_mode", "disabled"]
+    assert main(fit + ["--data.language", path, "--trainer.max_steps", "4", "--timeline.n_snapshots", "2"]) == 0
+    run = root / "tiny"
+    llc = ["llc", str(run), "--chains", "2", "--draws", "3", "--pool-size", "16", "--batch-size", "4"]
+    assert main(llc + ["--refinements", "model", "bigram"]) == 0
+    found = load_llc(run)
+    assert sorted(found) == ["bigram", "model"] and np.isfinite(found["model"]["llc"]).all()
+    # the pool: training rows only (the run's probe rows held out), cut to the run's seq_len
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    recorded = {"corpus": path, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+    pool = DataPool.from_run(recorded, config["data"], 16, config["data"]["seq_len"])
+    corpus = load_corpus(path)
+    corpus.split(config["data"]["probe_size"], config["data"]["probe_seed"])
+    held_out = {tuple(row) for row in corpus.tokens[corpus.probe_rows, : config["data"]["seq_len"]]}
+    assert pool.tokens.shape == (16, config["data"]["seq_len"])
+    assert not held_out & {tuple(row) for row in pool.tokens.tolist()}
+    sidecar = (run / "llc.h5").read_bytes()
+    write_corpus(tmp_path / "c.npz", corpus_arrays(n=40, seed=9))
+    capsys.readouterr()
+    assert main(llc + ["--refinements", "model", "bigram", "induction"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the corpus has changed since the run trained on it" in err, err
+    assert (run / "llc.h5").read_bytes() == sidecar
