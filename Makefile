@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # pip never pulls a multi-GB CUDA build on a CPU machine. GPU users install their own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test test-slow lint bench install clean
+.PHONY: run test test-slow lint bench bench-llc-env install clean
 
 $(BIN)/devinterp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,14 @@ test-slow: install
 bench: install
 	$(BIN)/python bench/run_all.py
 
+# The reference LLC library (timaeus devinterp 2.0.1) for bench/llc_speed.py, in a virtual
+# environment of its own: it imports as `devinterp`, which is our package's name too.
+bench-llc-env: .venv-devinterp/bin/python
+
+.venv-devinterp/bin/python:
+	$(PYTHON) -m venv .venv-devinterp
+	.venv-devinterp/bin/pip install -q "$(TORCH_SPEC)"
+	.venv-devinterp/bin/pip install -q -r bench/requirements-devinterp.txt
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-devinterp runs

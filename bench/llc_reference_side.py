@@ -64,7 +64,6 @@ def main() -> int:
     data = np.load(source)
     settings = json.loads(str(data["settings"]))
     from datasets import Dataset
-
     from devinterp.slt.llc import llc
 
     model_module = our_model_module()

@@ -20,6 +20,8 @@ SCRIPTS = [
     ["analysis_scale.py"],
     ["gpu_sync_check.py"],
     ["cli_startup.py"],
+    ["llc_speed.py"],
+    ["llc_invariance.py"],
 ]
 
 

@@ -86,14 +86,16 @@ class DataPool:
             ) from None
         if corpus.digest != str(recorded.get("sha256", "")):
             raise ValueError(
-                f"{path}: the corpus has changed since the run trained on it (sha256 {corpus.digest[:12]}..., "
-                f"recorded {str(recorded.get('sha256', ''))[:12]}...); its LLC would be of other data"
+                f"{path}: the corpus has changed since the run trained on it (sha256 "
+                f"{corpus.digest[:12]}..., recorded {str(recorded.get('sha256', ''))[:12]}...); its LLC "
+                "would be of other data"
             )
         corpus.split(int(data_config.get("probe_size", 0)), int(data_config.get("probe_seed", 2**31 - 1)))
         rows = corpus.train_rows
         chosen = np.sort(np.random.default_rng(POOL_SEED).permutation(len(rows))[:size])
-        tokens, labels = corpus.tokens[rows[chosen], :seq_len], corpus.labels[rows[chosen], :seq_len]
-        return cls(torch.from_numpy(np.ascontiguousarray(tokens)), torch.from_numpy(np.ascontiguousarray(labels)))
+        tokens = np.ascontiguousarray(corpus.tokens[rows[chosen], :seq_len])
+        labels = np.ascontiguousarray(corpus.labels[rows[chosen], :seq_len])
+        return cls(torch.from_numpy(tokens), torch.from_numpy(labels))
 
     @classmethod
     def from_run(cls, recorded: dict | None, data_config: dict, size: int, seq_len: int) -> DataPool:

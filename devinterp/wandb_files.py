@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 ANALYSIS_JOB = "llc"  # the job type of segments that hold estimates made after training (devinterp llc)
 
 
@@ -57,10 +56,10 @@ def last_logged_step(wandb_dir: Path) -> int | None:
             training.append(found)
     if not training:
         return None
+    rows = [r["history"]["item"] for found in training for r in found if r.get("type") == "history"]
     steps = [
-        int(r["history"]["item"]["trainer/global_step"])
-        for found in training
-        for r in found
-        if r.get("type") == "history" and isinstance(r["history"]["item"].get("trainer/global_step"), (int, float))
+        int(row["trainer/global_step"])
+        for row in rows
+        if isinstance(row.get("trainer/global_step"), (int, float))
     ]
     return max(steps, default=-1)

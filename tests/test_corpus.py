@@ -381,7 +381,9 @@ def test_llc_of_a_corpus_run_reads_the_recorded_file_and_refuses_a_changed_one(t
     path = write_corpus(tmp_path / "c.npz", corpus_arrays(n=40))
     root = tmp_path / "runs"
     fit = ["fit", "--config", str(TINY), "--run.root", str(root), "--run.wandb_mode", "disabled"]
-    assert main(fit + ["--data.language", path, "--trainer.max_steps", "4", "--timeline.n_snapshots", "2"]) == 0
+    assert (
+        main([*fit, "--data.language", path, "--trainer.max_steps", "4", "--timeline.n_snapshots", "2"]) == 0
+    )
     run = root / "tiny"
     llc = ["llc", str(run), "--chains", "2", "--draws", "3", "--pool-size", "16", "--batch-size", "4"]
     assert main(llc + ["--refinements", "model", "bigram"]) == 0
