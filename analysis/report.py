@@ -29,7 +29,16 @@ from analysis.plots import (
     plot_variants,
     plot_weight_vs_probe,
 )
-from analysis.stages import NEAR_ONSET, SHARP, StageFit, fit_stages, near_onsets, stage_data
+from analysis.stages import (
+    MAX_STATES,
+    N_BINS,
+    NEAR_ONSET,
+    SHARP,
+    StageFit,
+    fit_stages,
+    near_onsets,
+    stage_data,
+)
 from analysis.timeline import Timeline, TimelineError, load_timeline
 from devinterp.language import SpecError, parse_language
 from devinterp.language.primitive import QKView
@@ -335,12 +344,15 @@ def stages_section(
     curves: dict[str, tuple[np.ndarray, np.ndarray]],
     out: Path,
     yardstick: str,
+    n_bins: int = N_BINS,
+    max_states: int = MAX_STATES,
 ) -> tuple[list[str], list[Path], StageFit | None]:
     """The latent-state model of the full runs (analysis.stages) and essential dynamics of the
     first run's snapshots: the report's lines and figures."""
     lines = ["## Stages of training", ""]
     try:
-        fit = near_onsets(fit_stages(stage_data(full, yardstick=yardstick)), onsets)
+        data = stage_data(full, n_bins=n_bins, yardstick=yardstick)
+        fit = near_onsets(fit_stages(data, state_counts=range(1, max_states + 1)), onsets)
     except (ValueError, KeyError) as error:
         return lines + [f"No latent-state model: {error}.", ""], [], None
     bic = ", ".join(f"{k}: {v:.0f}" for k, v in fit.bic.items())
@@ -350,7 +362,8 @@ def stages_section(
         f"{len(fit.states)} members pooled. BIC picks **{fit.n_states} states** (BIC by state count: {bic}). "
         "States are numbered by when members first reach them."
         + (
-            " The count is the largest tried: more states may fit better, so read them as a lower bound."
+            " The count is the largest tried: more states may fit better, so read them as a lower bound "
+            "(`--max-states` offers more)."
             if fit.n_states == max(fit.bic)
             else ""
         ),
@@ -500,6 +513,8 @@ def write_report(
     yardstick: str = "fallback",
     member: int = 0,
     stages: bool = True,
+    stage_bins: int = N_BINS,
+    max_states: int = MAX_STATES,
 ) -> Path:
     """Analyse runs and write report.md, ordering.json and the PNGs into ``out``."""
     out = Path(out)
@@ -662,7 +677,7 @@ def write_report(
     fit = None
     if stages:
         stage_lines, stage_figures, fit = stages_section(
-            [t for _, t in full], result.onsets[source], curves, out, yardstick
+            [t for _, t in full], result.onsets[source], curves, out, yardstick, stage_bins, max_states
         )
         lines += stage_lines
         figures += stage_figures

@@ -85,7 +85,20 @@ def analyze_main(argv: list[str]) -> int:
         action="store_true",
         help="leave out the stages section (latent-state model and essential dynamics)",
     )
+    parser.add_argument(
+        "--stage-bins", type=int, default=None, help="log-step bins of the latent-state model (default 80)"
+    )
+    parser.add_argument(
+        "--max-states",
+        type=int,
+        default=None,
+        help="the largest state count BIC is offered (default 12); the report says when BIC picks it",
+    )
     args = parser.parse_args(argv)
+    if args.stage_bins is not None and args.stage_bins < 4:
+        parser.error(f"--stage-bins: must be at least 4, got {args.stage_bins}")
+    if args.max_states is not None and args.max_states < 1:
+        parser.error(f"--max-states: must be at least 1, got {args.max_states}")
     if not 0 < args.level < 1:
         parser.error(f"--level: must be between 0 and 1 (0.5 is the t50 onset), got {args.level}")
     if not 0 < args.alpha < 1:
@@ -104,6 +117,7 @@ def analyze_main(argv: list[str]) -> int:
             args.yardstick,
             args.member,
             stages=not args.no_stages,
+            **{k: v for k, v in [("stage_bins", args.stage_bins), ("max_states", args.max_states)] if v},
         )
     except (TimelineError, KeyError) as error:
         print(f"devinterp: error: {one_line(error)}", file=sys.stderr)

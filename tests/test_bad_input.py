@@ -368,6 +368,16 @@ CASES = [
         lambda t, r, run: ["analyze", run, "--out", t / "out", "--level", "2"],
         "--level: must be between 0 and 1",
     ),
+    (
+        "analyze-max-states",
+        lambda t, r, run: ["analyze", run, "--out", t / "out", "--max-states", "0"],
+        "--max-states: must be at least 1, got 0",
+    ),
+    (
+        "analyze-stage-bins",
+        lambda t, r, run: ["analyze", run, "--out", t / "out", "--stage-bins", "2"],
+        "--stage-bins: must be at least 4, got 2",
+    ),
     ("analyze-missing-path", lambda t, r, run: ["analyze", t / "nothing", "--out", t / "out"], "nothing"),
     # timeline files
     (

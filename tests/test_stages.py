@@ -164,6 +164,11 @@ def test_snapshot_outputs_are_the_models_centred_log_probabilities(tmp_path):
     assert (tmp_path / "analysis" / "stages.png").is_file()
     assert (tmp_path / "analysis" / "essential_dynamics.png").is_file()
     assert "## Stages" not in write_report([tmp_path], tmp_path / "bare", stages=False).read_text()
+    # the grid and the state counts BIC is offered are the caller's (devinterp analyze --stage-bins,
+    # --max-states); a count at the top of the range is said to be a lower bound
+    one = write_report([tmp_path], tmp_path / "one", stage_bins=6, max_states=1).read_text()
+    assert "6 log-step bins" in one and "BIC picks **1 states** (BIC by state count: 1:" in one
+    assert "(`--max-states` offers more)" in one
 
 
 def switch_timeline(switch: int | None, members=10, last=500, seed=0):
