@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -364,15 +365,22 @@ def plot_llc(
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, names in zip(axes[0], panels):
+        top = 0.0  # the axis follows the medians: one wild member estimate must not flatten the rest
         for i, name in enumerate(names):
             steps, llc, smooth = curves[name]
             color = colors[i % len(colors)]
             ax.plot(steps + 1, llc, color=color, linewidth=0.5, alpha=0.4)
             shown = np.where(llc >= 0, llc, np.nan)
+            with warnings.catch_warnings():  # a snapshot with no estimate of this refinement
+                warnings.simplefilter("ignore", RuntimeWarning)
+                median = np.nanmedian(shown, axis=1)
+            if np.isfinite(median).any():
+                top = max(top, float(np.nanmax(median)))
+            estimated = np.isfinite(median)  # joined across snapshots this refinement skipped
             with np.errstate(all="ignore"):
                 ax.plot(
-                    steps + 1,
-                    np.nanmedian(shown, axis=1),
+                    steps[estimated] + 1,
+                    median[estimated],
                     color=color,
                     linewidth=2,
                     marker="o",
@@ -387,7 +395,12 @@ def plot_llc(
         ax.set_xscale("log")
         ax.set_xlabel("step + 1")
         ax.set_ylabel("LLC estimate")
-        ax.set_ylim(bottom=0)
-        ax.legend(frameon=False, fontsize=7, title="dashed: median onset", title_fontsize=7)
+        ax.set_ylim(0, 1.4 * top if top > 0 else None)
+        ax.legend(
+            frameon=False,
+            fontsize=7,
+            title="bold: member median; dashed: median onset\n(thin: members, clipped at the top)",
+            title_fontsize=7,
+        )
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)

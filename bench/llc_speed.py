@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, report  # noqa: E402
 from ensemble_scaling import Trainee  # noqa: E402
 
-from devinterp.llc import SamplerConfig, default_n_beta, estimate_llc  # noqa: E402
+from devinterp.llc import SamplerConfig, estimate_llc  # noqa: E402
 from devinterp.llc_run import DataPool, Refinement, make_loss  # noqa: E402
 from devinterp.model import ModelConfig, TensorTransformer  # noqa: E402
 
@@ -54,7 +54,13 @@ def main() -> int:
     parser.add_argument("--pool-size", type=int, default=1024)
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--gamma", type=float, default=100.0)
-    parser.add_argument("--n-beta", type=float, default=None, help="default: b / log b over a batch")
+    parser.add_argument(
+        "--n-beta",
+        type=float,
+        default=14.58,
+        help="default: what `devinterp llc --calibrate` chose at the quickstart's size with eps 1e-3 "
+        "(b / log b over a batch, 145.8, diverges there at eps 1e-3)",
+    )
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--reference-python", default=str(REFERENCE_PYTHON))
@@ -69,7 +75,7 @@ def main() -> int:
     seq_len = module.cfg.n_ctx
     pool_sample = trainee.language.sample(args.pool_size, seq_len, 1_000_003)
     pool = DataPool(torch.from_numpy(pool_sample.tokens), torch.from_numpy(pool_sample.labels))
-    n_beta = args.n_beta or default_n_beta(args.batch_size * (seq_len - 1))
+    n_beta = args.n_beta
     sampler = SamplerConfig(
         n_beta=n_beta, eps=args.eps, gamma=args.gamma, chains=args.chains, draws=args.draws
     )

@@ -141,7 +141,7 @@ def main(argv: list[str]) -> int:
         return calibrate(args, timeline, slots, steps, pool, cfg, sampler, members, folder, n_beta)
     out = folder / FILENAME
     store = read(out, settings)  # refuses a file made with other settings, before any work
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
     todo = [(s, r) for s in steps for r in chosen if not done(store, s, r.name)]
     print(
         f"llc: {len(todo)} estimates to make ({len(steps)} snapshots x {len(chosen)} refinements, "
