@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report  # noqa: E402
-from ensemble_scaling import Trainee  # noqa: E402
+from llc_speed import trained_checkpoint  # noqa: E402
 
 from devinterp.llc import SamplerConfig, estimate_llc  # noqa: E402
-from devinterp.llc_run import POOL_SEED, DataPool, Refinement, make_loss  # noqa: E402
+from devinterp.llc_run import Refinement, make_loss  # noqa: E402
 from devinterp.model import ModelConfig, TensorTransformer  # noqa: E402
 
 
@@ -56,14 +56,7 @@ def main() -> int:
     if 1.0 not in args.scales:
         args.scales.append(1.0)
 
-    trainee = Trainee(args.members, seed=0)
-    for _ in range(args.train_steps):
-        trainee.step()
-    module = trainee.module
-    weights = {name: p.detach().clone() for name, p in module.model.named_parameters()}
-    seq_len = module.cfg.n_ctx
-    sample = trainee.language.sample(256, seq_len, POOL_SEED)
-    pool = DataPool(torch.from_numpy(sample.tokens), torch.from_numpy(sample.labels))
+    module, weights, pool = trained_checkpoint(args.members, args.train_steps, pool_size=256)
     fields = {f: getattr(module.cfg, f) for f in ModelConfig.__dataclass_fields__}
 
     with torch.no_grad():

@@ -39,10 +39,22 @@ from common import ROOT, report  # noqa: E402
 from ensemble_scaling import Trainee  # noqa: E402
 
 from devinterp.llc import SamplerConfig, estimate_llc  # noqa: E402
-from devinterp.llc_run import DataPool, Refinement, make_loss  # noqa: E402
+from devinterp.llc_run import POOL_SEED, DataPool, Refinement, make_loss  # noqa: E402
 from devinterp.model import ModelConfig, TensorTransformer  # noqa: E402
 
 REFERENCE_PYTHON = ROOT / ".venv-devinterp" / "bin" / "python"
+
+
+def trained_checkpoint(members: int, train_steps: int, pool_size: int):
+    """A quickstart-size ensemble trained ``train_steps`` steps here: (its module, its weights
+    (member, ...), an LLC data pool of ``pool_size`` sequences of its language)."""
+    trainee = Trainee(members, seed=0)
+    for _ in range(train_steps):
+        trainee.step()
+    module = trainee.module
+    weights = {name: p.detach().clone() for name, p in module.model.named_parameters()}
+    sample = trainee.language.sample(pool_size, module.cfg.n_ctx, POOL_SEED)
+    return module, weights, DataPool(torch.from_numpy(sample.tokens), torch.from_numpy(sample.labels))
 
 
 def main() -> int:
@@ -67,14 +79,8 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    trainee = Trainee(args.members, seed=0)
-    for _ in range(args.train_steps):
-        trainee.step()
-    module = trainee.module
-    weights = {name: p.detach().clone() for name, p in module.model.named_parameters()}
+    module, weights, pool = trained_checkpoint(args.members, args.train_steps, args.pool_size)
     seq_len = module.cfg.n_ctx
-    pool_sample = trainee.language.sample(args.pool_size, seq_len, 1_000_003)
-    pool = DataPool(torch.from_numpy(pool_sample.tokens), torch.from_numpy(pool_sample.labels))
     n_beta = args.n_beta
     sampler = SamplerConfig(
         n_beta=n_beta, eps=args.eps, gamma=args.gamma, chains=args.chains, draws=args.draws
