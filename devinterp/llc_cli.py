@@ -214,6 +214,9 @@ def send_to_wandb(
                 row[key], row[f"{key}_iqr"] = float(quartiles[1]), float(quartiles[2] - quartiles[0])
         run.log(row)
     run.finish()
+    # finish leaves W&B's service running and WANDB_SERVICE pointing at it; a process started from
+    # this one later (a resume, a fit) would inherit it and log through this one's service
+    wandb.teardown()
 
 
 def calibrate(args, timeline, slots, steps, pool, cfg, sampler, members, folder, n_beta) -> int:

@@ -6,6 +6,7 @@ localised posterior mean); reduced-rank regression against Aoyagi and Watanabe's
 a regular model (lambda = d / 2)."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -307,6 +308,7 @@ def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_i
     assert rows[3]["llc/model"] == pytest.approx(float(np.median(first["model"]["llc"][3])), rel=1e-6)
     assert {"llc/L0H1", "induction/llc", "llc/model_iqr"} <= set(rows[3])
     assert last_logged_step(run / "wandb") is None  # a resume's W&B bookkeeping ignores it
+    assert "WANDB_SERVICE" not in os.environ  # W&B's service is gone: no later child process inherits it
     second = load_llc(run)
     np.testing.assert_array_equal(second["model"]["llc"], first["model"]["llc"])
     assert np.isfinite(second["induction"]["llc"]).all() or second["induction"]["diverged"].any()
