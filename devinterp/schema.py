@@ -41,7 +41,7 @@ VERSION_1_GROUPS = ("every_step", "diagnostics", "probe")
 GROUP_MARKER = "devinterp_metric_group"  # attribute set (to 1) on every metric group
 VALUES_AXES = "row, metric, member"
 
-MetricKind = Literal["weight", "diagnostic", "probe", "probe_attention", "train"]
+MetricKind = Literal["weight", "diagnostic", "probe", "probe_attention", "train", "intervention"]
 Yardstick = Literal["fallback", "uniform"]
 YARDSTICKS: tuple[str, ...] = get_args(Yardstick)
 METRIC_KINDS: tuple[str, ...] = get_args(MetricKind)
@@ -55,7 +55,8 @@ class MetricInfo:
 
     kind: ``weight`` (headline KL read from the weights), ``diagnostic`` (a mechanism measure
     read from the weights), ``probe`` (measured on the probe set), ``probe_attention`` (a
-    head's attention on the probe set), ``train`` (training loss of the step's batch).
+    head's attention on the probe set), ``train`` (training loss of the step's batch),
+    ``intervention`` (a penalty's or clamp's value, window and gradient: callbacks/interventions.py).
     ``nothing`` / ``learned``: the values meaning "nothing learned" (the uniform prediction) and
     "learned" (progress metrics only, NaN otherwise). ``fallback``: "nothing learned" measured
     against the best prediction without the primitive (devinterp/baselines.py), the default

@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from analysis.timeline import TimelineError, open_timeline
 from callbacks.circuit_metrics import CircuitMetrics
+from callbacks.interventions import MechanismInterventions
 from callbacks.probe_metrics import ProbeMetrics
 from callbacks.progress_bar import FlushedLossBar
 from callbacks.timeline_writer import NonFiniteMetricError, TimelineWriteError, TimelineWriter
@@ -157,7 +158,9 @@ class DevinterpCLI(LightningCLI):
             help="checkpoints/last.ckpt cadence (default 500); set, it also overrides the "
             "every_n_train_steps of a ModelCheckpoint the config names",
         )
-        # the producers of timeline rows come before the writer (it checks this in setup)
+        # the producers of timeline rows come before the writer (it checks this in setup); the
+        # interventions first, so the other callbacks read weights their clamps already hold
+        parser.add_lightning_class_args(MechanismInterventions, "mechanism")
         parser.add_lightning_class_args(CircuitMetrics, "circuits")
         parser.add_lightning_class_args(ProbeMetrics, "probe")
         parser.add_lightning_class_args(TimelineWriter, "timeline")
@@ -245,6 +248,14 @@ class DevinterpCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         if self.subcommand == "fit":
+            mechanism = self.config_init[self.subcommand].get("mechanism")
+            if isinstance(mechanism, MechanismInterventions) and mechanism.interventions:
+                mechanism.check(
+                    self.datamodule.language,
+                    self.model.cfg,
+                    self.datamodule.probe.tokens.numpy(),
+                    self.config[self.subcommand].trainer.max_steps,
+                )
             # made (or checked) only now, after the language, data and model were built without error
             if self.child_rank:
                 pass
