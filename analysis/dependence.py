@@ -85,7 +85,12 @@ def config_section(timeline: Timeline, section: str) -> dict:
 
 
 def variant_of(timeline: Timeline) -> tuple[str, list[str]]:
-    """("full" | "knockout" | "knockin", primitives) from the run's stored config."""
+    """("full" | "knockout" | "knockin", primitives) or ("mechanism", [variant name]) from the
+    run's stored config; a run with interventions (``mechanism.interventions``) is a mechanism
+    variant, named by its run name without the ``mechanism-`` that ``devinterp dependence`` gives."""
+    if config_section(timeline, "mechanism").get("interventions"):
+        name = config_section(timeline, "run").get("name") or timeline.path.parent.name
+        return "mechanism", [name.removeprefix("mechanism-")]
     data = config_section(timeline, "data")
     if data.get("knockout"):
         return "knockout", list(data["knockout"])
@@ -126,6 +131,14 @@ def seed_of(timeline: Timeline) -> int | None:
     return config_section(timeline, "model").get("seed")
 
 
+def full_runs_by_seed(fulls: list[Timeline]) -> dict:
+    """The full run of each model seed (the first one found)."""
+    by_seed = {}
+    for timeline in fulls:
+        by_seed.setdefault(seed_of(timeline), timeline)
+    return by_seed
+
+
 def dependence(
     full: Timeline | list[Timeline],
     variants: list[Timeline],
@@ -150,7 +163,7 @@ def dependence(
     by_x: dict[str, dict[str, list[tuple[dict, dict]]]] = {}  # x -> kind -> [(full onsets, variant onsets)]
     for timeline in variants:
         kind, primitives = variant_of(timeline)
-        if kind == "full":
+        if kind in ("full", "mechanism"):  # mechanism variants: mechanism_effects
             continue
         baselines = baselines_by_seed.get(seed_of(timeline), first_baselines)
         onsets = primitive_onsets(
@@ -191,3 +204,167 @@ def dependence(
             )
             results.append(Dependence(y, x, out, into, verdict))
     return results
+
+
+@dataclass(frozen=True)
+class MechanismEffect:
+    """What suppressing a mechanism did to primitive Y, against the full run (paired members).
+
+    ``released_at``: the step the last of the variant's interventions ends (None: one lasts to
+    the end of the run). ``formed``: members whose onset was reached by the last step;
+    ``formed_after_release``: of those, the ones whose onset came after the release. Onset
+    medians are over the members where Y formed (NaN where none did). ``final_excess``: the
+    median over members of Y's probe excess at the last step (nats), the suppress-then-release
+    effect on the final model (Chen et al. 2024) read per primitive.
+    """
+
+    y: str
+    variant: str
+    shift: Shift
+    n_members: int
+    last_step: int
+    formed: int
+    onset_median: float
+    full_formed: int
+    full_onset_median: float
+    released_at: int | None
+    formed_after_release: int
+    final_excess: float
+    full_final_excess: float
+    verdict: str
+
+
+def interventions_of(timeline: Timeline) -> list[dict]:
+    return list(config_section(timeline, "mechanism").get("interventions") or [])
+
+
+def released_at(interventions: list[dict]) -> int | None:
+    """When the last intervention ends; None where one lasts to the end of the run."""
+    ends = [i.get("to_step") for i in interventions]
+    return None if not ends or any(e is None for e in ends) else max(ends)
+
+
+def _final_excess(timeline: Timeline, primitive: str) -> float:
+    name = f"probe_excess/{primitive}"
+    if name not in timeline.names(name):
+        return math.nan
+    values = timeline.values(name)  # (steps, members)
+    return float(np.median(values[-1]))
+
+
+def _median_onset(onsets: list[Onset]) -> float:
+    formed = [o.step for o in onsets if not o.censored]
+    return float(np.median(formed)) if formed else math.nan
+
+
+def mechanism_effects(
+    full: list[Timeline],
+    variants: list[Timeline],
+    level: float = 0.5,
+    source: str = "probe",
+    alpha: float = 0.01,
+    yardstick: str = "fallback",
+) -> list[MechanismEffect]:
+    """Per mechanism variant and primitive Y: how many members formed Y, when, and the onset
+    shift against the full run of the same seed (on its baselines).
+
+    Verdicts, for a variant never released: "Y needs V" where Y formed in at most half the
+    members but in more than half of the full run's; "Y is delayed by V" where the paired shift
+    is positive at Holm-free alpha; else "no evidence". For a released variant: "Y formed after
+    the release" where most members that formed it did so after ``released_at``, "Y formed
+    during V" where most formed it before, "Y never formed" where none did.
+    """
+    fulls = full_runs_by_seed(full)
+    results = []
+    for timeline in variants:
+        kind, (name,) = variant_of(timeline)
+        if kind != "mechanism":
+            continue
+        reference = fulls.get(seed_of(timeline), next(iter(fulls.values())))
+        full_onsets = primitive_onsets(reference, level=level, source=source, yardstick=yardstick)
+        onsets = primitive_onsets(
+            timeline,
+            level=level,
+            source=source,
+            yardstick=yardstick,
+            baselines=reference.baselines(yardstick),
+        )
+        release = released_at(interventions_of(timeline))
+        last = int(timeline.steps("every_step")[-1])
+        for y, per_member in onsets.items():
+            if y not in full_onsets:
+                continue
+            shift = onset_shift(full_onsets[y], per_member)
+            formed = sum(not o.censored for o in per_member)
+            full_formed = sum(not o.censored for o in full_onsets[y])
+            after = sum(not o.censored and o.step > release for o in per_member) if release is not None else 0
+            n = len(per_member)
+            if release is None:
+                if formed <= n / 2 < full_formed:
+                    verdict = f"{y} needs {name}"
+                elif shift.n_units and shift.p < alpha and shift.median > 0:
+                    verdict = f"{y} is delayed by {name}"
+                else:
+                    verdict = "no evidence"
+            elif not formed:
+                verdict = f"{y} never formed"
+            else:
+                verdict = (
+                    f"{y} formed after the release" if after > formed / 2 else f"{y} formed during {name}"
+                )
+            results.append(
+                MechanismEffect(
+                    y,
+                    name,
+                    shift,
+                    n,
+                    last,
+                    formed,
+                    _median_onset(per_member),
+                    full_formed,
+                    _median_onset(full_onsets[y]),
+                    release,
+                    after,
+                    _final_excess(timeline, y),
+                    _final_excess(reference, y),
+                    verdict,
+                )
+            )
+    return results
+
+
+def mechanism_sentences(effects: list[MechanismEffect], variants: list[Timeline]) -> list[str]:
+    """One sentence per (Y, suppressed variant) whose verdict is "needs" or "delayed", with the
+    numbers of the variants that release the same interventions: "induction needs prev-token:
+    suppressed, it formed in 0 of 8 members within 1500 steps; released at 400, it formed at a
+    median of 520 (unsuppressed: 160)"."""
+    without_end = {}
+    for timeline in variants:
+        kind, (name,) = variant_of(timeline)
+        if kind == "mechanism":
+            without_end[name] = [
+                {k: v for k, v in i.items() if k != "to_step"} for i in interventions_of(timeline)
+            ]
+    sentences = []
+    for e in effects:
+        if e.released_at is not None or e.verdict == "no evidence":
+            continue
+        text = f"{e.verdict}: suppressed, it formed in {e.formed} of {e.n_members} members"
+        text += f" within {e.last_step} steps"
+        if e.formed:
+            text += f" (median onset {e.onset_median:.0f})"
+        for r in effects:
+            if (
+                r.y == e.y
+                and r.released_at is not None
+                and without_end.get(r.variant) == without_end.get(e.variant)
+            ):
+                text += (
+                    f"; released at {r.released_at} ({r.variant}), it formed in {r.formed} of {r.n_members}"
+                )
+                if r.formed:
+                    text += f", at a median of {r.onset_median:.0f}"
+        text += f" (unsuppressed: formed in {e.full_formed} of {e.n_members}"
+        text += f", median onset {e.full_onset_median:.0f})." if e.full_formed else ")."
+        sentences.append(text)
+    return sentences

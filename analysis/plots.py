@@ -212,13 +212,15 @@ def plot_qk_slices(
 
 def plot_variants(
     full: dict[str, tuple[np.ndarray, np.ndarray]],
-    variants: dict[str, tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]],
+    variants: dict[str, tuple[dict[str, tuple[np.ndarray, np.ndarray]], int, tuple[int, int | None] | None]],
     path: Path,
     baseline: str = "nothing learned",
 ) -> Path:
-    """Each knock-out / knock-in variant against the full run: one panel per primitive, the
-    members' median progress of the full run (black) and of each variant (a colour each; the
-    knock-in's switch to the full language marked with a dotted line of its colour)."""
+    """Each knock-out / knock-in / mechanism variant against the full run: one panel per
+    primitive, the members' median progress of the full run (black) and of each variant (a
+    colour each; the knock-in's switch to the full language marked with a dotted line of its
+    colour, a mechanism variant's intervention window shaded in it). ``variants``: label ->
+    (curves, switch step, window (from, to or None) or None)."""
     names = list(full)
     columns = min(4, len(names))
     rows = -(-len(names) // columns)
@@ -227,7 +229,7 @@ def plot_variants(
     for ax, name in zip(axes.flat, names):
         steps, progress = full[name]
         ax.plot(steps + 1, np.median(progress, axis=1), color="black", linewidth=1.8, label="full")
-        for k, (variant, (curves, switch)) in enumerate(variants.items()):
+        for k, (variant, (curves, switch, window)) in enumerate(variants.items()):
             if name not in curves:
                 continue
             color = colors[k % len(colors)]
@@ -235,10 +237,13 @@ def plot_variants(
             ax.plot(v_steps + 1, np.median(v_progress, axis=1), color=color, linewidth=1.4, label=variant)
             if switch:
                 ax.axvline(switch + 1, color=color, linestyle=":", linewidth=0.9)
+            if window is not None:
+                end = v_steps[-1] if window[1] is None else window[1]
+                ax.axvspan(window[0] + 1, end + 1, color=color, alpha=0.08, linewidth=0)
         ax.axhline(0.0, color="grey", linewidth=0.5, linestyle=":")
         ax.set_xscale("log")
         finals = [np.median(full[name][1], axis=1)[-1]] + [
-            np.median(c[name][1], axis=1)[-1] for c, _ in variants.values() if name in c
+            np.median(c[name][1], axis=1)[-1] for c, _, _ in variants.values() if name in c
         ]
         ax.set_ylim(max(-3.0, min(-1.0, float(np.nanmin(finals)))) - 0.05, 1.05)  # a variant left far below
         ax.set_title(name, fontsize=9)
@@ -247,7 +252,10 @@ def plot_variants(
         ax.legend(frameon=False, fontsize=6)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    fig.suptitle("each variant against the full run (dotted: a knock-in's switch)", fontsize=9)
+    fig.suptitle(
+        "each variant against the full run (dotted: a knock-in's switch; shaded: an intervention window)",
+        fontsize=9,
+    )
     fig.text(0.01, 0.005, f"0 = {baseline}, on the full run's baselines", fontsize=6, color="grey")
     return _save(fig, path)
 

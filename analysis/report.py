@@ -1,7 +1,8 @@
 """``devinterp analyze``: onsets, ordering, dependence, figures and a report from run folders.
 
 Runs of the full language pool their members (each (run, member) is one unit); knock-out and
-knock-in runs (recognised from their stored config) feed the dependence verdicts.
+knock-in runs (recognised from their stored config) feed the dependence verdicts, and runs with
+mechanism interventions the suppression verdicts.
 """
 
 from __future__ import annotations
@@ -9,13 +10,23 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from analysis.dependence import Dependence, dependence, switch_step_of, variant_of
+from analysis.dependence import (
+    Dependence,
+    MechanismEffect,
+    dependence,
+    interventions_of,
+    mechanism_effects,
+    mechanism_sentences,
+    released_at,
+    switch_step_of,
+    variant_of,
+)
 from analysis.onset import Onset, primitive_onsets, primitive_progress
 from analysis.ordering import Ordering, infer_ordering, lead_lag, smallest_holm_p, units_needed
 from analysis.plots import (
@@ -55,6 +66,7 @@ class Analysis:
     yardstick: str = (
         "fallback"  # what progress 0 means: the best prediction without the primitive, or uniform
     )
+    mechanism: list[MechanismEffect] = field(default_factory=list)
 
 
 YARDSTICK_TEXT = {
@@ -130,7 +142,10 @@ def analyze_timelines(
         if variants
         else []
     )
-    return Analysis(primitives, onsets, ordering, lags, found, len(onsets[source][measured[0]]), yardstick)
+    effects = mechanism_effects(full, variants, level=level, source=source, alpha=alpha, yardstick=yardstick)
+    return Analysis(
+        primitives, onsets, ordering, lags, found, len(onsets[source][measured[0]]), yardstick, effects
+    )
 
 
 def _median_iqr(onsets: list[Onset]) -> str:
@@ -186,6 +201,67 @@ def _shift_text(shift) -> str:
             f"bounds: never formed in the variant in {shift.blocked} of {shift.n_units}{dropped}"
         )
     return f"{shift.median:+.2f} [{shift.low:+.2f}, {shift.high:+.2f}], p {shift.p:.2g}{dropped}"
+
+
+def window_of(timeline: Timeline) -> tuple[int, int | None] | None:
+    """A mechanism variant's intervention window (first from_step, release or None), else None."""
+    interventions = interventions_of(timeline)
+    if not interventions:
+        return None
+    return min(int(i.get("from_step") or 0) for i in interventions), released_at(interventions)
+
+
+def _intervention_text(interventions: list[dict]) -> str:
+    parts = []
+    for i in interventions:
+        what = (
+            f"penalty {i.get('metric')} x {i.get('weight')}"
+            if i.get("kind") == "penalty"
+            else f"clamp {i.get('component')} ({i.get('hold', 'zero')})"
+        )
+        members = f", members {i['members']}" if i.get("members") else ""
+        parts.append(f"{what}, steps {i.get('from_step') or 0}-{i.get('to_step') or 'end'}{members}")
+    return "; ".join(parts)
+
+
+def mechanism_lines(effects: list[MechanismEffect], variants: list[Timeline]) -> list[str]:
+    """The report's section on mechanism variants: a table per primitive and variant, and a
+    sentence for every mechanism a primitive needs."""
+    if not effects:
+        return []
+    lines = ["## Mechanism suppression", ""]
+    for timeline in variants:
+        kind, (name,) = variant_of(timeline) if variant_of(timeline)[0] == "mechanism" else (None, (None,))
+        if kind:
+            lines.append(f"- {name}: {_intervention_text(interventions_of(timeline))}")
+
+    def onset(median: float) -> str:
+        return "-" if math.isnan(median) else f"{median:.0f}"
+
+    lines += [
+        "",
+        "| Y | variant | formed (variant / full) | median onset (variant / full) | formed after release | "
+        "onset shift [95% CI] | final excess (variant / full) | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e in effects:
+        after = (
+            "-" if e.released_at is None else f"{e.formed_after_release} of {e.formed} (at {e.released_at})"
+        )
+        lines.append(
+            f"| {e.y} | {e.variant} | {e.formed} / {e.full_formed} of {e.n_members} | "
+            f"{onset(e.onset_median)} / {onset(e.full_onset_median)} | {after} | {_shift_text(e.shift)} | "
+            f"{e.final_excess:.4f} / {e.full_final_excess:.4f} | {e.verdict} |"
+        )
+    lines += [
+        "",
+        "Formed: the onset was reached by the last step. Final excess: the median over members of the "
+        "primitive's probe excess at the last step (nats per token), the suppression's effect on the "
+        "final model.",
+        "",
+    ]
+    sentences = mechanism_sentences(effects, variants)
+    return lines + [f"- {s}" for s in sentences] + ([""] if sentences else [])
 
 
 def _disagree(probe: list[Onset], weight: list[Onset]) -> str:
@@ -565,6 +641,7 @@ def write_report(
                     if progress_or_none(timeline, p, source, yardstick) is not None
                 },
                 switch_step_of(timeline),
+                window_of(timeline),
             )
         figures.append(plot_variants(curves, drawn, out / "variants.png", YARDSTICK_TEXT[yardstick]))
     figures += circuit_figures(first, out, at_steps, member)
@@ -674,6 +751,7 @@ def write_report(
                 f"| {d.y} | {d.x} | {_shift_text(d.knock_out)} | {_shift_text(d.knock_in)} | {verdict} |"
             )
         lines += ["", *notes, ""]
+    lines += mechanism_lines(result.mechanism, variants)
     fit = None
     if stages:
         stage_lines, stage_figures, fit = stages_section(
@@ -703,6 +781,7 @@ def write_report(
                 "dag": result.ordering.dag,
                 "lead_lag": result.lead_lag,
                 "dependence": [asdict(d) for d in result.dependence],
+                "mechanism": [asdict(e) for e in result.mechanism],
                 "stages": None
                 if fit is None
                 else {

@@ -425,6 +425,45 @@ CASES = [
         ],
         "group 'probe' has no 'committed'",
     ),
+    (
+        "intervention-unknown-metric",
+        lambda t, r, run: fit(
+            r, "--mechanism.interventions", '[{kind: penalty, metric: "mechanism/L0H*/nope", weight: 1}]'
+        ),
+        "mechanism.interventions[0].metric: 'mechanism/L0H*/nope' matches no metric",
+    ),
+    (
+        "intervention-no-such-head",
+        lambda t, r, run: fit(r, "--mechanism.interventions", "[{kind: clamp, component: L0H7}]"),
+        "mechanism.interventions[0].component: 'L0H7' names no component",
+    ),
+    (
+        "intervention-window-backwards",
+        lambda t, r, run: fit(
+            r, "--mechanism.interventions", "[{kind: clamp, component: L0H1, from_step: 4, to_step: 2}]"
+        ),
+        "mechanism.interventions[0].to_step: must be after from_step (4)",
+    ),
+    (
+        "intervention-negative-weight",
+        lambda t, r, run: fit(
+            r, "--mechanism.interventions", '[{kind: penalty, metric: "bigram/*/kl", weight: -2}]'
+        ),
+        "promotes the metric; say so with promote: true",
+    ),
+    (
+        "dependence-mechanisms-file",
+        lambda t, r, run: [
+            "dependence",
+            "--config",
+            TINY,
+            "--mechanisms",
+            spec(t, "no-prev: [{kind: penalty, weight: 1}]", "mechanisms.yaml"),
+            "--root",
+            t,
+        ],
+        "mechanisms.yaml: no-prev[0].metric: a penalty needs the metric",
+    ),
 ]
 
 
