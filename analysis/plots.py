@@ -358,6 +358,38 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def plot_mechanism(
+    runs: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+    windows: dict[str, tuple[int, int | None] | None],
+    path: Path,
+) -> Path:
+    """Mechanism variants against the full run, one panel per measure (``runs``: label ->
+    measure -> (steps (N,), values (N, members))): the median over members of each, the
+    intervention window shaded in the variant's colour."""
+    measures = list(dict.fromkeys(m for curves in runs.values() for m in curves))
+    fig, axes = plt.subplots(1, len(measures), figsize=(3.6 * len(measures), 2.9), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, measure in zip(axes[0], measures):
+        for k, (label, curves) in enumerate(runs.items()):
+            if measure not in curves:
+                continue
+            color = "black" if label == "full" else colors[k % len(colors)]
+            steps, values = curves[measure]
+            ax.plot(steps + 1, np.median(values, axis=1), color=color, linewidth=1.5, label=label)
+            window = windows.get(label)
+            if window is not None:
+                end = steps[-1] if window[1] is None else window[1]
+                ax.axvspan(window[0] + 1, end + 1, color=color, alpha=0.07, linewidth=0)
+        ax.set_xscale("log")
+        ax.set_title(measure, fontsize=8)
+        ax.set_xlabel("step + 1", fontsize=8)
+        ax.legend(frameon=False, fontsize=6)
+    fig.suptitle(
+        "mechanism variants against the full run (median over members; shaded: intervention)", fontsize=9
+    )
+    return _save(fig, path)
+
+
 def plot_llc(
     curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
     onsets: dict[str, list[Onset]],

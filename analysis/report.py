@@ -34,6 +34,7 @@ from analysis.plots import (
     plot_direct_path,
     plot_essential_dynamics,
     plot_llc,
+    plot_mechanism,
     plot_progress,
     plot_qk_slices,
     plot_stages,
@@ -224,6 +225,48 @@ def _intervention_text(interventions: list[dict]) -> str:
     return "; ".join(parts)
 
 
+def mechanism_figure(
+    full: Timeline, variants: list[Timeline], out: Path, source: str, yardstick: str
+) -> tuple[Path, list[str]]:
+    """mechanism.png: per mechanism variant and the full run, each penalised metric's value,
+    induction's progress and its copy preference over training; and the copy preference at the
+    end, which tells an induction circuit from a shortcut that reaches the same progress."""
+    runs: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    windows: dict[str, tuple[int, int | None] | None] = {}
+    lines = []
+    for timeline in [full, *variants]:
+        kind, names = variant_of(timeline)
+        if kind not in ("full", "mechanism"):
+            continue
+        label = "full" if kind == "full" else names[0]
+        curves = {}
+        for name in timeline.names("intervention/*/value")[:1]:  # a variant's first intervention
+            curves["first intervention's value"] = (timeline.steps(name), timeline.values(name))
+        if (progress := progress_or_none(timeline, "induction", source, yardstick)) is not None:
+            curves[f"induction {source} progress"] = progress
+        if (preference := copy_preference_curve(timeline)) is not None:
+            curves["induction copy preference"] = preference
+            final = preference[1][-1]
+            lines.append(
+                f"- {label}: copy preference at step {preference[0][-1]}: median {np.median(final):.2f} "
+                f"(members {', '.join(f'{v:.2f}' for v in final)})"
+            )
+        runs[label] = curves
+        windows[label] = window_of(timeline)
+    if lines:
+        lines = [
+            "Copy preference: in contexts [x, y1, z, y2, x] where y1 and y2 can both follow x, the model's "
+            "share p(y1) / (p(y1) + p(y2)) of the token that followed x, read from the weights "
+            "(devinterp/mechanisms.py): 1 = it copies, about 0.5 = it knows which tokens may follow x but "
+            "not which one did, the mark of a shortcut that reaches induction progress without a "
+            "previous-token head.",
+            "",
+            *lines,
+            "",
+        ]
+    return plot_mechanism(runs, windows, out / "mechanism.png"), lines
+
+
 def mechanism_lines(effects: list[MechanismEffect], variants: list[Timeline]) -> list[str]:
     """The report's section on mechanism variants: a table per primitive and variant, and a
     sentence for every mechanism a primitive needs."""
@@ -294,6 +337,31 @@ def snapshot_model(timeline: Timeline, slot: int):
         for name, param in model.named_parameters():
             param.copy_(torch.from_numpy(weights[name]))
     return model, step
+
+
+def copy_preference_curve(timeline: Timeline) -> tuple[np.ndarray, np.ndarray] | None:
+    """The share of the copied token among two plausible candidates
+    (devinterp.mechanisms.copy_preference) at every weight snapshot: steps (n,), (n, members);
+    None without snapshots, an induction primitive or a readable spec."""
+    import torch
+
+    from devinterp.mechanisms import copy_preference, two_candidate_contexts
+
+    try:
+        language = parse_language(yaml.safe_load(timeline.meta.get("language_spec", "")) or {})
+    except (SpecError, yaml.YAMLError, TypeError, AttributeError):
+        return None
+    tokens, copied, other = (torch.from_numpy(a) for a in two_candidate_contexts(language))
+    slots = [s for s in range(len(timeline.snapshot_steps)) if timeline.snapshot_steps[s] >= 0]
+    if not len(tokens) or not slots:
+        return None
+    steps, values = [], []
+    with torch.no_grad():
+        for slot in slots:
+            model, step = snapshot_model(timeline, slot)
+            steps.append(step)
+            values.append(copy_preference(model, tokens, copied, other).numpy())
+    return np.array(steps), np.stack(values)
 
 
 def qk_views(timeline: Timeline) -> dict[str, tuple[str, QKView]]:
@@ -752,6 +820,10 @@ def write_report(
             )
         lines += ["", *notes, ""]
     lines += mechanism_lines(result.mechanism, variants)
+    if result.mechanism:
+        figure, route_lines = mechanism_figure(full[0][1], variants, out, source, yardstick)
+        figures.append(figure)
+        lines += route_lines
     fit = None
     if stages:
         stage_lines, stage_figures, fit = stages_section(

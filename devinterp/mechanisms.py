@@ -147,3 +147,63 @@ class PenaltyMetrics:
             diagnostics = self.diagnostics.values(model)
             out.update({n: diagnostics[n] for n in self.diagnostic_names if n in wanted_set})
         return {n: out[n] for n in wanted}
+
+
+def two_candidate_contexts(language: Language) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Contexts [x, y1, z, y2, x] that tell copying from a shortcut: x and z eligible for
+    induction, y1 != y2 both able to follow x (so both are plausible guesses from x alone), y2
+    able to follow z, every step possible under the language and the true next token y1.
+    Returns tokens (n, 5), the copied token y1 (n,) and the other candidate y2 (n,); empty
+    without an induction primitive.
+
+    A model that copies what followed x's earlier occurrence (an induction circuit through a
+    previous-token head) puts y1 above y2. A model that only boosts the tokens in context that
+    can follow x (a skip-trigram-like shortcut, query x attending to plausible successors) has
+    no reason to prefer y1: over the contexts, where every ordered pair (y1, y2) appears both
+    ways round, its share of y1 averages about one half.
+    """
+    induction = next((p for p in language.primitives if p.kind == "induction"), None)
+    empty = np.zeros((0, 5), dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if induction is None:
+        return empty
+    eligible = np.flatnonzero(induction.eligible)
+    after = (
+        language.true_next_dist(eligible[:, None])[:, 0] > 0
+    )  # (n_eligible, V): a first occurrence's successors
+    contexts = []
+    for i, x in enumerate(eligible):
+        followers = np.flatnonzero(after[i])
+        for j, z in enumerate(eligible):
+            if z == x:
+                continue
+            contexts += [
+                (x, y1, z, y2, x) for y1 in followers for y2 in followers if y1 != y2 and after[j, y2]
+            ]
+    if not contexts:
+        return empty
+    tokens = np.array(contexts, dtype=np.int64)
+    dist = language.true_next_dist(tokens)  # (n, 5, V): entry t is p(token t + 1 | tokens <= t)
+    rows = np.arange(len(tokens))
+    possible = np.all(dist[rows[:, None], np.arange(4), tokens[:, 1:]] > 0, axis=1)
+    copies = dist[rows, 4, tokens[:, 1]] > 0.5
+    keep = possible & copies
+    return tokens[keep], tokens[keep, 1], tokens[keep, 3]
+
+
+def copy_preference(model: TensorTransformer, tokens: Tensor, copied: Tensor, other: Tensor) -> Tensor:
+    """The model's share of the copied token among the two candidates, p(y1) / (p(y1) + p(y2)),
+    averaged over the contexts of ``two_candidate_contexts``: (member,). 1 = it copies, about
+    0.5 = it cannot tell which candidate followed x. Read from the weights by the exact
+    contraction of devinterp.metrics.context_logits."""
+    from devinterp.metrics import context_logits
+
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    logits = context_logits(model, tokens, positions)  # (M, n, V)
+    pair = torch.stack(
+        [
+            logits.gather(-1, copied.expand(logits.shape[0], -1)[..., None])[..., 0],
+            logits.gather(-1, other.expand(logits.shape[0], -1)[..., None])[..., 0],
+        ],
+        -1,
+    )
+    return pair.softmax(-1)[..., 0].mean(-1)

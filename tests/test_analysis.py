@@ -145,7 +145,12 @@ from devinterp.schema import MetricInfo  # noqa: E402
 
 
 def synthetic_timeline(
-    midpoints: dict[str, float], data_config: dict, members=16, seed=0, kinds: dict | None = None
+    midpoints: dict[str, float],
+    data_config: dict,
+    members=16,
+    seed=0,
+    kinds: dict | None = None,
+    config: dict | None = None,
 ) -> Timeline:
     """A timeline whose probe and weight progress follow planted log-step midpoints."""
     rng = np.random.default_rng(seed)
@@ -166,7 +171,7 @@ def synthetic_timeline(
     return Timeline(
         Path("synthetic.h5"),
         {"every_step": weight, "probe": probe},
-        {"config": yaml.safe_dump({"data": data_config})},
+        {"config": yaml.safe_dump({"data": data_config, **(config or {})})},
         ("start", *midpoints),
         primitive_kinds=kinds or {},
     )
@@ -220,6 +225,42 @@ def test_knock_in_times_the_other_primitives_from_the_switch():
         for d in dependence(full, [synthetic_timeline({"x": 3.5, "y": late}, {"knockout": ["x"]}, seed=2)])
     }
     assert raw["y"].knock_out.median == pytest.approx(late - 5.0, abs=0.15)
+
+
+def mechanism_run(name: str, midpoints: dict, to_step=None, seed=1) -> Timeline:
+    penalty = {"kind": "penalty", "metric": "mechanism/L0H*/prev_token_output", "weight": 10.0}
+    if to_step is not None:
+        penalty["to_step"] = to_step
+    config = {"run": {"name": f"mechanism-{name}"}, "mechanism": {"interventions": [penalty]}}
+    return synthetic_timeline(midpoints, {}, members=8, seed=seed, config=config)
+
+
+def test_mechanism_variants_give_verdicts_and_the_sentence_with_numbers():
+    from analysis.dependence import mechanism_effects, mechanism_sentences, variant_of
+
+    full = synthetic_timeline({"bigram": 3.5, "induction": 5.0}, {}, members=8)
+    released_at = 400  # log(401) = 6.0: released runs form induction after it
+    suppressed = mechanism_run("prev", {"bigram": 3.5, "induction": 30.0})  # never forms
+    released = mechanism_run("prev-400", {"bigram": 3.5, "induction": 6.6}, to_step=released_at, seed=2)
+    control = mechanism_run("control", {"bigram": 3.5, "induction": 5.0}, seed=3)
+    assert variant_of(suppressed) == ("mechanism", ["prev"])
+    variants = [suppressed, released, control]
+    effects = {(e.y, e.variant): e for e in mechanism_effects([full], variants)}
+    needs = effects["induction", "prev"]
+    assert needs.verdict == "induction needs prev" and needs.formed == 0 and needs.full_formed == 8
+    assert effects["bigram", "prev"].verdict == "no evidence"  # bigram formed as usual
+    after = effects["induction", "prev-400"]
+    assert after.released_at == 400 and after.formed_after_release == 8
+    assert after.verdict == "induction formed after the release"
+    assert after.onset_median == pytest.approx(np.exp(6.6) - 1, rel=0.25)
+    assert effects["induction", "control"].verdict == "no evidence"
+    (sentence,) = mechanism_sentences(list(effects.values()), variants)
+    assert sentence.startswith("induction needs prev: suppressed, it formed in 0 of 8 members within")
+    assert "released at 400 (prev-400), it formed in 8 of 8, at a median of" in sentence
+    assert sentence.endswith(f"(unsuppressed: formed in 8 of 8, median onset {needs.full_onset_median:.0f}).")
+    # analyze puts them in the report's data; mechanism runs are not full runs
+    result = analyze_timelines([full, *variants])
+    assert result.n_units == 8 and len(result.mechanism) == 6 and not result.dependence
 
 
 @pytest.mark.parametrize("n", [3, 8, 12])

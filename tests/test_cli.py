@@ -172,6 +172,10 @@ def test_shipped_configs_train(tmp_path, name):
 
 
 def test_dependence_command_trains_variants_that_analyze_reads(tmp_path):
+    mechanisms = tmp_path / "mechanisms.yaml"
+    mechanisms.write_text(
+        "no-prev:\n  - {kind: penalty, metric: 'mechanism/L0H*/prev_token_output', weight: 5.0, to_step: 3}\n"
+    )
     result = subprocess.run(
         [
             sys.executable,
@@ -184,6 +188,8 @@ def test_dependence_command_trains_variants_that_analyze_reads(tmp_path):
             "bigram",
             "--knockin-steps",
             "3",
+            "--mechanisms",
+            str(mechanisms),
             "--name",
             "dep",
             "--root",
@@ -203,7 +209,9 @@ def test_dependence_command_trains_variants_that_analyze_reads(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     runs = sorted(p.name for p in (tmp_path / "dep").iterdir())
-    assert runs == ["full", "knockin-bigram", "knockout-bigram"]
+    assert runs == ["full", "knockin-bigram", "knockout-bigram", "mechanism-no-prev"]
+    penalised = yaml.safe_load((tmp_path / "dep" / "mechanism-no-prev" / "config.yaml").read_text())
+    assert penalised["mechanism"]["interventions"][0]["to_step"] == 3
     knocked = yaml.safe_load((tmp_path / "dep" / "knockout-bigram" / "config.yaml").read_text())
     assert knocked["data"]["knockout"] == ["bigram"]
     out = tmp_path / "analysis"
@@ -212,6 +220,8 @@ def test_dependence_command_trains_variants_that_analyze_reads(tmp_path):
     assert "## Onsets" in report and "## Ordering" in report and "## Dependence" in report
     assert "| induction | bigram |" in report  # Y = induction, X = bigram
     assert "![variants](variants.png)" in report and (out / "variants.png").is_file()
+    assert "## Mechanism suppression" in report and "| induction | no-prev |" in report
+    assert "- no-prev: copy preference at step 6" in report and (out / "mechanism.png").is_file()
     ordering = json.loads((out / "ordering.json").read_text())
     assert ordering["units"] == 2 and {d["x"] for d in ordering["dependence"]} == {"bigram"}
     for png in ("progress.png", "weight_vs_probe.png", "ordering_dag.png"):

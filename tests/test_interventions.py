@@ -12,7 +12,13 @@ from devinterp.data import ToyLanguageData
 from devinterp.errors import UsageError
 from devinterp.interventions import check_against, parse_interventions
 from devinterp.language import load_language
-from devinterp.mechanisms import PenaltyMetrics, offset_triples, offset_write
+from devinterp.mechanisms import (
+    PenaltyMetrics,
+    copy_preference,
+    offset_triples,
+    offset_write,
+    two_candidate_contexts,
+)
 from devinterp.model import ModelConfig, TensorTransformer
 from devinterp.module import TensorTransformerModule
 from tests.conftest import SEED_SPEC_PATH
@@ -296,3 +302,21 @@ def test_a_negative_weight_promotes_when_asked():
         [{"kind": "penalty", "metric": "bigram/*/kl", "weight": -1.0, "promote": True}]
     )
     assert promoted.weight == -1.0 and promoted.name == "penalty-0"
+
+
+def test_copy_preference_tells_an_induction_circuit_from_no_previous_token_head():
+    """The planted induction model copies: share 1 of the token that followed x. Without its
+    previous-token head (W_O of layer 0 zeroed) the induction head's key is empty: exactly 0.5."""
+    language = load_language(SEED_SPEC_PATH)
+    tokens, copied, other = (torch.from_numpy(a) for a in two_candidate_contexts(language))
+    assert len(tokens) > 50 and (copied != other).all()
+    names = [language.vocab.tokens[t] for t in tokens[0]]
+    assert (
+        names[0] == names[4]
+        and language.vocab.token_category[tokens[0, 2]] == language.vocab.token_category[tokens[0, 0]]
+    )
+    model = planted_induction(language)
+    assert copy_preference(model, tokens, copied, other).item() == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        model.W_O[:, 0].zero_()
+    assert copy_preference(model, tokens, copied, other).item() == 0.5
