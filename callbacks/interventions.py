@@ -121,7 +121,8 @@ class MechanismInterventions(L.Callback):
 
     def _hold(self, i: Intervention, model: TensorTransformer) -> None:
         """Write the held values into the intervention's slices (a ``frozen`` clamp whose window
-        opens now first records them)."""
+        opens now first records them; a run resumed inside the window records them again, equal,
+        since they were written back after every step)."""
         if i.hold == "frozen" and i.name not in self._frozen:
             self._frozen[i.name] = {
                 self._key(s): getattr(model, s.parameter)[s.member][s.index].detach().clone()
@@ -218,19 +219,7 @@ class MechanismInterventions(L.Callback):
             self._row[3 * n + 2] = removed.sqrt()
         self._writer.append("interventions", step, self._row)
 
-    # ---- checkpoints and loggers -------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        """The weights each ``frozen`` clamp holds, so a resume holds the same ones."""
-        return {
-            "frozen": {name: {"|".join(k): v.cpu() for k, v in d.items()} for name, d in self._frozen.items()}
-        }
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._frozen = {
-            name: {tuple(k.split("|")): v for k, v in d.items()}
-            for name, d in state_dict.get("frozen", {}).items()
-        }
+    # ---- loggers -----------------------------------------------------------------------------
 
     def summarize(self, steps: np.ndarray, values: np.ndarray) -> list[dict[str, float]]:
         """Per intervention, the median over the members it acts on of value and grad_norm, and the

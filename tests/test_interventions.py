@@ -320,3 +320,37 @@ def test_copy_preference_tells_an_induction_circuit_from_no_previous_token_head(
     with torch.no_grad():
         model.W_O[:, 0].zero_()
     assert copy_preference(model, tokens, copied, other).item() == 0.5
+
+
+def test_a_resumed_run_holds_the_same_frozen_weights_and_equals_the_uninterrupted_one(tmp_path):
+    """Stopped at step 6 inside a frozen clamp's window and resumed to 10: the same weights, rows
+    and intervention rows as 10 steps straight (the held slices are in the checkpoint, so the
+    resume records the same frozen weights)."""
+    from analysis.timeline import load_timeline
+    from devinterp.cli import main
+    from tests.conftest import ROOT
+
+    interventions = (
+        "[{kind: clamp, component: L0H1, hold: frozen, from_step: 2, to_step: 8}, "
+        "{kind: penalty, metric: 'mechanism/L0H*/prev_token_output', weight: 3.0, members: [1]}]"
+    )
+
+    def fit(name, steps):
+        argv = ["fit", "--config", str(ROOT / "tests" / "data" / "tiny.yaml"), "--run.root", str(tmp_path)]
+        argv += ["--run.name", name, "--run.wandb_mode", "disabled", "--trainer.max_steps", str(steps)]
+        argv += ["--run.checkpoint_every_n_steps", "3", "--mechanism.interventions", interventions]
+        assert main(argv) == 0
+
+    fit("straight", 10)
+    fit("stopped", 6)
+    assert main(["resume", str(tmp_path / "stopped"), "--trainer.max_steps", "10"]) == 0
+    straight, resumed = (load_timeline(tmp_path / n / "timeline.h5") for n in ("straight", "stopped"))
+    for group in ("every_step", "interventions"):
+        assert np.array_equal(straight.groups[group].steps, resumed.groups[group].steps)
+        np.testing.assert_array_equal(straight.groups[group].values, resumed.groups[group].values)
+    final = [
+        torch.load(tmp_path / n / "checkpoints" / "last.ckpt", weights_only=True)
+        for n in ("straight", "stopped")
+    ]
+    for name, value in final[0]["state_dict"].items():
+        assert torch.equal(value, final[1]["state_dict"][name]), name
