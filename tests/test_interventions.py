@@ -258,7 +258,7 @@ def test_the_timeline_records_window_value_and_gradient(tmp_path):
         "from_step": 4,
         "to_step": 9,
     }
-    run_with(tmp_path, [penalty], steps=12)
+    _, _, _, callback = run_with(tmp_path, [penalty], steps=12)
     with open_timeline(tmp_path / "timeline.h5") as f:
         group = f["interventions"]
         names = [n.decode() for n in group["names"][()]]
@@ -269,6 +269,9 @@ def test_the_timeline_records_window_value_and_gradient(tmp_path):
     assert (active[4:9] == 1).all() and (active[:4] == 0).all() and (active[9:] == 0).all()
     assert (values[:, 2][active == 0] == 0).all() and (values[6:9, 2] > 0).all()
     assert (values[2:, 0] > 0).all()  # tracked in and out of the window (W_O moves from step 1 on)
+    logged = callback.summarize(steps, values)  # what W&B gets: section "intervention"
+    assert [row["intervention/prev/active"] for row in logged] == [0.0] * 4 + [1.0] * 5 + [0.0] * 3
+    assert logged[6]["intervention/prev/value"] == pytest.approx(float(np.median(values[6, 0])))
 
 
 @pytest.mark.parametrize(
