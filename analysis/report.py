@@ -267,6 +267,22 @@ def mechanism_figure(
     return plot_mechanism(runs, windows, out / "mechanism.png"), lines
 
 
+def _in_window(timeline: Timeline) -> str:
+    """Each intervention's median value and gradient norm over the steps and members it acted on."""
+    parts = []
+    for name in timeline.names("intervention/*/active"):
+        stem = name.removesuffix("/active")
+        active = timeline.values(name) > 0  # (steps, members)
+        if not active.any():
+            continue
+        value, grad = timeline.values(f"{stem}/value")[active], timeline.values(f"{stem}/grad_norm")[active]
+        parts.append(
+            f"{stem.removeprefix('intervention/')}: value {np.median(value):.3g}, gradient norm "
+            f"{np.median(grad):.3g} (medians over the {int(active.sum())} member-steps it acted on)"
+        )
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def mechanism_lines(effects: list[MechanismEffect], variants: list[Timeline]) -> list[str]:
     """The report's section on mechanism variants: a table per primitive and variant, and a
     sentence for every mechanism a primitive needs."""
@@ -276,7 +292,7 @@ def mechanism_lines(effects: list[MechanismEffect], variants: list[Timeline]) ->
     for timeline in variants:
         kind, (name,) = variant_of(timeline) if variant_of(timeline)[0] == "mechanism" else (None, (None,))
         if kind:
-            lines.append(f"- {name}: {_intervention_text(interventions_of(timeline))}")
+            lines.append(f"- {name}: {_intervention_text(interventions_of(timeline))}{_in_window(timeline)}")
 
     def onset(median: float) -> str:
         return "-" if math.isnan(median) else f"{median:.0f}"

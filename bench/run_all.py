@@ -14,6 +14,7 @@ SCRIPTS = [
     ["dgp_throughput.py"],
     ["dgp_throughput.py", "--language", "configs/languages/rich.yaml"],
     ["tracking_overhead.py"],
+    ["intervention_overhead.py"],
     ["ensemble_scaling.py"],
     ["reference_loop.py"],
     ["attention_paths.py"],

@@ -100,13 +100,14 @@ def tracked_seconds_per_step(
     tracking: bool = True,
     config: str = "quickstart",
     probe_every: int = 10,
+    first_callbacks: list | None = None,
 ) -> float:
     from lightning.pytorch.loggers import WandbLogger
 
     data, module = make(members, config)
     clock = StepClock(warmup)
     with tempfile.TemporaryDirectory() as root:
-        callbacks = [clock]
+        callbacks = [clock, *(first_callbacks or [])]
         if tracking:
             callbacks.append(
                 CircuitMetrics(diagnostics_every_n_steps=10, diagnostics_schedule="every_n_steps")
