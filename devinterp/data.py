@@ -4,11 +4,14 @@ Member k reads the stream seeded with ``seed + k`` (or ``seed`` for all when ``s
 so an n-member run's member k sees exactly what a 1-member run with seed ``seed + k`` sees.
 The batch of step s is a pure function of (stream seed, s): streams are sampled in blocks of
 ``steps_per_block`` steps (block b from ``[seed_k, b]``), which amortises the per-position cost
-of the sampler and lets a resumed run continue the stream at any step.
+of the sampler and lets a resumed run continue the stream at any step. DataLoader workers each
+sample whole blocks (worker w of n: every n-th block), so the stream is the same for any number
+of workers.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -115,15 +118,62 @@ class MemberStreams(IterableDataset):
             out.append((tokens[:, rows], labels[:, rows]))
         return out
 
-    def __iter__(self):
-        step = self.start_step
+    def blocks(self):
+        """This process's blocks, each a list of its steps' batches (the first block from the
+        start step's offset on): every block from the start step's, or, in a DataLoader worker
+        w of n, the blocks first + w, first + w + n, ... The DataLoader collects its workers'
+        items in turn (w = 0, 1, ..., n - 1, 0, ...), so the blocks come in order and the
+        steps, flattened, are the same stream for any number of workers."""
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        first, offset = divmod(self.start_step, self.steps_per_block)
+        rank, world = self.shard
+        local = slice(rank * self.batch_size // world, (rank + 1) * self.batch_size // world)
+        block_index = first + worker
         while True:
-            block_index, offset = divmod(step, self.steps_per_block)
-            rank, world = self.shard
-            local = slice(rank * self.batch_size // world, (rank + 1) * self.batch_size // world)
-            for tokens, labels in self._block_for_steps(block_index)[offset:]:
-                yield {"tokens": tokens[:, local], "labels": labels[:, local]}
-                step += 1
+            steps = self._block_for_steps(block_index)[offset if block_index == first else 0 :]
+            yield [{"tokens": tokens[:, local], "labels": labels[:, local]} for tokens, labels in steps]
+            block_index += n_workers
+
+    def __iter__(self):
+        for block in self.blocks():
+            yield from block
+
+
+class MemberBlocks(IterableDataset):
+    """The blocks of a MemberStreams, one item each: what DataLoader workers sample."""
+
+    def __init__(self, streams: MemberStreams):
+        self.streams = streams
+
+    def __iter__(self):
+        return self.streams.blocks()
+
+
+class Steps:
+    """The steps of a DataLoader over MemberBlocks, flattened in the training process."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        for block in self.loader:
+            yield from block
+
+
+def one_thread(worker_id: int) -> None:
+    """A data worker computes with one thread (PyTorch's DataLoader guidance): n workers then
+    use n cores, not n times the machine's."""
+    torch.set_num_threads(1)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity; a job scheduler's allocation), not the
+    machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class ToyLanguageData(L.LightningDataModule):
@@ -147,6 +197,11 @@ class ToyLanguageData(L.LightningDataModule):
             rule down); the probe set and metrics follow the knocked-out language.
         knockin: a curriculum: train on these primitives alone (with the category fallback)
             for ``knockin_steps`` steps, then on the full language; probes use the full language.
+        num_workers: DataLoader worker processes sampling blocks ahead of training (persistent,
+            one thread each; pinned memory on a GPU). ``auto``: on a GPU one per core this
+            process may use (its affinity) but one, shared among the node's processes, at most
+            16; on a CPU none, where workers would only take cores from training. The stream is
+            the same for any number.
     """
 
     def __init__(
@@ -164,9 +219,15 @@ class ToyLanguageData(L.LightningDataModule):
         knockout: list[str] | None = None,
         knockin: list[str] | None = None,
         knockin_steps: int = 0,
+        num_workers: int | str = "auto",
     ):
         super().__init__()
         self.save_hyperparameters()
+        if num_workers != "auto" and (isinstance(num_workers, bool) or not isinstance(num_workers, int)):
+            raise UsageError(f"data.num_workers: a number of workers or auto, got {num_workers!r}")
+        if num_workers != "auto":
+            at_least(num_workers, 0, "data.num_workers")
+        self.num_workers = num_workers
         for field, value in (
             ("batch_size", batch_size),
             ("n_members", n_members),
@@ -294,7 +355,32 @@ class ToyLanguageData(L.LightningDataModule):
             first_steps=self.knockin_steps,
             shard=(rank, world),
         )
-        return DataLoader(streams, batch_size=None, num_workers=0)
+        workers = self.workers()
+        if workers == 0:
+            return DataLoader(streams, batch_size=None, num_workers=0)
+        loader = DataLoader(
+            MemberBlocks(streams),
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=True,
+            prefetch_factor=2,
+            pin_memory=self._on_gpu(),
+            worker_init_fn=one_thread,
+        )
+        return Steps(loader)
+
+    def _on_gpu(self) -> bool:
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
+    def workers(self) -> int:
+        """``num_workers`` resolved: ``auto`` is 0 on a CPU, and on a GPU the cores this
+        process may use, shared among the node's processes, less one for training (at most 16)."""
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        if not self._on_gpu():
+            return 0
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return max(1, min(16, available_cores() // local - 1))
 
     def val_dataloader(self) -> DataLoader:
         probe = self.probe

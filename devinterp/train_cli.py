@@ -25,7 +25,7 @@ from callbacks.interventions import MechanismInterventions
 from callbacks.probe_metrics import ProbeMetrics
 from callbacks.progress_bar import FlushedLossBar
 from callbacks.timeline_writer import NonFiniteMetricError, TimelineWriteError, TimelineWriter
-from devinterp.data import ToyLanguageData
+from devinterp.data import ToyLanguageData, available_cores
 from devinterp.errors import UsageError
 from devinterp.module import TensorTransformerModule
 from devinterp.wandb_files import WandbReadError, last_logged_step
@@ -152,6 +152,13 @@ class DevinterpCLI(LightningCLI):
             help="continue the run in this folder from its last checkpoint (see `devinterp resume`)",
         )
         parser.add_argument(
+            "--run.threads",
+            type=int | Literal["auto"],
+            default="auto",
+            help="compute threads of each training process; auto: the cores this process may use "
+            "(its affinity) shared among the node's processes",
+        )
+        parser.add_argument(
             "--run.checkpoint_every_n_steps",
             type=Optional[int],
             default=None,
@@ -180,6 +187,7 @@ class DevinterpCLI(LightningCLI):
                 f"run.checkpoint_every_n_steps: must be at least 1, got {config.run.checkpoint_every_n_steps}"
             )
         map_flush_alias(config)
+        torch.set_num_threads(compute_threads(config.run.threads, config.trainer))
         self.resume_step = None
         self.replay_after = None  # a finished run: the last step its W&B files hold
         self.child_rank = os.environ.get("LOCAL_RANK", "0") != "0" and RUN_DIR_VARIABLE in os.environ
@@ -314,6 +322,22 @@ class DevinterpCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self.child_rank:
             print(f"run folder: {self.run_dir}", flush=True)
+
+
+def compute_threads(setting: int | str, trainer_config) -> int:
+    """``run.threads`` resolved. ``auto``: the cores this process may use (os.sched_getaffinity,
+    so a job scheduler's allocation counts, not the machine's cores, which is what torch's own
+    default counts) divided among the training processes on this node (torchrun's
+    LOCAL_WORLD_SIZE, or ``trainer.devices`` processes on a CPU)."""
+    if setting != "auto":
+        if setting < 1:
+            raise UsageError(f"run.threads: must be at least 1 or auto, got {setting}")
+        return int(setting)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    devices = trainer_config.get("devices")
+    if not local and trainer_config.get("accelerator") == "cpu" and isinstance(devices, int):
+        local = devices
+    return max(1, available_cores() // max(1, local))
 
 
 def wandb_lacks_steps(run_dir: Path, last_step: int) -> int | None:

@@ -1,0 +1,121 @@
+"""DataLoader workers: step s's batch is bit-identical for any number of workers, from any start
+step, under a knock-in curriculum and a DDP slice; a run trained through workers equals one
+without."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from devinterp.data import MemberBlocks, MemberStreams, Steps, ToyLanguageData, one_thread
+from devinterp.errors import UsageError
+from devinterp.language import load_language
+from devinterp.module import TensorTransformerModule
+from tests.conftest import SEED_SPEC_PATH
+
+LANGUAGE = load_language(SEED_SPEC_PATH)
+
+
+def streams(start_step=0, **options) -> MemberStreams:
+    return MemberStreams(LANGUAGE, 16, 6, [3, 4], steps_per_block=4, start_step=start_step, **options)
+
+
+def first_steps(iterable, n):
+    out = []
+    for batch in iterable:
+        out.append(batch)
+        if len(out) == n:
+            return out
+
+
+def through_workers(stream: MemberStreams, workers: int, n: int):
+    loader = DataLoader(
+        MemberBlocks(stream),
+        batch_size=None,
+        num_workers=workers,
+        worker_init_fn=one_thread,
+        prefetch_factor=2,
+    )
+    return first_steps(Steps(loader), n)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize(
+    "start_step, options",
+    [
+        (0, {}),
+        (5, {}),  # a resume inside a block
+        (8, {}),  # a resume at a block boundary
+        (3, {"first_language": LANGUAGE.only(["bigram"]), "first_steps": 6}),  # the switch inside block 1
+        (2, {"shard": (1, 2)}),  # DDP: the second of two processes' slice
+    ],
+)
+def test_every_step_is_the_same_for_any_number_of_workers(workers, start_step, options):
+    expected = first_steps(streams(start_step, **options), 14)
+    got = through_workers(streams(start_step, **options), workers, 14)
+    for step, (a, b) in enumerate(zip(expected, got)):
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"]), step
+
+
+def test_a_run_trained_through_workers_equals_one_without(tmp_path):
+    def run(workers):
+        data = ToyLanguageData(
+            language=str(SEED_SPEC_PATH),
+            seq_len=16,
+            batch_size=4,
+            n_members=2,
+            probe_size=8,
+            steps_per_block=3,
+            num_workers=workers,
+        )
+        module = TensorTransformerModule(
+            d_vocab=data.d_vocab,
+            n_ctx=16,
+            label_names=data.label_names,
+            n_members=2,
+            n_layers=1,
+            n_heads=2,
+            d_model=16,
+            d_head=8,
+            warmup_steps=2,
+        )
+        trainer = L.Trainer(
+            max_steps=10,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            accelerator="cpu",
+            default_root_dir=str(tmp_path),
+        )
+        trainer.fit(module, datamodule=data)
+        return module.model.state_dict()
+
+    without, with_workers = run(0), run(2)
+    for name, value in without.items():
+        assert torch.equal(value, with_workers[name]), name
+
+
+def test_auto_means_no_workers_on_a_cpu_and_bad_counts_are_refused():
+    data = ToyLanguageData(language=str(SEED_SPEC_PATH), seq_len=16, batch_size=4, probe_size=8)
+    assert data.num_workers == "auto" and data.workers() == 0
+    for bad in (-1, "many", 1.5):
+        with pytest.raises(UsageError, match="data.num_workers"):
+            ToyLanguageData(language=str(SEED_SPEC_PATH), seq_len=16, num_workers=bad)
+
+
+def test_auto_threads_share_the_cores_this_process_may_use(monkeypatch):
+    import os
+
+    from devinterp.train_cli import compute_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert compute_threads("auto", {"accelerator": "cpu", "devices": "auto"}) == 6
+    assert compute_threads("auto", {"accelerator": "cpu", "devices": 2}) == 3  # two processes here
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's four processes on this node
+    assert compute_threads("auto", {"accelerator": "gpu", "devices": 4}) == 1
+    assert compute_threads(3, {}) == 3
+    with pytest.raises(UsageError, match="run.threads: must be at least 1"):
+        compute_threads(0, {})
