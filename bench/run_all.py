@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS = [
     ["dgp_throughput.py"],
     ["dgp_throughput.py", "--language", "configs/languages/rich.yaml"],
+    ["data_throughput.py"],
     ["tracking_overhead.py"],
     ["intervention_overhead.py"],
     ["ensemble_scaling.py"],
