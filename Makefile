@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # pip never pulls a multi-GB CUDA build on a CPU machine. GPU users install their own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test test-slow lint bench bench-llc-env install clean
+.PHONY: run test test-slow lint bench bench-llc-env gpu-check install clean
 
 $(BIN)/devinterp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-slow: install
 
 bench: install
 	$(BIN)/python bench/run_all.py
+
+# The prepared device check: run as it is on a GPU machine (its own python3, no venv, no
+# network); on a CPU it says it needs CUDA and exits 0.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py
 
 # The reference LLC library (timaeus devinterp 2.0.1) for bench/llc_speed.py, in a virtual
 # environment of its own: it imports as `devinterp`, which is our package's name too.

@@ -1,0 +1,229 @@
+"""The prepared device check (``make gpu-check``): one command, one table, at most about 5
+minutes on one GPU.
+
+At the reference scale (configs/reference.yaml: 2 layers, d_model 64, batch 256 x 128 tokens),
+through Lightning with full tracking (weight metrics every step, diagnostics and probes on their
+log schedules, the HDF5 timeline, snapshots; no W&B: the device machine has none), timed over
+``--steps`` steps after a warm-up:
+  tracked, 1 and 16 members   steps/s, tokens/s, peak GPU memory
+  bare loop, 1 and 16         the same steps as a plain PyTorch loop (sample, forward, backward,
+                              AdamW): tracked / bare step time (target <= 1.10)
+  data wait                   share of the bare loop's wall time spent in next(batch), with the
+                              DataLoader workers data.num_workers auto gives (target <= 5%)
+  syncs                       CUDA synchronisations per non-flush tracked step
+                              (torch.cuda.set_sync_debug_mode; target 0)
+  ensemble                    16 members in one process against 16 x one member's step time
+                              (target >= 8x)
+  compile                     the 1-member tracked step with model.compile on
+  reference run               5000 steps of 1 member, tracked, extrapolated (target < 2 minutes)
+Without CUDA it says so and exits 0 (rehearse the command on a CPU machine that way);
+``--rehearse`` runs every measurement on the CPU for a few steps with 1 and 2 members, to check
+the script itself before device time is spent on it. Needs torch, lightning, h5py, numpy, scipy,
+pyyaml; not wandb or jsonargparse.
+
+    python3 bench/gpu_check.py [--steps 200] [--warmup 30] [--rehearse]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per figure")
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--rehearse", action="store_true", help="run everything on the CPU, briefly")
+    args = parser.parse_args()
+    try:
+        import torch
+    except ImportError:
+        print("gpu_check: needs torch and CUDA (torch is not installed for this python); nothing measured")
+        return 0
+    if not torch.cuda.is_available() and not args.rehearse:
+        print("gpu_check: needs CUDA (no CUDA device here); nothing measured")
+        return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    global DEVICE, ENSEMBLE
+    if args.rehearse:
+        DEVICE, ENSEMBLE = "cpu", 2
+        args.steps, args.warmup = 3, 2
+    rows = measure(args.steps, args.warmup)
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (rehearsal: the figures mean nothing)"
+    print(f"device: {name}, torch {torch.__version__}")
+    print(f"{'figure':<46}{'value':>16}  target")
+    for name, value, target in rows:
+        print(f"{name:<46}{value:>16}  {target}")
+    return 0
+
+
+DEVICE, ENSEMBLE = "cuda", 16  # the rehearsal: "cpu", 2
+
+
+def synchronize() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def make(members: int, compile: bool = False):
+    from common import ROOT, load_run_config
+
+    from devinterp.data import ToyLanguageData
+    from devinterp.module import TensorTransformerModule
+
+    cfg = load_run_config("reference")
+    data = ToyLanguageData(
+        language=str(ROOT / cfg["data"]["language"]),
+        seq_len=cfg["data"]["seq_len"],
+        batch_size=cfg["data"]["batch_size"],
+        n_members=members,
+        probe_size=cfg["data"]["probe_size"],
+        steps_per_block=cfg["data"]["steps_per_block"],
+    )
+    model_args = {k: v for k, v in cfg["model"].items() if k not in ("n_members", "seed")}
+    module = TensorTransformerModule(
+        d_vocab=data.d_vocab,
+        n_ctx=data.seq_len,
+        label_names=data.label_names,
+        n_members=members,
+        compile=compile,
+        **model_args,
+    )
+    return data, module
+
+
+def tracked(members: int, steps: int, warmup: int, compile: bool = False, flush: int = 100):
+    """(seconds per step, peak GPU bytes, syncs per non-flush step) of a tracked run."""
+    import tempfile
+
+    import lightning as L
+    import torch
+    from gpu_sync_check import SyncCounter
+
+    from callbacks import CircuitMetrics, ProbeMetrics, TimelineWriter
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == warmup:
+                synchronize()
+                self.start = time.perf_counter()
+
+        def on_train_end(self, trainer, pl_module):
+            synchronize()
+            self.end = time.perf_counter()
+
+    data, module = make(members, compile)
+    clock = Clock()
+    counters = [SyncCounter(flush)] if DEVICE == "cuda" else []
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as root:
+        trainer = L.Trainer(
+            max_steps=warmup + steps,
+            default_root_dir=root,
+            logger=False,
+            accelerator=DEVICE,
+            devices=1,
+            callbacks=[
+                clock,
+                *counters,
+                CircuitMetrics(),
+                ProbeMetrics(),
+                TimelineWriter(flush_every_n_steps=flush),
+            ],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+        trainer.fit(module, datamodule=data)
+    quiet = [len(c) for s, c in counters[0].counts.items() if s > warmup] if counters else [0]
+    peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
+    return (clock.end - clock.start) / steps, peak, sum(quiet) / max(1, len(quiet))
+
+
+def bare(members: int, steps: int, warmup: int):
+    """(seconds per step, share of wall time waiting for data) of a plain loop on the GPU, fed by
+    the DataLoader workers the run would use (data.num_workers auto)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from devinterp.data import MemberBlocks, MemberStreams, Steps, available_cores, one_thread
+
+    data, module = make(members)
+    module = module.to(DEVICE)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=module.hparams.lr, fused=True)
+    streams = MemberStreams(
+        data.language, data.seq_len, data.batch_size, data.stream_seeds, data.steps_per_block
+    )
+    workers = max(1, min(16, available_cores() - 1))
+    loader = DataLoader(
+        MemberBlocks(streams),
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=True,
+        pin_memory=DEVICE == "cuda",
+        worker_init_fn=one_thread,
+    )
+    batches = iter(Steps(loader))
+    waiting = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            synchronize()
+            start, waiting = time.perf_counter(), 0.0
+        before = time.perf_counter()
+        batch = next(batches)
+        waiting += time.perf_counter() - before
+        tokens = batch["tokens"].to(DEVICE, non_blocking=True)
+        labels = batch["labels"].to(DEVICE, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        member_loss, _ = module.member_losses(tokens, labels)
+        member_loss.sum().backward()
+        optimizer.step()
+    synchronize()
+    elapsed = time.perf_counter() - start
+    return elapsed / steps, waiting / elapsed
+
+
+def measure(steps: int, warmup: int) -> list[tuple[str, str, str]]:
+    from common import load_run_config
+
+    cfg = load_run_config("reference")
+    tokens_per_member = cfg["data"]["batch_size"] * cfg["data"]["seq_len"]
+    rows = []
+    results = {}
+    for members in (1, ENSEMBLE):
+        step, peak, syncs = tracked(members, steps, warmup)
+        bare_step, wait = bare(members, steps, warmup)
+        results[members] = step
+        rows += [
+            (f"tracked, {members} member(s): steps/s", f"{1 / step:.1f}", ""),
+            (f"tracked, {members} member(s): tokens/s", f"{members * tokens_per_member / step:,.0f}", ""),
+            (f"tracked, {members} member(s): peak memory", f"{peak / 2**30:.2f} GiB", ""),
+            (f"tracked / bare step, {members} member(s)", f"{step / bare_step:.3f}", "<= 1.10"),
+            (f"data wait share (bare loop), {members} member(s)", f"{wait:.1%}", "<= 5%"),
+            (f"syncs per non-flush step, {members} member(s)", f"{syncs:.2f}", "0"),
+        ]
+    rows.append(
+        (
+            f"{ENSEMBLE} in one process vs {ENSEMBLE} x one member",
+            f"{ENSEMBLE * results[1] / results[ENSEMBLE]:.1f}x",
+            ">= 8x",
+        )
+    )
+    compiled, _, _ = tracked(1, steps, warmup, compile=True)
+    rows.append(("compile on / off step time, 1 member", f"{compiled / results[1]:.3f}", ""))
+    rows.append(
+        ("reference run (5000 steps, 1 member), extrapolated", f"{5000 * results[1] / 60:.2f} min", "< 2")
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
