@@ -219,7 +219,8 @@ def plot_variants(
     """Each knock-out / knock-in / mechanism variant against the full run: one panel per
     primitive, the members' median progress of the full run (black) and of each variant (a
     colour each; the knock-in's switch to the full language marked with a dotted line of its
-    colour, a mechanism variant's intervention window shaded in it). ``variants``: label ->
+    colour, a mechanism variant's intervention window as a bar of its colour at the
+    foot). ``variants``: label ->
     (curves, switch step, window (from, to or None) or None)."""
     names = list(full)
     columns = min(4, len(names))
@@ -238,8 +239,7 @@ def plot_variants(
             if switch:
                 ax.axvline(switch + 1, color=color, linestyle=":", linewidth=0.9)
             if window is not None:
-                end = v_steps[-1] if window[1] is None else window[1]
-                ax.axvspan(window[0] + 1, end + 1, color=color, alpha=0.08, linewidth=0)
+                _window_bar(ax, window, v_steps[-1], color, k)
         ax.axhline(0.0, color="grey", linewidth=0.5, linestyle=":")
         ax.set_xscale("log")
         finals = [np.median(full[name][1], axis=1)[-1]] + [
@@ -253,7 +253,8 @@ def plot_variants(
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.suptitle(
-        "each variant against the full run (dotted: a knock-in's switch; shaded: an intervention window)",
+        "each variant against the full run (dotted: a knock-in's switch; a bar at the foot: an "
+        "intervention's window)",
         fontsize=9,
     )
     fig.text(0.01, 0.005, f"0 = {baseline}, on the full run's baselines", fontsize=6, color="grey")
@@ -358,6 +359,20 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _window_bar(ax, window: tuple[int, int | None], last_step: int, color: str, k: int) -> None:
+    """An intervention window as a bar at the foot of the panel (one row per variant), on the
+    log(step + 1) axis."""
+    end = last_step if window[1] is None else window[1]
+    ax.plot(
+        [window[0] + 1, end + 1],
+        [0.03 + 0.035 * k] * 2,
+        transform=ax.get_xaxis_transform(),
+        color=color,
+        linewidth=3,
+        solid_capstyle="butt",
+    )
+
+
 def plot_mechanism(
     runs: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
     windows: dict[str, tuple[int, int | None] | None],
@@ -365,7 +380,7 @@ def plot_mechanism(
 ) -> Path:
     """Mechanism variants against the full run, one panel per measure (``runs``: label ->
     measure -> (steps (N,), values (N, members))): the median over members of each, the
-    intervention window shaded in the variant's colour."""
+    intervention window as a bar of the variant's colour at the foot of each panel."""
     measures = list(dict.fromkeys(m for curves in runs.values() for m in curves))
     fig, axes = plt.subplots(1, len(measures), figsize=(3.6 * len(measures), 2.9), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -378,14 +393,19 @@ def plot_mechanism(
             ax.plot(steps + 1, np.median(values, axis=1), color=color, linewidth=1.5, label=label)
             window = windows.get(label)
             if window is not None:
-                end = steps[-1] if window[1] is None else window[1]
-                ax.axvspan(window[0] + 1, end + 1, color=color, alpha=0.07, linewidth=0)
+                _window_bar(ax, window, steps[-1], color, k)
+        if "progress" in measure:  # the early, far negative part says nothing about the variants
+            ax.set_ylim(-0.5, 1.05)
+        if "value" in measure:
+            ax.set_yscale("symlog", linthresh=1e-5)
         ax.set_xscale("log")
         ax.set_title(measure, fontsize=8)
         ax.set_xlabel("step + 1", fontsize=8)
         ax.legend(frameon=False, fontsize=6)
     fig.suptitle(
-        "mechanism variants against the full run (median over members; shaded: intervention)", fontsize=9
+        "mechanism variants against the full run (median over members; a bar at the foot: an intervention's "
+        "window)",
+        fontsize=9,
     )
     return _save(fig, path)
 
