@@ -12,7 +12,7 @@ and 16 member streams:
 Prints the 2-worker speed-up over 0 workers (aim >= 1.7x on 2 otherwise idle cores; the machine
 is shared, so a figure, not an assertion).
 
-    python bench/data_throughput.py [--steps 12] [--train-steps 6]
+    python bench/data_throughput.py [--steps 96] [--train-steps 6]
 """
 
 from __future__ import annotations
@@ -93,7 +93,9 @@ def training(language, workers: int, steps: int, cfg: dict) -> tuple[float, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12, help="steps timed per sampling figure")
+    parser.add_argument(
+        "--steps", type=int, default=96, help="steps timed per 1-stream figure (16 streams: / 6)"
+    )
     parser.add_argument("--train-steps", type=int, default=6, help="training steps timed per figure")
     args = parser.parse_args()
     cfg = load_run_config("reference")
@@ -111,7 +113,7 @@ def main() -> None:
     for members in (1, 16):
         rates = {}
         for workers in (0, 1, 2):
-            steps = args.steps if members == 1 else max(4, args.steps // 3)
+            steps = args.steps if members == 1 else max(8, args.steps // 6)
             rates[workers] = sampled_tokens_per_s(language, members, workers, steps, data_cfg)
             print(f"{members:<16}{workers:>8}{rates[workers]:>18,.0f}{rates[workers] / rates[0]:>14.2f}")
         speedups[members] = rates[2] / rates[0]
