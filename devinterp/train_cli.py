@@ -190,9 +190,15 @@ class DevinterpCLI(LightningCLI):
         torch.set_num_threads(compute_threads(config.run.threads, config.trainer))
         self.resume_step = None
         self.replay_after = None  # a finished run: the last step its W&B files hold
-        self.child_rank = os.environ.get("LOCAL_RANK", "0") != "0" and RUN_DIR_VARIABLE in os.environ
-        if self.child_rank:  # a DDP process launched by rank zero: its run folder, nothing to make
-            self.run_dir = Path(os.environ[RUN_DIR_VARIABLE])
+        external = launched_rank()  # torchrun, srun or by hand: every process started from outside
+        self.child_rank = (
+            os.environ.get("LOCAL_RANK", "0") != "0" and RUN_DIR_VARIABLE in os.environ
+        ) or bool(external)
+        if self.child_rank:  # a DDP process other than rank zero: its run folder, nothing to make
+            if RUN_DIR_VARIABLE in os.environ:  # launched by rank zero (Lightning's own launcher)
+                self.run_dir = Path(os.environ[RUN_DIR_VARIABLE])
+            else:  # started from outside: the folder rank zero uses, which is never renamed then
+                self.run_dir = Path(config.run.resume or Path(config.run.root) / run_name(config))
             if config.run.resume:  # as rank zero does (the config callback takes part in a broadcast)
                 try:
                     config.ckpt_path = str(last_checkpoint(self.run_dir))
@@ -229,11 +235,11 @@ class DevinterpCLI(LightningCLI):
             config.ckpt_path = None if checkpoint is None else str(checkpoint)
             self.save_config_callback = None  # the folder's config.yaml stays as the run wrote it
         else:
-            name = config.run.name
-            if not name:
-                files = config.get("config") or []
-                name = Path(str(files[0])).stem if files else "run"
-            self.run_dir = unique_run_dir(Path(config.run.root), name)
+            name = run_name(config)
+            # started from outside with other processes (they cannot learn a new name): never renamed
+            self.run_dir = (
+                Path(config.run.root) / name if external == 0 else unique_run_dir(Path(config.run.root), name)
+            )
             config.run.name = name  # the saved config.yaml re-runs under the same name (name-2, ...)
         if "weights_only" in config:
             config.weights_only = True  # checkpoints hold tensors and plain values only: no pickle
@@ -322,6 +328,29 @@ class DevinterpCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self.child_rank:
             print(f"run folder: {self.run_dir}", flush=True)
+
+
+def run_name(config) -> str:
+    """``run.name``, else the config file's stem, else "run"."""
+    if config.run.name:
+        return config.run.name
+    files = config.get("config") or []
+    return Path(str(files[0])).stem if files else "run"
+
+
+def launched_rank() -> int | None:
+    """The global rank an external launcher gave this process, None where none did (one
+    process, or Lightning's own launcher, which starts the others from rank zero): torchrun's
+    RANK, srun's SLURM_PROCID (more than one task), or by hand NODE_RANK and LOCAL_RANK with
+    WORLD_SIZE above 1 (Lightning's numbering: node rank x devices + local rank; only whether it
+    is 0 matters here)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_PROCID"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "NODE_RANK" in os.environ:
+        return int(os.environ["NODE_RANK"]) + int(os.environ.get("LOCAL_RANK", "0"))
+    return None
 
 
 def compute_threads(setting: int | str, trainer_config) -> int:
