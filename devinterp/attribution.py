@@ -1,0 +1,149 @@
+"""Exact attribution of a rule's logit to the model's components, from the weights alone.
+
+Conventions, stated once (Elhage et al. 2021 for the residual-stream view):
+- What is split: the *centred* logit read along a distribution r over the vocabulary,
+  sum_c r_c (logit_c - mean_v logit_v), at the last position of a sparse context (the rule's
+  minimal context, as devinterp.metrics.context_logits builds it). For a table rule r is the
+  rule's true next-token distribution, so the quantity is the expected centred logit of its
+  output. Log-probabilities do not split additively; centred logits do. Category-level rules
+  are left out (a category's logit is not a logit).
+- Components: the direct path (the embedding read by the unembedding), every head of every
+  layer. Their parts sum to the centred logit exactly: the residual stream at the last position
+  is the embedding plus every head's output, and the unembedding is linear.
+- Inside a head of layer l >= 1, the *sources* are what its inputs are made of: the embedding
+  and the total output of every head of earlier layers. Bilinear attention makes a head's
+  output a polynomial of degree 5 in its input (q1, q2 at the query; k1, k2, v at the key), so
+  it expands into finitely many terms, each reading a set of sources. Each term is shared
+  equally among the distinct sources it reads. That is the Shapley value of the game
+  v(B) = the head's output when only the sources in B feed it: the terms reading exactly the set
+  A sum to the Harsanyi dividend F(A) = sum_{B in A} (-1)^(|A| - |B|) v(B), and Shapley's
+  value of source s is sum_{A containing s} F(A) / |A|. So it is computed from the 2^S
+  evaluations v(B) (S sources), never from the 5^S expanded terms, and the shares of a head
+  sum to its part by construction.
+- Exact for attention-only models without norm and with bilinear or squared attention: a norm
+  or a softmax makes the output no polynomial, and a bilinear MLP is not a head (both refused).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from devinterp.model import TensorTransformer
+
+
+@dataclass
+class LogitParts:
+    """A split of the centred logit, per member and context. ``heads`` (member, n, layer, head);
+    ``sources`` (member, n, layer, head, source): layer 0 has the embedding as its one source;
+    ``source_names`` names the source axis ("embed", "L0H0", ...; a head of layer l reads only
+    the first 1 + l * n_heads)."""
+
+    direct: Tensor  # (member, n)
+    heads: Tensor  # (member, n, layer, head)
+    sources: Tensor  # (member, n, layer, head, source)
+    source_names: list[str]
+
+    @property
+    def total(self) -> Tensor:
+        """The centred logit, the sum of the parts: (member, n)."""
+        return self.direct + self.heads.sum((-1, -2))
+
+
+def check_attributable(model: TensorTransformer) -> None:
+    cfg = model.cfg
+    if cfg.norm or cfg.attention == "softmax" or cfg.mlp:
+        raise ValueError(
+            "attribution: exact for attention-only models without norm and with bilinear or squared "
+            f"attention (this one: attention {cfg.attention}, norm {cfg.norm}, mlp {cfg.mlp})"
+        )
+
+
+def _head_outputs(model: TensorTransformer, x: Tensor, layer: int, positions: Tensor, read: Tensor) -> Tensor:
+    """Every head's output at the last position read along ``read``: x (M, n, k, D), read (M, n, D)
+    -> (M, n, H)."""
+    pattern = model.attention_pattern(x, layer, positions)[..., -1, :]  # (M, n, H, k)
+    values = torch.einsum("mntd,mhde->mnhte", x, model.W_V[:, layer])  # (M, n, H, k, dh)
+    z = torch.einsum("mnht,mnhte->mnhe", pattern, values)  # (M, n, H, dh)
+    return torch.einsum("mnhe,mhed,mnd->mnh", z, model.W_O[:, layer], read)
+
+
+def _head_writes(model: TensorTransformer, x: Tensor, layer: int, positions: Tensor) -> Tensor:
+    """Every head's output at every position: x (M, n, k, D) -> (M, n, H, k, D)."""
+    pattern = model.attention_pattern(x, layer, positions)  # (M, n, H, k, k)
+    values = torch.einsum("mntd,mhde->mnhte", x, model.W_V[:, layer])
+    return torch.einsum("mnhij,mnhje,mhed->mnhid", pattern, values, model.W_O[:, layer])
+
+
+def shapley_weights(n_sources: int, device=None, dtype=torch.float64) -> Tensor:
+    """(2^S, S): Shapley value of source s = sum_B v(B) * weights[B, s], B a subset as a bit mask
+    (bit s set: source s present). From the dividends: phi_s = sum_{A containing s} F(A) / |A| and
+    F(A) = sum_{B in A} (-1)^(|A| - |B|) v(B), so weights[B, s] = sum over A with B in A and s in
+    A of (-1)^(|A| - |B|) / |A|."""
+    S = n_sources
+    weights = torch.zeros(2**S, S, dtype=dtype, device=device)
+    for a in range(1, 2**S):
+        members = [s for s in range(S) if a >> s & 1]
+        size = len(members)
+        b = a
+        while True:  # every subset b of a
+            sign = (-1) ** (size - bin(b).count("1"))
+            for s in members:
+                weights[b, s] += sign / size
+            if b == 0:
+                break
+            b = (b - 1) & a
+    return weights
+
+
+def logit_parts(
+    model: TensorTransformer, tokens: Tensor, positions: Tensor, live: Tensor, readout: Tensor
+) -> LogitParts:
+    """The centred logit along ``readout`` (n, V) at the last slot of each context (tokens,
+    positions, live (n, k), as for devinterp.metrics.context_logits) split into the direct
+    path, every head, and every head's sources."""
+    check_attributable(model)
+    cfg = model.cfg
+    M, L, H = cfg.n_members, cfg.n_layers, cfg.n_heads
+    centred = readout - readout.sum(-1, keepdim=True) / readout.shape[-1]  # (n, V)
+    read = torch.einsum("mdv,nv->mnd", model.W_U, centred.to(model.W_U.dtype))  # (M, n, D)
+    embedding = (
+        model.embed(tokens[None].expand(M, -1, -1), positions) * live[None, :, :, None]
+    )  # (M, n, k, D)
+    components = [embedding]  # the embedding, then every head's writes, layer by layer (M, n, k, D) each
+    names = ["embed"]
+    n_sources = 1 + (L - 1) * H
+    heads = embedding.new_zeros(M, tokens.shape[0], L, H)
+    sources = embedding.new_zeros(M, tokens.shape[0], L, H, n_sources)
+    for layer in range(L):
+        inputs = torch.stack(components, 2)  # (M, n, S_l, k, D)
+        S = inputs.shape[2]
+        weights = shapley_weights(S, inputs.device, inputs.dtype)  # (2^S, S)
+        for subset in range(1, 2**S):  # v(subset): the heads' outputs fed only by these sources
+            present = torch.tensor(
+                [subset >> s & 1 for s in range(S)], dtype=inputs.dtype, device=inputs.device
+            )
+            value = _head_outputs(
+                model, torch.einsum("mnskd,s->mnkd", inputs, present), layer, positions, read
+            )
+            sources[:, :, layer, :, :S] += value[..., None] * weights[subset]
+        full = inputs.sum(2)
+        heads[:, :, layer] = _head_outputs(model, full, layer, positions, read)
+        writes = _head_writes(model, full, layer, positions)  # (M, n, H, k, D)
+        components += list(writes.unbind(2))
+        names += [f"L{layer}H{h}" for h in range(H)]
+    direct = torch.einsum("mnd,mnd->mn", embedding[:, :, -1], read)
+    return LogitParts(direct, heads, sources, names[:n_sources])
+
+
+def centred_logit(
+    model: TensorTransformer, tokens: Tensor, positions: Tensor, live: Tensor, readout: Tensor
+) -> Tensor:
+    """The same centred logit from the forward pass (devinterp.metrics.context_logits): (member, n)."""
+    from devinterp.metrics import context_logits
+
+    logits = context_logits(model, tokens, positions, live)  # (M, n, V)
+    centred = logits - logits.mean(-1, keepdim=True)
+    return torch.einsum("mnv,nv->mn", centred, readout.to(logits.dtype))

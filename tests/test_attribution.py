@@ -1,0 +1,162 @@
+"""Exact attribution: the parts sum to the forward pass's centred logit, a head's source shares
+are the equal split of its expanded terms, and planted circuits are attributed to their heads."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from devinterp.attribution import centred_logit, logit_parts, shapley_weights
+from devinterp.language import load_language
+from devinterp.model import ModelConfig, TensorTransformer
+from tests.conftest import SEED_SPEC_PATH
+from tests.planted import planted_induction, planted_skip_trigram
+
+LANGUAGE = load_language(SEED_SPEC_PATH)
+
+
+def random_model(positions="rope", attention="bilinear", n_layers=2, n_heads=2, seed=0):
+    cfg = ModelConfig(
+        d_vocab=7,
+        n_ctx=8,
+        n_members=2,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_model=6,
+        d_head=4,
+        positions=positions,
+        attention=attention,
+    )
+    model = TensorTransformer(cfg, seed=seed).double()
+    with torch.no_grad():
+        model.W_O.normal_()
+        model.W_U.normal_()
+    return model
+
+
+def contexts(n=5, k=4, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = torch.from_numpy(rng.integers(0, 7, size=(n, k)))
+    positions = torch.arange(k).repeat(n, 1)
+    live = torch.ones(n, k, dtype=torch.bool)
+    live[0, :2] = False  # a context with empty slots, as a skip-trigram's
+    readout = torch.from_numpy(rng.dirichlet(np.ones(7), size=n))
+    return tokens, positions, live, readout
+
+
+@pytest.mark.parametrize(
+    "positions, attention, n_layers",
+    [
+        ("rope", "bilinear", 2),
+        ("learned", "bilinear", 2),
+        ("rope", "squared", 2),
+        ("rope", "bilinear", 1),
+        ("rope", "bilinear", 3),
+    ],
+)
+def test_the_parts_sum_to_the_forward_pass(positions, attention, n_layers):
+    model = random_model(positions, attention, n_layers)
+    tokens, positions_, live, readout = contexts()
+    parts = logit_parts(model, tokens, positions_, live, readout)
+    expected = centred_logit(model, tokens, positions_, live, readout)
+    assert parts.total.abs().min() > 1e-3  # the logits are not trivially 0
+    torch.testing.assert_close(parts.total, expected, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        parts.sources.sum(-1), parts.heads, rtol=1e-6, atol=1e-9
+    )  # shares sum to a head
+
+
+def test_at_step_0_every_part_is_zero():
+    cfg = ModelConfig(d_vocab=7, n_ctx=8, n_members=2, n_heads=2, d_model=6, d_head=4)
+    model = TensorTransformer(cfg, seed=0).double()  # W_O = W_U = 0 at initialisation
+    tokens, positions, live, readout = contexts()
+    parts = logit_parts(model, tokens, positions, live, readout)
+    assert parts.total.abs().max() == 0 and parts.sources.abs().max() == 0
+
+
+def test_source_shares_are_the_equal_split_of_the_expanded_terms():
+    """A layer-1 head expanded by brute force: its input at every position is the sum of the
+    sources (embedding, each layer-0 head); every term (q1 from s1, q2 from s2, k1 from s3, k2
+    from s4, v from s5) is formed and shared equally among its distinct sources."""
+    model = random_model("rope", "bilinear", n_layers=2, n_heads=2)
+    tokens, positions, live, readout = contexts(n=3)
+    parts = logit_parts(model, tokens, positions, live, readout)
+    M, n = 2, 3
+    x0 = model.embed(tokens[None].expand(M, -1, -1), positions) * live[None, :, :, None]
+    pattern0 = model.attention_pattern(x0, 0, positions)  # (M, n, H, k, k)
+    v0 = torch.einsum("mntd,mhde->mnhte", x0, model.W_V[:, 0])
+    writes = torch.einsum("mnhij,mnhje,mhed->mnhid", pattern0, v0, model.W_O[:, 0])  # (M, n, H, k, D)
+    sources = torch.stack([x0, writes[:, :, 0], writes[:, :, 1]], 2)  # (M, n, S, k, D)
+    centred = readout - readout.mean(-1, keepdim=True)
+    read = torch.einsum("mdv,nv->mnd", model.W_U, centred)
+    for h in range(2):
+        q, kk = [], []
+        for s in range(3):
+            qs, ks = model.queries_keys(sources[:, :, s], 1, positions)  # (M, P, n, H, k, dh)
+            q.append(qs[:, :, :, h, -1])  # the last position's query: (M, P, n, dh)
+            kk.append(ks[:, :, :, h])  # (M, P, n, k, dh)
+        value = [
+            torch.einsum(
+                "mnkd,mde,mef,mnf->mnk", sources[:, :, s], model.W_V[:, 1, h], model.W_O[:, 1, h], read
+            )
+            for s in range(3)
+        ]  # (M, n, k)
+        share = torch.zeros(M, n, 3, dtype=torch.float64)
+        for s1, s2, s3, s4, s5 in itertools.product(range(3), repeat=5):
+            term = (
+                torch.einsum("mnd,mnkd->mnk", q[s1][:, 0], kk[s3][:, 0])
+                * torch.einsum("mnd,mnkd->mnk", q[s2][:, 1], kk[s4][:, 1])
+                * value[s5]
+            ).sum(-1)  # (M, n): summed over key positions
+            distinct = {s1, s2, s3, s4, s5}
+            for s in distinct:
+                share[:, :, s] += term / len(distinct)
+        torch.testing.assert_close(parts.sources[:, :, 1, h, :3], share, rtol=1e-8, atol=1e-12)
+
+
+def test_shapley_weights_give_each_source_its_marginal_value_in_an_additive_game():
+    weights = shapley_weights(3)
+    values = torch.tensor(
+        [sum((b >> s & 1) * (s + 1.0) for s in range(3)) for b in range(8)], dtype=torch.float64
+    )
+    torch.testing.assert_close(values @ weights, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+
+
+def test_a_planted_induction_circuit_is_attributed_to_its_two_heads_and_their_composition():
+    """[x, y, x] -> y on the planted model: the logit comes from layer 1 head 0, whose query reads
+    the embedding and whose key reads layer 0 head 0 (the previous-token head); the value is the
+    embedding: every term reads exactly {embed, L0H0}, so each gets half."""
+    model = planted_induction(LANGUAGE)
+    alice, sees = LANGUAGE.vocab.token_ids(["alice", "sees"], "test")
+    tokens = torch.tensor([[alice, sees, alice]])
+    positions, live = torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool)
+    readout = torch.zeros(1, LANGUAGE.d_vocab, dtype=torch.float64)
+    readout[0, sees] = 1.0
+    parts = logit_parts(model, tokens, positions, live, readout)
+    total = centred_logit(model, tokens, positions, live, readout)
+    assert total.item() > 10  # the planted model predicts y
+    torch.testing.assert_close(parts.total, total, rtol=1e-6, atol=1e-9)
+    induction = parts.heads[0, 0, 1, 0].item()
+    assert induction == pytest.approx(total.item(), rel=1e-9)  # all of it through L1H0
+    assert parts.direct.abs().item() < 1e-9 and parts.heads[0, 0, 0].abs().max() < 1e-9  # L0 writes no logit
+    names = parts.source_names
+    share = dict(zip(names, parts.sources[0, 0, 1, 0].tolist()))
+    assert share["embed"] == pytest.approx(induction / 2, rel=1e-9)
+    assert share["L0H0"] == pytest.approx(induction / 2, rel=1e-9)
+    assert abs(share["L0H1"]) < 1e-9
+
+
+def test_a_planted_skip_trigram_head_carries_the_skip_rules_logit():
+    model = planted_skip_trigram(LANGUAGE)
+    skip = next(p for p in LANGUAGE.primitives if p.kind == "skip_trigram")
+    a, b, c = skip.rules[0].tolist()
+    tokens = torch.tensor([[a, b]])
+    positions, live = torch.tensor([[0, 3]]), torch.ones(1, 2, dtype=torch.bool)  # A three before B
+    readout = torch.zeros(1, LANGUAGE.d_vocab, dtype=torch.float64)
+    readout[0, c] = 1.0
+    parts = logit_parts(model, tokens, positions, live, readout)
+    total = centred_logit(model, tokens, positions, live, readout)
+    assert total.item() > 10
+    assert parts.heads[0, 0, 0, 0].item() == pytest.approx(total.item(), rel=1e-9)
+    assert parts.direct.abs().item() < 1e-9
