@@ -147,3 +147,40 @@ def centred_logit(
     logits = context_logits(model, tokens, positions, live)  # (M, n, V)
     centred = logits - logits.mean(-1, keepdim=True)
     return torch.einsum("mnv,nv->mn", centred, readout.to(logits.dtype))
+
+
+class RuleAttribution:
+    """``logit_parts`` for every token-level rule of a language, averaged over the rule's minimal
+    contexts with the weights of its headline metric (devinterp.metrics.HeadlineMetrics: the
+    same contexts, the same weights), read along the rule's true next-token distribution.
+    Category-level rules are left out. ``compute(model)`` -> LogitParts with one row per rule
+    (``rules``: the headline metric names without ``/kl``)."""
+
+    def __init__(self, language, cfg):
+        from devinterp.metrics import HeadlineMetrics
+
+        headline = HeadlineMetrics(language, cfg.n_ctx)
+        t = headline.tensors
+        average = t["token_average"].double()  # (n_metrics, n_token_contexts)
+        keep = average.sum(1) > 0  # the token-level rules
+        self.rules = [i.name.removesuffix("/kl") for i, k in zip(headline.infos, keep.tolist()) if k]
+        self.average = average[keep]  # (R, n_token)
+        index = t["token_index"]
+        self.tokens, self.positions, self.live = t["tokens"][index], t["positions"][index], t["live"][index]
+        self.readout = t["token_target"].double()  # (n_token, V)
+
+    def to(self, device) -> "RuleAttribution":
+        for name in ("average", "tokens", "positions", "live", "readout"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def compute(self, model: TensorTransformer) -> LogitParts:
+        parts = logit_parts(model, self.tokens, self.positions, self.live, self.readout.to(model.W_E.dtype))
+        average = self.average.to(model.W_E.dtype)
+
+        def per_rule(x: Tensor) -> Tensor:  # (M, n, ...) -> (M, R, ...)
+            return torch.einsum("rn,mn...->mr...", average, x)
+
+        return LogitParts(
+            per_rule(parts.direct), per_rule(parts.heads), per_rule(parts.sources), parts.source_names
+        )

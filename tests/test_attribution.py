@@ -160,3 +160,21 @@ def test_a_planted_skip_trigram_head_carries_the_skip_rules_logit():
     assert total.item() > 10
     assert parts.heads[0, 0, 0, 0].item() == pytest.approx(total.item(), rel=1e-9)
     assert parts.direct.abs().item() < 1e-9
+
+
+def test_rule_attribution_averages_the_headline_contexts_and_sums_to_their_logits():
+    from devinterp.attribution import RuleAttribution
+
+    cfg = ModelConfig(d_vocab=LANGUAGE.d_vocab, n_ctx=16, n_members=2, n_heads=2, d_model=8, d_head=4)
+    model = TensorTransformer(cfg, seed=1).double()
+    with torch.no_grad():
+        model.W_O.normal_()
+        model.W_U.normal_()
+    rules = RuleAttribution(LANGUAGE, cfg)
+    assert "induction/copy" in rules.rules and "bigram/alice" in rules.rules
+    assert not any(r.startswith("category/") for r in rules.rules)  # category level: left out
+    parts = rules.compute(model)
+    assert parts.heads.shape == (2, len(rules.rules), 2, 2)
+    logits = centred_logit(model, rules.tokens, rules.positions, rules.live, rules.readout)  # (M, n)
+    expected = torch.einsum("rn,mn->mr", rules.average, logits)
+    torch.testing.assert_close(parts.total, expected, rtol=1e-6, atol=1e-9)
