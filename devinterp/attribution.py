@@ -26,11 +26,13 @@ Conventions, stated once (Elhage et al. 2021 for the residual-stream view):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from devinterp.circuits import combine_pairs
 from devinterp.model import TensorTransformer
 
 
@@ -77,6 +79,11 @@ def _head_writes(model: TensorTransformer, x: Tensor, layer: int, positions: Ten
     return torch.einsum("mnhij,mnhje,mhed->mnhid", pattern, values, model.W_O[:, layer])
 
 
+@functools.lru_cache(maxsize=None)
+def _shapley_table(n_sources: int) -> Tensor:
+    return shapley_weights(n_sources)
+
+
 def shapley_weights(n_sources: int, device=None, dtype=torch.float64) -> Tensor:
     """(2^S, S): Shapley value of source s = sum_B v(B) * weights[B, s], B a subset as a bit mask
     (bit s set: source s present). From the dividends: phi_s = sum_{A containing s} F(A) / |A| and
@@ -120,15 +127,24 @@ def logit_parts(
     for layer in range(L):
         inputs = torch.stack(components, 2)  # (M, n, S_l, k, D)
         S = inputs.shape[2]
-        weights = shapley_weights(S, inputs.device, inputs.dtype)  # (2^S, S)
-        for subset in range(1, 2**S):  # v(subset): the heads' outputs fed only by these sources
-            present = torch.tensor(
-                [subset >> s & 1 for s in range(S)], dtype=inputs.dtype, device=inputs.device
-            )
-            value = _head_outputs(
-                model, torch.einsum("mnskd,s->mnkd", inputs, present), layer, positions, read
-            )
-            sources[:, :, layer, :, :S] += value[..., None] * weights[subset]
+        weights = _shapley_table(S)[1:].to(inputs.device, inputs.dtype)  # (2^S - 1, S); v(empty) = 0
+        present = torch.tensor(
+            [[b >> s & 1 for s in range(S)] for b in range(1, 2**S)], dtype=inputs.dtype, device=inputs.device
+        )  # (2^S - 1, S): every non-empty subset of sources
+        # v(B) for every subset B at once. q, k and the value read are linear in the input, so
+        # they are formed once per source and summed per subset; only the products are per subset
+        q, k = zip(*(model.queries_keys(inputs[:, :, s], layer, positions) for s in range(S)))
+        q = torch.stack(q, 3)[..., -1, :]  # (M, P, n, S, H, dh): the last position's queries
+        k = torch.stack(k, 3)  # (M, P, n, S, H, k, dh)
+        read_back = torch.einsum("mhef,mnf->mnhe", model.W_O[:, layer], read)  # (M, n, H, dh)
+        xv = torch.einsum("mnskd,mhde->mnshke", inputs, model.W_V[:, layer])
+        value = torch.einsum("mnshke,mnhe->mnshk", xv, read_back)  # (M, n, S, H, k): each source's value
+        q_b = torch.einsum("bs,mpnshe->mpbnhe", present, q)
+        k_b = torch.einsum("bs,mpnshke->mpbnhke", present, k)
+        scores = torch.einsum("mpbnhe,mpbnhke->mpbnhk", q_b, k_b)  # (M, P, B, n, H, k)
+        pattern = combine_pairs(scores, cfg.attention)  # (M, B, n, H, k)
+        subset_values = (pattern * torch.einsum("bs,mnshk->mbnhk", present, value)).sum(-1)  # (M, B, n, H)
+        sources[:, :, layer, :, :S] = torch.einsum("mbnh,bs->mnhs", subset_values, weights)
         full = inputs.sum(2)
         heads[:, :, layer] = _head_outputs(model, full, layer, positions, read)
         writes = _head_writes(model, full, layer, positions)  # (M, n, H, k, D)
