@@ -5,7 +5,8 @@ devinterp.metrics) are computed under inference_mode; at its end they are joined
 step's per-member training losses (per primitive; the module's ``training_step`` returns them as
 ``loss_row``) into one row of the timeline group ``every_step``. Diagnostics run every
 ``diagnostics_every_n_steps`` steps, or log-spaced (``diagnostics_schedule``, the default; see
-devinterp/schedule.py), into the group ``diagnostics``. Rows go to the
+devinterp/schedule.py), into the group ``diagnostics``, with the exact attribution of every
+rule's logit to the components (devinterp/attribution.py) in the group ``attribution``. Rows go to the
 TimelineWriter as they are made, on the model's device; the writer moves them to the host at its
 flush and hands the loggers one dict per step made by ``summarize``: per-primitive summaries
 (``<primitive>/weight_progress``, median over members of the mean progress over its rules;
@@ -24,6 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.timeline_writer import TimelineGroup, find_writer, last_step_reached
+from devinterp.attribution import AttributionMetrics
 from devinterp.errors import at_least, one_of
 from devinterp.metrics import Diagnostics, HeadlineMetrics
 from devinterp.schedule import Schedule, is_due
@@ -52,9 +54,13 @@ class CircuitMetrics(L.Callback):
         flush_every_n_steps: deprecated alias of ``timeline.flush_every_n_steps`` (the writer
             alone flushes); the CLI maps it there with a notice.
         log_all: send every metric to the loggers, not only the per-primitive summaries.
+        attribution: on the diagnostics cadence, the exact split of every token-level rule's
+            centred logit over the direct path, the heads and each head's sources (group
+            ``attribution``, devinterp/attribution.py), where the model has one (attention-only,
+            no norm, not softmax) and the language has token-level rules.
     """
 
-    timeline_groups = ("every_step", "diagnostics")
+    timeline_groups = ("every_step", "diagnostics", "attribution")
 
     def __init__(
         self,
@@ -63,6 +69,7 @@ class CircuitMetrics(L.Callback):
         log_all: bool = False,
         diagnostics_schedule: Schedule = "log",
         per_doubling: int = 16,
+        attribution: bool = True,
     ):
         at_least(diagnostics_every_n_steps, 0, "circuits.diagnostics_every_n_steps")
         at_least(per_doubling, 1, "circuits.per_doubling")
@@ -73,6 +80,8 @@ class CircuitMetrics(L.Callback):
         self.diagnostics_every_n_steps = diagnostics_every_n_steps
         self.flush_every_n_steps = flush_every_n_steps
         self.log_all = log_all
+        self.attribution_on = attribution
+        self.attribution: AttributionMetrics | None = None
         self.headline: HeadlineMetrics | None = None
         self.diagnostics: Diagnostics | None = None
         self._current: torch.Tensor | None = None
@@ -107,6 +116,22 @@ class CircuitMetrics(L.Callback):
                     due=self.diagnostics_due,
                 )
             )
+        self.attribution = None
+        if (
+            self.diagnostics_every_n_steps
+            and self.attribution_on
+            and AttributionMetrics.applies(language, pl_module.cfg)
+        ):
+            self.attribution = AttributionMetrics(language, pl_module.cfg)
+            writer.declare(
+                TimelineGroup(
+                    "attribution",
+                    self.attribution.infos,
+                    M,
+                    self.diagnostics_every_n_steps,
+                    due=self.diagnostics_due,
+                )
+            )
         self._writer = writer
         # per-primitive summary: which headline rows belong to which primitive
         primitives = sorted({i.primitive for i in self.headline.infos})
@@ -122,6 +147,8 @@ class CircuitMetrics(L.Callback):
         self.headline.to(pl_module.device)
         if self.diagnostics is not None:
             self.diagnostics.to(pl_module.device)
+        if self.attribution is not None:
+            self.attribution.to(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -129,6 +156,8 @@ class CircuitMetrics(L.Callback):
             self._current = self.headline.compute(pl_module.model)
             if self.diagnostics is not None and self.diagnostics_due(step):
                 self._writer.append("diagnostics", step, self.diagnostics.compute(pl_module.model))
+                if self.attribution is not None:
+                    self._writer.append("attribution", step, self.attribution.compute(pl_module.model))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step - 1  # the step these weights and this batch belong to
@@ -158,6 +187,8 @@ class CircuitMetrics(L.Callback):
             self._writer.append("every_step", step, torch.cat([headline, no_batch]))
             if self.diagnostics is not None:
                 self._writer.append("diagnostics", step, self.diagnostics.compute(pl_module.model))
+            if self.attribution is not None:
+                self._writer.append("attribution", step, self.attribution.compute(pl_module.model))
 
     def summarize(self, steps: np.ndarray, values: np.ndarray) -> list[dict[str, float]]:
         """Host rows (n,), (n, n_metrics, member) -> one logger dict per step."""

@@ -42,6 +42,7 @@ import os
 import resource
 import shutil
 import subprocess
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -405,10 +406,14 @@ class TimelineWriter(L.Callback):
             new = self._create(trainer, pl_module, partial)
             try:
                 for name, group in self.groups.items():
-                    if name not in old:
-                        raise TimelineWriteError(
-                            f"{self.path}: cannot resume, the old timeline has no group {name!r}"
+                    if name not in old:  # a group this version adds: it starts at the resumed step
+                        print(
+                            f"notice: {self.path}: group {name!r} is new since the run started; its rows "
+                            f"begin at step {step}",
+                            file=sys.stderr,
+                            flush=True,
                         )
+                        continue
                     old_names = [
                         v.decode() if isinstance(v, bytes) else str(v) for v in old[name]["names"][()]
                     ]

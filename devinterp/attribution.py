@@ -54,8 +54,8 @@ class LogitParts:
         return self.direct + self.heads.sum((-1, -2))
 
 
-def check_attributable(model: TensorTransformer) -> None:
-    cfg = model.cfg
+def check_attributable(cfg) -> None:
+    """Refuse a model (config) whose logit has no exact split: see the module's docstring."""
     if cfg.norm or cfg.attention == "softmax" or cfg.mlp:
         raise ValueError(
             "attribution: exact for attention-only models without norm and with bilinear or squared "
@@ -111,7 +111,7 @@ def logit_parts(
     """The centred logit along ``readout`` (n, V) at the last slot of each context (tokens,
     positions, live (n, k), as for devinterp.metrics.context_logits) split into the direct
     path, every head, and every head's sources."""
-    check_attributable(model)
+    check_attributable(model.cfg)
     cfg = model.cfg
     M, L, H = cfg.n_members, cfg.n_layers, cfg.n_heads
     centred = readout - readout.sum(-1, keepdim=True) / readout.shape[-1]  # (n, V)
@@ -200,3 +200,55 @@ class RuleAttribution:
         return LogitParts(
             per_rule(parts.direct), per_rule(parts.heads), per_rule(parts.sources), parts.source_names
         )
+
+
+class AttributionMetrics:
+    """Rows of the timeline group ``attribution``: for every token-level rule (RuleAttribution),
+    ``attr/<primitive>/<rule>/direct``, ``attr/<primitive>/<rule>/L<l>H<h>`` for every head, and
+    for every head of a layer >= 1 ``attr/<primitive>/<rule>/L<l>H<h><-<source>`` for each source
+    it reads (``embed``, ``L<l'>H<h'>`` of earlier layers). Values are expected centred logits
+    (nats of logit); a rule's direct part and head parts sum to its centred logit, a head's
+    source parts to the head's part. ``applies(language, cfg)`` says whether a run gets them."""
+
+    @staticmethod
+    def applies(language, cfg) -> bool:
+        try:
+            check_attributable(cfg)
+        except ValueError:
+            return False
+        return bool(RuleAttribution(language, cfg).rules)
+
+    def __init__(self, language, cfg):
+        from devinterp.schema import MetricInfo
+
+        self.rules = RuleAttribution(language, cfg)
+        L, H = cfg.n_layers, cfg.n_heads
+        self.source_names = ["embed"] + [f"L{layer}H{h}" for layer in range(L - 1) for h in range(H)]
+        infos = []
+        for rule in self.rules.rules:
+            primitive, rule_name = rule.split("/", 1)
+            names = [f"attr/{rule}/direct"] + [
+                f"attr/{rule}/L{layer}H{h}" for layer in range(L) for h in range(H)
+            ]
+            names += [
+                f"attr/{rule}/L{layer}H{h}<-{source}"
+                for layer in range(1, L)
+                for h in range(H)
+                for source in self.source_names[: 1 + layer * H]
+            ]
+            infos += [MetricInfo(n, "diagnostic", primitive, rule_name, unit="logit") for n in names]
+        self.infos = infos
+
+    def to(self, device) -> "AttributionMetrics":
+        self.rules.to(device)
+        return self
+
+    def compute(self, model: TensorTransformer) -> Tensor:
+        """(n_metrics, member) in the order of ``infos``."""
+        cfg = model.cfg
+        L, H = cfg.n_layers, cfg.n_heads
+        parts = self.rules.compute(model)
+        M, R = parts.direct.shape
+        rows = [parts.direct[..., None], parts.heads.flatten(2)]  # (M, R, 1), (M, R, L * H)
+        rows += [parts.sources[:, :, layer, :, : 1 + layer * H].flatten(2) for layer in range(1, L)]
+        return torch.cat(rows, -1).permute(1, 2, 0).reshape(-1, M).float()  # (rule, part) major, as the infos

@@ -178,3 +178,40 @@ def test_rule_attribution_averages_the_headline_contexts_and_sums_to_their_logit
     logits = centred_logit(model, rules.tokens, rules.positions, rules.live, rules.readout)  # (M, n)
     expected = torch.einsum("rn,mn->mr", rules.average, logits)
     torch.testing.assert_close(parts.total, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_a_run_records_the_attribution_and_a_run_from_before_it_resumes(tmp_path):
+    """The group ``attribution`` on the diagnostics cadence, its rule parts summing to the rule's
+    centred logit; a run begun without the group (as by an older version) resumes, the group's
+    rows starting at the resumed step."""
+    import yaml
+
+    from analysis.timeline import load_timeline
+    from devinterp.cli import main
+    from tests.conftest import ROOT
+
+    def fit(name, steps, *extra):
+        argv = ["fit", "--config", str(ROOT / "tests" / "data" / "tiny.yaml"), "--run.root", str(tmp_path)]
+        argv += ["--run.name", name, "--run.wandb_mode", "disabled", "--trainer.max_steps", str(steps)]
+        argv += ["--model.n_layers", "2", "--run.checkpoint_every_n_steps", "3", *extra]
+        assert main(argv) == 0
+
+    fit("new", 6)
+    timeline = load_timeline(tmp_path / "new" / "timeline.h5")
+    attribution = timeline.groups["attribution"]
+    assert list(attribution.steps) == list(timeline.groups["diagnostics"].steps)
+    heads = [f"attr/induction/copy/L{layer}H{h}" for layer in range(2) for h in range(2)]
+    total = timeline.values("attr/induction/copy/direct") + sum(timeline.values(n) for n in heads)
+    assert np.abs(total[-1]).max() > 0  # the model has learned something by step 6
+    sources = sum(timeline.values(f"attr/induction/copy/L1H0<-{s}") for s in ("embed", "L0H0", "L0H1"))
+    np.testing.assert_allclose(sources, timeline.values("attr/induction/copy/L1H0"), rtol=1e-4, atol=1e-6)
+
+    fit("old", 3, "--circuits.attribution", "false")
+    config = tmp_path / "old" / "config.yaml"
+    settings = yaml.safe_load(config.read_text())
+    del settings["circuits"]["attribution"]  # as a version without it wrote the config
+    config.write_text(yaml.safe_dump(settings))
+    assert "attribution" not in load_timeline(tmp_path / "old" / "timeline.h5").groups
+    assert main(["resume", str(tmp_path / "old"), "--trainer.max_steps", "6"]) == 0
+    resumed = load_timeline(tmp_path / "old" / "timeline.h5")
+    assert resumed.groups["attribution"].steps[0] == 3 and resumed.groups["every_step"].steps[0] == 0
