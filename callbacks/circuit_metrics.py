@@ -6,7 +6,8 @@ step's per-member training losses (per primitive; the module's ``training_step``
 ``loss_row``) into one row of the timeline group ``every_step``. Diagnostics run every
 ``diagnostics_every_n_steps`` steps, or log-spaced (``diagnostics_schedule``, the default; see
 devinterp/schedule.py), into the group ``diagnostics``, with the exact attribution of every
-rule's logit to the components (devinterp/attribution.py) in the group ``attribution``. Rows go to the
+rule's logit to the components (devinterp/attribution.py) in the group ``attribution`` and the
+Q/K composition per Q/K pair in the group ``composition``. Rows go to the
 TimelineWriter as they are made, on the model's device; the writer moves them to the host at its
 flush and hands the loggers one dict per step made by ``summarize``: per-primitive summaries
 (``<primitive>/weight_progress``, median over members of the mean progress over its rules;
@@ -27,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from callbacks.timeline_writer import TimelineGroup, find_writer, last_step_reached
 from devinterp.attribution import AttributionMetrics
 from devinterp.errors import at_least, one_of
-from devinterp.metrics import Diagnostics, HeadlineMetrics
+from devinterp.metrics import Diagnostics, HeadlineMetrics, PairComposition
 from devinterp.schedule import Schedule, is_due
 from devinterp.schema import MetricInfo, progress
 
@@ -60,7 +61,7 @@ class CircuitMetrics(L.Callback):
             no norm, not softmax) and the language has token-level rules.
     """
 
-    timeline_groups = ("every_step", "diagnostics", "attribution")
+    timeline_groups = ("every_step", "diagnostics", "attribution", "composition")
 
     def __init__(
         self,
@@ -82,6 +83,7 @@ class CircuitMetrics(L.Callback):
         self.log_all = log_all
         self.attribution_on = attribution
         self.attribution: AttributionMetrics | None = None
+        self.pair_composition: PairComposition | None = None
         self.headline: HeadlineMetrics | None = None
         self.diagnostics: Diagnostics | None = None
         self._current: torch.Tensor | None = None
@@ -132,6 +134,18 @@ class CircuitMetrics(L.Callback):
                     due=self.diagnostics_due,
                 )
             )
+        self.pair_composition = None
+        if self.diagnostics_every_n_steps and pl_module.cfg.n_layers >= 2:
+            self.pair_composition = PairComposition(pl_module.cfg)
+            writer.declare(
+                TimelineGroup(
+                    "composition",
+                    self.pair_composition.infos,
+                    M,
+                    self.diagnostics_every_n_steps,
+                    due=self.diagnostics_due,
+                )
+            )
         self._writer = writer
         # per-primitive summary: which headline rows belong to which primitive
         primitives = sorted({i.primitive for i in self.headline.infos})
@@ -158,6 +172,8 @@ class CircuitMetrics(L.Callback):
                 self._writer.append("diagnostics", step, self.diagnostics.compute(pl_module.model))
                 if self.attribution is not None:
                     self._writer.append("attribution", step, self.attribution.compute(pl_module.model))
+                if self.pair_composition is not None:
+                    self._writer.append("composition", step, self.pair_composition.compute(pl_module.model))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step - 1  # the step these weights and this batch belong to
@@ -189,6 +205,8 @@ class CircuitMetrics(L.Callback):
                 self._writer.append("diagnostics", step, self.diagnostics.compute(pl_module.model))
             if self.attribution is not None:
                 self._writer.append("attribution", step, self.attribution.compute(pl_module.model))
+            if self.pair_composition is not None:
+                self._writer.append("composition", step, self.pair_composition.compute(pl_module.model))
 
     def summarize(self, steps: np.ndarray, values: np.ndarray) -> list[dict[str, float]]:
         """Host rows (n,), (n, n_metrics, member) -> one logger dict per step."""

@@ -178,6 +178,43 @@ def composition(model: TensorTransformer, earlier: int, later: int) -> dict[str,
     }
 
 
+def pair_composition(model: TensorTransformer, earlier: int, later: int) -> dict[str, Tensor]:
+    """Q- and K-composition of every head of layer ``earlier`` into every head of ``later``, per
+    Q/K pair r (not averaged as in ``composition``, whose scores are their mean): ``k``, ``q``
+    (member, pair, head_earlier, head_later), the same TransformerLens-normalised scores; and
+    ``k_signed`` (member, pair, head_earlier, head_later) in [-1, 1]: over the tokens a, the
+    alignment of the query of a with the key that h1's write of a produces,
+    sum_a (E_a W_Q,r) . (E_a OV1 W_K,r) / (||E W_Q,r||_F ||E OV1 W_K,r||_F). Positive: a key
+    carrying a token written by h1 matches the same token's query (as in an induction circuit
+    whose first head copies the previous token); negative: it repels it. Bilinear attention
+    multiplies the two pairs' patterns, so a negative pair times a negative pair attends too:
+    ``k_joint_signed`` = the product over the pairs (member, head_earlier, head_later)."""
+    V1, O1 = (
+        model.W_V[:, earlier][:, None, :, None],
+        model.W_O[:, earlier][:, None, :, None],
+    )  # (M, 1, H1, 1, ., .)
+    Q2, K2 = model.W_Q[:, later][:, :, None], model.W_K[:, later][:, :, None]  # (M, P, 1, H2, D, dh)
+    O1_t = O1.transpose(-1, -2)
+    eye = torch.eye(V1.shape[-1], device=V1.device, dtype=V1.dtype)
+    ov1_norm = factored_norm(V1, eye, O1_t)
+    qk2_norm = factored_norm(Q2, eye, K2)
+    k_norm = factored_norm(Q2, K2.transpose(-1, -2) @ O1_t, V1)
+    q_norm = factored_norm(V1, O1 @ Q2, K2)
+    E = model.W_E[:, None, None, None]  # (M, 1, 1, 1, V, D)
+    query = E @ Q2  # (M, P, 1, H2, V, dh)
+    written_key = ((E @ V1) @ O1) @ K2  # (M, P, H1, H2, V, dh)
+    alignment = (query * written_key).sum((-1, -2))
+    scale = query.pow(2).sum((-1, -2)).sqrt() * written_key.pow(2).sum((-1, -2)).sqrt()
+    k_signed = torch.where(scale > 0, alignment / scale.clamp_min(1e-30), torch.zeros_like(alignment))
+    joint = k_signed[:, 0] * (k_signed[:, 1] if k_signed.shape[1] > 1 else k_signed[:, 0])
+    return {
+        "k": composition_scores(k_norm, qk2_norm, ov1_norm),
+        "q": composition_scores(q_norm, ov1_norm, qk2_norm),
+        "k_signed": k_signed,
+        "k_joint_signed": joint,
+    }
+
+
 def gram_spectrum(left: Tensor, right: Tensor) -> Tensor:
     """Squared singular values of left @ right^T without forming it: eigenvalues of
     (left^T left)(right^T right). left (..., n, r), right (..., m, r) -> (..., r), descending."""

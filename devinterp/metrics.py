@@ -462,3 +462,39 @@ class WeightMetrics:
         if self.diagnostics:
             values.append(self.diagnostics.compute(model))
         return torch.cat(values)
+
+
+class PairComposition:
+    """Rows of the timeline group ``composition``: Q- and K-composition per Q/K pair between
+    every two layers (devinterp.circuits.pair_composition), beside the pair-averaged scores the
+    diagnostics keep under their old names: ``comp/k<r>/L<l1>H<a>->L<l2>H<b>``,
+    ``comp/q<r>/...``, the signed alignment ``comp/k<r>_signed/...`` and its product over the
+    pairs ``comp/k_joint_signed/...``."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        L, H, P = cfg.n_layers, cfg.n_heads, cfg.n_pairs
+        kinds = [f"k{r + 1}" for r in range(P)] + [f"q{r + 1}" for r in range(P)]
+        kinds += [f"k{r + 1}_signed" for r in range(P)] + ["k_joint_signed"]
+        self.infos = [
+            MetricInfo(f"comp/{kind}/L{l1}H{a}->L{l2}H{b}", "diagnostic", "comp", f"L{l1}H{a}->L{l2}H{b}")
+            for kind in kinds
+            for l1 in range(L)
+            for l2 in range(l1 + 1, L)
+            for a in range(H)
+            for b in range(H)
+        ]
+
+    def compute(self, model: TensorTransformer) -> Tensor:
+        """(n_metrics, member), in the order of ``infos``."""
+        L, P = self.cfg.n_layers, self.cfg.n_pairs
+        scores = {
+            (l1, l2): circuits.pair_composition(model, l1, l2) for l1 in range(L) for l2 in range(l1 + 1, L)
+        }
+        rows = []
+        for key, pair in (
+            [("k", r) for r in range(P)] + [("q", r) for r in range(P)] + [("k_signed", r) for r in range(P)]
+        ):
+            rows += [s[key][:, pair].flatten(1) for s in scores.values()]  # (M, H1 * H2) per layer pair
+        rows += [s["k_joint_signed"].flatten(1) for s in scores.values()]
+        return torch.cat(rows, 1).T.float()

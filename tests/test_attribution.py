@@ -205,6 +205,10 @@ def test_a_run_records_the_attribution_and_a_run_from_before_it_resumes(tmp_path
     assert np.abs(total[-1]).max() > 0  # the model has learned something by step 6
     sources = sum(timeline.values(f"attr/induction/copy/L1H0<-{s}") for s in ("embed", "L0H0", "L0H1"))
     np.testing.assert_allclose(sources, timeline.values("attr/induction/copy/L1H0"), rtol=1e-4, atol=1e-6)
+    assert list(timeline.groups["composition"].steps) == list(attribution.steps)
+    assert {"comp/k1/L0H0->L1H1", "comp/q2/L0H1->L1H0", "comp/k_joint_signed/L0H0->L1H0"} <= set(
+        timeline.groups["composition"].names
+    )
 
     fit("old", 3, "--circuits.attribution", "false")
     config = tmp_path / "old" / "config.yaml"
@@ -215,3 +219,28 @@ def test_a_run_records_the_attribution_and_a_run_from_before_it_resumes(tmp_path
     assert main(["resume", str(tmp_path / "old"), "--trainer.max_steps", "6"]) == 0
     resumed = load_timeline(tmp_path / "old" / "timeline.h5")
     assert resumed.groups["attribution"].steps[0] == 3 and resumed.groups["every_step"].steps[0] == 0
+
+
+def test_composition_per_pair_averages_to_the_old_score_and_its_sign_follows_the_key():
+    from devinterp import circuits
+
+    model = random_model("rope", "bilinear", n_layers=2, n_heads=2)
+    with torch.no_grad():
+        pairs, averaged = circuits.pair_composition(model, 0, 1), circuits.composition(model, 0, 1)
+    torch.testing.assert_close(pairs["k"].mean(1), averaged["k"], rtol=1e-12, atol=0)  # the old name's score
+    torch.testing.assert_close(pairs["q"].mean(1), averaged["q"], rtol=1e-12, atol=0)
+    planted = planted_induction(LANGUAGE)  # L0H0 writes the previous token where L1H0's keys read it
+    with torch.no_grad():
+        signed = circuits.pair_composition(planted, 0, 1)
+        assert signed["k_signed"][0, :, 0, 0].tolist() == pytest.approx([1.0, 1.0])
+        planted.W_K[0, 1, 0, 0] *= -1  # the first pair now repels what L0H0 writes
+        flipped = circuits.pair_composition(planted, 0, 1)
+        assert flipped["k_signed"][0, :, 0, 0].tolist() == pytest.approx([-1.0, 1.0])
+        assert flipped["k_joint_signed"][0, 0, 0].item() == pytest.approx(-1.0)
+        planted.W_K[0, 1, 1, 0] *= -1  # both pairs repel: their product attends again
+        assert circuits.pair_composition(planted, 0, 1)["k_joint_signed"][0, 0, 0].item() == pytest.approx(
+            1.0
+        )
+        assert flipped["k"][0, :, 0, 0].tolist() == pytest.approx(
+            signed["k"][0, :, 0, 0].tolist()
+        )  # unsigned
