@@ -359,6 +359,38 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def plot_attribution(
+    steps: np.ndarray,
+    primitives: list[str],
+    components: list[str],
+    median: np.ndarray,
+    at: list[int],
+    path: Path,
+) -> Path:
+    """Primitive x component heatmaps of the median share at the step indices ``at``
+    (median (N, primitive, component), values in [-1, 1]; red pushes the rule's output up,
+    blue against it)."""
+    fig, axes = plt.subplots(
+        1,
+        len(at),
+        figsize=(0.55 * len(components) * len(at) + 1.5, 0.5 * len(primitives) + 1.6),
+        squeeze=False,
+    )
+    for ax, index in zip(axes[0], at):
+        image = ax.imshow(median[index], cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(components)), components, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(primitives)), primitives, fontsize=7)
+        ax.set_title(f"step {int(steps[index])}", fontsize=8)
+        for (i, j), value in np.ndenumerate(median[index]):
+            if abs(value) >= 0.1:
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=5)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of the rule's attribution mass")
+    fig.suptitle("which components carry each primitive (exact attribution, median over members)", fontsize=9)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def _window_bar(ax, window: tuple[int, int | None], last_step: int, color: str, k: int) -> None:
     """An intervention window as a bar at the foot of the panel (one row per variant), on the
     log(step + 1) axis."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from analysis.attribution import component_shares, reuse_index, serving_onsets, source_shares
 from analysis.dependence import (
     Dependence,
     MechanismEffect,
@@ -30,6 +31,7 @@ from analysis.dependence import (
 from analysis.onset import Onset, primitive_onsets, primitive_progress
 from analysis.ordering import Ordering, infer_ordering, lead_lag, smallest_holm_p, units_needed
 from analysis.plots import (
+    plot_attribution,
     plot_dag,
     plot_direct_path,
     plot_essential_dynamics,
@@ -223,6 +225,69 @@ def _intervention_text(interventions: list[dict]) -> str:
         members = f", members {i['members']}" if i.get("members") else ""
         parts.append(f"{what}, steps {i.get('from_step') or 0}-{i.get('to_step') or 'end'}{members}")
     return "; ".join(parts)
+
+
+def attribution_section(
+    timeline: Timeline, out: Path, threshold: float = 0.2
+) -> tuple[list[str], list[Path]]:
+    """The "Components" section: the exact attribution of every primitive to the components at the
+    end, the reuse index, the step each component starts serving each primitive, and, for the
+    heads of later layers, the sources their part comes through; attribution.png."""
+    shares = component_shares(timeline)
+    if shares is None or not len(shares.steps):
+        return [], []
+    median = shares.median()  # (N, P, C)
+    moving = np.flatnonzero(np.abs(median).sum((1, 2)) > 0)
+    first = int(moving[0]) if len(moving) else 0
+    log_steps = np.log(shares.steps + 1.0)
+    middle = int(np.argmin(np.abs(log_steps - (log_steps[first] + log_steps[-1]) / 2)))
+    at = sorted({first, middle, len(shares.steps) - 1})
+    figure = plot_attribution(
+        shares.steps, shares.primitives, shares.components, median, at, out / "attribution.png"
+    )
+    last = median[-1]
+    lines = [
+        "## Components (exact attribution)",
+        "",
+        f"Each primitive's expected centred logit, split exactly over the direct path and the heads "
+        f"(devinterp/attribution.py), as shares of its attribution mass (the parts' absolute values sum "
+        f"to 1; negative: against the output), median over members, at step {int(shares.steps[-1])}. A "
+        f"component serves a primitive at a share of at least {threshold}.",
+        "",
+        "| primitive | " + " | ".join(shares.components) + " |",
+        "|---|" + "---|" * len(shares.components),
+    ]
+    for i, p in enumerate(shares.primitives):
+        lines.append(f"| {p} | " + " | ".join(f"{v:+.2f}" for v in last[i]) + " |")
+    served = reuse_index(shares, threshold)
+    onsets = serving_onsets(shares, threshold)
+    lines += ["", "Reuse index (primitives served at the end) and the step each started serving:", ""]
+    for c, primitives in served.items():
+        if primitives:
+            since = ", ".join(f"{p} from step {onsets[c, p]}" for p in primitives)
+            lines.append(f"- {c}: {len(primitives)} ({since})")
+    routes = []
+    for p in shares.primitives:
+        for c in shares.components:
+            if p in served.get(c, []) and not c.startswith(("direct", "L0")):
+                sources = source_shares(timeline, p, c)
+                if sources:
+                    final = {s: float(np.median(v[-1])) for s, v in sources.items()}
+                    total = sum(abs(v) for v in final.values()) or 1.0
+                    routes.append(
+                        f"- {p} through {c}: "
+                        + ", ".join(
+                            f"{s} {v / total:+.2f}" for s, v in final.items() if abs(v) / total >= 0.05
+                        )
+                    )
+    if routes:
+        lines += [
+            "",
+            "Sources of the later-layer heads' parts (shares of the head's part, Shapley over sources):",
+            "",
+            *routes,
+        ]
+    return lines + [""], [figure]
 
 
 def mechanism_figure(
@@ -847,6 +912,9 @@ def write_report(
         )
         lines += stage_lines
         figures += stage_figures
+    attribution_lines, attribution_figures = attribution_section(full[0][1], out)
+    lines += attribution_lines
+    figures += attribution_figures
     llc_lines, llc_figures = llc_section(full[0][1], result.onsets[source], out)
     lines += llc_lines
     figures += llc_figures

@@ -244,3 +244,40 @@ def test_composition_per_pair_averages_to_the_old_score_and_its_sign_follows_the
         assert flipped["k"][0, :, 0, 0].tolist() == pytest.approx(
             signed["k"][0, :, 0, 0].tolist()
         )  # unsigned
+
+
+def test_shares_reuse_and_serving_onsets_recover_a_planted_history():
+    """A synthetic attribution group: L0H0 carries the bigram rule throughout; L1H0 takes over
+    induction from step 40 on and also serves the bigram from step 80 (reused)."""
+    from pathlib import Path
+
+    from analysis.attribution import component_shares, reuse_index, serving_onsets
+    from analysis.timeline import Group, Timeline
+    from devinterp.schema import MetricInfo
+
+    steps = np.arange(0, 120, 10)
+    components = ["direct", "L0H0", "L1H0"]
+    rules = {"attr/bigram/alice": {"direct": 0.2, "L0H0": 1.0}, "attr/induction/copy": {"direct": 0.1}}
+    names, columns = [], []
+    for rule, parts in rules.items():
+        for c in components:
+            value = np.full(len(steps), parts.get(c, 0.0))
+            if rule.endswith("copy") and c == "L1H0":
+                value = np.where(steps >= 40, 2.0, 0.0)
+            if rule.endswith("alice") and c == "L1H0":
+                value = np.where(steps >= 80, 0.8, 0.0)
+            names.append(f"{rule}/{c}")
+            columns.append(np.repeat(value[:, None], 3, 1))  # 3 members alike
+    group = Group(steps, np.stack(columns, 1), tuple(MetricInfo(n, "diagnostic", "x", "y") for n in names))
+    timeline = Timeline(Path("synthetic.h5"), {"attribution": group}, {}, ("start", "bigram", "induction"))
+    shares = component_shares(timeline)
+    assert shares.primitives == ["bigram", "induction"] and shares.components == components
+    final = shares.median()[-1]
+    assert final[1, 2] == pytest.approx(2.0 / 2.1) and final[0, 1] == pytest.approx(1.0 / 2.0)
+    assert np.abs(shares.shares).sum(2).max() == pytest.approx(1.0)  # absolute shares sum to 1
+    assert reuse_index(shares)["L1H0"] == ["bigram", "induction"]
+    onsets = serving_onsets(shares)
+    assert (
+        onsets["L1H0", "induction"] == 40 and onsets["L1H0", "bigram"] == 80 and onsets["L0H0", "bigram"] == 0
+    )
+    assert onsets["L0H0", "induction"] is None
