@@ -252,3 +252,26 @@ class AttributionMetrics:
         rows = [parts.direct[..., None], parts.heads.flatten(2)]  # (M, R, 1), (M, R, L * H)
         rows += [parts.sources[:, :, layer, :, : 1 + layer * H].flatten(2) for layer in range(1, L)]
         return torch.cat(rows, -1).permute(1, 2, 0).reshape(-1, M).float()  # (rule, part) major, as the infos
+
+
+def mlp_interaction(model: TensorTransformer, layer: int, read: Tensor) -> Tensor:
+    """The interaction matrix of a bilinear MLP's direct path read along ``read`` (member, n, D)
+    (Pearce et al. 2024, "Bilinear MLPs enable weight-based mechanistic interpretability",
+    arXiv 2410.08417): read . MLP(x) = x^T B x with B = sum_f (W_out[f] . read) W_in[:, f]
+    W_gate[:, f]^T, symmetrised, here in the token basis: Q[a, b] = E_a B E_b^T. Its diagonal
+    Q[a, a] = read . MLP(E_a) is the MLP's direct-path push along ``read`` from token a; off the
+    diagonal, the interaction of tokens a and b present in the residual together.
+    (member, n, V, V), symmetric."""
+    out = torch.einsum("mfd,mnd->mnf", model.W_out[:, layer], read)  # (M, n, d_mlp)
+    left = model.W_E @ model.W_in[:, layer]  # (M, V, d_mlp)
+    right = model.W_E @ model.W_gate[:, layer]
+    q = torch.einsum("maf,mnf,mbf->mnab", left, out, right)
+    return (q + q.transpose(-1, -2)) / 2
+
+
+def mlp_eigen(model: TensorTransformer, layer: int, read: Tensor, k: int = 3) -> tuple[Tensor, Tensor]:
+    """The ``k`` eigenvalues of largest magnitude of ``mlp_interaction`` (member, n, k), signed,
+    and their eigenvectors over tokens (member, n, V, k), each of unit norm."""
+    values, vectors = torch.linalg.eigh(mlp_interaction(model, layer, read))
+    order = values.abs().argsort(-1, descending=True)[..., :k]
+    return values.gather(-1, order), vectors.gather(-1, order[..., None, :].expand(*vectors.shape[:-1], k))

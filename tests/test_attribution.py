@@ -281,3 +281,22 @@ def test_shares_reuse_and_serving_onsets_recover_a_planted_history():
         onsets["L1H0", "induction"] == 40 and onsets["L1H0", "bigram"] == 80 and onsets["L0H0", "bigram"] == 0
     )
     assert onsets["L0H0", "induction"] is None
+
+
+def test_the_mlp_interaction_matrix_reads_the_mlp_on_embeddings():
+    from devinterp.attribution import mlp_eigen, mlp_interaction
+
+    cfg = ModelConfig(d_vocab=7, n_ctx=8, n_members=2, d_model=6, d_head=4, n_heads=2, mlp=True, d_mlp=10)
+    model = TensorTransformer(cfg, seed=2).double()
+    read = torch.randn(2, 3, 6, dtype=torch.float64)
+    q = mlp_interaction(model, 1, read)  # (M, n, V, V)
+    pushes = torch.einsum("mvd,mnd->mnv", model.mlp(model.W_E[:, None], 1)[:, 0], read)  # from activations
+    torch.testing.assert_close(q.diagonal(dim1=-2, dim2=-1), pushes)
+    a, b = 1, 4  # two tokens together: MLP(E_a + E_b) = Q[a, a] + Q[b, b] + 2 Q[a, b] along read
+    together = torch.einsum(
+        "md,mnd->mn", model.mlp((model.W_E[:, a] + model.W_E[:, b])[:, None, None], 1)[:, 0, 0], read
+    )
+    torch.testing.assert_close(together, q[..., a, a] + q[..., b, b] + 2 * q[..., a, b])
+    values, vectors = mlp_eigen(model, 1, read, k=2)
+    torch.testing.assert_close(q @ vectors, vectors * values[..., None, :])  # eigenpairs
+    assert (values[..., 0].abs() >= values[..., 1].abs()).all()
