@@ -7,7 +7,8 @@ step's per-member training losses (per primitive; the module's ``training_step``
 ``diagnostics_every_n_steps`` steps, or log-spaced (``diagnostics_schedule``, the default; see
 devinterp/schedule.py), into the group ``diagnostics``, with the exact attribution of every
 rule's logit to the components (devinterp/attribution.py) in the group ``attribution`` and the
-Q/K composition per Q/K pair in the group ``composition``. Rows go to the
+Q/K composition per Q/K pair in the group ``composition``, and for bilinear-MLP models the
+top eigenvalues of each MLP's direct-path interaction matrix per rule in the group ``mlp``. Rows go to the
 TimelineWriter as they are made, on the model's device; the writer moves them to the host at its
 flush and hands the loggers one dict per step made by ``summarize``: per-primitive summaries
 (``<primitive>/weight_progress``, median over members of the mean progress over its rules;
@@ -26,7 +27,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.timeline_writer import TimelineGroup, find_writer, last_step_reached
-from devinterp.attribution import AttributionMetrics
+from devinterp.attribution import AttributionMetrics, MlpEigenMetrics
 from devinterp.errors import at_least, one_of
 from devinterp.metrics import Diagnostics, HeadlineMetrics, PairComposition
 from devinterp.schedule import Schedule, is_due
@@ -61,7 +62,7 @@ class CircuitMetrics(L.Callback):
             no norm, not softmax) and the language has token-level rules.
     """
 
-    timeline_groups = ("every_step", "diagnostics", "attribution", "composition")
+    timeline_groups = ("every_step", "diagnostics", "attribution", "composition", "mlp")
 
     def __init__(
         self,
@@ -84,6 +85,7 @@ class CircuitMetrics(L.Callback):
         self.attribution_on = attribution
         self.attribution: AttributionMetrics | None = None
         self.pair_composition: PairComposition | None = None
+        self.mlp_eigen: MlpEigenMetrics | None = None
         self.headline: HeadlineMetrics | None = None
         self.diagnostics: Diagnostics | None = None
         self._current: torch.Tensor | None = None
@@ -146,6 +148,14 @@ class CircuitMetrics(L.Callback):
                     due=self.diagnostics_due,
                 )
             )
+        self.mlp_eigen = None
+        if self.diagnostics_every_n_steps and MlpEigenMetrics.applies(language, pl_module.cfg):
+            self.mlp_eigen = MlpEigenMetrics(language, pl_module.cfg)
+            writer.declare(
+                TimelineGroup(
+                    "mlp", self.mlp_eigen.infos, M, self.diagnostics_every_n_steps, due=self.diagnostics_due
+                )
+            )
         self._writer = writer
         # per-primitive summary: which headline rows belong to which primitive
         primitives = sorted({i.primitive for i in self.headline.infos})
@@ -163,6 +173,8 @@ class CircuitMetrics(L.Callback):
             self.diagnostics.to(pl_module.device)
         if self.attribution is not None:
             self.attribution.to(pl_module.device)
+        if self.mlp_eigen is not None:
+            self.mlp_eigen.to(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -174,6 +186,8 @@ class CircuitMetrics(L.Callback):
                     self._writer.append("attribution", step, self.attribution.compute(pl_module.model))
                 if self.pair_composition is not None:
                     self._writer.append("composition", step, self.pair_composition.compute(pl_module.model))
+                if self.mlp_eigen is not None:
+                    self._writer.append("mlp", step, self.mlp_eigen.compute(pl_module.model))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step - 1  # the step these weights and this batch belong to
@@ -207,6 +221,8 @@ class CircuitMetrics(L.Callback):
                 self._writer.append("attribution", step, self.attribution.compute(pl_module.model))
             if self.pair_composition is not None:
                 self._writer.append("composition", step, self.pair_composition.compute(pl_module.model))
+            if self.mlp_eigen is not None:
+                self._writer.append("mlp", step, self.mlp_eigen.compute(pl_module.model))
 
     def summarize(self, steps: np.ndarray, values: np.ndarray) -> list[dict[str, float]]:
         """Host rows (n,), (n, n_metrics, member) -> one logger dict per step."""

@@ -275,3 +275,45 @@ def mlp_eigen(model: TensorTransformer, layer: int, read: Tensor, k: int = 3) ->
     values, vectors = torch.linalg.eigh(mlp_interaction(model, layer, read))
     order = values.abs().argsort(-1, descending=True)[..., :k]
     return values.gather(-1, order), vectors.gather(-1, order[..., None, :].expand(*vectors.shape[:-1], k))
+
+
+class MlpEigenMetrics:
+    """Rows of the timeline group ``mlp`` (bilinear-MLP models): for every MLP layer and
+    token-level rule, the ``k`` eigenvalues of largest magnitude of the MLP's direct-path
+    interaction matrix read along the rule's output (``mlp_eigen``; the read direction is the
+    centred unembedding of the rule's true next-token distribution averaged over its contexts):
+    ``mlp/L<l>/<primitive>/<rule>/eig<i>``, signed."""
+
+    def __init__(self, language, cfg, k: int = 3):
+        from devinterp.schema import MetricInfo
+
+        self.rules = RuleAttribution(language, cfg)
+        self.k = k
+        self.cfg = cfg
+        self.infos = [
+            MetricInfo(f"mlp/L{layer}/{rule}/eig{i + 1}", "diagnostic", *rule.split("/", 1))
+            for layer in range(cfg.n_layers)
+            for rule in self.rules.rules
+            for i in range(k)
+        ]
+
+    @staticmethod
+    def applies(language, cfg) -> bool:
+        return bool(cfg.mlp) and bool(RuleAttribution(language, cfg).rules)
+
+    def to(self, device) -> "MlpEigenMetrics":
+        self.rules.to(device)
+        return self
+
+    def read_directions(self, model: TensorTransformer) -> Tensor:
+        """(member, rule, d_model): each rule's centred unembedding of its mean output distribution."""
+        readout = self.rules.average @ self.rules.readout  # (R, V): weights sum to 1 per rule
+        centred = readout - readout.mean(-1, keepdim=True)
+        return torch.einsum("mdv,rv->mrd", model.W_U, centred.to(model.W_U.dtype))
+
+    def compute(self, model: TensorTransformer) -> Tensor:
+        """(n_metrics, member) in the order of ``infos``."""
+        read = self.read_directions(model)
+        rows = [mlp_eigen(model, layer, read, self.k)[0] for layer in range(self.cfg.n_layers)]  # (M, R, k)
+        M = read.shape[0]
+        return torch.stack(rows, 1).reshape(M, -1).T.float()

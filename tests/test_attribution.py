@@ -300,3 +300,36 @@ def test_the_mlp_interaction_matrix_reads_the_mlp_on_embeddings():
     values, vectors = mlp_eigen(model, 1, read, k=2)
     torch.testing.assert_close(q @ vectors, vectors * values[..., None, :])  # eigenpairs
     assert (values[..., 0].abs() >= values[..., 1].abs()).all()
+
+
+def test_an_mlp_run_records_the_interaction_eigenvalues_of_its_final_weights(tmp_path):
+    from analysis.timeline import load_timeline
+    from devinterp.attribution import MlpEigenMetrics
+    from devinterp.cli import main
+    from devinterp.module import TensorTransformerModule
+    from tests.conftest import ROOT
+
+    argv = ["fit", "--config", str(ROOT / "tests" / "data" / "tiny.yaml"), "--run.root", str(tmp_path)]
+    argv += [
+        "--run.name",
+        "mlp",
+        "--run.wandb_mode",
+        "disabled",
+        "--trainer.max_steps",
+        "5",
+        "--model.mlp",
+        "true",
+    ]
+    assert main(argv) == 0
+    timeline = load_timeline(tmp_path / "mlp" / "timeline.h5")
+    assert "attribution" not in timeline.groups  # no exact split with an MLP
+    group = timeline.groups["mlp"]
+    assert "mlp/L0/bigram/alice/eig1" in group.names and group.steps[-1] == 5
+    checkpoint = torch.load(tmp_path / "mlp" / "checkpoints" / "last.ckpt", weights_only=True)
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    module = TensorTransformerModule(**hparams)
+    module.load_state_dict(checkpoint["state_dict"])
+    with torch.no_grad():
+        expected = MlpEigenMetrics(LANGUAGE, module.cfg).compute(module.model).numpy()
+    np.testing.assert_allclose(group.values[-1], expected, rtol=1e-4, atol=1e-6)
+    assert np.abs(group.values[-1]).max() > 0
