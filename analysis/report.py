@@ -290,6 +290,56 @@ def attribution_section(
     return lines + [""], [figure]
 
 
+def mlp_section(timeline: Timeline) -> list[str]:
+    """For a bilinear-MLP run: at the last snapshot, per MLP layer and token-level rule, the
+    eigenvalue of largest magnitude of the direct-path interaction matrix along the rule's output
+    and how much of its eigenvector lies on each primitive's input tokens (the tokens of its
+    minimal contexts; squared weights of a unit vector, so 1 = entirely on them), median over
+    members: which rules' inputs the MLP reads to push each rule's output."""
+    import torch
+
+    from devinterp.attribution import MlpEigenMetrics, mlp_eigen
+
+    config = yaml.safe_load(timeline.meta.get("config", "")).get("model", {})
+    slots = [s for s in range(len(timeline.snapshot_steps)) if timeline.snapshot_steps[s] >= 0]
+    if not config.get("mlp") or not slots:
+        return []
+    try:
+        language = parse_language(yaml.safe_load(timeline.meta.get("language_spec", "")) or {})
+    except (SpecError, yaml.YAMLError, TypeError, AttributeError):
+        return []
+    model, step = snapshot_model(timeline, slots[-1])
+    metrics = MlpEigenMetrics(language, model.cfg, k=1)
+    inputs = {
+        p.name: sorted({t for c in p.minimal_contexts() for t in c.tokens})
+        for p in language.primitives
+        if p.name in timeline.label_names
+    }
+    lines = [
+        "## The MLP's direct path",
+        "",
+        f"At step {step}: per MLP layer and rule, the eigenvalue of largest magnitude of the direct-path "
+        "interaction matrix along the rule's output (Pearce et al. 2024), and the share of its eigenvector "
+        "on each primitive's input tokens (median over members).",
+        "",
+        "| layer | rule | top eigenvalue | " + " | ".join(inputs) + " |",
+        "|---|---|---|" + "---|" * len(inputs),
+    ]
+    with torch.no_grad():
+        read = metrics.read_directions(model)
+        for layer in range(model.cfg.n_layers):
+            values, vectors = mlp_eigen(model, layer, read, k=1)  # (M, R, 1), (M, R, V, 1)
+            mass = vectors[..., 0].pow(2)  # (M, R, V)
+            for r, rule in enumerate(metrics.rules.rules):
+                on = [float(mass[:, r, tokens].sum(-1).median()) for tokens in inputs.values()]
+                lines.append(
+                    f"| L{layer} | {rule} | {float(values[:, r, 0].median()):+.3g} | "
+                    + " | ".join(f"{v:.2f}" for v in on)
+                    + " |"
+                )
+    return lines + [""]
+
+
 def mechanism_figure(
     full: Timeline, variants: list[Timeline], out: Path, source: str, yardstick: str
 ) -> tuple[Path, list[str]]:
@@ -913,7 +963,7 @@ def write_report(
         lines += stage_lines
         figures += stage_figures
     attribution_lines, attribution_figures = attribution_section(full[0][1], out)
-    lines += attribution_lines
+    lines += attribution_lines + mlp_section(full[0][1])
     figures += attribution_figures
     llc_lines, llc_figures = llc_section(full[0][1], result.onsets[source], out)
     lines += llc_lines

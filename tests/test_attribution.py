@@ -209,6 +209,10 @@ def test_a_run_records_the_attribution_and_a_run_from_before_it_resumes(tmp_path
     assert {"comp/k1/L0H0->L1H1", "comp/q2/L0H1->L1H0", "comp/k_joint_signed/L0H0->L1H0"} <= set(
         timeline.groups["composition"].names
     )
+    assert main(["analyze", str(tmp_path / "new"), "--out", str(tmp_path / "out"), "--no-stages"]) == 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Components (exact attribution)" in report and "| induction | " in report
+    assert (tmp_path / "out" / "attribution.png").stat().st_size > 5000
 
     fit("old", 3, "--circuits.attribution", "false")
     config = tmp_path / "old" / "config.yaml"
@@ -333,3 +337,6 @@ def test_an_mlp_run_records_the_interaction_eigenvalues_of_its_final_weights(tmp
         expected = MlpEigenMetrics(LANGUAGE, module.cfg).compute(module.model).numpy()
     np.testing.assert_allclose(group.values[-1], expected, rtol=1e-4, atol=1e-6)
     assert np.abs(group.values[-1]).max() > 0
+    assert main(["analyze", str(tmp_path / "mlp"), "--out", str(tmp_path / "out"), "--no-stages"]) == 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## The MLP's direct path" in report and "| L0 | bigram/alice |" in report
