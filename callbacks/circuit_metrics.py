@@ -89,6 +89,7 @@ class CircuitMetrics(L.Callback):
         self.headline: HeadlineMetrics | None = None
         self.diagnostics: Diagnostics | None = None
         self._current: torch.Tensor | None = None
+        self._on_diagnostics: list = []
         self.last_loss_device: torch.device | None = (
             None  # where the step's losses were (bench/gpu_sync_check.py)
         )
@@ -108,52 +109,34 @@ class CircuitMetrics(L.Callback):
         self.infos = self.headline.infos + self.train
         M = pl_module.cfg.n_members
         writer.declare(TimelineGroup("every_step", self.infos, M, summarize=self.summarize))
-        self.diagnostics = None
-        if self.diagnostics_every_n_steps:
-            self.diagnostics = Diagnostics(language, pl_module.cfg)
-            writer.declare(
-                TimelineGroup(
-                    "diagnostics",
-                    self.diagnostics.infos,
-                    M,
-                    self.diagnostics_every_n_steps,
-                    due=self.diagnostics_due,
-                )
+        cfg = pl_module.cfg
+        self.diagnostics = Diagnostics(language, cfg) if self.diagnostics_every_n_steps else None
+        self.attribution = (
+            AttributionMetrics(language, cfg)
+            if self.diagnostics and self.attribution_on and AttributionMetrics.applies(language, cfg)
+            else None
+        )
+        self.pair_composition = PairComposition(cfg) if self.diagnostics and cfg.n_layers >= 2 else None
+        self.mlp_eigen = (
+            MlpEigenMetrics(language, cfg)
+            if self.diagnostics and MlpEigenMetrics.applies(language, cfg)
+            else None
+        )
+        # the groups on the diagnostics cadence, each made by a ``compute(model)``
+        self._on_diagnostics = [
+            (name, metrics)
+            for name, metrics in (
+                ("diagnostics", self.diagnostics),
+                ("attribution", self.attribution),
+                ("composition", self.pair_composition),
+                ("mlp", self.mlp_eigen),
             )
-        self.attribution = None
-        if (
-            self.diagnostics_every_n_steps
-            and self.attribution_on
-            and AttributionMetrics.applies(language, pl_module.cfg)
-        ):
-            self.attribution = AttributionMetrics(language, pl_module.cfg)
+            if metrics is not None
+        ]
+        for name, metrics in self._on_diagnostics:
             writer.declare(
                 TimelineGroup(
-                    "attribution",
-                    self.attribution.infos,
-                    M,
-                    self.diagnostics_every_n_steps,
-                    due=self.diagnostics_due,
-                )
-            )
-        self.pair_composition = None
-        if self.diagnostics_every_n_steps and pl_module.cfg.n_layers >= 2:
-            self.pair_composition = PairComposition(pl_module.cfg)
-            writer.declare(
-                TimelineGroup(
-                    "composition",
-                    self.pair_composition.infos,
-                    M,
-                    self.diagnostics_every_n_steps,
-                    due=self.diagnostics_due,
-                )
-            )
-        self.mlp_eigen = None
-        if self.diagnostics_every_n_steps and MlpEigenMetrics.applies(language, pl_module.cfg):
-            self.mlp_eigen = MlpEigenMetrics(language, pl_module.cfg)
-            writer.declare(
-                TimelineGroup(
-                    "mlp", self.mlp_eigen.infos, M, self.diagnostics_every_n_steps, due=self.diagnostics_due
+                    name, metrics.infos, M, self.diagnostics_every_n_steps, due=self.diagnostics_due
                 )
             )
         self._writer = writer
@@ -169,25 +152,16 @@ class CircuitMetrics(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._final_step = -1
         self.headline.to(pl_module.device)
-        if self.diagnostics is not None:
-            self.diagnostics.to(pl_module.device)
-        if self.attribution is not None:
-            self.attribution.to(pl_module.device)
-        if self.mlp_eigen is not None:
-            self.mlp_eigen.to(pl_module.device)
+        for _, metrics in self._on_diagnostics:
+            if hasattr(metrics, "to"):
+                metrics.to(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
         with torch.inference_mode():
             self._current = self.headline.compute(pl_module.model)
             if self.diagnostics is not None and self.diagnostics_due(step):
-                self._writer.append("diagnostics", step, self.diagnostics.compute(pl_module.model))
-                if self.attribution is not None:
-                    self._writer.append("attribution", step, self.attribution.compute(pl_module.model))
-                if self.pair_composition is not None:
-                    self._writer.append("composition", step, self.pair_composition.compute(pl_module.model))
-                if self.mlp_eigen is not None:
-                    self._writer.append("mlp", step, self.mlp_eigen.compute(pl_module.model))
+                self._append_diagnostics(step, pl_module.model)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step - 1  # the step these weights and this batch belong to
@@ -197,6 +171,11 @@ class CircuitMetrics(L.Callback):
         self._writer.append("every_step", step, torch.cat([self._current, train.to(self._current.dtype)]))
         if last_step_reached(trainer):
             self._measure_final(trainer, pl_module)
+
+    def _append_diagnostics(self, step: int, model) -> None:
+        """A row of every group on the diagnostics cadence."""
+        for name, metrics in self._on_diagnostics:
+            self._writer.append(name, step, metrics.compute(model))
 
     def diagnostics_due(self, step: int) -> bool:
         return is_due(step, self.diagnostics_schedule, self.diagnostics_every_n_steps, self.per_doubling)
@@ -215,14 +194,7 @@ class CircuitMetrics(L.Callback):
             headline = self.headline.compute(pl_module.model)
             no_batch = headline.new_full((len(self.train), headline.shape[1]), float("nan"))
             self._writer.append("every_step", step, torch.cat([headline, no_batch]))
-            if self.diagnostics is not None:
-                self._writer.append("diagnostics", step, self.diagnostics.compute(pl_module.model))
-            if self.attribution is not None:
-                self._writer.append("attribution", step, self.attribution.compute(pl_module.model))
-            if self.pair_composition is not None:
-                self._writer.append("composition", step, self.pair_composition.compute(pl_module.model))
-            if self.mlp_eigen is not None:
-                self._writer.append("mlp", step, self.mlp_eigen.compute(pl_module.model))
+            self._append_diagnostics(step, pl_module.model)
 
     def summarize(self, steps: np.ndarray, values: np.ndarray) -> list[dict[str, float]]:
         """Host rows (n,), (n, n_metrics, member) -> one logger dict per step."""

@@ -80,8 +80,12 @@ def _head_writes(model: TensorTransformer, x: Tensor, layer: int, positions: Ten
 
 
 @functools.lru_cache(maxsize=None)
-def _shapley_table(n_sources: int) -> Tensor:
-    return shapley_weights(n_sources)
+def _subset_tables(n_sources: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Every non-empty subset of the sources as a 0/1 row (2^S - 1, S), and Shapley's weights for
+    their values (2^S - 1, S; v(empty) = 0), made once per device: no copy to the device in a step."""
+    S = n_sources
+    present = torch.tensor([[b >> s & 1 for s in range(S)] for b in range(1, 2**S)], dtype=dtype)
+    return present.to(device), shapley_weights(S, dtype=dtype)[1:].to(device)
 
 
 def shapley_weights(n_sources: int, device=None, dtype=torch.float64) -> Tensor:
@@ -127,10 +131,7 @@ def logit_parts(
     for layer in range(L):
         inputs = torch.stack(components, 2)  # (M, n, S_l, k, D)
         S = inputs.shape[2]
-        weights = _shapley_table(S)[1:].to(inputs.device, inputs.dtype)  # (2^S - 1, S); v(empty) = 0
-        present = torch.tensor(
-            [[b >> s & 1 for s in range(S)] for b in range(1, 2**S)], dtype=inputs.dtype, device=inputs.device
-        )  # (2^S - 1, S): every non-empty subset of sources
+        present, weights = _subset_tables(S, inputs.device, inputs.dtype)  # (2^S - 1, S) each
         # v(B) for every subset B at once. q, k and the value read are linear in the input, so
         # they are formed once per source and summed per subset; only the products are per subset
         q, k = zip(*(model.queries_keys(inputs[:, :, s], layer, positions) for s in range(S)))
