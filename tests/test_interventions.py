@@ -96,7 +96,8 @@ def test_penalty_gradient_is_the_analytic_derivative_on_a_planted_previous_token
     assert grad_O[0, 0, 1].abs().max() == 0 and grad_O[0, 1].abs().max() == 0  # nothing else is pushed
 
 
-def run_with(tmp_path, interventions, steps=20, n_members=2, **trainer_args):
+def small(n_members: int) -> tuple[ToyLanguageData, TensorTransformerModule]:
+    """The data and model every training test here uses (2 layers, 2 heads, d_model 16)."""
     data = ToyLanguageData(
         language=str(SEED_SPEC_PATH),
         seq_len=SEQ_LEN,
@@ -119,6 +120,11 @@ def run_with(tmp_path, interventions, steps=20, n_members=2, **trainer_args):
         warmup_steps=2,
         lr=1e-2,
     )
+    return data, module
+
+
+def run_with(tmp_path, interventions, steps=20, n_members=2, **trainer_args):
+    data, module = small(n_members)
     start = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     callback = MechanismInterventions(interventions)
     trainer = L.Trainer(
@@ -203,28 +209,7 @@ def test_penalty_gradient_equals_that_of_the_penalised_loss(tmp_path):
     assert not torch.equal(penalised.model.W_E[1], base.model.W_E[1])
 
     # by hand: the same 3 steps with the penalty in the loss
-    data = ToyLanguageData(
-        language=str(SEED_SPEC_PATH),
-        seq_len=SEQ_LEN,
-        batch_size=8,
-        n_members=2,
-        seed=0,
-        probe_size=16,
-        steps_per_block=4,
-    )
-    module = TensorTransformerModule(
-        d_vocab=data.d_vocab,
-        n_ctx=SEQ_LEN,
-        label_names=data.label_names,
-        n_members=2,
-        seed=0,
-        n_layers=2,
-        n_heads=2,
-        d_model=16,
-        d_head=8,
-        warmup_steps=2,
-        lr=1e-2,
-    )
+    data, module = small(2)
     metrics = PenaltyMetrics(data.language, module.cfg, data.probe.tokens.numpy())
     names = metrics.match(penalty["metric"])
     optimizer = torch.optim.AdamW(
