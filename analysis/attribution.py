@@ -9,8 +9,12 @@ expected centred logit over the direct path and every head (devinterp/attributio
   summaries take the median over members;
 - a component *serves* a primitive where its share is at least ``threshold`` (0.2 by default:
   a fifth of the logit's attribution mass); its *reuse index* is how many primitives it serves;
-- it *starts serving* a primitive at the first diagnostics step from which its median share
-  stays at or above the threshold to the end of the run (None: it never settles there).
+- it *starts serving* a primitive at the first diagnostics step from which its share stays at or
+  above the threshold to the end of the run (None: it never settles there).
+
+Members are separate models whose heads carry no common labels (member 0's induction head may be
+L1H2, member 1's L1H0), so serving, reuse and onsets are per member; a median over members per
+head would blur them. Summaries count members.
 """
 
 from __future__ import annotations
@@ -59,31 +63,58 @@ def component_shares(timeline: Timeline) -> ComponentShares | None:
     return ComponentShares(group.steps, primitives, components, shares)
 
 
-def reuse_index(shares: ComponentShares, threshold: float = THRESHOLD, at: int = -1) -> dict[str, list[str]]:
-    """Component -> the primitives it serves at step index ``at`` (median share >= threshold)."""
-    median = shares.median()[at]  # (P, C)
+def reuse_index(
+    shares: ComponentShares, member: int, threshold: float = THRESHOLD, at: int = -1
+) -> dict[str, list[str]]:
+    """Component -> the primitives it serves in ``member`` at step index ``at``."""
+    values = shares.shares[at, :, :, member]  # (P, C)
     return {
-        c: [p for i, p in enumerate(shares.primitives) if median[i, j] >= threshold]
+        c: [p for i, p in enumerate(shares.primitives) if values[i, j] >= threshold]
         for j, c in enumerate(shares.components)
     }
 
 
 def serving_onsets(
-    shares: ComponentShares, threshold: float = THRESHOLD
+    shares: ComponentShares, member: int, threshold: float = THRESHOLD
 ) -> dict[tuple[str, str], int | None]:
-    """(component, primitive) -> the first step from which the median share stays at or above
-    the threshold to the last step; None where it is below at the last step."""
-    median = shares.median()  # (N, P, C)
+    """(component, primitive) -> in ``member``, the first step from which the share stays at or
+    above the threshold to the last step; None where it is below at the last step."""
     onsets = {}
     for i, p in enumerate(shares.primitives):
         for j, c in enumerate(shares.components):
-            above = median[:, i, j] >= threshold
+            above = shares.shares[:, i, j, member] >= threshold
             if not above[-1]:
                 onsets[c, p] = None
                 continue
             below = np.flatnonzero(~above)
             onsets[c, p] = int(shares.steps[below[-1] + 1 if len(below) else 0])
     return onsets
+
+
+def top_heads(shares: ComponentShares, at: int = -1) -> np.ndarray:
+    """(primitive, member): the index into ``components`` of the head (not the direct path) with
+    the largest share of each primitive in each member at step index ``at``."""
+    return shares.shares[at, :, 1:, :].argmax(1) + 1
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """One head serving several primitives in one member, with the step it started serving each."""
+
+    member: int
+    component: str
+    onsets: dict[str, int]  # primitive -> step
+
+
+def reused_heads(shares: ComponentShares, threshold: float = THRESHOLD) -> list[Reuse]:
+    """Every (member, head) serving at least two primitives at the end, with its serving onsets."""
+    out = []
+    for member in range(shares.shares.shape[-1]):
+        onsets = serving_onsets(shares, member, threshold)
+        for component, primitives in reuse_index(shares, member, threshold).items():
+            if component != "direct" and len(primitives) >= 2:
+                out.append(Reuse(member, component, {p: onsets[component, p] for p in primitives}))
+    return out
 
 
 def source_shares(timeline: Timeline, primitive: str, head: str) -> dict[str, np.ndarray] | None:

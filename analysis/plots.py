@@ -367,8 +367,8 @@ def plot_attribution(
     at: list[int],
     path: Path,
 ) -> Path:
-    """Primitive x component heatmaps of the median share at the step indices ``at``
-    (median (N, primitive, component), values in [-1, 1]; red pushes the rule's output up,
+    """Primitive x component heatmaps of one member's shares at the step indices ``at``
+    (``median``: (N, primitive, component), values in [-1, 1]; red pushes the rule's output up,
     blue against it)."""
     fig, axes = plt.subplots(
         1,
@@ -385,7 +385,7 @@ def plot_attribution(
             if abs(value) >= 0.1:
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=5)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of the rule's attribution mass")
-    fig.suptitle("which components carry each primitive (exact attribution, median over members)", fontsize=9)
+    fig.suptitle("which components carry each primitive (exact attribution, member 0)", fontsize=9)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from analysis.attribution import component_shares, reuse_index, serving_onsets, source_shares
+from analysis.attribution import component_shares, reused_heads, source_shares, top_heads
 from analysis.dependence import (
     Dependence,
     MechanismEffect,
@@ -230,60 +230,99 @@ def _intervention_text(interventions: list[dict]) -> str:
 def attribution_section(
     timeline: Timeline, out: Path, threshold: float = 0.2
 ) -> tuple[list[str], list[Path]]:
-    """The "Components" section: the exact attribution of every primitive to the components at the
-    end, the reuse index, the step each component starts serving each primitive, and, for the
-    heads of later layers, the sources their part comes through; attribution.png."""
+    """The "Components" section: which components carry each primitive at the end (per member:
+    heads carry no common labels across members), the heads each member reuses for several
+    primitives and when each started serving each, the sources of the top later-layer heads'
+    parts; attribution.png (member 0's shares at three steps)."""
     shares = component_shares(timeline)
     if shares is None or not len(shares.steps):
         return [], []
-    median = shares.median()  # (N, P, C)
-    moving = np.flatnonzero(np.abs(median).sum((1, 2)) > 0)
+    M = shares.shares.shape[-1]
+    moving = np.flatnonzero(np.abs(shares.shares[..., 0]).sum((1, 2)) > 0)
     first = int(moving[0]) if len(moving) else 0
     log_steps = np.log(shares.steps + 1.0)
     middle = int(np.argmin(np.abs(log_steps - (log_steps[first] + log_steps[-1]) / 2)))
     at = sorted({first, middle, len(shares.steps) - 1})
     figure = plot_attribution(
-        shares.steps, shares.primitives, shares.components, median, at, out / "attribution.png"
+        shares.steps, shares.primitives, shares.components, shares.shares[..., 0], at, out / "attribution.png"
     )
-    last = median[-1]
+    final = shares.shares[-1]  # (P, C, M)
+    top = top_heads(shares)  # (P, M)
     lines = [
         "## Components (exact attribution)",
         "",
-        f"Each primitive's expected centred logit, split exactly over the direct path and the heads "
-        f"(devinterp/attribution.py), as shares of its attribution mass (the parts' absolute values sum "
-        f"to 1; negative: against the output), median over members, at step {int(shares.steps[-1])}. A "
-        f"component serves a primitive at a share of at least {threshold}.",
+        "Each primitive's expected centred logit (its rules' logits minus the mean logit, read along their "
+        "true distributions), split exactly over the direct path and the heads (devinterp/attribution.py), "
+        "as shares of its attribution mass (the parts' absolute values sum to 1; negative: against the "
+        f"output), at step {int(shares.steps[-1])}. Heads carry no common labels across members, so the "
+        "top head is found in each member. A component serves a primitive at a share of at least "
+        f"{threshold}.",
         "",
-        "| primitive | " + " | ".join(shares.components) + " |",
-        "|---|" + "---|" * len(shares.components),
+        "| primitive | direct share (median) | top head's share (median) | its layer: members | "
+        "members whose top head serves it |",
+        "|---|---|---|---|---|",
     ]
     for i, p in enumerate(shares.primitives):
-        lines.append(f"| {p} | " + " | ".join(f"{v:+.2f}" for v in last[i]) + " |")
-    served = reuse_index(shares, threshold)
-    onsets = serving_onsets(shares, threshold)
-    lines += ["", "Reuse index (primitives served at the end) and the step each started serving:", ""]
-    for c, primitives in served.items():
-        if primitives:
-            since = ", ".join(f"{p} from step {onsets[c, p]}" for p in primitives)
-            lines.append(f"- {c}: {len(primitives)} ({since})")
+        top_share = final[i, top[i], np.arange(M)]
+        layers = [shares.components[c][:2] for c in top[i]]
+        by_layer = ", ".join(f"{layer} {layers.count(layer)}" for layer in sorted(set(layers)))
+        lines.append(
+            f"| {p} | {np.median(final[i, 0]):+.2f} | {np.median(top_share):+.2f} | {by_layer} | "
+            f"{int((top_share >= threshold).sum())} of {M} |"
+        )
+    if M <= 16:
+        lines += [
+            "",
+            "Top head per member (its share):",
+            "",
+            "| member | " + " | ".join(shares.primitives) + " |",
+        ]
+        lines.append("|---|" + "---|" * len(shares.primitives))
+        for m in range(M):
+            cells = [
+                f"{shares.components[top[i, m]]} ({final[i, top[i, m], m]:+.2f})"
+                for i in range(len(shares.primitives))
+            ]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    reused = reused_heads(shares, threshold)
+    lines += [
+        "",
+        f"Reuse: heads serving two or more primitives at the end, in {len({r.member for r in reused})} "
+        f"of {M} members.",
+    ]
+    if reused:
+        combos: dict[tuple[str, ...], list] = {}
+        for r in reused:
+            combos.setdefault(tuple(sorted(r.onsets)), []).append(r)
+        lines.append("")
+        for combo, items in sorted(combos.items(), key=lambda kv: -len(kv[1])):
+            order = [
+                " then ".join(f"{p} ({s})" for p, s in sorted(r.onsets.items(), key=lambda kv: kv[1]))
+                for r in items
+            ]
+            firsts = [min(r.onsets, key=r.onsets.get) for r in items]
+            first_counts = ", ".join(f"{p} first in {firsts.count(p)}" for p in sorted(set(firsts)))
+            examples = "; ".join(
+                f"member {r.member} {r.component}: {o}" for r, o in list(zip(items, order))[:4]
+            )
+            lines.append(f"- {' + '.join(combo)}: {len(items)} heads ({first_counts}). E.g. {examples}")
     routes = []
-    for p in shares.primitives:
-        for c in shares.components:
-            if p in served.get(c, []) and not c.startswith(("direct", "L0")):
-                sources = source_shares(timeline, p, c)
-                if sources:
-                    final = {s: float(np.median(v[-1])) for s, v in sources.items()}
-                    total = sum(abs(v) for v in final.values()) or 1.0
-                    routes.append(
-                        f"- {p} through {c}: "
-                        + ", ".join(
-                            f"{s} {v / total:+.2f}" for s, v in final.items() if abs(v) / total >= 0.05
-                        )
-                    )
+    for i, p in enumerate(shares.primitives):
+        for m in range(min(M, 4)):
+            head = shares.components[top[i, m]]
+            if head.startswith("L0"):
+                continue
+            sources = source_shares(timeline, p, head)
+            if sources:
+                last = {s: float(v[-1, m]) for s, v in sources.items()}
+                total = sum(abs(v) for v in last.values()) or 1.0
+                parts = ", ".join(f"{s} {v / total:+.2f}" for s, v in last.items() if abs(v) / total >= 0.05)
+                routes.append(f"- {p}, member {m}, {head}: {parts}")
     if routes:
         lines += [
             "",
-            "Sources of the later-layer heads' parts (shares of the head's part, Shapley over sources):",
+            "Sources of the top later-layer head's part (shares of the head's part, Shapley over sources; "
+            "members 0 to 3):",
             "",
             *routes,
         ]

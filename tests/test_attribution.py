@@ -255,7 +255,7 @@ def test_shares_reuse_and_serving_onsets_recover_a_planted_history():
     induction from step 40 on and also serves the bigram from step 80 (reused)."""
     from pathlib import Path
 
-    from analysis.attribution import component_shares, reuse_index, serving_onsets
+    from analysis.attribution import component_shares, reuse_index, reused_heads, serving_onsets, top_heads
     from analysis.timeline import Group, Timeline
     from devinterp.schema import MetricInfo
 
@@ -279,12 +279,17 @@ def test_shares_reuse_and_serving_onsets_recover_a_planted_history():
     final = shares.median()[-1]
     assert final[1, 2] == pytest.approx(2.0 / 2.1) and final[0, 1] == pytest.approx(1.0 / 2.0)
     assert np.abs(shares.shares).sum(2).max() == pytest.approx(1.0)  # absolute shares sum to 1
-    assert reuse_index(shares)["L1H0"] == ["bigram", "induction"]
-    onsets = serving_onsets(shares)
+    assert reuse_index(shares, member=1)["L1H0"] == ["bigram", "induction"]
+    onsets = serving_onsets(shares, member=2)
     assert (
         onsets["L1H0", "induction"] == 40 and onsets["L1H0", "bigram"] == 80 and onsets["L0H0", "bigram"] == 0
     )
     assert onsets["L0H0", "induction"] is None
+    reused = reused_heads(shares)
+    assert len(reused) == 3  # the three members alike
+    assert reused[0].member == 0 and reused[0].component == "L1H0"
+    assert reused[0].onsets == {"bigram": 80, "induction": 40}
+    assert top_heads(shares)[:, 0].tolist() == [1, 2]  # bigram: L0H0; induction: L1H0
 
 
 def test_the_mlp_interaction_matrix_reads_the_mlp_on_embeddings():
