@@ -40,8 +40,9 @@ class ComponentShares:
         return np.median(self.shares, axis=-1)
 
 
-def component_shares(timeline: Timeline) -> ComponentShares | None:
-    """Shares per primitive and component at every attribution step; None without the group."""
+def rule_shares(timeline: Timeline) -> tuple[list[str], list[str], np.ndarray] | None:
+    """Per rule (not averaged into primitives): rule names (``<primitive>/<rule>``), components,
+    shares (N, rule, component, member); None without the group."""
     group = timeline.groups.get("attribution")
     if group is None:
         return None
@@ -51,16 +52,27 @@ def component_shares(timeline: Timeline) -> ComponentShares | None:
         key=lambda c: (int(c[1 : c.index("H")]), int(c[c.index("H") + 1 :])),
     )
     index = {n: i for i, n in enumerate(group.names)}
+    parts = np.stack(
+        [np.stack([group.values[:, index[f"{rule}/{c}"]] for c in components], 1) for rule in rules], 1
+    )  # (N, R, C, M)
+    mass = np.abs(parts).sum(2, keepdims=True)
+    shares = np.divide(parts, mass, out=np.zeros_like(parts), where=mass > 0)
+    return [r.removeprefix("attr/") for r in rules], components, shares
+
+
+def component_shares(timeline: Timeline) -> ComponentShares | None:
+    """Shares per primitive and component at every attribution step; None without the group."""
+    found = rule_shares(timeline)
+    if found is None:
+        return None
+    rules, components, per_rule = found
     per_primitive: dict[str, list[np.ndarray]] = {}
-    for rule in rules:
-        parts = np.stack([group.values[:, index[f"{rule}/{c}"]] for c in components], 1)  # (N, C, M)
-        mass = np.abs(parts).sum(1, keepdims=True)
-        share = np.divide(parts, mass, out=np.zeros_like(parts), where=mass > 0)
-        primitive = rule.split("/")[1]  # attr/<primitive>/<rule>
-        per_primitive.setdefault(primitive, []).append(share)
+    for r, rule in enumerate(rules):
+        per_primitive.setdefault(rule.split("/")[0], []).append(per_rule[:, r])
     primitives = list(per_primitive)
     shares = np.stack([np.mean(per_primitive[p], axis=0) for p in primitives], 1)  # (N, P, C, M)
-    return ComponentShares(group.steps, primitives, components, shares)
+    steps = timeline.groups["attribution"].steps
+    return ComponentShares(steps, primitives, components, shares)
 
 
 def reuse_index(

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from analysis.attribution import component_shares, reused_heads, source_shares, top_heads
+from analysis.attribution import component_shares, reused_heads, rule_shares, source_shares, top_heads
 from analysis.dependence import (
     Dependence,
     MechanismEffect,
@@ -318,6 +318,7 @@ def attribution_section(
                 total = sum(abs(v) for v in last.values()) or 1.0
                 parts = ", ".join(f"{s} {v / total:+.2f}" for s, v in last.items() if abs(v) / total >= 0.05)
                 routes.append(f"- {p}, member {m}, {head}: {parts}")
+    lines += shared_output_lines(timeline, threshold)
     if routes:
         lines += [
             "",
@@ -327,6 +328,76 @@ def attribution_section(
             *routes,
         ]
     return lines + [""], [figure]
+
+
+def shared_output_lines(timeline: Timeline, threshold: float = 0.2) -> list[str]:
+    """Output tokens that rules of two or more primitives produce (the most likely token of each
+    rule's true distribution in its minimal contexts): per member, the top head of each such rule
+    and whether one head serves them all, so "is a shared output carried by shared or separate
+    components" gets a measured answer."""
+    from devinterp.attribution import RuleAttribution
+    from devinterp.model import ModelConfig
+
+    found = rule_shares(timeline)
+    config = yaml.safe_load(timeline.meta.get("config", "")).get("model", {})
+    try:
+        language = parse_language(yaml.safe_load(timeline.meta.get("language_spec", "")) or {})
+    except (SpecError, yaml.YAMLError, TypeError, AttributeError):
+        return []
+    if found is None:
+        return []
+    rules, components, shares = found
+    fields = ModelConfig.__dataclass_fields__
+    cfg = ModelConfig(**{k: v for k, v in config.items() if k in fields})
+    attribution = RuleAttribution(language, cfg)
+    outputs = (attribution.average @ attribution.readout).argmax(-1).tolist()  # (R,) each rule's top output
+    by_output: dict[int, list[str]] = {}
+    for rule, token in zip(attribution.rules, outputs):
+        by_output.setdefault(token, []).append(rule)
+    shared = {t: rs for t, rs in by_output.items() if len({r.split("/")[0] for r in rs}) >= 2}
+    if not shared:
+        return []
+    final = shares[-1]  # (R, C, M)
+    M = final.shape[-1]
+    lines = [
+        "",
+        "Shared outputs: tokens that rules of several primitives produce, and the head each rule's "
+        "share is largest on, per member (its share; the direct path's share after the bar).",
+        "",
+    ]
+    for token, members_rules in shared.items():
+        index = [rules.index(r) for r in members_rules]
+        lines.append(f"Output `{language.vocab.tokens[token]}`:")
+        lines.append("")
+        lines.append("| member | " + " | ".join(members_rules) + " | the head serving most of them |")
+        lines.append("|---|" + "---|" * (len(members_rules) + 1))
+        same, across = 0, 0
+        for m in range(M):
+            tops = [int(final[r, 1:, m].argmax()) + 1 for r in index]
+            served = {c: [r for r in index if final[r, c, m] >= threshold] for c in range(1, len(components))}
+            best = max(
+                served, key=lambda c: (len(served[c]), len({rules[r].split("/")[0] for r in served[c]}))
+            )
+            kinds = {rules[r].split("/")[0] for r in served[best]}
+            same += len(served[best]) == len(index)
+            across += len(kinds) >= 2
+            cells = [
+                f"{components[t]} ({final[r, t, m]:+.2f} \\| {final[r, 0, m]:+.2f})"
+                for r, t in zip(index, tops)
+            ]
+            lines.append(
+                f"| {m} | "
+                + " | ".join(cells)
+                + f" | {components[best]}: {len(served[best])} of {len(index)} "
+                f"rules, {len(kinds)} primitives |"
+            )
+        lines += [
+            "",
+            f"One head serves every rule producing it in {same} of {M} members; one head serves rules of "
+            f"two or more primitives producing it in {across} of {M}.",
+            "",
+        ]
+    return lines
 
 
 def mlp_section(timeline: Timeline) -> list[str]:

@@ -212,6 +212,7 @@ def test_a_run_records_the_attribution_and_a_run_from_before_it_resumes(tmp_path
     assert main(["analyze", str(tmp_path / "new"), "--out", str(tmp_path / "out"), "--no-stages"]) == 0
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Components (exact attribution)" in report and "| induction | " in report
+    assert "Output `sees`:" in report and "| induction/copy | bigram/alice |" in report  # a shared output
     assert (tmp_path / "out" / "attribution.png").stat().st_size > 5000
 
     fit("old", 3, "--circuits.attribution", "false")
