@@ -900,6 +900,7 @@ def write_report(
     stages: bool = True,
     stage_bins: int = N_BINS,
     max_states: int = MAX_STATES,
+    serve_threshold: float = 0.2,
 ) -> Path:
     """Analyse runs and write report.md, ordering.json and the PNGs into ``out``."""
     out = Path(out)
@@ -1072,7 +1073,7 @@ def write_report(
         )
         lines += stage_lines
         figures += stage_figures
-    attribution_lines, attribution_figures = attribution_section(full[0][1], out)
+    attribution_lines, attribution_figures = attribution_section(full[0][1], out, serve_threshold)
     lines += attribution_lines + mlp_section(full[0][1])
     figures += attribution_figures
     llc_lines, llc_figures = llc_section(full[0][1], result.onsets[source], out)

@@ -94,7 +94,15 @@ def analyze_main(argv: list[str]) -> int:
         default=None,
         help="the largest state count BIC is offered (default 12); the report says when BIC picks it",
     )
+    parser.add_argument(
+        "--serve-threshold",
+        type=float,
+        default=0.2,
+        help="share of a rule's attribution mass at which a component serves it (Components section)",
+    )
     args = parser.parse_args(argv)
+    if not 0 < args.serve_threshold <= 1:
+        parser.error(f"--serve-threshold: must be in (0, 1], got {args.serve_threshold}")
     if args.stage_bins is not None and args.stage_bins < 4:
         parser.error(f"--stage-bins: must be at least 4, got {args.stage_bins}")
     if args.max_states is not None and args.max_states < 1:
@@ -117,6 +125,7 @@ def analyze_main(argv: list[str]) -> int:
             args.yardstick,
             args.member,
             stages=not args.no_stages,
+            serve_threshold=args.serve_threshold,
             **{k: v for k, v in [("stage_bins", args.stage_bins), ("max_states", args.max_states)] if v},
         )
     except (TimelineError, KeyError) as error:

@@ -364,6 +364,11 @@ CASES = [
         "corpus.npz is a corpus",
     ),
     (
+        "analyze-serve-threshold",
+        lambda t, r, run: ["analyze", run, "--out", t / "out", "--serve-threshold", "0"],
+        "--serve-threshold: must be in (0, 1]",
+    ),
+    (
         "analyze-level",
         lambda t, r, run: ["analyze", run, "--out", t / "out", "--level", "2"],
         "--level: must be between 0 and 1",
