@@ -403,8 +403,9 @@ def shared_output_lines(timeline: Timeline, threshold: float = 0.2) -> list[str]
 def mlp_section(timeline: Timeline) -> list[str]:
     """For a bilinear-MLP run: at the last snapshot, per MLP layer and token-level rule, the
     eigenvalue of largest magnitude of the direct-path interaction matrix along the rule's output
-    and how much of its eigenvector lies on each primitive's input tokens (the tokens of its
-    minimal contexts; squared weights of a unit vector, so 1 = entirely on them), median over
+    and how much of its eigenvector lies on each primitive's input tokens (the tokens it fires on:
+    the last slot of its minimal contexts; squared weights of a unit vector, so 1 = entirely on
+    them; a primitive firing on every token, the category fallback, is left out), median over
     members: which rules' inputs the MLP reads to push each rule's output."""
     import torch
 
@@ -420,20 +421,25 @@ def mlp_section(timeline: Timeline) -> list[str]:
         return []
     model, step = snapshot_model(timeline, slots[-1])
     metrics = MlpEigenMetrics(language, model.cfg, k=1)
-    inputs = {
-        p.name: sorted({t for c in p.minimal_contexts() for t in c.tokens})
+    inputs = {  # the tokens each primitive fires on: the last slot of its minimal contexts
+        p.name: sorted({c.tokens[-1] for c in p.minimal_contexts()})
         for p in language.primitives
         if p.name in timeline.label_names
     }
+    inputs = {name: tokens for name, tokens in inputs.items() if len(tokens) < language.d_vocab}  # not all
     lines = [
         "## The MLP's direct path",
         "",
         f"At step {step}: per MLP layer and rule, the eigenvalue of largest magnitude of the direct-path "
         "interaction matrix along the rule's output (Pearce et al. 2024), and the share of its eigenvector "
-        "on each primitive's input tokens (median over members).",
+        "on the tokens each primitive fires on (median over members; a uniform vector puts n / V on n "
+        "tokens).",
         "",
-        "| layer | rule | top eigenvalue | " + " | ".join(inputs) + " |",
-        "|---|---|---|" + "---|" * len(inputs),
+        "| layer | rule | top eigenvalue | on its own tokens | " + " | ".join(inputs) + " |",
+        "|---|---|---|---|" + "---|" * len(inputs),
+    ]
+    own = [  # the tokens each rule fires on: the last slot of its own contexts
+        sorted(set(metrics.rules.tokens[row > 0, -1].tolist())) for row in metrics.rules.average
     ]
     with torch.no_grad():
         read = metrics.read_directions(model)
@@ -442,10 +448,10 @@ def mlp_section(timeline: Timeline) -> list[str]:
             mass = vectors[..., 0].pow(2)  # (M, R, V)
             for r, rule in enumerate(metrics.rules.rules):
                 on = [float(mass[:, r, tokens].sum(-1).median()) for tokens in inputs.values()]
+                mine = float(mass[:, r, own[r]].sum(-1).median())
                 lines.append(
-                    f"| L{layer} | {rule} | {float(values[:, r, 0].median()):+.3g} | "
-                    + " | ".join(f"{v:.2f}" for v in on)
-                    + " |"
+                    f"| L{layer} | {rule} | {float(values[:, r, 0].median()):+.3g} | {mine:.2f} "
+                    f"({len(own[r])} of {language.d_vocab}) | " + " | ".join(f"{v:.2f}" for v in on) + " |"
                 )
     return lines + [""]
 
