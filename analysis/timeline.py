@@ -127,8 +127,11 @@ def open_timeline(path: str | Path) -> h5py.File:
     is never altered: no ``h5clear``)."""
     try:
         return h5py.File(path, "r")
-    except OSError:
-        pass
+    except OSError as error:
+        if "truncated file" in str(error):  # closed cleanly, then cut short: SWMR reads of it would
+            raise TimelineError(  # retry every damaged chunk for minutes before failing
+                f"{path}: truncated ({str(error).split('(', 1)[-1].rstrip(')')})"
+            ) from None
     try:
         return h5py.File(path, "r", swmr=True, libver="latest")
     except OSError as error:
