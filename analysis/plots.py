@@ -366,6 +366,7 @@ def plot_attribution(
     median: np.ndarray,
     at: list[int],
     path: Path,
+    whose: str = "member 0",
 ) -> Path:
     """Primitive x component heatmaps of one member's shares at the step indices ``at``
     (``median``: (N, primitive, component), values in [-1, 1]; red pushes the rule's output up,
@@ -385,7 +386,7 @@ def plot_attribution(
             if abs(value) >= 0.1:
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=5)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of the rule's attribution mass")
-    fig.suptitle("which components carry each primitive (exact attribution, member 0)", fontsize=9)
+    fig.suptitle(f"which components carry each primitive (exact attribution, {whose})", fontsize=9)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return path

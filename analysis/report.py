@@ -228,12 +228,16 @@ def _intervention_text(interventions: list[dict]) -> str:
 
 
 def attribution_section(
-    timeline: Timeline, out: Path, threshold: float = 0.2
+    timeline: Timeline,
+    out: Path,
+    threshold: float = 0.2,
+    at_steps: list[int] | None = None,
+    member: int = 0,
 ) -> tuple[list[str], list[Path]]:
     """The "Components" section: which components carry each primitive at the end (per member:
     heads carry no common labels across members), the heads each member reuses for several
     primitives and when each started serving each, the sources of the top later-layer heads'
-    parts; attribution.png (member 0's shares at three steps)."""
+    parts; attribution.png (one member's shares at three steps, or at ``at_steps``)."""
     shares = component_shares(timeline)
     if shares is None or not len(shares.steps):
         return [], []
@@ -243,8 +247,17 @@ def attribution_section(
     log_steps = np.log(shares.steps + 1.0)
     middle = int(np.argmin(np.abs(log_steps - (log_steps[first] + log_steps[-1]) / 2)))
     at = sorted({first, middle, len(shares.steps) - 1})
+    if at_steps:  # the steps asked for (--steps), each at the nearest attribution row in log-step
+        at = sorted({int(np.argmin(np.abs(log_steps - np.log(step + 1.0)))) for step in at_steps})
+    member = min(member, M - 1)
     figure = plot_attribution(
-        shares.steps, shares.primitives, shares.components, shares.shares[..., 0], at, out / "attribution.png"
+        shares.steps,
+        shares.primitives,
+        shares.components,
+        shares.shares[..., member],
+        at,
+        out / "attribution.png",
+        f"member {member}",
     )
     final = shares.shares[-1]  # (P, C, M)
     top = top_heads(shares)  # (P, M)
@@ -1079,7 +1092,9 @@ def write_report(
         )
         lines += stage_lines
         figures += stage_figures
-    attribution_lines, attribution_figures = attribution_section(full[0][1], out, serve_threshold)
+    attribution_lines, attribution_figures = attribution_section(
+        full[0][1], out, serve_threshold, at_steps, member
+    )
     lines += attribution_lines + mlp_section(full[0][1])
     figures += attribution_figures
     llc_lines, llc_figures = llc_section(full[0][1], result.onsets[source], out)

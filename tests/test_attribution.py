@@ -209,7 +209,8 @@ def test_a_run_records_the_attribution_and_a_run_from_before_it_resumes(tmp_path
     assert {"comp/k1/L0H0->L1H1", "comp/q2/L0H1->L1H0", "comp/k_joint_signed/L0H0->L1H0"} <= set(
         timeline.groups["composition"].names
     )
-    assert main(["analyze", str(tmp_path / "new"), "--out", str(tmp_path / "out"), "--no-stages"]) == 0
+    out = ["--out", str(tmp_path / "out"), "--no-stages", "--steps", "2", "6", "--member", "1"]
+    assert main(["analyze", str(tmp_path / "new"), *out]) == 0
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Components (exact attribution)" in report and "| induction | " in report
     assert "Output `sees`:" in report and "| induction/copy | bigram/alice |" in report  # a shared output
