@@ -321,7 +321,7 @@ class TimelineWriter(L.Callback):
         g = f.create_group(group.name)
         g.attrs[GROUP_MARKER] = 1
         n_metrics, M = len(group.infos), group.n_members
-        chunk_rows = max(1, min(1024, 2**18 // max(1, n_metrics * M * 4)))
+        chunk_rows = TimelineWriter.chunk_rows(group)
         g.create_dataset("step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(chunk_rows,))
         g["step"].attrs["axes"] = "row"
         g["step"].attrs["unit"] = "optimiser steps"
@@ -357,14 +357,23 @@ class TimelineWriter(L.Callback):
             s.create_dataset(name, shape=(len(self.snapshot_steps), *param.shape), dtype=np.float32)
             s[name].attrs["axes"] = "snapshot, " + PARAMETER_AXES[name]
 
+    @staticmethod
+    def chunk_rows(group: TimelineGroup) -> int:
+        """Rows per chunk of a group's datasets: about 256 KiB of values, 1 to 1024 rows."""
+        return max(1, min(1024, 2**18 // max(1, len(group.infos) * group.n_members * 4)))
+
     def expected_bytes(self, max_steps: int, n_parameters: int) -> int:
-        """About how large the finished file will be: every group's rows, the snapshots, and
-        1 MiB for meta, ground truth and HDF5's own structures."""
+        """About how large the finished file will be: every group's rows in whole chunks (a
+        group with few rows still takes a chunk), the snapshots, and 1 MiB for meta, ground
+        truth and HDF5's own structures."""
 
         def n_rows(g: TimelineGroup) -> int:
             if g.due is not None:
-                return sum(map(g.due, range(max_steps + 1))) + 2
-            return max_steps // g.every_n_steps + 2
+                rows = sum(map(g.due, range(max_steps + 1))) + 2
+            else:
+                rows = max_steps // g.every_n_steps + 2
+            chunk = self.chunk_rows(g)
+            return -(-rows // chunk) * chunk  # HDF5 allocates whole chunks
 
         rows = sum(n_rows(g) * (len(g.infos) * g.n_members * 4 + 8) for g in self.groups.values())
         snapshots = len(log_spaced_steps(max_steps, self.n_snapshots)) * n_parameters * 4

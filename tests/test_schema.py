@@ -46,7 +46,14 @@ class StepParity(L.Callback):
 def test_a_group_from_a_new_producer_is_read_with_no_reader_change(tmp_path):
     path = fit(tmp_path, 9, producers=[StepParity()])
     timeline = load_timeline(path)
-    assert set(timeline.groups) == {"every_step", "diagnostics", "probe", "parity"}
+    assert set(timeline.groups) == {
+        "every_step",
+        "diagnostics",
+        "attribution",
+        "composition",
+        "probe",
+        "parity",
+    }
     np.testing.assert_array_equal(timeline.steps("parity"), [0, 2, 4, 6, 8])
     np.testing.assert_array_equal(timeline.values("parity/all/odd")[:, 0], [0, 1, 0, 1, 0])
     assert timeline.info("parity/all/unembed_sum").unit == "logit"

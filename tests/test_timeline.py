@@ -19,7 +19,7 @@ from callbacks.timeline_writer import TimelineGroup
 from devinterp.cli import main
 from devinterp.data import ToyLanguageData
 from devinterp.module import TensorTransformerModule
-from devinterp.schema import MetricInfo
+from devinterp.schema import GROUP_MARKER, MetricInfo
 from tests.conftest import ROOT, SEED_SPEC_PATH
 
 TINY = ROOT / "tests" / "data" / "tiny.yaml"
@@ -294,7 +294,8 @@ def test_live_mode_can_be_read_while_the_run_writes(tmp_path):
 def test_load_timeline_reads_committed_rows_and_progress(tmp_path):
     path = fit(tmp_path, 12)
     timeline = load_timeline(path)
-    assert timeline.n_members == 2 and set(timeline.groups) == {"every_step", "diagnostics", "probe"}
+    assert timeline.n_members == 2
+    assert set(timeline.groups) == {"every_step", "diagnostics", "attribution", "composition", "probe"}
     assert timeline.names("skip_trigram/*/kl") == [
         f"skip_trigram/{r}/kl"
         for r in ("beach..big->at", "garden..old->and", "lake..new->or", "office..small->to")
@@ -340,14 +341,16 @@ def test_expected_size_bounds_the_finished_file(tmp_path):
     path = fit(tmp_path, 12)
     writer = TimelineWriter(n_snapshots=5)
     with h5py.File(path, "r") as f:
-        for group in ("every_step", "diagnostics", "probe"):
+        groups = [g for g in f if f[g].attrs.get(GROUP_MARKER)]
+        assert {"every_step", "diagnostics", "attribution", "composition", "probe"} <= set(groups)
+        for group in groups:  # every group: the diagnostics cadence (3) unless said
             names = [n.decode() for n in f[group]["names"][()]]
             writer.declare(
                 TimelineGroup(
                     group,
                     [MetricInfo(n, "weight", "p", "r") for n in names],
                     f[group]["values"].shape[2],
-                    {"every_step": 1, "diagnostics": 3, "probe": 5}[group],
+                    {"every_step": 1, "probe": 5}.get(group, 3),
                 )
             )
         n_parameters = sum(
