@@ -349,19 +349,13 @@ def shared_output_lines(timeline: Timeline, threshold: float = 0.2) -> list[str]
     and whether one head serves them all, so "is a shared output carried by shared or separate
     components" gets a measured answer."""
     from devinterp.attribution import RuleAttribution
-    from devinterp.model import ModelConfig
 
     found = rule_shares(timeline)
-    config = yaml.safe_load(timeline.meta.get("config", "")).get("model", {})
-    try:
-        language = parse_language(yaml.safe_load(timeline.meta.get("language_spec", "")) or {})
-    except (SpecError, yaml.YAMLError, TypeError, AttributeError):
-        return []
-    if found is None:
+    language = run_language(timeline)
+    if found is None or language is None:
         return []
     rules, components, shares = found
-    fields = ModelConfig.__dataclass_fields__
-    cfg = ModelConfig(**{k: v for k, v in config.items() if k in fields})
+    cfg = model_config(timeline)
     attribution = RuleAttribution(language, cfg)
     outputs = (attribution.average @ attribution.readout).argmax(-1).tolist()  # (R,) each rule's top output
     by_output: dict[int, list[str]] = {}
@@ -424,13 +418,11 @@ def mlp_section(timeline: Timeline) -> list[str]:
 
     from devinterp.attribution import MlpEigenMetrics, mlp_eigen
 
-    config = yaml.safe_load(timeline.meta.get("config", "")).get("model", {})
     slots = [s for s in range(len(timeline.snapshot_steps)) if timeline.snapshot_steps[s] >= 0]
-    if not config.get("mlp") or not slots:
+    if not slots or not model_config(timeline).mlp:  # snapshots first: a run without them has no model
         return []
-    try:
-        language = parse_language(yaml.safe_load(timeline.meta.get("language_spec", "")) or {})
-    except (SpecError, yaml.YAMLError, TypeError, AttributeError):
+    language = run_language(timeline)
+    if language is None:
         return []
     model, step = snapshot_model(timeline, slots[-1])
     metrics = MlpEigenMetrics(language, model.cfg, k=1)
@@ -534,9 +526,10 @@ def mechanism_lines(effects: list[MechanismEffect], variants: list[Timeline]) ->
         return []
     lines = ["## Mechanism suppression", ""]
     for timeline in variants:
-        kind, (name,) = variant_of(timeline) if variant_of(timeline)[0] == "mechanism" else (None, (None,))
-        if kind:
-            lines.append(f"- {name}: {_intervention_text(interventions_of(timeline))}{_in_window(timeline)}")
+        kind, names = variant_of(timeline)
+        if kind == "mechanism":
+            text = _intervention_text(interventions_of(timeline))
+            lines.append(f"- {names[0]}: {text}{_in_window(timeline)}")
 
     def onset(median: float) -> str:
         return "-" if math.isnan(median) else f"{median:.0f}"
@@ -582,16 +575,32 @@ def _disagree(probe: list[Onset], weight: list[Onset]) -> str:
     )
 
 
+def run_language(timeline: Timeline):
+    """The language the run trained on, rebuilt from the spec the timeline keeps; None for a
+    corpus's description or a spec this version cannot read."""
+    try:
+        return parse_language(yaml.safe_load(timeline.meta.get("language_spec", "")) or {})
+    except (SpecError, yaml.YAMLError, TypeError, AttributeError):
+        return None
+
+
+def model_config(timeline: Timeline):
+    """The run's ModelConfig from its stored config (fields this version does not know left out)."""
+    from devinterp.model import ModelConfig
+
+    config = yaml.safe_load(timeline.meta["config"])["model"]
+    fields = ModelConfig.__dataclass_fields__
+    return ModelConfig(**{k: v for k, v in config.items() if k in fields})
+
+
 def snapshot_model(timeline: Timeline, slot: int):
     """(model, step) of weight snapshot ``slot``, rebuilt from the timeline's stored config
     (the only place analysis imports torch)."""
     import torch
 
-    from devinterp.model import ModelConfig, TensorTransformer
+    from devinterp.model import TensorTransformer
 
-    config = yaml.safe_load(timeline.meta["config"])["model"]
-    fields = ModelConfig.__dataclass_fields__
-    model = TensorTransformer(ModelConfig(**{k: v for k, v in config.items() if k in fields}))
+    model = TensorTransformer(model_config(timeline))
     step, weights = timeline.snapshot(slot)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -607,9 +616,8 @@ def copy_preference_curve(timeline: Timeline) -> tuple[np.ndarray, np.ndarray] |
 
     from devinterp.mechanisms import copy_preference, two_candidate_contexts
 
-    try:
-        language = parse_language(yaml.safe_load(timeline.meta.get("language_spec", "")) or {})
-    except (SpecError, yaml.YAMLError, TypeError, AttributeError):
+    language = run_language(timeline)
+    if language is None:
         return None
     tokens, copied, other = (torch.from_numpy(a) for a in two_candidate_contexts(language))
     slots = [s for s in range(len(timeline.snapshot_steps)) if timeline.snapshot_steps[s] >= 0]
@@ -627,10 +635,9 @@ def copy_preference_curve(timeline: Timeline) -> tuple[np.ndarray, np.ndarray] |
 def qk_views(timeline: Timeline) -> dict[str, tuple[str, QKView]]:
     """Primitive name -> (kind, the QK slice it declares), from the language spec the timeline
     keeps, for the primitives the run trained on; none for a corpus."""
-    try:
-        language = parse_language(yaml.safe_load(timeline.meta.get("language_spec", "")) or {})
-    except (SpecError, yaml.YAMLError, TypeError, AttributeError):
-        return {}  # a corpus's description, or a spec this version cannot read
+    language = run_language(timeline)
+    if language is None:  # a corpus's description, or a spec this version cannot read
+        return {}
     trained = timeline.primitive_kinds
     return {
         p.name: (p.kind, view)
