@@ -63,15 +63,6 @@ def check_attributable(cfg) -> None:
         )
 
 
-def _head_outputs(model: TensorTransformer, x: Tensor, layer: int, positions: Tensor, read: Tensor) -> Tensor:
-    """Every head's output at the last position read along ``read``: x (M, n, k, D), read (M, n, D)
-    -> (M, n, H)."""
-    pattern = model.attention_pattern(x, layer, positions)[..., -1, :]  # (M, n, H, k)
-    values = torch.einsum("mntd,mhde->mnhte", x, model.W_V[:, layer])  # (M, n, H, k, dh)
-    z = torch.einsum("mnht,mnhte->mnhe", pattern, values)  # (M, n, H, dh)
-    return torch.einsum("mnhe,mhed,mnd->mnh", z, model.W_O[:, layer], read)
-
-
 def _head_writes(model: TensorTransformer, x: Tensor, layer: int, positions: Tensor) -> Tensor:
     """Every head's output at every position: x (M, n, k, D) -> (M, n, H, k, D)."""
     pattern = model.attention_pattern(x, layer, positions)  # (M, n, H, k, k)
@@ -147,8 +138,8 @@ def logit_parts(
         subset_values = (pattern * torch.einsum("bs,mnshk->mbnhk", present, value)).sum(-1)  # (M, B, n, H)
         sources[:, :, layer, :, :S] = torch.einsum("mbnh,bs->mnhs", subset_values, weights)
         full = inputs.sum(2)
-        heads[:, :, layer] = _head_outputs(model, full, layer, positions, read)
         writes = _head_writes(model, full, layer, positions)  # (M, n, H, k, D)
+        heads[:, :, layer] = torch.einsum("mnhd,mnd->mnh", writes[:, :, :, -1], read)
         components += list(writes.unbind(2))
         names += [f"L{layer}H{h}" for h in range(H)]
     direct = torch.einsum("mnd,mnd->mn", embedding[:, :, -1], read)
