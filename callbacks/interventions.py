@@ -3,15 +3,15 @@
 The interventions and their conventions are in devinterp/interventions.py, the metrics a
 penalty may name in devinterp/mechanisms.py. Hooks, in the order Lightning calls them in step s:
 
-- ``on_train_batch_start``: a clamp whose window opens at s takes hold (a ``frozen`` clamp
-  records the weights it holds);
+- ``on_train_start``: clamps active at the first step take hold (a ``frozen`` clamp records
+  the weights it holds);
 - ``on_after_backward``: each penalty's metric at the step's weights, with grad where active;
   its gradient (weight times the metric's, on the members it acts on) is added to ``.grad``;
 - ``on_before_optimizer_step``: the gradient of every held slice is zeroed; the step's row goes
   to the timeline group ``interventions``;
 - ``on_train_batch_end`` (after the optimiser step, before the other callbacks read the
-  weights): held slices are written back for step s + 1; a window closing at s + 1 resets its
-  slices' AdamW moments.
+  weights): held slices are written back for step s + 1 (a window opening at s + 1 takes hold
+  here); a window closing at s + 1 resets its slices' AdamW moments.
 
 Row of the group, per intervention: ``intervention/<name>/value`` (a penalty: the metric's sum
 over the heads it selects, before the weight, tracked at every step in or out of its window; a
@@ -101,12 +101,26 @@ class MechanismInterventions(L.Callback):
             self._initial = {n: p.detach() for n, p in fresh.named_parameters()}
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if not self.interventions:
+            return
         if self.penalties is not None:
             self.penalties.to(pl_module.device)
         if self._initial is not None:
             self._initial = {
                 n: t.to(pl_module.device, pl_module.model.W_E.dtype) for n, t in self._initial.items()
             }
+        M = pl_module.cfg.n_members
+        self._member_masks = {  # on the device once: no index tensor built in a step
+            i.name: torch.zeros(M, device=pl_module.device).index_fill_(
+                0, torch.tensor(self.members[i.name], device=pl_module.device), 1.0
+            )
+            for i in self.interventions
+        }
+        # the weights of the first step (a fresh run's, or a resumed run's as restored): later
+        # steps' are held by ``on_train_batch_end`` after every update
+        for i in self.interventions:
+            if i.kind == "clamp" and i.active(trainer.global_step):
+                self._hold(i, pl_module.model)
 
     # ---- clamps ------------------------------------------------------------------------------
 
@@ -138,13 +152,6 @@ class MechanismInterventions(L.Callback):
                 else:
                     target.copy_(self._frozen[i.name][self._key(s)])
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        step = trainer.global_step
-        for i in self.interventions:
-            if i.kind != "clamp" or not i.active(step):
-                continue
-            self._hold(i, pl_module.model)
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         following = trainer.global_step  # the step the updated weights belong to
         for i in self.interventions:
@@ -174,7 +181,7 @@ class MechanismInterventions(L.Callback):
         scale = 1.0 / max(1, trainer.accumulate_grad_batches)  # the data loss is scaled the same way
         params = [p for p in model.parameters() if p.requires_grad]
         for n, i in enumerate(self.interventions):
-            mask = self._mask(i, step, M, model.W_E.device)
+            mask = self._mask(i, step)
             self._row[3 * n + 1] = mask
             if i.kind != "penalty":
                 continue
@@ -193,11 +200,10 @@ class MechanismInterventions(L.Callback):
                 squared = squared + g.detach().flatten(1).pow(2).sum(1)
             self._row[3 * n + 2] = squared.sqrt()
 
-    def _mask(self, i: Intervention, step: int, n_members: int, device) -> torch.Tensor:
-        mask = torch.zeros(n_members, device=device)
-        if i.active(step):
-            mask[self.members[i.name]] = 1.0
-        return mask
+    def _mask(self, i: Intervention, step: int) -> torch.Tensor:
+        """(member,): 1 where the intervention acts at this step."""
+        mask = self._member_masks[i.name]
+        return mask if i.active(step) else torch.zeros_like(mask)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self.interventions:
