@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, load_run_config, report  # noqa: E402
 
-from devinterp.data import MemberBlocks, MemberStreams, Steps, available_cores, one_thread  # noqa: E402
+from devinterp.data import MemberStreams, available_cores, stream_loader  # noqa: E402
 from devinterp.language import load_language  # noqa: E402
 from devinterp.module import TensorTransformerModule  # noqa: E402
 
@@ -41,16 +40,7 @@ def loader(language, members: int, workers: int, data_cfg: dict):
         list(range(members)),
         data_cfg["steps_per_block"],
     )
-    if workers == 0:
-        return iter(streams)
-    blocks = DataLoader(
-        MemberBlocks(streams),
-        batch_size=None,
-        num_workers=workers,
-        worker_init_fn=one_thread,
-        prefetch_factor=2,
-    )
-    return iter(Steps(blocks))
+    return iter(stream_loader(streams, workers))
 
 
 def sampled_tokens_per_s(language, members: int, workers: int, steps: int, data_cfg: dict) -> float:

@@ -152,9 +152,8 @@ def bare(members: int, steps: int, warmup: int):
     """(seconds per step, share of wall time waiting for data) of a plain loop on the GPU, fed by
     the DataLoader workers the run would use (data.num_workers auto)."""
     import torch
-    from torch.utils.data import DataLoader
 
-    from devinterp.data import MemberBlocks, MemberStreams, Steps, available_cores, one_thread
+    from devinterp.data import MemberStreams, gpu_workers, stream_loader
 
     data, module = make(members)
     module = module.to(DEVICE)
@@ -162,16 +161,7 @@ def bare(members: int, steps: int, warmup: int):
     streams = MemberStreams(
         data.language, data.seq_len, data.batch_size, data.stream_seeds, data.steps_per_block
     )
-    workers = max(1, min(16, available_cores() - 1))
-    loader = DataLoader(
-        MemberBlocks(streams),
-        batch_size=None,
-        num_workers=workers,
-        persistent_workers=True,
-        pin_memory=DEVICE == "cuda",
-        worker_init_fn=one_thread,
-    )
-    batches = iter(Steps(loader))
+    batches = iter(stream_loader(streams, gpu_workers(), pin_memory=DEVICE == "cuda"))
     waiting = 0.0
     for step in range(warmup + steps):
         if step == warmup:

@@ -153,8 +153,7 @@ class CircuitMetrics(L.Callback):
         self._final_step = -1
         self.headline.to(pl_module.device)
         for _, metrics in self._on_diagnostics:
-            if hasattr(metrics, "to"):
-                metrics.to(pl_module.device)
+            metrics.to(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -167,6 +167,31 @@ def one_thread(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def stream_loader(streams: MemberStreams, workers: int, pin_memory: bool = False):
+    """The steps of ``streams`` as training iterates them: in this process (``workers`` 0), or
+    sampled by that many persistent DataLoader workers, whole blocks each (MemberBlocks),
+    flattened to steps here (Steps). The same stream either way."""
+    if workers == 0:
+        return DataLoader(streams, batch_size=None, num_workers=0)
+    loader = DataLoader(
+        MemberBlocks(streams),
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=True,
+        prefetch_factor=2,
+        pin_memory=pin_memory,
+        worker_init_fn=one_thread,
+    )
+    return Steps(loader)
+
+
+def gpu_workers() -> int:
+    """Workers for a GPU run: the cores this process may use, shared among the node's processes
+    (torchrun's LOCAL_WORLD_SIZE), less one for training, at most 16."""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(16, available_cores() // local - 1))
+
+
 def available_cores() -> int:
     """The cores this process may run on (its affinity; a job scheduler's allocation), not the
     machine's."""
@@ -355,19 +380,7 @@ class ToyLanguageData(L.LightningDataModule):
             first_steps=self.knockin_steps,
             shard=(rank, world),
         )
-        workers = self.workers()
-        if workers == 0:
-            return DataLoader(streams, batch_size=None, num_workers=0)
-        loader = DataLoader(
-            MemberBlocks(streams),
-            batch_size=None,
-            num_workers=workers,
-            persistent_workers=True,
-            prefetch_factor=2,
-            pin_memory=self._on_gpu(),
-            worker_init_fn=one_thread,
-        )
-        return Steps(loader)
+        return stream_loader(streams, self.workers(), pin_memory=self._on_gpu())
 
     def _on_gpu(self) -> bool:
         return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
@@ -377,10 +390,7 @@ class ToyLanguageData(L.LightningDataModule):
         process may use, shared among the node's processes, less one for training (at most 16)."""
         if self.num_workers != "auto":
             return int(self.num_workers)
-        if not self._on_gpu():
-            return 0
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        return max(1, min(16, available_cores() // local - 1))
+        return gpu_workers() if self._on_gpu() else 0
 
     def val_dataloader(self) -> DataLoader:
         probe = self.probe

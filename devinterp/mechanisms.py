@@ -30,7 +30,6 @@ weight decay works against that, and the composition and induction metrics would
 from __future__ import annotations
 
 import fnmatch
-import re
 
 import numpy as np
 import torch
@@ -117,7 +116,7 @@ class PenaltyMetrics:
         every = [i.name for i in self.diagnostics.infos]
         if any(fnmatch.fnmatchcase(n, pattern) for n in every):
             return "selects only ranks or copying scores, which have no useful gradient"
-        if re.match(r"mechanism/", pattern) and not self.offset_names:
+        if pattern.startswith("mechanism/") and not self.offset_names:
             return "offset writes need bilinear or squared attention (softmax normalises over positions)"
         known = ", ".join(f"mechanism/L0H*/{m}" for m in OFFSET_METRICS)
         return (

@@ -485,6 +485,9 @@ class PairComposition:
             for b in range(H)
         ]
 
+    def to(self, device: torch.device) -> "PairComposition":
+        return self  # nothing kept on a device
+
     def compute(self, model: TensorTransformer) -> Tensor:
         """(n_metrics, member), in the order of ``infos``."""
         L, P = self.cfg.n_layers, self.cfg.n_pairs

@@ -5,9 +5,8 @@ without."""
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
-from devinterp.data import MemberBlocks, MemberStreams, Steps, ToyLanguageData, one_thread
+from devinterp.data import MemberStreams, ToyLanguageData, stream_loader
 from devinterp.errors import UsageError
 from devinterp.language import load_language
 from devinterp.module import TensorTransformerModule
@@ -29,14 +28,7 @@ def first_steps(iterable, n):
 
 
 def through_workers(stream: MemberStreams, workers: int, n: int):
-    loader = DataLoader(
-        MemberBlocks(stream),
-        batch_size=None,
-        num_workers=workers,
-        worker_init_fn=one_thread,
-        prefetch_factor=2,
-    )
-    return first_steps(Steps(loader), n)
+    return first_steps(stream_loader(stream, workers), n)
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
