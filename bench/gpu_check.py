@@ -72,30 +72,10 @@ def synchronize() -> None:
 
 
 def make(members: int, compile: bool = False):
-    from common import ROOT, load_run_config
+    """The reference config's data and model (bench/tracking_overhead.py builds them)."""
+    from tracking_overhead import make as make_run
 
-    from devinterp.data import ToyLanguageData
-    from devinterp.module import TensorTransformerModule
-
-    cfg = load_run_config("reference")
-    data = ToyLanguageData(
-        language=str(ROOT / cfg["data"]["language"]),
-        seq_len=cfg["data"]["seq_len"],
-        batch_size=cfg["data"]["batch_size"],
-        n_members=members,
-        probe_size=cfg["data"]["probe_size"],
-        steps_per_block=cfg["data"]["steps_per_block"],
-    )
-    model_args = {k: v for k, v in cfg["model"].items() if k not in ("n_members", "seed")}
-    module = TensorTransformerModule(
-        d_vocab=data.d_vocab,
-        n_ctx=data.seq_len,
-        label_names=data.label_names,
-        n_members=members,
-        compile=compile,
-        **model_args,
-    )
-    return data, module
+    return make_run(members, "reference", compile)
 
 
 def tracked(members: int, steps: int, warmup: int, compile: bool = False, flush: int = 100):

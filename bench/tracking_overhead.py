@@ -53,7 +53,8 @@ class StepClock(L.Callback):
         self.end = time.perf_counter()
 
 
-def make(members: int, config: str = "quickstart"):
+def make(members: int, config: str = "quickstart", compile: bool = False):
+    """The data and model of configs/<config>.yaml with ``members`` members."""
     cfg = load_run_config(config)
     data = ToyLanguageData(
         language=str(ROOT / cfg["data"]["language"]),
@@ -62,6 +63,7 @@ def make(members: int, config: str = "quickstart"):
         n_members=members,
         seed=0,
         probe_size=cfg["data"]["probe_size"],
+        steps_per_block=cfg["data"].get("steps_per_block", 16),
     )
     model_args = {k: v for k, v in cfg["model"].items() if k not in ("n_members", "seed")}
     module = TensorTransformerModule(
@@ -70,6 +72,7 @@ def make(members: int, config: str = "quickstart"):
         label_names=data.label_names,
         n_members=members,
         seed=0,
+        compile=compile,
         **model_args,
     )
     return data, module
