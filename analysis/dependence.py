@@ -152,12 +152,11 @@ def dependence(
     paired members of all seeds are pooled. Every variant's progress is measured on its full
     run's baselines (one yardstick: an onset shift measures the model, not a changed baseline)."""
     fulls = full if isinstance(full, list) else [full]
-    full_by_seed, baselines_by_seed = {}, {}
-    for timeline in fulls:
-        seed = seed_of(timeline)
-        if seed not in full_by_seed:
-            full_by_seed[seed] = primitive_onsets(timeline, level=level, source=source, yardstick=yardstick)
-            baselines_by_seed[seed] = timeline.baselines(yardstick)
+    runs = full_runs_by_seed(fulls)
+    full_by_seed = {
+        seed: primitive_onsets(t, level=level, source=source, yardstick=yardstick) for seed, t in runs.items()
+    }
+    baselines_by_seed = {seed: t.baselines(yardstick) for seed, t in runs.items()}
     first = next(iter(full_by_seed.values()))
     first_baselines = next(iter(baselines_by_seed.values()))
     by_x: dict[str, dict[str, list[tuple[dict, dict]]]] = {}  # x -> kind -> [(full onsets, variant onsets)]
