@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.timeline_writer import TimelineGroup, find_writer, last_step_reached
-from devinterp.attribution import AttributionMetrics, MlpEigenMetrics
+from devinterp.attribution import AttributionMetrics, MlpEigenMetrics, RuleAttribution
 from devinterp.errors import at_least, one_of
 from devinterp.metrics import Diagnostics, HeadlineMetrics, PairComposition
 from devinterp.schedule import Schedule, is_due
@@ -111,17 +111,16 @@ class CircuitMetrics(L.Callback):
         writer.declare(TimelineGroup("every_step", self.infos, M, summarize=self.summarize))
         cfg = pl_module.cfg
         self.diagnostics = Diagnostics(language, cfg) if self.diagnostics_every_n_steps else None
+        # the token-level rules (none for a corpus), shared by the attribution and the MLP groups
+        rules = RuleAttribution(language, cfg, self.headline) if self.diagnostics else None
+        has_rules = rules is not None and bool(rules.rules)
         self.attribution = (
-            AttributionMetrics(language, cfg)
-            if self.diagnostics and self.attribution_on and AttributionMetrics.applies(language, cfg)
+            AttributionMetrics(language, cfg, rules)
+            if has_rules and self.attribution_on and AttributionMetrics.applies(cfg)
             else None
         )
         self.pair_composition = PairComposition(cfg) if self.diagnostics and cfg.n_layers >= 2 else None
-        self.mlp_eigen = (
-            MlpEigenMetrics(language, cfg)
-            if self.diagnostics and MlpEigenMetrics.applies(language, cfg)
-            else None
-        )
+        self.mlp_eigen = MlpEigenMetrics(language, cfg, rules=rules) if has_rules and cfg.mlp else None
         # the groups on the diagnostics cadence, each made by a ``compute(model)``
         self._on_diagnostics = [
             (name, metrics)

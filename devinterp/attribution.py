@@ -162,12 +162,13 @@ class RuleAttribution:
     contexts with the weights of its headline metric (devinterp.metrics.HeadlineMetrics: the
     same contexts, the same weights), read along the rule's true next-token distribution.
     Category-level rules are left out. ``compute(model)`` -> LogitParts with one row per rule
-    (``rules``: the headline metric names without ``/kl``)."""
+    (``rules``: the headline metric names without ``/kl``; empty for a corpus). ``headline``: the
+    run's HeadlineMetrics where one exists already (it samples the language to weigh contexts)."""
 
-    def __init__(self, language, cfg):
+    def __init__(self, language, cfg, headline=None):
         from devinterp.metrics import HeadlineMetrics
 
-        headline = HeadlineMetrics(language, cfg.n_ctx)
+        headline = headline or HeadlineMetrics(language, cfg.n_ctx)
         t = headline.tensors
         average = t["token_average"].double()  # (n_metrics, n_token_contexts)
         keep = average.sum(1) > 0  # the token-level rules
@@ -200,20 +201,21 @@ class AttributionMetrics:
     for every head of a layer >= 1 ``attr/<primitive>/<rule>/L<l>H<h><-<source>`` for each source
     it reads (``embed``, ``L<l'>H<h'>`` of earlier layers). Values are expected centred logits
     (nats of logit); a rule's direct part and head parts sum to its centred logit, a head's
-    source parts to the head's part. ``applies(language, cfg)`` says whether a run gets them."""
+    source parts to the head's part. ``applies(cfg)`` says whether the model has the split.
+    ``rules``: the RuleAttribution to use where one exists already."""
 
     @staticmethod
-    def applies(language, cfg) -> bool:
+    def applies(cfg) -> bool:
         try:
             check_attributable(cfg)
         except ValueError:
             return False
-        return bool(RuleAttribution(language, cfg).rules)
+        return True
 
-    def __init__(self, language, cfg):
+    def __init__(self, language, cfg, rules: RuleAttribution | None = None):
         from devinterp.schema import MetricInfo
 
-        self.rules = RuleAttribution(language, cfg)
+        self.rules = rules or RuleAttribution(language, cfg)
         L, H = cfg.n_layers, cfg.n_heads
         self.source_names = ["embed"] + [f"L{layer}H{h}" for layer in range(L - 1) for h in range(H)]
         infos = []
@@ -276,10 +278,10 @@ class MlpEigenMetrics:
     centred unembedding of the rule's true next-token distribution averaged over its contexts):
     ``mlp/L<l>/<primitive>/<rule>/eig<i>``, signed."""
 
-    def __init__(self, language, cfg, k: int = 3):
+    def __init__(self, language, cfg, k: int = 3, rules: RuleAttribution | None = None):
         from devinterp.schema import MetricInfo
 
-        self.rules = RuleAttribution(language, cfg)
+        self.rules = rules or RuleAttribution(language, cfg)
         self.k = k
         self.cfg = cfg
         self.infos = [
@@ -288,10 +290,6 @@ class MlpEigenMetrics:
             for rule in self.rules.rules
             for i in range(k)
         ]
-
-    @staticmethod
-    def applies(language, cfg) -> bool:
-        return bool(cfg.mlp) and bool(RuleAttribution(language, cfg).rules)
 
     def to(self, device) -> "MlpEigenMetrics":
         self.rules.to(device)
