@@ -910,6 +910,17 @@ def llc_section(
             f"{int(found['diverged'].sum())} | "
             f"{'; '.join(points) or 'none'} |"
         )
+    step_sizes = {
+        name: sorted({float(e) for e in found.get("eps", []) if np.isfinite(e)})
+        for name, found in estimates.items()
+    }
+    if len({tuple(sizes) for sizes in step_sizes.values()}) > 1:  # --eps-for: say which eps made which curve
+        lines += [
+            "",
+            "SGLD step sizes: "
+            + "; ".join(f"{name} {', '.join(f'{e:g}' for e in sizes)}" for name, sizes in step_sizes.items())
+            + ".",
+        ]
     figure = plot_llc(curves, onsets, out / "llc.png", f"LLC over training ({timeline.path.parent.name})")
     return lines + ["", "Figure llc.png: the LLC curves beside the primitives' onsets.", ""], [figure]
 

@@ -87,7 +87,8 @@ def main() -> int:
         "burn-in)",
         flush=True,
     )
-    found = estimate_llc(make_loss(copies, pool, Refinement("model"), args.batch_size), groups, sampler)
+    loss = make_loss(copies, pool, Refinement("model"), args.batch_size)
+    found = estimate_llc(loss, groups, sampler, anchor_loss=loss.at_anchor(groups))
     llc = found.llc.reshape(len(args.scales), args.members)
     error = found.std_error.reshape(len(args.scales), args.members)
     base = llc[args.scales.index(1.0)]

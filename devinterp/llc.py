@@ -121,9 +121,12 @@ def estimate_llc(
     mask: Params | None = None,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    anchor_loss: Callable[[int], torch.Tensor] | None = None,
 ) -> LLCEstimate:
     """Sample every group's ``config.chains`` chains at once from w* = ``init`` and estimate the
-    LLC of each group. ``progress(done, total)`` is called after every step."""
+    LLC of each group. ``progress(done, total)`` is called after every step. ``anchor_loss(step)``
+    gives the (copy,) losses at w* on the step's batches where the caller has them cheaper than
+    a forward pass (default: ``loss(w*, step)``)."""
     n_groups = {value.shape[0] for value in init.values()}
     if len(n_groups) != 1:
         raise ValueError(f"init: every parameter needs the same leading (group) axis, got {n_groups}")
@@ -158,7 +161,8 @@ def estimate_llc(
         if taken:
             with torch.no_grad():
                 draw_losses[:, draw] = value.detach().double()
-                init_losses[:, draw] = loss(anchor, step).double()
+                at_anchor = loss(anchor, step) if anchor_loss is None else anchor_loss(step)
+                init_losses[:, draw] = at_anchor.double()
             draw += 1
         diverged |= ~torch.isfinite(value.detach())
         with torch.no_grad():

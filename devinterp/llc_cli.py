@@ -10,7 +10,8 @@ settings goes on from there):
 - per refinement R (``model``, a primitive, ``L<l>H<h>``) the group ``R`` with ``llc``,
   ``std_error``, ``init_loss`` (snapshot, member), ``diverged``, ``below_init`` (snapshot, member)
   counts of chains, ``per_chain`` (snapshot, member, chain) and ``loss_trace`` (snapshot, member,
-  chain, kept draw); NaN where that snapshot has no estimate yet.
+  chain, kept draw) and ``eps`` (snapshot,), the step size it was made with (``--eps``, or its
+  ``--eps-for``); NaN where that snapshot has no estimate yet.
 """
 
 from __future__ import annotations
@@ -50,6 +51,22 @@ def parse(argv: list[str]):
         "predicted tokens of a batch)",
     )
     parser.add_argument("--eps", type=float, default=1e-4, help="SGLD step size")
+    parser.add_argument(
+        "--eps-for",
+        nargs="*",
+        default=[],
+        metavar="NAME=EPS",
+        help="a step size for one refinement (e.g. skip_trigram=1e-5 where its chains diverge at --eps); "
+        "eps sets the discretisation, not the target, so estimates at different eps still compare",
+    )
+    parser.add_argument(
+        "--redo",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="drop the estimates already made for these refinements and make them again (e.g. with "
+        "a new --eps-for)",
+    )
     parser.add_argument("--gamma", type=float, default=100.0, help="localisation strength")
     parser.add_argument("--chains", type=int, default=4)
     parser.add_argument("--draws", type=int, default=100)
@@ -113,6 +130,10 @@ def main(argv: list[str]) -> int:
         if not 0 <= member < cfg.n_members:
             raise ValueError(f"--members: no member {member} (the run has {cfg.n_members})")
     chosen = refinements(list(timeline.label_names), cfg, args.refinements)
+    eps_for = step_sizes(args.eps_for, [r.name for r in chosen])
+    for name in args.redo:
+        if name not in {r.name for r in chosen}:
+            raise ValueError(f"--redo: {name!r} is not among the refinements asked for")
     seq_len = int(config["data"]["seq_len"])
     if args.batch_size < 1 or args.pool_size < args.batch_size:
         raise ValueError(
@@ -141,6 +162,9 @@ def main(argv: list[str]) -> int:
         return calibrate(args, timeline, slots, steps, pool, cfg, sampler, members, folder, n_beta)
     out = folder / FILENAME
     store = read(out, settings)  # refuses a file made with other settings, before any work
+    for key in [key for key in store if key[1] in args.redo]:
+        del store[key]
+    check_step_sizes(out, store, eps_for, sampler.eps)
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
     todo = [(s, r) for s in steps for r in chosen if not done(store, s, r.name)]
     print(
@@ -148,36 +172,78 @@ def main(argv: list[str]) -> int:
         f"{len(members)} members x {sampler.chains} chains, n_beta {n_beta:.4g})",
         file=sys.stderr,
     )
-    for k, (step, refinement) in enumerate(todo):
-        started = time.time()
-        _, weights = timeline.snapshot(slots[step])
-        estimate = snapshot_llc(
-            timeline.meta["config"],
-            weights,
-            refinement,
-            sampler,
-            members,
-            pool,
-            args.batch_size,
-            args.seed,
-        )
-        put(store, step, refinement.name, estimate)
-        write(out, store, settings)
-        worst = f", {int(estimate.diverged.sum())} chains diverged" if estimate.diverged.any() else ""
-        if estimate.below_init.any():
-            worst += (
-                f", {int(estimate.below_init.sum())} chains below L(w*): not at a minimum, or eps too large"
+    steps_each = sampler.burn_in + sampler.draws * sampler.steps_between_draws
+    with progress_bar(len(todo) * steps_each) as bar:
+        for k, (step, refinement) in enumerate(todo):
+            started = time.time()
+            bar.set_description(f"llc step {step} {refinement.name}")
+            _, weights = timeline.snapshot(slots[step])
+            estimate = snapshot_llc(
+                timeline.meta["config"],
+                weights,
+                refinement,
+                replace(sampler, eps=eps_for.get(refinement.name, sampler.eps)),
+                members,
+                pool,
+                args.batch_size,
+                args.seed,
+                progress=lambda done, total: bar.update(1),
             )
-        print(
-            f"llc: [{k + 1}/{len(todo)}] step {step} {refinement.name}: median "
-            f"{median_of(estimate.llc):.3g} over members ({time.time() - started:.0f} s{worst})",
-            file=sys.stderr,
-        )
+            put(store, step, refinement.name, estimate)
+            write(out, store, settings)
+            worst = f", {int(estimate.diverged.sum())} chains diverged" if estimate.diverged.any() else ""
+            if estimate.below_init.any():
+                below = int(estimate.below_init.sum())
+                worst += f", {below} chains below L(w*): not at a minimum, or eps too large"
+            bar.write(
+                f"llc: [{k + 1}/{len(todo)}] step {step} {refinement.name}: median "
+                f"{median_of(estimate.llc):.3g} over members ({time.time() - started:.0f} s{worst})",
+                file=sys.stderr,
+            )
     mode = args.wandb or config.get("run", {}).get("wandb_mode", "offline")
     if todo and mode != "disabled":
         send_to_wandb(folder, store, config, mode, settings, list(timeline.label_names))
     print(f"llc: {out}")
     return 0
+
+
+def step_sizes(pairs: list[str], names: list[str]) -> dict[str, float]:
+    """``--eps-for NAME=EPS ...`` -> {refinement: eps}, refused in one line if malformed."""
+    found = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            eps = float(value)
+        except ValueError:
+            eps = float("nan")
+        if name not in names or not (eps > 0 and np.isfinite(eps)):
+            raise ValueError(
+                f"--eps-for: expected NAME=EPS with NAME among the refinements asked for and EPS > 0, "
+                f"got {pair!r}"
+            )
+        found[name] = eps
+    return found
+
+
+def check_step_sizes(path: Path, store: dict, eps_for: dict[str, float], eps: float) -> None:
+    """Refuse to mix step sizes within one refinement's curve: estimates already in the file made
+    at another eps than the one asked for now (``--redo NAME`` makes them again)."""
+    for (step, name), found in store.items():
+        there = float(found["eps"])
+        asked = eps_for.get(name, eps)
+        if not np.isclose(there, asked, rtol=1e-12, atol=0):
+            raise ValueError(
+                f"{path}: {name} was estimated with eps {there:g} (step {step}), asked {asked:g}; pass "
+                f"the same, or --redo {name}"
+            )
+
+
+def progress_bar(total: int):
+    """A tqdm bar over every SGLD step of every estimate to make (snapshots x refinements x
+    steps; each step moves all chains of all members), on stderr."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="sgld step", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
 
 
 def wandb_key(name: str, label_names: list[str]) -> str:
@@ -288,7 +354,9 @@ def read(path: Path, settings: dict) -> dict:
             group = f[name]
             for i, step in enumerate(steps):
                 if np.isfinite(group["llc"][i]).any() or group["diverged"][i].any():
-                    store[(int(step), name)] = {key: group[key][i] for key in group}
+                    # a file from before --eps-for holds no eps: every estimate in it used --eps
+                    store[(int(step), name)] = {"eps": np.float64(there["sampler"]["eps"])}
+                    store[(int(step), name)].update({key: group[key][i] for key in group})
     return store
 
 
@@ -305,6 +373,7 @@ def put(store: dict, step: int, name: str, estimate) -> None:
         "diverged": estimate.diverged.sum(axis=1),
         "below_init": estimate.below_init.sum(axis=1),
         "loss_trace": estimate.loss_trace,
+        "eps": np.float64(estimate.config.eps),
     }
 
 

@@ -18,7 +18,8 @@ Conventions, stated once:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -130,29 +131,76 @@ def head_mask(params: dict[str, torch.Tensor], layer: int, head: int) -> dict[st
     return mask
 
 
-def make_loss(
-    model: TensorTransformer, pool: DataPool, refinement: Refinement, batch_size: int, seed: int = 0
-):
-    """The loss of every copy on its own batch: (params (copy, ...), step) -> (copy,)."""
-    rows = pool.holding(refinement.label)
-    if len(rows) == 0:
-        raise ValueError(f"{refinement.name}: no sequence of the data pool holds this primitive")
-    n_copies = model.cfg.n_members
+class PoolLoss:
+    """The loss of every copy on its own batch of the pool: ``loss(params (copy, ...), step)`` ->
+    (copy,). Copy c's batch at a step is drawn by an index generator seeded with the step, never
+    from the weights (so the loss at w* can be taken on the very batches the draws see)."""
 
-    def loss(params: dict[str, torch.Tensor], step: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        picked = rows[torch.randint(len(rows), (n_copies, batch_size), generator=generator)]
-        tokens, labels = pool.tokens[picked], pool.labels[picked]  # (copy, batch, pos)
-        logits = functional_call(model, params, (tokens[..., :-1],))  # (copy, batch, pos - 1, vocab)
-        nll = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 2).float(), tokens[..., 1:].flatten(), reduction="none"
-        ).view(n_copies, -1)
-        if refinement.label is None:
+    def __init__(
+        self, model: TensorTransformer, pool: DataPool, refinement: Refinement, batch_size: int, seed: int = 0
+    ):
+        self.rows = pool.holding(refinement.label)
+        if len(self.rows) == 0:
+            raise ValueError(f"{refinement.name}: no sequence of the data pool holds this primitive")
+        self.model, self.pool, self.refinement = model, pool, refinement
+        self.batch_size, self.seed = batch_size, seed
+        self.n_copies = model.cfg.n_members
+
+    def batch(self, step: int) -> torch.Tensor:
+        """(copy, batch) pool indices of every copy's batch at ``step``."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return self.rows[torch.randint(len(self.rows), (self.n_copies, self.batch_size), generator=generator)]
+
+    def reduce(self, nll: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+        """(copy, batch, pos - 1) per-position losses -> (copy,) means over the refinement's positions."""
+        nll = nll.reshape(self.n_copies, -1)
+        if self.refinement.label is None:
             return nll.mean(dim=1)
-        keep = (labels[..., 1:] == refinement.label).reshape(n_copies, -1).to(nll.dtype)
+        keep = (self.pool.labels[picked][..., 1:] == self.refinement.label).reshape(self.n_copies, -1)
+        keep = keep.to(nll.dtype)
         return (nll * keep).sum(dim=1) / keep.sum(dim=1)
 
-    return loss
+    def __call__(self, params: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        picked = self.batch(step)
+        tokens = self.pool.tokens[picked]  # (copy, batch, pos)
+        logits = functional_call(self.model, params, (tokens[..., :-1],))  # (copy, batch, pos - 1, vocab)
+        nll = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 2).float(), tokens[..., 1:].flatten(), reduction="none"
+        )
+        return self.reduce(nll, picked)
+
+    def at_anchor(self, init: dict[str, torch.Tensor], chunk: int = 128):
+        """``step -> (copy,)`` losses at w* = ``init`` (group, ...) on every step's batches, read
+        from the per-position losses of every group on the whole pool, computed once here: the same
+        numbers as ``self(repeated init, step)`` without a forward pass per draw (which cost a
+        quarter of the sampler's time). Copy c belongs to group c // (copies / groups)."""
+        groups = next(iter(init.values())).shape[0]
+        if self.n_copies % groups:
+            raise ValueError(f"init: {groups} groups do not divide {self.n_copies} copies")
+        model = TensorTransformer(replace(self.model.cfg, n_members=groups))
+        pool_nll = torch.empty(groups, *self.pool.tokens[:, 1:].shape)  # (group, sequence, pos - 1)
+        with torch.no_grad():
+            for start in range(0, len(self.pool.tokens), chunk):
+                tokens = self.pool.tokens[start : start + chunk]
+                inputs = tokens[None, :, :-1].expand(groups, -1, -1)
+                logits = functional_call(model, init, (inputs,)).float()  # (group, chunk, pos - 1, vocab)
+                pool_nll[:, start : start + chunk] = torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 2), tokens[:, 1:].repeat(groups, 1).flatten(), reduction="none"
+                ).view(groups, len(tokens), -1)
+        group_of_copy = torch.arange(self.n_copies) // (self.n_copies // groups)
+
+        def init_loss(step: int) -> torch.Tensor:
+            picked = self.batch(step)
+            return self.reduce(pool_nll[group_of_copy[:, None], picked], picked)
+
+        return init_loss
+
+
+def make_loss(
+    model: TensorTransformer, pool: DataPool, refinement: Refinement, batch_size: int, seed: int = 0
+) -> PoolLoss:
+    """The loss of every copy on its own batch: (params (copy, ...), step) -> (copy,)."""
+    return PoolLoss(model, pool, refinement, batch_size, seed)
 
 
 def snapshot_llc(
@@ -164,6 +212,7 @@ def snapshot_llc(
     pool: DataPool,
     batch_size: int,
     seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LLCEstimate:
     """The LLC of each chosen member of one snapshot, all members' chains in one batched model."""
     model_config = yaml.safe_load(config_yaml)["model"]
@@ -177,6 +226,7 @@ def snapshot_llc(
     model = TensorTransformer(cfg)
     params = snapshot_params(weights, members)
     mask = head_mask(params, *refinement.head) if refinement.head is not None else None
+    loss = make_loss(model, pool, refinement, batch_size, seed)
     return estimate_llc(
-        make_loss(model, pool, refinement, batch_size, seed), params, sampler, mask=mask, seed=seed
+        loss, params, sampler, mask=mask, seed=seed, anchor_loss=loss.at_anchor(params), progress=progress
     )

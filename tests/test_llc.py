@@ -228,6 +228,24 @@ def test_the_batched_loss_is_each_members_own_loss_on_its_batch(primitive):
             assert float(got[copy]) == pytest.approx(float(-logp[keep].mean()), rel=1e-5)
 
 
+@pytest.mark.parametrize("primitive", [None, "induction"])
+def test_the_loss_at_w_star_read_from_the_pool_equals_a_forward_pass_at_w_star(primitive):
+    """``at_anchor`` (the pool's per-position losses at w*, computed once) gives every copy's loss
+    at w* on the step's own batch, as the forward pass of the repeated w* does."""
+    from devinterp.language import parse_language
+    from devinterp.llc_run import Refinement, make_loss
+
+    spec, pool, _, params, batched = small_model_and_pool()
+    names = parse_language(spec).label_names
+    refinement = Refinement(primitive or "model", label=names.index(primitive) if primitive else None)
+    loss = make_loss(batched, pool, refinement, batch_size=4)
+    at_anchor = loss.at_anchor(params, chunk=5)  # chunks that do not divide the pool
+    copies = {name: value.repeat_interleave(3, dim=0) for name, value in params.items()}
+    for step in (0, 7, 31):
+        with torch.no_grad():
+            torch.testing.assert_close(at_anchor(step), loss(copies, step), rtol=1e-5, atol=1e-6)
+
+
 def test_a_head_refined_chain_moves_that_head_only():
     from devinterp.llc_run import HEAD_PARAMETERS, Refinement, head_mask, make_loss
 
@@ -321,6 +339,10 @@ def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_i
         (["--n-beta", "-1"], "n_beta: must be a positive number"),
         (["--refinements", "L5H0"], "refinements: no 'L5H0' in this run"),
         (["--chains", "3"], "made with other settings (chains 2 there, 3 asked)"),
+        (["--eps-for", "induction=0"], "--eps-for: expected NAME=EPS"),
+        (["--eps-for", "nope=1e-4"], "--eps-for: expected NAME=EPS"),
+        (["--eps-for", "induction=1e-3"], "induction was estimated with eps 0.0001 (step 0), asked 0.001"),
+        (["--refinements", "model", "--redo", "induction"], "--redo: 'induction' is not among"),
     ]:
         argv = ["llc", str(run), *settings, *bad]
         assert main(argv) == 2, bad
@@ -332,10 +354,19 @@ def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_i
     printed = capsys.readouterr()
     assert printed.err.count("llc calibrate: n_beta") == 4 and "llc calibrate:" in printed.out
     assert (run / "llc_calibration.png").is_file() and (run / "llc.h5").read_bytes() == sidecar
+    # one refinement made again at its own step size, under a progress bar; the others stay
+    redo = ["--refinements", "model", "induction", "--redo", "induction", "--eps-for", "induction=5e-5"]
+    assert main(["llc", str(run), *settings, *redo]) == 0
+    assert "24/24" in capsys.readouterr().err  # 4 estimates x 6 SGLD steps
+    third = load_llc(run)
+    assert third["induction"]["eps"].tolist() == [5e-5] * 4 and third["model"]["eps"].tolist() == [1e-4] * 4
+    np.testing.assert_array_equal(third["model"]["llc"], first["model"]["llc"])
+    assert not np.array_equal(third["induction"]["llc"], second["induction"]["llc"], equal_nan=True)
     from analysis.report import write_report
 
     report = write_report([run], tmp_path / "analysis", stages=False).read_text()
     assert "## Learning coefficient" in report and "| model | 4 |" in report and "| induction | 4 |" in report
+    assert "SGLD step sizes: " in report and "induction 5e-05" in report
     assert (tmp_path / "analysis" / "llc.png").is_file()
     empty = tmp_path / "bare"
     assert (
