@@ -4,9 +4,11 @@ The same checkpoint (a quickstart-size ensemble trained here for ``--train-steps
 same data (our LLC data pool of the seed language), the same loss (mean next-token
 cross-entropy over every predicted position) and the same hyperparameters (SGLD, eps, n_beta,
 gamma, chains, draws, batch size, no burn-in). Ours samples every member's chains at once in one
-batched model (devinterp.llc_run); the library samples one chain of one member at a time, so its
-members run one after another (bench/llc_reference_side.py, in its own virtual environment and
-process: it imports as ``devinterp``, as ours does). Both get the same number of torch threads.
+batched model (devinterp.llc_run), in passes of copies sized to the CPU's cache, with L(w*) read
+from the pool's per-position losses at w* computed once; the library samples one chain of one
+member at a time, so its members run one after another (bench/llc_reference_side.py, in its own
+virtual environment and process: it imports as ``devinterp``, as ours does). Both get the same
+number of torch threads.
 
 Printed: per member both estimates with their standard errors over chains and whether they
 agree within two combined standard errors (they are different Monte Carlo estimates of one
@@ -39,7 +41,7 @@ from common import ROOT, report  # noqa: E402
 from ensemble_scaling import Trainee  # noqa: E402
 
 from devinterp.llc import SamplerConfig, estimate_llc  # noqa: E402
-from devinterp.llc_run import POOL_SEED, DataPool, Refinement, make_loss  # noqa: E402
+from devinterp.llc_run import POOL_SEED, DataPool, Refinement, copies_per_pass, make_loss  # noqa: E402
 from devinterp.model import ModelConfig, TensorTransformer  # noqa: E402
 
 REFERENCE_PYTHON = ROOT / ".venv-devinterp" / "bin" / "python"
@@ -88,14 +90,16 @@ def main() -> int:
     fields = {f: getattr(module.cfg, f) for f in ModelConfig.__dataclass_fields__}
     copies = TensorTransformer(ModelConfig(**{**fields, "n_members": args.members * args.chains}))
     loss = make_loss(copies, pool, Refinement("model"), args.batch_size)
+    per_pass = copies_per_pass(module.cfg, args.batch_size, seq_len)
     print(
         f"{args.members} members x {args.chains} chains x {args.draws} draws, batch {args.batch_size} x "
         f"{seq_len} tokens, eps {args.eps:g}, gamma {args.gamma:g}, n_beta {n_beta:.4g}, "
-        f"{args.threads} threads, checkpoint after {args.train_steps} training steps",
+        f"{args.threads} threads, checkpoint after {args.train_steps} training steps; ours in passes of "
+        f"at most {per_pass} copies",
         flush=True,
     )
     started = time.perf_counter()
-    ours = estimate_llc(loss, weights, sampler, anchor_loss=loss.at_anchor(weights))
+    ours = estimate_llc(loss, weights, sampler, anchor_loss=loss.at_anchor(weights), copies_per_pass=per_pass)
     ours_seconds = time.perf_counter() - started
     print(f"ours (batched): {ours_seconds:.1f} s", flush=True)
 

@@ -114,6 +114,36 @@ def _repeat(params: Params, chains: int) -> Params:
     return {name: value.repeat_interleave(chains, dim=0) for name, value in params.items()}
 
 
+def _passes(n_copies: int, copies_per_pass: int | None) -> list[slice]:
+    """Slices of about equal size, at most ``copies_per_pass`` copies each (one: all)."""
+    if copies_per_pass is None or copies_per_pass >= n_copies:
+        return [slice(0, n_copies)]
+    count = math.ceil(n_copies / max(1, copies_per_pass))
+    size = math.ceil(n_copies / count)
+    return [slice(start, min(start + size, n_copies)) for start in range(0, n_copies, size)]
+
+
+def _loss_and_grads(
+    loss: LossFn, params: Params, step: int, copies_per_pass: int | None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(copy,) losses at ``params`` and their gradients, one forward and backward per pass."""
+    n_copies = next(iter(params.values())).shape[0]
+    passes = _passes(n_copies, copies_per_pass)
+    values, grads = [], [torch.empty_like(value) for value in params.values()]
+    for copies in passes:
+        part = {name: value[copies].detach().requires_grad_(True) for name, value in params.items()}
+        value = loss(part, step) if len(passes) == 1 else loss(part, step, copies)
+        expected = copies.stop - copies.start
+        if value.shape != (expected,):
+            raise ValueError(
+                f"loss: expected ({expected},) losses, one per group and chain, got {tuple(value.shape)}"
+            )
+        for grad, found in zip(grads, torch.autograd.grad(value.sum(), list(part.values()))):
+            grad[copies] = found
+        values.append(value.detach())
+    return torch.cat(values), grads
+
+
 def estimate_llc(
     loss: LossFn,
     init: Params,
@@ -122,18 +152,25 @@ def estimate_llc(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     anchor_loss: Callable[[int], torch.Tensor] | None = None,
+    copies_per_pass: int | None = None,
 ) -> LLCEstimate:
     """Sample every group's ``config.chains`` chains at once from w* = ``init`` and estimate the
     LLC of each group. ``progress(done, total)`` is called after every step. ``anchor_loss(step)``
     gives the (copy,) losses at w* on the step's batches where the caller has them cheaper than
-    a forward pass (default: ``loss(w*, step)``)."""
+    a forward pass (default: ``loss(w*, step)``).
+
+    ``copies_per_pass`` splits the copies into passes of about that many, each its own forward
+    and backward, for a loss that takes ``loss(params, step, copies)``: the params of the copies
+    ``copies`` (a slice) -> their losses. The estimate is the same (every copy's loss and noise
+    are its own); on a CPU, passes whose activations fit the last-level cache are faster per copy
+    than one pass over all (bench/llc_speed.py)."""
     n_groups = {value.shape[0] for value in init.values()}
     if len(n_groups) != 1:
         raise ValueError(f"init: every parameter needs the same leading (group) axis, got {n_groups}")
     (groups,) = n_groups
     chains = config.chains
     anchor = {name: value.detach() for name, value in _repeat(init, chains).items()}
-    moving = {name: value.clone().requires_grad_(True) for name, value in anchor.items()}
+    moving = {name: value.clone() for name, value in anchor.items()}
     masks = {}
     for name, value in (mask or {}).items():
         if name not in init:
@@ -151,20 +188,15 @@ def estimate_llc(
     total = config.burn_in + config.draws * config.steps_between_draws
     draw = 0
     for step in range(total):
-        value = loss(moving, step)  # (copy,)
-        if value.shape != (n_copies,):
-            raise ValueError(
-                f"loss: expected ({n_copies},) losses, one per group and chain, got {value.shape}"
-            )
-        grads = torch.autograd.grad(value.sum(), list(moving.values()))
+        value, grads = _loss_and_grads(loss, moving, step, copies_per_pass)  # (copy,), per parameter
         taken = step >= config.burn_in and (step - config.burn_in + 1) % config.steps_between_draws == 0
         if taken:
             with torch.no_grad():
-                draw_losses[:, draw] = value.detach().double()
+                draw_losses[:, draw] = value.double()
                 at_anchor = loss(anchor, step) if anchor_loss is None else anchor_loss(step)
                 init_losses[:, draw] = at_anchor.double()
             draw += 1
-        diverged |= ~torch.isfinite(value.detach())
+        diverged |= ~torch.isfinite(value)
         with torch.no_grad():
             for (name, weight), grad in zip(moving.items(), grads):
                 loss_grad = config.n_beta * grad

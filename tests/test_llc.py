@@ -246,6 +246,21 @@ def test_the_loss_at_w_star_read_from_the_pool_equals_a_forward_pass_at_w_star(p
             torch.testing.assert_close(at_anchor(step), loss(copies, step), rtol=1e-5, atol=1e-6)
 
 
+def test_passes_over_some_copies_give_the_estimate_of_one_pass_over_all():
+    from devinterp.llc_run import Refinement, make_loss
+
+    _, pool, _, params, batched = small_model_and_pool()  # 2 members x 3 chains
+    loss = make_loss(batched, pool, Refinement("model"), batch_size=4)
+    config = SamplerConfig(n_beta=10.0, eps=1e-4, gamma=100.0, chains=3, draws=8)
+    whole = estimate_llc(loss, params, config, anchor_loss=loss.at_anchor(params))
+    for per_pass in (1, 4):  # six passes of one; two of three (four rounds to even passes)
+        parts = estimate_llc(
+            loss, params, config, anchor_loss=loss.at_anchor(params), copies_per_pass=per_pass
+        )
+        np.testing.assert_allclose(parts.per_chain, whole.per_chain, rtol=1e-4)
+        np.testing.assert_allclose(parts.loss_trace, whole.loss_trace, rtol=1e-5)
+
+
 def test_a_head_refined_chain_moves_that_head_only():
     from devinterp.llc_run import HEAD_PARAMETERS, Refinement, head_mask, make_loss
 
