@@ -15,6 +15,7 @@ at a minimum) are left out of the curve, never smoothed into it.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,3 +95,57 @@ def median_curve(estimates: dict[str, np.ndarray]) -> np.ndarray:
     llc = np.where(estimates["llc"] >= 0, estimates["llc"], np.nan)
     with np.errstate(all="ignore"):
         return np.array([np.nanmedian(row) if np.isfinite(row).any() else math.nan for row in llc])
+
+
+PREVIOUS_TOKEN = "previous-token"
+OTHERS = "other heads"
+
+
+def head_roles(timeline) -> dict[str, list[str]]:
+    """Role -> per member, the head that plays it at the run's last diagnostics row: for each
+    primitive the attribution group splits, the head (not the direct path) with the largest share
+    of its logit (analysis/attribution.py); ``previous-token``, the layer-0 head with the largest
+    previous-token score (diagnostics). Members carry no common head labels, so roles are per
+    member. Empty without those groups."""
+    from analysis.attribution import component_shares, top_heads
+
+    roles: dict[str, list[str]] = {}
+    shares = component_shares(timeline)
+    if shares is not None and len(shares.steps):
+        top = top_heads(shares)  # (primitive, member)
+        for p, primitive in enumerate(shares.primitives):
+            roles[primitive] = [shares.components[c] for c in top[p]]
+    group = timeline.groups.get("diagnostics")
+    if group is not None and len(group.steps):
+        scores = [(n, group.names.index(n)) for n in group.names if n.endswith("/prev_token")]
+        if scores:
+            last = np.stack([group.values[-1, i] for _, i in scores])  # (head, member)
+            heads = [n.split("/")[-2] for n, _ in scores]
+            roles[PREVIOUS_TOKEN] = [heads[h] for h in np.nanargmax(np.nan_to_num(last, nan=-1), axis=0)]
+    return roles
+
+
+def role_curves(estimates: dict[str, dict[str, np.ndarray]], roles: dict[str, list[str]]):
+    """Role -> (steps (snapshot,), llc (snapshot, member)): each member's head of that role,
+    its head-refined LLC; ``other heads``: per member, the median over the heads that play no
+    role. Roles whose heads were not all estimated are left out."""
+    heads = sorted(n for n in estimates if n.startswith("L") and n[1:].replace("H", "").isdigit())
+    if not heads:
+        return {}
+    steps = estimates[heads[0]]["steps"]
+    n_members = estimates[heads[0]]["llc"].shape[1]
+    curves = {}
+    for role, chosen in roles.items():
+        if len(chosen) == n_members and all(h in estimates for h in chosen):
+            curves[role] = (steps, np.stack([estimates[h]["llc"][:, m] for m, h in enumerate(chosen)], 1))
+    cast = [{chosen[m] for chosen in roles.values() if len(chosen) == n_members} for m in range(n_members)]
+    others = np.full((len(steps), n_members), np.nan)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a snapshot with no head estimate
+        for m in range(n_members):
+            rest = [estimates[h]["llc"][:, m] for h in heads if h not in cast[m]]
+            if rest:
+                others[:, m] = np.nanmedian(np.stack(rest, 1), axis=1)
+    if curves and np.isfinite(others).any():
+        curves[OTHERS] = (steps, others)
+    return curves

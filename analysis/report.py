@@ -922,7 +922,53 @@ def llc_section(
             + ".",
         ]
     figure = plot_llc(curves, onsets, out / "llc.png", f"LLC over training ({timeline.path.parent.name})")
-    return lines + ["", "Figure llc.png: the LLC curves beside the primitives' onsets.", ""], [figure]
+    lines += ["", "Figure llc.png: the LLC curves beside the primitives' onsets.", ""]
+    role_lines, role_figures = llc_roles_section(timeline, estimates, onsets, out)
+    return lines + role_lines, [figure, *role_figures]
+
+
+def llc_roles_section(
+    timeline: Timeline, estimates: dict, onsets: dict[str, list[Onset]], out: Path
+) -> tuple[list[str], list[Path]]:
+    """Head-refined LLCs by the role each head plays in its member (analysis.learning_coefficient
+    .head_roles) against that member's heads with no role; ``llc_heads.png``."""
+    from analysis.learning_coefficient import OTHERS, head_roles, role_curves
+
+    roles = head_roles(timeline)
+    curves = role_curves(estimates, roles)
+    if not curves:
+        return [], []
+    steps, others = curves[OTHERS]
+    lines = [
+        "### Heads by role",
+        "",
+        "Per member, at the last diagnostics row: the head with the largest attribution share of each "
+        "primitive's logit, and the layer-0 head with the highest previous-token score; 'other heads' is "
+        "the member's median over its heads with no role. Wang et al. (2024) found induction-type heads "
+        "end with lower refined LLCs than n-gram heads.",
+        "",
+        "| role | head per member | last snapshot: median [IQR] | members below their other heads |",
+        "|---|---|---|---|",
+    ]
+    for role, (_, llc) in curves.items():
+        finite = np.flatnonzero(np.isfinite(llc).all(axis=1) & np.isfinite(others).all(axis=1))
+        if not len(finite):
+            continue
+        last = llc[finite[-1]]
+        quartiles = np.percentile(last, [25, 50, 75])
+        below = "" if role == OTHERS else f"{int((last < others[finite[-1]]).sum())} of {len(last)}"
+        heads = ", ".join(roles.get(role, [])) or "(median of the rest)"
+        lines.append(
+            f"| {role} | {heads} | {quartiles[1]:.3g} [{quartiles[0]:.3g}, {quartiles[2]:.3g}] "
+            f"(step {int(steps[finite[-1]])}) | {below} |"
+        )
+    figure = plot_llc(
+        {role: (steps_, llc, np.zeros((2, 0))) for role, (steps_, llc) in curves.items()},
+        {},
+        out / "llc_heads.png",
+        f"Head-refined LLC by role ({timeline.path.parent.name})",
+    )
+    return lines + ["", "Figure llc_heads.png: the head-refined LLC of each role's heads.", ""], [figure]
 
 
 def write_report(

@@ -16,6 +16,10 @@ log schedules, the HDF5 timeline, snapshots; no W&B: the device machine has none
                               (target >= 8x)
   compile                     the 1-member tracked step with model.compile on
   reference run               5000 steps of 1 member, tracked, extrapolated (target < 2 minutes)
+  llc                         SGLD steps of 16 members x 8 chains in one pass (devinterp.llc, at the
+                              quickstart's size, batch 16) against one chain of one member at a time,
+                              the schedule of timaeus devinterp 2.0.1, which is not on the device
+                              machine (our estimator stands in for it): per chain-step (target >= 20x)
 Without CUDA it says so and exits 0 (rehearse the command on a CPU machine that way);
 ``--rehearse`` runs every measurement on the CPU for a few steps with 1 and 2 members, to check
 the script itself before device time is spent on it. Needs torch, lightning, h5py, numpy, scipy,
@@ -192,7 +196,59 @@ def measure(steps: int, warmup: int) -> list[tuple[str, str, str]]:
     rows.append(
         ("reference run (5000 steps, 1 member), extrapolated", f"{5000 * results[1] / 60:.2f} min", "< 2")
     )
+    batched, single = llc_step(ENSEMBLE, 8), llc_step(1, 1)
+    rows.append(
+        (
+            f"llc: {ENSEMBLE} x 8 chains in one pass vs one chain at a time",
+            f"{ENSEMBLE * 8 * single / batched:.1f}x",
+            ">= 20x",
+        )
+    )
     return rows
+
+
+def llc_step(members: int, chains: int, draws: int = 60) -> float:
+    """Seconds per SGLD step of ``members`` x ``chains`` copies of the quickstart model at once,
+    after a warm-up estimate: the difference of a long and a short estimate, so the set-up
+    (L(w*) over the pool, the copies) is not counted."""
+    import yaml
+    from common import ROOT, load_run_config
+
+    from devinterp.llc import SamplerConfig
+    from devinterp.llc_run import DataPool, Refinement, snapshot_llc
+    from devinterp.model import ModelConfig, TensorTransformer
+
+    config = load_run_config("quickstart")
+    fields = {k: v for k, v in config["model"].items() if k in ModelConfig.__dataclass_fields__}
+    weights = {
+        name: value.detach().numpy()
+        for name, value in TensorTransformer(
+            ModelConfig(**{**fields, "n_members": members})
+        ).named_parameters()
+    }
+    spec = yaml.safe_load((ROOT / config["data"]["language"]).read_text())
+    pool = DataPool.from_spec(spec, 1024, config["data"]["seq_len"])
+    draws = 3 if DEVICE == "cpu" else draws
+
+    def seconds(n: int) -> float:
+        sampler = SamplerConfig(n_beta=14.58, eps=1e-5, chains=chains, draws=n)
+        synchronize()
+        start = time.perf_counter()
+        snapshot_llc(
+            yaml.safe_dump(config),
+            weights,
+            Refinement("model"),
+            sampler,
+            list(range(members)),
+            pool,
+            16,
+            device=DEVICE,
+        )
+        synchronize()
+        return time.perf_counter() - start
+
+    seconds(2)  # warm-up
+    return (seconds(2 * draws) - seconds(draws)) / draws
 
 
 if __name__ == "__main__":

@@ -178,13 +178,14 @@ def estimate_llc(
         masks[name] = torch.broadcast_to(value.to(init[name].dtype), init[name].shape).repeat_interleave(
             chains, dim=0
         )
-    generator = torch.Generator(device=next(iter(anchor.values())).device).manual_seed(seed)
+    device = next(iter(anchor.values())).device  # every buffer lives there: no host sync per step
+    generator = torch.Generator(device=device).manual_seed(seed)
     square_mean = {name: torch.zeros_like(value) for name, value in anchor.items()}
     adapted = dict.fromkeys(anchor, 0)  # steps that updated each running mean
     n_copies = groups * chains
-    draw_losses = torch.zeros(n_copies, config.draws, dtype=torch.float64)
-    init_losses = torch.zeros(n_copies, config.draws, dtype=torch.float64)
-    diverged = torch.zeros(n_copies, dtype=torch.bool)
+    draw_losses = torch.zeros(n_copies, config.draws, dtype=torch.float64, device=device)
+    init_losses = torch.zeros(n_copies, config.draws, dtype=torch.float64, device=device)
+    diverged = torch.zeros(n_copies, dtype=torch.bool, device=device)
     total = config.burn_in + config.draws * config.steps_between_draws
     draw = 0
     for step in range(total):
@@ -217,12 +218,13 @@ def estimate_llc(
                 if name in masks:
                     update = update * masks[name]
                 weight.add_(update)
-                bad = ~torch.isfinite(weight).flatten(1).all(dim=1)
-                if bad.any():  # keep a diverged chain finite, so it cannot poison the others
-                    diverged |= bad
-                    weight[bad] = anchor[name][bad]
+                # a diverged chain goes back to w*, so it cannot poison the others (no branch: no sync)
+                bad = ~torch.isfinite(weight).flatten(1).all(dim=1)  # (copy,)
+                diverged |= bad
+                weight.copy_(torch.where(bad.view(-1, *[1] * (weight.dim() - 1)), anchor[name], weight))
         if progress is not None:
             progress(step + 1, total)
+    draw_losses, init_losses, diverged = draw_losses.cpu(), init_losses.cpu(), diverged.cpu()
     gap = (draw_losses - init_losses).reshape(groups, chains, -1)
     bad = diverged.reshape(groups, chains) | ~torch.isfinite(gap).all(dim=2)
     per_chain = (config.n_beta * gap.mean(dim=2)).numpy()

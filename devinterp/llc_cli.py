@@ -76,6 +76,13 @@ def parse(argv: list[str]):
     parser.add_argument("--pool-size", type=int, default=1024, help="sequences in the fixed data pool")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where the chains run (auto: cuda when there is one; on a GPU every member's chains go in "
+        "one pass, on a CPU in passes sized to its cache)",
+    )
+    parser.add_argument(
         "--wandb",
         choices=["offline", "online", "disabled"],
         default=None,
@@ -86,7 +93,8 @@ def parse(argv: list[str]):
         "--calibrate",
         action="store_true",
         help="instead of estimating: sweep --eps-grid x --n-beta-grid on one snapshot (the first of "
-        "--steps, or the last) for the whole model, plot the loss traces to RUN/llc_calibration.png, "
+        "--steps, or the last) for the whole model, or the first of --refinements (then choose its "
+        "--eps-for), plot the loss traces to RUN/llc_calibration.png (llc_calibration_<name>.png), "
         "flag settings whose chains dip below L(w*), diverge or never level off, and print the choice",
     )
     parser.add_argument("--eps-grid", type=float, nargs="*", default=[1e-5, 1e-4, 1e-3])
@@ -158,6 +166,10 @@ def main(argv: list[str]) -> int:
         "seed": args.seed,
     }
     pool = DataPool.from_run(spec, config["data"], args.pool_size, seq_len)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda asked for, but torch sees no CUDA device here")
+    args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    args.device = "cpu" if args.device == "auto" else args.device
     if args.calibrate:
         return calibrate(args, timeline, slots, steps, pool, cfg, sampler, members, folder, n_beta)
     out = folder / FILENAME
@@ -188,6 +200,7 @@ def main(argv: list[str]) -> int:
                 args.batch_size,
                 args.seed,
                 progress=lambda done, total: bar.update(1),
+                device=args.device,
             )
             put(store, step, refinement.name, estimate)
             write(out, store, settings)
@@ -289,14 +302,17 @@ def calibrate(args, timeline, slots, steps, pool, cfg, sampler, members, folder,
     """``--calibrate``: the eps x n_beta sweep on one snapshot (see ``parse``)."""
     from devinterp.llc_run import refinements, snapshot_llc
 
-    grid_n_beta = args.n_beta_grid or [n_beta / 10, n_beta, n_beta * 10]
+    whole = refinements(list(timeline.label_names), cfg, (args.refinements or [])[:1] or ["model"])[0]
+    # a refinement's eps is chosen at the file's n_beta, which every refinement shares
+    grid_n_beta = args.n_beta_grid or (
+        [n_beta / 10, n_beta, n_beta * 10] if whole.name == "model" else [n_beta]
+    )
     for value in args.eps_grid + grid_n_beta:
         if not value > 0:
             raise ValueError(f"--eps-grid, --n-beta-grid: every value must be positive, got {value}")
     step = steps[0] if args.steps else max(slots)
     _, weights = timeline.snapshot(slots[step])
     results = {}
-    whole = refinements(list(timeline.label_names), cfg, ["model"])[0]
     for beta in grid_n_beta:
         for eps in args.eps_grid:
             setting = replace(sampler, n_beta=beta, eps=eps)
@@ -309,20 +325,23 @@ def calibrate(args, timeline, slots, steps, pool, cfg, sampler, members, folder,
                 pool,
                 args.batch_size,
                 args.seed,
+                device=args.device,
             )
             results[(beta, eps)] = (estimate, calibration_flags(estimate))
             flags = ", ".join(results[(beta, eps)][1]) or "ok"
             print(
-                f"llc calibrate: n_beta {beta:.4g} eps {eps:.1e}: "
+                f"llc calibrate: {whole.name}, n_beta {beta:.4g} eps {eps:.1e}: "
                 f"median {median_of(estimate.llc):.3g} ({flags})",
                 file=sys.stderr,
             )
-    figure = plot_calibration(results, folder / "llc_calibration.png", step)
+    name = "llc_calibration.png" if whole.name == "model" else f"llc_calibration_{whole.name}.png"
+    figure = plot_calibration(results, folder / name, step, whole.name)
     good = [key for key, (_, flags) in results.items() if not flags]
     if good:
         beta, eps = max(good, key=lambda key: (key[1], key[0]))
         print(
-            f"llc calibrate: chosen n_beta {beta:.4g}, eps {eps:.1e} (the largest eps with no flag); {figure}"
+            f"llc calibrate: {whole.name}: chosen n_beta {beta:.4g}, eps {eps:.1e} (the largest eps with no "
+            f"flag); {figure}"
         )
     else:
         print(f"llc calibrate: every setting is flagged; widen the grids or lengthen --draws; {figure}")
@@ -420,7 +439,7 @@ def calibration_flags(estimate) -> list[str]:
     return flags
 
 
-def plot_calibration(results: dict, path: Path, step: int) -> Path:
+def plot_calibration(results: dict, path: Path, step: int, name: str = "model") -> Path:
     """One panel per (n_beta, eps): every chain's L(w) - L(w*) over the draws; flagged settings
     titled in red."""
     import matplotlib
@@ -445,7 +464,9 @@ def plot_calibration(results: dict, path: Path, step: int) -> Path:
             color="red" if flags else "black",
         )
         ax.tick_params(labelsize=6)
-    fig.suptitle(f"LLC calibration at step {step}: L(w) - L(w*) per chain over the draws", fontsize=9)
+    fig.suptitle(
+        f"LLC calibration ({name}) at step {step}: L(w) - L(w*) per chain over the draws", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

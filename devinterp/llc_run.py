@@ -111,7 +111,7 @@ class DataPool:
     def holding(self, label: int | None) -> torch.Tensor:
         """Indices of the sequences with at least one predicted position of ``label``."""
         if label is None:
-            return torch.arange(len(self.tokens))
+            return torch.arange(len(self.tokens), device=self.tokens.device)
         return torch.nonzero((self.labels[:, 1:] == label).any(dim=1)).flatten()
 
 
@@ -139,6 +139,8 @@ class PoolLoss:
     def __init__(
         self, model: TensorTransformer, pool: DataPool, refinement: Refinement, batch_size: int, seed: int = 0
     ):
+        device = next(model.parameters()).device
+        pool = DataPool(pool.tokens.to(device), pool.labels.to(device))
         self.rows = pool.holding(refinement.label)
         if len(self.rows) == 0:
             raise ValueError(f"{refinement.name}: no sequence of the data pool holds this primitive")
@@ -149,8 +151,9 @@ class PoolLoss:
 
     def batch(self, step: int) -> torch.Tensor:
         """(copy, batch) pool indices of every copy's batch at ``step``."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        return self.rows[torch.randint(len(self.rows), (self.n_copies, self.batch_size), generator=generator)]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)  # on the CPU on any device
+        index = torch.randint(len(self.rows), (self.n_copies, self.batch_size), generator=generator)
+        return self.rows[index.to(self.rows.device, non_blocking=True)]
 
     def reduce(self, nll: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
         """(copy, batch, pos - 1) per-position losses -> (copy,) means over the refinement's positions."""
@@ -163,7 +166,8 @@ class PoolLoss:
 
     def model_for(self, n_copies: int) -> TensorTransformer:
         if n_copies not in self.models:
-            self.models[n_copies] = TensorTransformer(replace(self.model.cfg, n_members=n_copies))
+            twin = TensorTransformer(replace(self.model.cfg, n_members=n_copies))
+            self.models[n_copies] = twin.to(next(self.model.parameters()).device)
         return self.models[n_copies]
 
     def __call__(
@@ -188,7 +192,7 @@ class PoolLoss:
         if self.n_copies % groups:
             raise ValueError(f"init: {groups} groups do not divide {self.n_copies} copies")
         model = self.model_for(groups)
-        pool_nll = torch.empty(groups, *self.pool.tokens[:, 1:].shape)  # (group, sequence, pos - 1)
+        pool_nll = torch.empty(groups, *self.pool.tokens[:, 1:].shape, device=self.pool.tokens.device)
         with torch.no_grad():
             for start in range(0, len(self.pool.tokens), chunk):
                 tokens = self.pool.tokens[start : start + chunk]
@@ -235,8 +239,10 @@ def snapshot_llc(
     batch_size: int,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    device: str = "cpu",
 ) -> LLCEstimate:
-    """The LLC of each chosen member of one snapshot, all members' chains in one batched model."""
+    """The LLC of each chosen member of one snapshot, all members' chains in one batched model on
+    ``device``; on a CPU in passes of copies sized to its cache (``copies_per_pass``)."""
     model_config = yaml.safe_load(config_yaml)["model"]
     fields = ModelConfig.__dataclass_fields__
     cfg = ModelConfig(
@@ -245,9 +251,10 @@ def snapshot_llc(
             "n_members": len(members) * sampler.chains,
         }
     )
-    model = TensorTransformer(cfg)
-    params = snapshot_params(weights, members)
+    model = TensorTransformer(cfg).to(device)
+    params = {name: value.to(device) for name, value in snapshot_params(weights, members).items()}
     mask = head_mask(params, *refinement.head) if refinement.head is not None else None
+    on_cpu = torch.device(device).type == "cpu"
     loss = make_loss(model, pool, refinement, batch_size, seed)
     return estimate_llc(
         loss,
@@ -257,5 +264,5 @@ def snapshot_llc(
         seed=seed,
         anchor_loss=loss.at_anchor(params),
         progress=progress,
-        copies_per_pass=copies_per_pass(cfg, batch_size, pool.tokens.shape[1]),
+        copies_per_pass=copies_per_pass(cfg, batch_size, pool.tokens.shape[1]) if on_cpu else None,
     )

@@ -367,7 +367,26 @@ def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_i
     calibrate = ["--calibrate", "--eps-grid", "1e-4", "1e-3", "--n-beta-grid", "10", "100"]
     assert main(["llc", str(run), *settings, *calibrate]) == 0
     printed = capsys.readouterr()
-    assert printed.err.count("llc calibrate: n_beta") == 4 and "llc calibrate:" in printed.out
+    assert printed.err.count("llc calibrate: model, n_beta") == 4 and "llc calibrate:" in printed.out
+    # one refinement's eps, chosen at the file's n_beta (a grid over eps only)
+    assert (
+        main(
+            [
+                "llc",
+                str(run),
+                *settings,
+                "--calibrate",
+                "--refinements",
+                "induction",
+                "--eps-grid",
+                "1e-4",
+                "1e-3",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().err.count("llc calibrate: induction, n_beta") == 2
+    assert (run / "llc_calibration_induction.png").is_file()
     assert (run / "llc_calibration.png").is_file() and (run / "llc.h5").read_bytes() == sidecar
     # one refinement made again at its own step size, under a progress bar; the others stay
     redo = ["--refinements", "model", "induction", "--redo", "induction", "--eps-for", "induction=5e-5"]
@@ -383,6 +402,13 @@ def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_i
     assert "## Learning coefficient" in report and "| model | 4 |" in report and "| induction | 4 |" in report
     assert "SGLD step sizes: " in report and "induction 5e-05" in report
     assert (tmp_path / "analysis" / "llc.png").is_file()
+    from analysis.learning_coefficient import PREVIOUS_TOKEN, head_roles
+
+    roles = head_roles(timeline)
+    assert {"induction", "bigram", PREVIOUS_TOKEN} <= set(roles)
+    assert all(len(heads) == 2 for heads in roles.values()) and all(
+        h.startswith("L0H") for h in roles[PREVIOUS_TOKEN]
+    )
     empty = tmp_path / "bare"
     assert (
         main(
@@ -402,6 +428,25 @@ def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_i
     )
     capsys.readouterr()
     assert main(["llc", str(empty)]) == 2 and "no weight snapshots" in capsys.readouterr().err
+
+
+def test_role_curves_follow_each_members_own_head_against_its_heads_with_no_role():
+    from analysis.learning_coefficient import OTHERS, role_curves
+
+    steps = np.array([0, 10, 100])
+    value = {"L0H0": 1.0, "L0H1": 2.0, "L1H0": 3.0, "L1H1": 4.0}
+    # member 1's values are ten times member 0's; one snapshot of L1H1 not estimated yet
+    estimates = {head: {"steps": steps, "llc": np.array([[v, 10 * v]] * 3)} for head, v in value.items()}
+    estimates["L1H1"]["llc"][0] = np.nan
+    roles = {"induction": ["L1H0", "L1H1"], "previous-token": ["L0H1", "L0H0"], "bigram": ["L9H9", "L0H0"]}
+    curves = role_curves(estimates, roles)
+    assert set(curves) == {"induction", "previous-token", OTHERS}  # bigram's L9H9 was never estimated
+    np.testing.assert_array_equal(curves["induction"][1][1:], [[3.0, 40.0]] * 2)
+    assert np.isnan(curves["induction"][1][0, 1])
+    np.testing.assert_array_equal(curves["previous-token"][1], [[2.0, 10.0]] * 3)
+    # member 0's heads with no role: L0H0 and L1H1 (median 2.5, or 1 where L1H1 is missing);
+    # member 1's: L0H1 (the roles took L0H0, L1H1 and, from bigram's list, nothing more)
+    np.testing.assert_array_equal(curves[OTHERS][1], [[1.0, 20.0], [2.5, 20.0], [2.5, 20.0]])
 
 
 def test_critical_points_of_a_planted_llc_curve():
