@@ -99,7 +99,13 @@ def main() -> int:
         flush=True,
     )
     started = time.perf_counter()
-    ours = estimate_llc(loss, weights, sampler, anchor_loss=loss.at_anchor(weights), copies_per_pass=per_pass)
+    ours = estimate_llc(
+        loss,
+        weights,
+        sampler,
+        anchor_loss=loss.at_anchor(weights, per_pass * args.batch_size),
+        copies_per_pass=per_pass,
+    )
     ours_seconds = time.perf_counter() - started
     print(f"ours (batched): {ours_seconds:.1f} s", flush=True)
 

@@ -183,12 +183,14 @@ class PoolLoss:
         )
         return self.reduce(nll, picked)
 
-    def at_anchor(self, init: dict[str, torch.Tensor], chunk: int = 128):
+    def at_anchor(self, init: dict[str, torch.Tensor], sequences_per_pass: int = 2048):
         """``step -> (copy,)`` losses at w* = ``init`` (group, ...) on every step's batches, read
         from the per-position losses of every group on the whole pool, computed once here: the same
         numbers as ``self(repeated init, step)`` without a forward pass per draw (which cost a
-        quarter of the sampler's time). Copy c belongs to group c // (copies / groups)."""
+        quarter of the sampler's time). Copy c belongs to group c // (copies / groups). The pool
+        goes through in passes of about ``sequences_per_pass`` sequences over all groups."""
         groups = next(iter(init.values())).shape[0]
+        chunk = max(1, sequences_per_pass // groups)
         if self.n_copies % groups:
             raise ValueError(f"init: {groups} groups do not divide {self.n_copies} copies")
         model = self.model_for(groups)
@@ -255,6 +257,7 @@ def snapshot_llc(
     params = {name: value.to(device) for name, value in snapshot_params(weights, members).items()}
     mask = head_mask(params, *refinement.head) if refinement.head is not None else None
     on_cpu = torch.device(device).type == "cpu"
+    per_pass = copies_per_pass(cfg, batch_size, pool.tokens.shape[1]) if on_cpu else None
     loss = make_loss(model, pool, refinement, batch_size, seed)
     return estimate_llc(
         loss,
@@ -262,7 +265,7 @@ def snapshot_llc(
         sampler,
         mask=mask,
         seed=seed,
-        anchor_loss=loss.at_anchor(params),
+        anchor_loss=loss.at_anchor(params, per_pass * batch_size if per_pass else 2048),
         progress=progress,
-        copies_per_pass=copies_per_pass(cfg, batch_size, pool.tokens.shape[1]) if on_cpu else None,
+        copies_per_pass=per_pass,
     )

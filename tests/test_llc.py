@@ -239,7 +239,7 @@ def test_the_loss_at_w_star_read_from_the_pool_equals_a_forward_pass_at_w_star(p
     names = parse_language(spec).label_names
     refinement = Refinement(primitive or "model", label=names.index(primitive) if primitive else None)
     loss = make_loss(batched, pool, refinement, batch_size=4)
-    at_anchor = loss.at_anchor(params, chunk=5)  # chunks that do not divide the pool
+    at_anchor = loss.at_anchor(params, sequences_per_pass=10)  # 5 a pass: passes that do not divide the pool
     copies = {name: value.repeat_interleave(3, dim=0) for name, value in params.items()}
     for step in (0, 7, 31):
         with torch.no_grad():
