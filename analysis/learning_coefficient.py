@@ -128,7 +128,7 @@ def head_roles(timeline) -> dict[str, list[str]]:
 def role_curves(estimates: dict[str, dict[str, np.ndarray]], roles: dict[str, list[str]]):
     """Role -> (steps (snapshot,), llc (snapshot, member)): each member's head of that role,
     its head-refined LLC; ``other heads``: per member, the median over the heads that play no
-    role. Roles whose heads were not all estimated are left out."""
+    role. Roles whose heads were not all estimated are left out; none without other heads."""
     heads = sorted(n for n in estimates if n.startswith("L") and n[1:].replace("H", "").isdigit())
     if not heads:
         return {}
@@ -146,6 +146,6 @@ def role_curves(estimates: dict[str, dict[str, np.ndarray]], roles: dict[str, li
             rest = [estimates[h]["llc"][:, m] for h in heads if h not in cast[m]]
             if rest:
                 others[:, m] = np.nanmedian(np.stack(rest, 1), axis=1)
-    if curves and np.isfinite(others).any():
-        curves[OTHERS] = (steps, others)
-    return curves
+    if not (curves and np.isfinite(others).any()):
+        return {}  # nothing to compare a role with
+    return {**curves, OTHERS: (steps, others)}
