@@ -404,11 +404,9 @@ def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_i
     assert (tmp_path / "analysis" / "llc.png").is_file()
     from analysis.learning_coefficient import PREVIOUS_TOKEN, head_roles
 
-    roles = head_roles(timeline)
-    assert {"induction", "bigram", PREVIOUS_TOKEN} <= set(roles)
-    assert all(len(heads) == 2 for heads in roles.values()) and all(
-        h.startswith("L0H") for h in roles[PREVIOUS_TOKEN]
-    )
+    roles = head_roles(timeline)  # one layer: no induction circuit, so no previous-token head
+    assert {"induction", "bigram", "skip_trigram"} == set(roles) and PREVIOUS_TOKEN not in roles
+    assert all(len(heads) == 2 and all(h in ("L0H0", "L0H1") for h in heads) for heads in roles.values())
     empty = tmp_path / "bare"
     assert (
         main(
@@ -445,8 +443,22 @@ def test_role_curves_follow_each_members_own_head_against_its_heads_with_no_role
     assert np.isnan(curves["induction"][1][0, 1])
     np.testing.assert_array_equal(curves["previous-token"][1], [[2.0, 10.0]] * 3)
     # member 0's heads with no role: L0H0 and L1H1 (median 2.5, or 1 where L1H1 is missing);
-    # member 1's: L0H1 (the roles took L0H0, L1H1 and, from bigram's list, nothing more)
-    np.testing.assert_array_equal(curves[OTHERS][1], [[1.0, 20.0], [2.5, 20.0], [2.5, 20.0]])
+    # member 1's: L0H1 and L1H0 (the roles took L1H1 and L0H0), median 25
+    np.testing.assert_array_equal(curves[OTHERS][1], [[1.0, 25.0], [2.5, 25.0], [2.5, 25.0]])
+
+
+def test_the_previous_token_role_is_each_members_highest_scoring_layer_0_head():
+    from types import SimpleNamespace
+
+    from analysis.learning_coefficient import PREVIOUS_TOKEN, head_roles
+
+    names = ["induction/L0H0/prev_token", "induction/L0H1/prev_token", "induction/L1H0/copying"]
+    values = np.array([[[0.9, 0.1], [0.1, 0.2], [5.0, 5.0]], [[0.1, 0.3], [0.8, 0.2], [5.0, 5.0]]])
+    diagnostics = SimpleNamespace(
+        names=names, values=values, steps=np.array([10, 20])
+    )  # (row, metric, member)
+    roles = head_roles(SimpleNamespace(groups={"diagnostics": diagnostics}))
+    assert roles == {PREVIOUS_TOKEN: ["L0H1", "L0H0"]}  # from the last row only
 
 
 def test_critical_points_of_a_planted_llc_curve():
