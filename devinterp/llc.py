@@ -48,6 +48,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from devinterp.model import even_passes
+
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[Params, int], torch.Tensor]  # (params (copy, ...), step) -> (copy,) losses
 
@@ -114,21 +116,12 @@ def _repeat(params: Params, chains: int) -> Params:
     return {name: value.repeat_interleave(chains, dim=0) for name, value in params.items()}
 
 
-def _passes(n_copies: int, copies_per_pass: int | None) -> list[slice]:
-    """Slices of about equal size, at most ``copies_per_pass`` copies each (one: all)."""
-    if copies_per_pass is None or copies_per_pass >= n_copies:
-        return [slice(0, n_copies)]
-    count = math.ceil(n_copies / max(1, copies_per_pass))
-    size = math.ceil(n_copies / count)
-    return [slice(start, min(start + size, n_copies)) for start in range(0, n_copies, size)]
-
-
 def _loss_and_grads(
     loss: LossFn, params: Params, step: int, copies_per_pass: int | None
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(copy,) losses at ``params`` and their gradients, one forward and backward per pass."""
     n_copies = next(iter(params.values())).shape[0]
-    passes = _passes(n_copies, copies_per_pass)
+    passes = even_passes(n_copies, copies_per_pass)
     values, grads = [], [torch.empty_like(value) for value in params.values()]
     for copies in passes:
         part = {name: value[copies].detach().requires_grad_(True) for name, value in params.items()}

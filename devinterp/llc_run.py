@@ -30,7 +30,7 @@ from torch.func import functional_call
 from devinterp.language import parse_language
 from devinterp.language.corpus import load_corpus
 from devinterp.llc import LLCEstimate, SamplerConfig, estimate_llc
-from devinterp.model import ModelConfig, TensorTransformer
+from devinterp.model import ModelConfig, TensorTransformer, members_per_pass
 
 POOL_SEED = 1_000_003  # the LLC data pool's seed: fixed, so every snapshot sees the same data
 HEAD_PARAMETERS = ("W_Q", "W_K", "W_V", "W_O")  # per-head weights; W_Q, W_K: (member, layer, pair, head, ...)
@@ -212,16 +212,15 @@ class PoolLoss:
         return init_loss
 
 
-CACHE_BYTES = 32 * 2**20  # the last-level cache a pass of copies should fit (these CPUs: 32 MiB L3)
+LLC_PASS_BYTES = 32 * 2**20  # a pass's attention scores: these CPUs' last-level cache (32 MiB)
 
 
 def copies_per_pass(cfg: ModelConfig, batch_size: int, seq_len: int) -> int:
-    """How many copies one SGLD pass takes on a CPU: as many as keep one layer's attention scores
-    (copy, batch, head, pos, pos) in float32 within ``CACHE_BYTES``. Measured here (quickstart
-    size, batch 16; a forward and backward per pass): 7.1-7.7 ms per copy from 8 to 32 copies a
-    pass, 9.4 ms at 64 and 18.5 ms at 128, where the scores of all copies (130 MB) spill to memory."""
-    scores = batch_size * cfg.n_heads * (seq_len - 1) ** 2 * 4
-    return max(1, CACHE_BYTES // scores)
+    """How many chain copies one SGLD pass takes on a CPU (``members_per_pass`` at
+    ``LLC_PASS_BYTES``). Measured here (quickstart size, batch 16; a forward and backward per
+    pass): 7.1-7.7 ms per copy from 8 to 32 copies a pass, 9.4 ms at 64 and 18.5 ms at 128, where
+    the scores of all copies (130 MB) spill to memory."""
+    return members_per_pass(cfg.n_heads, batch_size, seq_len - 1, LLC_PASS_BYTES)
 
 
 def make_loss(

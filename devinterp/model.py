@@ -110,6 +110,22 @@ def rope_angles(n_ctx: int, d_head: int, base: float) -> tuple[Tensor, Tensor]:
     return angles.cos(), angles.sin()
 
 
+def even_passes(n: int, per_pass: int | None) -> list[slice]:
+    """Slices of ``range(n)`` of about equal size, at most ``per_pass`` each (None: one slice)."""
+    if per_pass is None or per_pass >= n:
+        return [slice(0, n)]
+    count = math.ceil(n / max(1, per_pass))
+    size = math.ceil(n / count)
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def members_per_pass(n_heads: int, batch_size: int, seq_len: int, budget_bytes: int) -> int:
+    """How many members (or LLC chain copies) one pass takes on a CPU: as many as keep one
+    layer's attention scores (member, batch, head, pos, pos) in float32 within ``budget_bytes``,
+    at least one. The callers' budgets are measured (devinterp.module, devinterp.llc_run)."""
+    return max(1, budget_bytes // (batch_size * n_heads * seq_len**2 * 4))
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate consecutive pairs (x_2i, x_2i+1) of the last axis by position. x (..., pos, d_head).
 
@@ -159,6 +175,7 @@ class TensorTransformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, seed: int = 0):
         super().__init__()
+        self._twins: dict[int, TensorTransformer] = {}  # by member count, for ``in_passes``
         self.cfg = cfg
         M, L, P, H = cfg.n_members, cfg.n_layers, cfg.n_pairs, cfg.n_heads
         D, dh, V, F = cfg.d_model, cfg.d_head, cfg.d_vocab, cfg.d_mlp
@@ -311,6 +328,28 @@ class TensorTransformer(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens (member, batch, pos) int -> logits (member, batch, pos, d_vocab)."""
         return self.unembed(self.blocks(self.embed(tokens)))
+
+    def in_passes(self, tokens: Tensor, members_per_pass: int) -> Tensor:
+        """``forward(tokens)`` computed for about ``members_per_pass`` members at a time (the
+        same function: members are independent), each pass through a twin of this model holding
+        that pass's slices of the weights (gradients reach the weights through the slices). On a
+        CPU a pass whose attention scores fit the cache is faster per member than one pass over
+        all (``members_per_pass``)."""
+        passes = even_passes(tokens.shape[0], members_per_pass)
+        if len(passes) == 1:
+            return self(tokens)
+        params, buffers = dict(self.named_parameters()), dict(self.named_buffers())
+        logits = []
+        for members in passes:
+            size = members.stop - members.start
+            if size not in self._twins:
+                twin = TensorTransformer(ModelConfig(**{**self.cfg.__dict__, "n_members": size}))
+                self._twins[size] = twin.to(tokens.device)
+            part = {name: value[members] for name, value in params.items()}
+            logits.append(
+                torch.func.functional_call(self._twins[size], {**part, **buffers}, (tokens[members],))
+            )
+        return torch.cat(logits)
 
     def run_with_patterns(self, tokens: Tensor) -> tuple[Tensor, list[Tensor]]:
         """tokens (member, batch, pos) -> logits and every layer's attention pattern

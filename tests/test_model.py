@@ -122,6 +122,21 @@ def test_members_are_independent_models():
         torch.testing.assert_close(alone(tokens[k : k + 1])[0], logits[k], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention,positions", [("bilinear", "rope"), ("softmax", "learned")])
+@pytest.mark.parametrize("per_pass", [1, 2, 3])
+def test_a_forward_in_passes_of_members_is_the_forward_with_its_gradients(attention, positions, per_pass):
+    """5 members in passes of 1, 2 (3, 2 after evening out) or 3: the same logits and the same
+    gradient for every weight as one pass over all."""
+    model = make_model(attention, positions, mlp=True, n_members=5).double()  # float32 sums differ in order
+    tokens = torch.randint(11, (5, 3, 9), generator=torch.Generator().manual_seed(0))
+    whole = model(tokens)
+    grads = torch.autograd.grad(whole.square().sum(), list(model.parameters()))
+    parts = model.in_passes(tokens, per_pass)
+    torch.testing.assert_close(parts, whole, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(torch.autograd.grad(parts.square().sum(), list(model.parameters())), grads):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_bilinear_mlp_is_the_elementwise_product_of_two_linear_maps():
     model = make_model(mlp=True)
     x = torch.randn(2, 1, 5, 12)
