@@ -199,7 +199,7 @@ def measure(steps: int, warmup: int) -> list[tuple[str, str, str]]:
     batched, single = llc_step(ENSEMBLE, 8), llc_step(1, 1)
     rows.append(
         (
-            f"llc: {ENSEMBLE} x 8 chains in one pass vs one chain at a time",
+            f"llc: {ENSEMBLE} x 8 chains at once vs one at a time",
             f"{ENSEMBLE * 8 * single / batched:.1f}x",
             ">= 20x",
         )
@@ -214,20 +214,19 @@ def llc_step(members: int, chains: int, draws: int = 60) -> float:
     import yaml
     from common import ROOT, load_run_config
 
+    from devinterp.language import parse_language
     from devinterp.llc import SamplerConfig
     from devinterp.llc_run import DataPool, Refinement, snapshot_llc
     from devinterp.model import ModelConfig, TensorTransformer
 
     config = load_run_config("quickstart")
-    fields = {k: v for k, v in config["model"].items() if k in ModelConfig.__dataclass_fields__}
-    weights = {
-        name: value.detach().numpy()
-        for name, value in TensorTransformer(
-            ModelConfig(**{**fields, "n_members": members})
-        ).named_parameters()
-    }
     spec = yaml.safe_load((ROOT / config["data"]["language"]).read_text())
-    pool = DataPool.from_spec(spec, 1024, config["data"]["seq_len"])
+    seq_len = config["data"]["seq_len"]
+    config["model"].update(d_vocab=parse_language(spec).d_vocab, n_ctx=seq_len)  # as the CLI links them
+    fields = {k: v for k, v in config["model"].items() if k in ModelConfig.__dataclass_fields__}
+    model = TensorTransformer(ModelConfig(**{**fields, "n_members": members}))
+    weights = {name: value.detach().numpy() for name, value in model.named_parameters()}
+    pool = DataPool.from_spec(spec, 1024, seq_len)
     draws = 3 if DEVICE == "cpu" else draws
 
     def seconds(n: int) -> float:
