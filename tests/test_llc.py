@@ -358,7 +358,11 @@ def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_i
         (["--eps-for", "nope=1e-4"], "--eps-for: expected NAME=EPS"),
         (["--eps-for", "induction=1e-3"], "induction was estimated with eps 0.0001 (step 0), asked 0.001"),
         (["--refinements", "model", "--redo", "induction"], "--redo: 'induction' is not among"),
-    ]:
+    ] + (
+        [(["--device", "cuda"], "--device: cuda asked for, but torch sees no CUDA")]
+        if not torch.cuda.is_available()
+        else []
+    ):
         argv = ["llc", str(run), *settings, *bad]
         assert main(argv) == 2, bad
         err = capsys.readouterr().err
