@@ -421,9 +421,17 @@ def write(path: Path, store: dict, settings: dict) -> None:
 
 
 def calibration_flags(estimate) -> list[str]:
-    """What is wrong with a setting's chains: below L(w*), diverged, or not levelled off (the last
-    quarter of the draws' mean loss still moves by over 10% of its rise above L(w*) from the third)."""
+    """What is wrong with a setting's chains: below L(w*), diverged, not levelled off (the last
+    quarter of the draws' mean loss still moves by over 10% of its rise above L(w*) from the
+    third), or too short: fewer steps than the localisation's relaxation time 2 / (eps gamma) (in
+    flat directions only the gamma term pulls the chain, by eps gamma / 2 a step; RMSProp's
+    preconditioner, at most 1, only lengthens it), so the chain cannot have reached equilibrium
+    however level its loss looks."""
     flags = []
+    config = estimate.config
+    steps = config.burn_in + config.draws * config.steps_between_draws
+    if config.gamma > 0 and steps < 2 / (config.eps * config.gamma):
+        flags.append(f"shorter than 2/(eps gamma) = {2 / (config.eps * config.gamma):.0f} steps")
     if estimate.below_init.any():
         flags.append("below L(w*)")
     if estimate.diverged.any():

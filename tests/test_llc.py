@@ -495,12 +495,13 @@ def test_calibration_flags_name_what_went_wrong():
 
     draws = np.arange(40.0)
 
-    def made(trace, below=False, diverged=False):
+    def made(trace, below=False, diverged=False, eps=1e-3):
         return SimpleNamespace(
             loss_trace=np.broadcast_to(trace, (1, 2, 40)),
             init_loss=np.array([1.0]),
             below_init=np.array([[below, False]]),
             diverged=np.array([[False, diverged]]),
+            config=SamplerConfig(n_beta=10.0, eps=eps, gamma=100.0, draws=40),
         )
 
     levelled = 1.0 + 0.5 * (1 - np.exp(-draws / 3))  # rises and settles within the first quarter
@@ -508,3 +509,5 @@ def test_calibration_flags_name_what_went_wrong():
     assert calibration_flags(made(levelled)) == []
     assert calibration_flags(made(climbing)) == ["not levelled off"]
     assert calibration_flags(made(levelled, below=True, diverged=True)) == ["below L(w*)", "diverged"]
+    # 40 steps at eps 1e-3, gamma 100 outlast the localisation's 2 / (eps gamma) = 20; at 1e-4 (200) not
+    assert calibration_flags(made(levelled, eps=1e-4)) == ["shorter than 2/(eps gamma) = 200 steps"]
