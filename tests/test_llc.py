@@ -511,3 +511,28 @@ def test_calibration_flags_name_what_went_wrong():
     assert calibration_flags(made(levelled, below=True, diverged=True)) == ["below L(w*)", "diverged"]
     # 40 steps at eps 1e-3, gamma 100 outlast the localisation's 2 / (eps gamma) = 20; at 1e-4 (200) not
     assert calibration_flags(made(levelled, eps=1e-4)) == ["shorter than 2/(eps gamma) = 200 steps"]
+
+
+def test_a_sidecar_from_before_step_sizes_were_kept_reads_as_made_at_its_eps(tmp_path):
+    """An llc.h5 without the ``eps`` datasets (written before --eps-for) reads as made at the
+    file's --eps, so a rerun at that eps goes on and one at another eps is refused."""
+    import h5py
+
+    from devinterp.llc_cli import check_step_sizes, read, write
+
+    settings = {"sampler": {"eps": 1e-3, "n_beta": 10.0}, "members": [0], "seed": 0}
+    entry = {
+        "llc": np.array([2.0]),
+        "std_error": np.array([0.1]),
+        "diverged": np.array([0]),
+        "eps": np.float64(1e-3),
+    }
+    path = tmp_path / "llc.h5"
+    write(path, {(5, "model"): entry, (9, "model"): entry}, settings)
+    with h5py.File(path, "a") as f:
+        del f["model/eps"]
+    store = read(path, settings)
+    assert [float(found["eps"]) for found in store.values()] == [1e-3, 1e-3]
+    check_step_sizes(path, store, {}, 1e-3)  # the same eps: goes on
+    with pytest.raises(ValueError, match="model was estimated with eps 0.001 \\(step 5\\), asked 0.0001"):
+        check_step_sizes(path, store, {"model": 1e-4}, 1e-3)
