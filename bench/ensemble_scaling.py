@@ -12,9 +12,9 @@ kernels), not arithmetic. On 2 CPU cores one quickstart member already runs its 
 at about a quarter of the cores' peak (~0.9 GFLOP per step in ~18 ms), so there is little
 overhead to save. What does cost is the cache: one pass over all 16 members' attention scores
 (2 MiB each) spills it (0.81-0.96x), so the training step takes the members in passes
-(``model.members_per_pass``; 2 at a time here): 1.05x for 16, 1.38x with batch 8 (--batch-size
-8). The gain is large where one small model leaves the hardware idle: on a GPU, or with many
-small models.
+(``model.members_per_pass``; one at a time here, four with batch 8): 1.08x for 16, 1.57x with
+batch 8 (--batch-size 8). The gain is large where one small model leaves the hardware idle: on a
+GPU, or with many small models.
 
     python bench/ensemble_scaling.py [--steps 8] [--repeats 3]
 """

@@ -29,10 +29,10 @@ from devinterp.model import (
 )
 from devinterp.probe import grouped_mean, grouped_sums, position_losses
 
-# a training pass's attention scores on a CPU: 16 quickstart members (batch 32, 2 MiB of scores
-# each) in passes of 2 stepped 1.08x as fast as 16 one-member models, in one pass 0.81x
-# (bench/ensemble_scaling.py)
-TRAIN_PASS_BYTES = 4 * 2**20
+# a training pass's attention scores on a CPU. Quickstart members (batch 32) hold 2 MiB each; a
+# step of 16 took 261 ms in one pass, 216 in passes of 4, 212 of 2, 210 of 1 (4 members: 67, 57,
+# 54 ms in passes of 4, 2, 1), so a pass holds what fits 2 MiB (bench/ensemble_scaling.py)
+TRAIN_PASS_BYTES = 2 * 2**20
 
 Schedule = Literal["constant", "cosine"]
 
@@ -51,7 +51,7 @@ class TensorTransformerModule(L.LightningModule):
             sequences); both compute the same function.
         members_per_pass: members in one forward pass while training (the same function; see
             ``TensorTransformer.in_passes``): None (the default) takes, on a CPU, as many as keep
-            a layer's attention scores within 4 MiB (``TRAIN_PASS_BYTES``), on a GPU all of them.
+            a layer's attention scores within 2 MiB (``TRAIN_PASS_BYTES``), on a GPU all of them.
         compile: train through ``torch.compile(model, fullgraph=True)``: a graph break or a
             recompilation past the limit is an error, never a silent fall-back to eager. Probes
             and circuit metrics use the eager model.
