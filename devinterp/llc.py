@@ -204,10 +204,11 @@ def estimate_llc(
                         square_mean[name].mul_(decay).add_((1 - decay) * loss_grad**2)
                         adapted[name] = step + 1
                     corrected = square_mean[name] / (1 - decay ** adapted[name])
-                    scale = 1 / (corrected.sqrt() + config.rmsprop_delta)
-                else:
-                    scale = torch.ones_like(weight)
-                update = -0.5 * config.eps * scale * drift + (config.eps * scale).sqrt() * noise
+                    step_size = config.eps / (corrected.sqrt() + config.rmsprop_delta)
+                    noise_size = step_size.sqrt()
+                else:  # plain SGLD: scalars, no per-weight tensors
+                    step_size, noise_size = config.eps, math.sqrt(config.eps)
+                update = -0.5 * step_size * drift + noise_size * noise
                 if name in masks:
                     update = update * masks[name]
                 weight.add_(update)

@@ -19,7 +19,7 @@ Conventions, stated once:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +147,6 @@ class PoolLoss:
         self.model, self.pool, self.refinement = model, pool, refinement
         self.batch_size, self.seed = batch_size, seed
         self.n_copies = model.cfg.n_members
-        self.models = {self.n_copies: model}  # by number of copies, for passes over some of them
 
     def batch(self, step: int) -> torch.Tensor:
         """(copy, batch) pool indices of every copy's batch at ``step``."""
@@ -164,19 +163,13 @@ class PoolLoss:
         keep = keep.to(nll.dtype)
         return (nll * keep).sum(dim=1) / keep.sum(dim=1)
 
-    def model_for(self, n_copies: int) -> TensorTransformer:
-        if n_copies not in self.models:
-            twin = TensorTransformer(replace(self.model.cfg, n_members=n_copies))
-            self.models[n_copies] = twin.to(next(self.model.parameters()).device)
-        return self.models[n_copies]
-
     def __call__(
         self, params: dict[str, torch.Tensor], step: int, copies: slice = slice(None)
     ) -> torch.Tensor:
         """The losses of the copies ``copies`` (all by default) at ``params`` (those copies, ...)."""
         picked = self.batch(step)[copies]
         tokens = self.pool.tokens[picked]  # (copy, batch, pos)
-        model = self.model_for(len(picked))
+        model = self.model.twin(len(picked))
         logits = functional_call(model, params, (tokens[..., :-1],))  # (copy, batch, pos - 1, vocab)
         nll = torch.nn.functional.cross_entropy(
             logits.flatten(0, 2).float(), tokens[..., 1:].flatten(), reduction="none"
@@ -193,7 +186,7 @@ class PoolLoss:
         chunk = max(1, sequences_per_pass // groups)
         if self.n_copies % groups:
             raise ValueError(f"init: {groups} groups do not divide {self.n_copies} copies")
-        model = self.model_for(groups)
+        model = self.model.twin(groups)
         pool_nll = torch.empty(groups, *self.pool.tokens[:, 1:].shape, device=self.pool.tokens.device)
         with torch.no_grad():
             for start in range(0, len(self.pool.tokens), chunk):

@@ -175,7 +175,7 @@ class TensorTransformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, seed: int = 0):
         super().__init__()
-        self._twins: dict[int, TensorTransformer] = {}  # by member count, for ``in_passes``
+        self._twins: dict[int, TensorTransformer] = {}  # by member count (``twin``)
         self.cfg = cfg
         M, L, P, H = cfg.n_members, cfg.n_layers, cfg.n_pairs, cfg.n_heads
         D, dh, V, F = cfg.d_model, cfg.d_head, cfg.d_vocab, cfg.d_mlp
@@ -341,15 +341,21 @@ class TensorTransformer(nn.Module):
         params, buffers = dict(self.named_parameters()), dict(self.named_buffers())
         logits = []
         for members in passes:
-            size = members.stop - members.start
-            if size not in self._twins:
-                twin = TensorTransformer(ModelConfig(**{**self.cfg.__dict__, "n_members": size}))
-                self._twins[size] = twin.to(tokens.device)
             part = {name: value[members] for name, value in params.items()}
-            logits.append(
-                torch.func.functional_call(self._twins[size], {**part, **buffers}, (tokens[members],))
-            )
+            twin = self.twin(members.stop - members.start)
+            logits.append(torch.func.functional_call(twin, {**part, **buffers}, (tokens[members],)))
         return torch.cat(logits)
+
+    def twin(self, n_members: int) -> TensorTransformer:
+        """A model of this architecture with ``n_members`` members on this model's device (this
+        model itself for its own count), made once per count: the module that
+        ``torch.func.functional_call`` runs with other weights (passes, LLC chain copies)."""
+        if n_members == self.cfg.n_members:
+            return self
+        if n_members not in self._twins:
+            twin = TensorTransformer(ModelConfig(**{**self.cfg.__dict__, "n_members": n_members}))
+            self._twins[n_members] = twin.to(self.W_E.device)
+        return self._twins[n_members]
 
     def run_with_patterns(self, tokens: Tensor) -> tuple[Tensor, list[Tensor]]:
         """tokens (member, batch, pos) -> logits and every layer's attention pattern
