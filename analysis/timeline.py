@@ -140,6 +140,11 @@ def open_timeline(path: str | Path) -> h5py.File:
                 f"{path}: a run is writing it without SWMR (a file from before every timeline was "
                 "written in SWMR mode); read it when the run ends"
             ) from None
+        if "not already open for SWMR writing" in str(error):  # a version that named the file early
+            raise TimelineError(
+                f"{path}: its run was killed while creating it, before any row was written; "
+                f"start the run again (h5clear -s {path} makes the empty file readable)"
+            ) from None
         raise TimelineError(f"{path}: not a readable HDF5 file ({error})") from None
 
 

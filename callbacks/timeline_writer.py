@@ -13,9 +13,10 @@ at a step's end the writer holds every row of that step; a step reaches the logg
 all its rows have (a probe row evaluated after the last update of a block waits for the next).
 
 A killed run keeps every row up to its last commit, and a checkpoint commits first. The file is
-written in SWMR mode from its creation (structure flushed before the first step), so a kill at
-any moment leaves a file that opens with zero or more committed rows, and another process can
-read it while it is written (``h5py.File(path, "r", swmr=True, libver="latest")``;
+built as ``timeline.h5.partial``, switched to SWMR mode with its structure flushed, and only
+then renamed to the timeline (before the first step), so a kill at any moment leaves either no
+timeline or one that opens with zero or more committed rows, and another process can read it
+while it is written (``h5py.File(path, "r", swmr=True, libver="latest")``;
 analysis.load_timeline does this). A killed writer leaves the file marked open for writing: a
 plain ``h5py.File(path, "r")`` or h5ls refuses it until ``h5clear -s path`` (hdf5-tools);
 load_timeline and a resume read it as it is and never alter it. Non-finite values are caught
@@ -24,8 +25,8 @@ first bad step and metric named. Only global rank zero writes.
 
 Resume: a run restored from a checkpoint at step r copies the old file's committed rows before
 r into a fresh file, checked against the metrics this run declares, and replaces the old file
-only once the copy is complete (a killed SWMR writer leaves flags that forbid reopening the file
-for writing; a copy needs none of that). Rows from r on are computed again.
+only once the copy is complete and in SWMR mode (a killed SWMR writer leaves flags that forbid
+reopening the file for writing; a copy needs none of that). Rows from r on are computed again.
 
 Loggers: ``meta/logged_through`` (the last step handed to them) is flushed before the hand-over.
 A resumed run skips every step at or below the old file's ``logged_through``, so no step reaches
@@ -298,15 +299,25 @@ class TimelineWriter(L.Callback):
         self._create_snapshots(f, trainer, pl_module)
         return f
 
+    def _partial(self) -> Path:
+        """Where a file is built before it takes the timeline's name (new, or a resume's copy)."""
+        return self.path.with_name(self.path.name + ".partial")
+
     def _start(self, f: h5py.File) -> None:
-        """Switch to SWMR writing once every dataset exists, and flush: from here on the file on
-        disk is valid after a kill at any moment (SWMR orders its metadata writes so a reader
-        never sees a half-written structure; a plain HDF5 file is not crash-consistent while it
-        is written), and another process can read it while it is written."""
+        """Switch the file built at ``_partial()`` to SWMR writing once every dataset exists,
+        flush, and only then give it the timeline's name (a rename of the open file: the handle
+        writes on). From here on the file on disk is valid after a kill at any moment (SWMR orders
+        its metadata writes so a reader never sees a half-written structure; a plain HDF5 file is
+        not crash-consistent while it is written), and another process can read it while it is
+        written. A kill before the rename leaves only the partial file, which the next run
+        overwrites: a file marked open for writing without SWMR opens in no mode without
+        ``h5clear``, so it must never carry the timeline's name (nor replace a resumed run's
+        rows)."""
         self.file = f
         f.flush()
         f.swmr_mode = True
         f.flush()
+        os.replace(self._partial(), self.path)
 
     def _config_text(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
         """The run's resolved config (every section, from the CLI) with the model and data
@@ -410,9 +421,8 @@ class TimelineWriter(L.Callback):
             old = open_timeline(self.path)
         except TimelineError as error:
             raise TimelineWriteError(f"cannot resume: {error}") from None
-        partial = self.path.with_name(self.path.name + ".resume")
         with old:
-            new = self._create(trainer, pl_module, partial)
+            new = self._create(trainer, pl_module, self._partial())
             try:
                 for name, group in self.groups.items():
                     if name not in old:  # a group this version adds: it starts at the resumed step
@@ -450,10 +460,10 @@ class TimelineWriter(L.Callback):
                     self._logged_before = self._logged_through = int(old["meta/logged_through"][0])
                     new["meta/logged_through"][0] = self._logged_through
                 new.flush()
-            finally:
+            except BaseException:
                 new.close()
-        os.replace(partial, self.path)  # the old file stays whole until the copy is complete
-        self._start(h5py.File(self.path, "r+", libver="latest"))
+                raise
+        self._start(new)  # the old file stays whole until the copy is complete and SWMR
         self._replay_lost_logs(trainer, step)
 
     def _replay_lost_logs(self, trainer: L.Trainer, step: int) -> None:
@@ -545,7 +555,7 @@ class TimelineWriter(L.Callback):
             raise TimelineWriteError(f"{self.path}: cannot write the timeline ({error})") from None
         self._check_space(trainer, pl_module)
         try:
-            self._start(self._create(trainer, pl_module, self.path))
+            self._start(self._create(trainer, pl_module, self._partial()))
         except OSError as error:
             raise TimelineWriteError(f"{self.path}: cannot write the timeline ({error})") from None
 

@@ -56,3 +56,27 @@ class KillInCommit(L.Callback):
                 os.kill(os.getpid(), signal.SIGKILL)
 
         writer._write_rows = write_then_kill
+
+
+class KillBeforeSwmr(L.Callback):
+    """Kill the process while the timeline is being created: every dataset made and flushed,
+    the file not yet switched to SWMR (the window an outside kill hits on a loaded machine)."""
+
+    def __init__(self, marker: str = "killed"):
+        self.marker = marker
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from callbacks.timeline_writer import TimelineWriter
+
+        writer = next(c for c in trainer.callbacks if isinstance(c, TimelineWriter))
+        marker = Path(trainer.default_root_dir) / self.marker
+
+        def flush_then_kill(f) -> None:
+            if not marker.exists():
+                f.flush()
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+            start(f)
+
+        start = writer._start
+        writer._start = flush_then_kill

@@ -4,7 +4,8 @@ Real ``devinterp fit`` processes are SIGKILLed at every phase of a step: before 
 (no checkpoint yet: the resume restarts from step 0), just after a flush, in the middle of a
 buffer, between a checkpoint and the next flush, inside a commit (a test hook stops the process
 after rows are written and before they are marked committed; once in a flush's commit, once in
-a checkpoint's), and once from outside at a random moment; with checkpoint cadences that do (10)
+a checkpoint's), while the timeline is created (before it is SWMR: it must not yet carry the
+timeline's name), and once from outside at a random moment; with checkpoint cadences that do (10)
 and do not (7) divide the flush cadence (5). Every timeline is written in SWMR mode, so there is
 no separate live mode left to vary. They run beside one uninterrupted reference run of the same
 config. Every killed timeline must open and hold a prefix of the reference's rows, covering
@@ -43,6 +44,7 @@ KILLS = {
     "after-checkpoint": (7, ("KillAt", {"step": 8, "at": "batch_start"}), True),
     "in-flush-commit": (10, ("KillInCommit", {"step": 20}), True),
     "in-checkpoint-commit": (7, ("KillInCommit", {"step": 13}), False),
+    "in-create": (10, ("KillBeforeSwmr", {}), False),
 }
 
 
@@ -145,6 +147,11 @@ def test_killed_timelines_open_with_a_prefix_of_the_rows_covering_the_checkpoint
         assert results[name][2] == -signal.SIGKILL, (name, results[name][1][-2000:])
         path = root / name / "timeline.h5"
         claimed = checkpoint_step(root / name)
+        if name == "in-create":  # killed before the file was valid: it never took the timeline's name
+            assert not path.exists() and claimed == 0
+            with pytest.raises(OSError):  # marked open for writing without SWMR: no mode opens it
+                h5py.File(path.with_name("timeline.h5.partial"), "r", swmr=True, libver="latest")
+            continue
         for group in GROUPS:
             steps, values = rows(path, group)
             want_steps, want_values = reference[group]
@@ -193,7 +200,7 @@ def test_resumed_runs_equal_the_uninterrupted_run_bit_for_bit(resumed_runs):
         assert got.keys() == want.keys()
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name} snapshot {key}")
-        assert not list((root / name).glob("*.resume"))
+        assert not list((root / name).glob("*.partial"))
     notice = results["before-first-flush"][0] + results["before-first-flush"][1]
     assert notice.count("no checkpoint yet; restarting the run from step 0") == 1
 

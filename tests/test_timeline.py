@@ -316,6 +316,16 @@ def test_load_timeline_reads_committed_rows_and_progress(tmp_path):
     assert len(load_timeline(path).steps("every_step")) == 7
 
 
+def killed_before_swmr(path) -> None:
+    """A file whose writer was SIGKILLed after creating it, before switching to SWMR (what a
+    version that named the timeline before its SWMR switch left on an early kill)."""
+    code = (
+        "import h5py, os, signal; f = h5py.File({!r}, 'w', libver='latest'); f.create_group('meta'); "
+        "f.flush(); os.kill(os.getpid(), signal.SIGKILL)"
+    ).format(str(path))
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+
+
 @pytest.mark.parametrize(
     "make,message",
     [
@@ -326,6 +336,7 @@ def test_load_timeline_reads_committed_rows_and_progress(tmp_path):
             "unknown timeline schema version '99'",
         ),
         (lambda p: None, "no such timeline file"),
+        (lambda p: killed_before_swmr(p), "killed while creating it, before any row was written"),
     ],
 )
 def test_load_timeline_refuses_other_files(tmp_path, make, message):
