@@ -2,9 +2,10 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import chisquare
 
-from devinterp.language import SpecError, load_language, parse_language
+from devinterp.language import Sample, SpecError, load_language, parse_language
 from tests.conftest import (
     BRACKET_SPEC,
     MIXING_SPEC,
@@ -24,6 +25,18 @@ SPECS = {
     "quoting": QUOTE_SPEC,
     "bracketing": BRACKET_SPEC,
 }
+
+
+SAMPLERS = ("numpy", "device")  # the device sampler runs here in torch on the CPU
+
+
+def draw(language, n, seq_len, seed, sampler="numpy"):
+    """``language.sample`` by either sampler, as numpy arrays."""
+    if sampler == "numpy":
+        return language.sample(n, seq_len, seed)
+    sample = language.sample_streams(n, seq_len, [seed], device="cpu")[0]
+    assert all(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in sample)
+    return Sample(*(a.numpy() for a in sample))
 
 
 @pytest.fixture(scope="module")
@@ -63,22 +76,26 @@ def test_true_next_dist_matches_reference_on_sampled_sequences(name):
         )
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("name", SPECS)
-def test_labels_match_reference_precedence(name):
+def test_labels_match_reference_precedence(name, sampler):
     spec = SPECS[name]
     language = parse_language(copy.deepcopy(spec))
-    sample = language.sample(60, 20, seed=5)
+    sample = draw(language, 60, 20, 5, sampler)
     for row in range(sample.tokens.shape[0]):
         seq = language.decode(sample.tokens[row])
         got = [language.label_names[i] for i in sample.labels[row, 1:]]
         assert got == [reference_label(spec, seq, t) for t in range(len(seq) - 1)]
-    np.testing.assert_array_equal(language.label(sample.tokens)[0], sample.labels)
+    labels, rules = language.label(sample.tokens)
+    np.testing.assert_array_equal(labels, sample.labels)
+    np.testing.assert_array_equal(rules, sample.rules)
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("name", SPECS)
-def test_logp_is_log_of_true_next_dist_at_the_sampled_token(name):
+def test_logp_is_log_of_true_next_dist_at_the_sampled_token(name, sampler):
     language = parse_language(copy.deepcopy(SPECS[name]))
-    sample = language.sample(200, 32, seed=11)
+    sample = draw(language, 200, 32, 11, sampler)
     dist = language.true_next_dist(sample.tokens)
     n, T = sample.tokens.shape
     picked = dist[np.arange(n)[:, None], np.arange(T - 1)[None, :], sample.tokens[:, 1:]]
@@ -87,13 +104,15 @@ def test_logp_is_log_of_true_next_dist_at_the_sampled_token(name):
     np.testing.assert_allclose(dist.sum(-1), 1.0, atol=1e-12)
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("name", SPECS)
-def test_sampled_tokens_follow_the_exact_next_token_distribution(name):
+def test_sampled_tokens_follow_the_exact_next_token_distribution(name, sampler):
     """The sampler draws without forming the mixture (rule first, then token); summed over all
     positions, each token's count must match its expected count under ``true_next_dist``
-    (a sum of Bernoullis: z-score against its exact variance)."""
+    (a sum of Bernoullis: z-score against its exact variance). The device sampler's stream is
+    another than numpy's, so this, not bit-identity, is what checks it."""
     language = parse_language(copy.deepcopy(SPECS[name]))
-    sample = language.sample(3000, 16, seed=13)
+    sample = draw(language, 3000, 16, 13, sampler)
     dist = language.true_next_dist(sample.tokens)[:, :-1].reshape(-1, language.d_vocab)  # (n * (T-1), V)
     observed = np.bincount(sample.tokens[:, 1:].ravel(), minlength=language.d_vocab)
     expected, variance = dist.sum(0), (dist * (1 - dist)).sum(0)
@@ -102,20 +121,30 @@ def test_sampled_tokens_follow_the_exact_next_token_distribution(name):
     assert np.abs(z).max() < 4.5, language.decode(np.flatnonzero(variance > 0)[np.abs(z) > 4.5])
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("name", SPECS)
-def test_streams_sampled_together_equal_streams_sampled_alone(name):
+def test_streams_sampled_together_equal_streams_sampled_alone(name, sampler):
     language = parse_language(copy.deepcopy(SPECS[name]))
     seeds = [[0, 4], [1, 4], [9, 2]]
-    for seed, together in zip(seeds, language.sample_streams(50, 20, seeds)):
-        alone = language.sample(50, 20, seed)
+    device = None if sampler == "numpy" else "cpu"
+    for seed, together in zip(seeds, language.sample_streams(50, 20, seeds, device)):
+        alone = draw(language, 50, 20, seed, sampler)
         for a, b in zip(together, alone):
-            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(np.asarray(a), b)
 
 
-def test_sampling_is_reproducible_and_seed_dependent(seed_language):
-    a, b, c = (seed_language.sample(8, 32, seed=s) for s in (1, 1, 2))
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sampling_is_reproducible_and_seed_dependent(seed_language, sampler):
+    a, b, c, d = (draw(seed_language, 8, 32, s, sampler) for s in (1, 1, 2, [1, 1]))
     np.testing.assert_array_equal(a.tokens, b.tokens)
-    assert not np.array_equal(a.tokens, c.tokens)
+    assert not np.array_equal(a.tokens, c.tokens) and not np.array_equal(a.tokens, d.tokens)
+
+
+def test_the_device_stream_is_another_stream_of_the_same_language(seed_language):
+    """The two samplers share no generator: their tokens differ (and both pass the tests above)."""
+    assert not np.array_equal(
+        draw(seed_language, 8, 32, 1).tokens, draw(seed_language, 8, 32, 1, "device").tokens
+    )
 
 
 # ---- sampled frequencies against the spec (chi-square) ---------------------------------------

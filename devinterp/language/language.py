@@ -17,12 +17,15 @@ Conventions (docs/architecture.md):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
+from devinterp.language.arrays import NUMPY, Array, TorchArrays, arrays_of, torch_arrays
 from devinterp.language.primitive import Primitive, RowTable
 from devinterp.language.primitives import PRIMITIVES
 from devinterp.language.primitives.category import CategoryTransition
@@ -36,6 +39,12 @@ from devinterp.language.spec import (
 )
 
 START = "start"
+
+
+def device_seed(seed: int | list[int]) -> int:
+    """The seed of torch's generator for a stream seed (an int or a list such as [stream, block]):
+    numpy's SeedSequence hashes it to 63 bits, so nearby seeds give unrelated streams."""
+    return int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def plogp(dist: np.ndarray) -> np.ndarray:
@@ -67,6 +76,7 @@ class Language:
         self.rule_label = np.repeat(np.arange(1, len(self.primitives) + 1), np.diff(self.rule_offsets))
         self.seq_len: int | None = None
         self.start_rows = RowTable(self.start_dist)  # one row: position 0's distribution
+        self._on_device: dict[torch.device, Language] = {}  # this language for the device sampler
 
     @property
     def d_vocab(self) -> int:
@@ -82,25 +92,25 @@ class Language:
 
     # ---- the mixture at one position -------------------------------------------------------
 
-    def _mixture_at(self, states: list, tokens: np.ndarray, t: int):
+    def _mixture_at(self, states: list, tokens: Array, t: int):
         """Every primitive's firing at position t, suppression applied, with the mixture weight
         each gets (P, n), the position's label and its rule."""
-        n = tokens.shape[0]
-        label = np.zeros(n, dtype=np.int64)
-        rule = np.full(n, -1, dtype=np.int64)
-        remaining = np.ones(n)  # probability mass not yet claimed by higher-priority rules
+        n, xp = tokens.shape[0], arrays_of(tokens)
+        label = xp.zeros(n, xp.int64)
+        rule = xp.full(n, -1)
+        remaining = xp.full(n, 1.0, xp.float64)  # probability mass not yet claimed by higher-priority rules
         firings = [primitive.fire(state, tokens, t) for primitive, state in zip(self.primitives, states)]
         for primitive, firing in zip(self.primitives, firings):  # suppression: off where the suppressor fires
             for name in primitive.suppresses:
                 if name in self.label_names:  # a knocked-out primitive needs no switching off
                     suppressed = firings[self.label_names.index(name) - 1]
                     suppressed.fires = suppressed.fires & ~firing.fires
-        weights = np.empty((len(firings), n))
+        weights = xp.zeros((len(firings), n))
         for i, (primitive, firing) in enumerate(zip(self.primitives, firings)):
-            weights[i] = remaining * (firing.fires * primitive.p)
+            weights[i] = remaining * (xp.as_float(firing.fires) * primitive.p)
             first = firing.fires & (label == 0)
             label[first] = i + 1
-            rule[first] = self.rule_offsets[i] + firing.rule[first]
+            rule[first] = int(self.rule_offsets[i]) + firing.rule[first]
             remaining = remaining - weights[i]
         return firings, weights, label, rule
 
@@ -113,29 +123,35 @@ class Language:
             dist[where] += weight[where, None] * firing.dense(where, self.vocab.size)
         return dist, label, rule
 
-    def _draw_next(self, states: list, tokens: np.ndarray, t: int, uniform: np.ndarray):
+    def _draw_next(self, states: list, tokens: Array, t: int, uniform: Array):
         """Token t + 1 drawn from its distribution given tokens[:, :t + 1], with its label, rule
         and exact log-probability, without forming the (n, V) mixture: the uniform first picks
         the rule that emits (by the mixture weights), then, rescaled to [0, 1), a token from that
-        rule's distribution."""
+        rule's distribution. On a device every rule draws for every row and the emitter's token
+        is kept (no data-dependent shapes, so no host synchronisation); each row's token is the
+        same either way."""
+        xp = arrays_of(tokens)
         firings, weights, label, rule = self._mixture_at(states, tokens, t)
-        claimed = np.cumsum(weights, axis=0)  # (P, n)
+        claimed = xp.cumsum(weights, axis=0)  # (P, n)
         mass = uniform * claimed[-1]
-        emitter = np.minimum((claimed <= mass).sum(axis=0), len(firings) - 1)  # first rule above
-        rows = np.arange(len(uniform))
+        emitter = (claimed <= mass).sum(axis=0).clip(max=len(firings) - 1)  # first rule above
+        rows = xp.arange(len(uniform))
         below = claimed[emitter, rows] - weights[emitter, rows]
-        within = np.clip(
-            (mass - below) / np.maximum(weights[emitter, rows], 1e-300), 0.0, np.nextafter(1.0, 0.0)
+        within = ((mass - below) / weights[emitter, rows].clip(min=1e-300)).clip(
+            0.0, math.nextafter(1.0, 0.0)
         )
-        token = np.zeros(len(uniform), dtype=np.int64)
+        token = xp.zeros(len(uniform), xp.int64)
         for i, firing in enumerate(firings):
+            if xp.on_device:
+                token = xp.where(emitter == i, firing.draw(rows, within), token)
+                continue
             where = np.flatnonzero(emitter == i)
             if len(where):
                 token[where] = firing.draw(where, within[where])
-        prob = np.zeros(len(uniform))
+        prob = xp.zeros(len(uniform))
         for firing, weight in zip(firings, weights):
             prob += weight * firing.prob(token)
-        return token, label, rule, np.log(prob)
+        return token, label, rule, xp.log(prob)
 
     # ---- public API ------------------------------------------------------------------------
 
@@ -143,35 +159,67 @@ class Language:
         """n sequences of seq_len tokens, vectorised over sequences, reproducible from seed."""
         return self.sample_streams(n, seq_len, [seed])[0]
 
-    def sample_streams(self, n: int, seq_len: int, seeds: list) -> list[Sample]:
+    def sample_streams(
+        self, n: int, seq_len: int, seeds: list, device: torch.device | str | None = None
+    ) -> list[Sample]:
         """``sample(n, seq_len, seed)`` for each seed, walked through the positions together.
 
         Each stream's uniforms come from its own generator and every operation is row-wise, so
         stream k equals ``sample(n, seq_len, seeds[k])`` exactly; one walk over (len(seeds) * n)
         rows costs far less than len(seeds) walks (the per-position cost is mostly fixed).
+
+        With ``device``, the walk runs in torch on that device (the device sampler) with
+        uniforms from torch's generator there, seeded by ``device_seed(seed)``, and returns
+        tensors on it. That is another stream than numpy's, of the same distribution; it is a
+        pure function of the seed for one kind of device (CUDA's generator may also differ
+        between GPU models).
         """
-        rows_total = n * len(seeds)
-        tokens = np.zeros((rows_total, seq_len), dtype=np.int64)
-        labels = np.zeros((rows_total, seq_len), dtype=np.int64)
-        rules = np.full((rows_total, seq_len), -1, dtype=np.int64)
-        logp = np.zeros((rows_total, seq_len))
-        uniforms = np.concatenate([np.random.default_rng(seed).random((n, seq_len)) for seed in seeds])
-        tokens[:, 0] = self.start_rows.draw(np.zeros(rows_total, dtype=np.int64), uniforms[:, 0])
-        logp[:, 0] = np.log(self.start_dist[tokens[:, 0]])
-        states = [p.begin(rows_total) for p in self.primitives]
+        if device is None:
+            uniforms = np.concatenate([np.random.default_rng(seed).random((n, seq_len)) for seed in seeds])
+            return self._sample_walk(uniforms, n, NUMPY)
+        xp = torch_arrays(torch.device(device))
+        generators = [torch.Generator(xp.device).manual_seed(device_seed(seed)) for seed in seeds]
+        uniforms = torch.cat(
+            [torch.rand((n, seq_len), generator=g, dtype=torch.float64, device=xp.device) for g in generators]
+        )
+        return self.on(xp)._sample_walk(uniforms, n, xp)
+
+    def _sample_walk(self, uniforms: Array, n: int, xp) -> list[Sample]:
+        """Streams of n sequences each from uniforms (streams * n, T) in [0, 1)."""
+        rows_total, seq_len = uniforms.shape
+        tokens = xp.zeros((rows_total, seq_len), xp.int64)
+        labels = xp.zeros((rows_total, seq_len), xp.int64)
+        rules = xp.full((rows_total, seq_len), -1)
+        logp = xp.zeros((rows_total, seq_len))
+        tokens[:, 0] = self.start_rows.draw(xp.zeros(rows_total, xp.int64), uniforms[:, 0])
+        logp[:, 0] = xp.log(self.start_rows.probs[0, tokens[:, 0]])
+        states = [p.begin(rows_total, xp) for p in self.primitives]
         for t in range(1, seq_len):
             tokens[:, t], labels[:, t], rules[:, t], logp[:, t] = self._draw_next(
                 states, tokens, t - 1, uniforms[:, t]
             )
         return [
             Sample(*(array[k * n : (k + 1) * n] for array in (tokens, labels, logp, rules)))
-            for k in range(len(seeds))
+            for k in range(rows_total // n)
         ]
 
-    def stream_block(self, n: int, seq_len: int, stream_seeds: list, block_index: int) -> list[Sample]:
+    def on(self, xp: TorchArrays) -> "Language":
+        """This language with every primitive's tables on xp's device (made once per device)."""
+        moved = self._on_device.get(xp.device)
+        if moved is None:
+            moved = Language(self.name, self.vocab, self.start_dist, [p.on(xp) for p in self.primitives])
+            moved.source, moved.seq_len = self.source, self.seq_len
+            moved.start_rows = self.start_rows.on(xp)
+            self._on_device[xp.device] = moved
+        return moved
+
+    def stream_block(
+        self, n: int, seq_len: int, stream_seeds: list, block_index: int, device: torch.device | None = None
+    ) -> list[Sample]:
         """Block ``block_index`` of each training stream: n sequences sampled from
-        ``[stream seed, block_index]`` (a pure function of both, so any step can be resumed)."""
-        return self.sample_streams(n, seq_len, [[seed, block_index] for seed in stream_seeds])
+        ``[stream seed, block_index]`` (a pure function of both, so any step can be resumed);
+        with ``device``, by the device sampler there."""
+        return self.sample_streams(n, seq_len, [[seed, block_index] for seed in stream_seeds], device)
 
     def _walk(self, tokens: np.ndarray):
         """For given tokens (n, T), yield (t, distribution of token t + 1, its label, its rule)."""

@@ -8,12 +8,14 @@ distribution (``dist``). The language mixes the rules in priority order; no hidd
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
+from devinterp.language.arrays import NUMPY, Array, NumpyArrays, TorchArrays, arrays_of
 from devinterp.language.spec import SpecError, Vocab, check_keys, require_probability
 
 
@@ -36,11 +38,17 @@ class RowTable:
         self.probs = np.ascontiguousarray(probs.reshape(-1, probs.shape[-1]))  # (rows, V)
         self.cdf = np.cumsum(self.probs, axis=1)  # (rows, V)
 
-    def draw(self, rows: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+    def on(self, xp: TorchArrays) -> "RowTable":
+        """The same table with its arrays on xp's device."""
+        table = copy.copy(self)
+        table.probs, table.cdf = xp.convert(self.probs), xp.convert(self.cdf)
+        return table
+
+    def draw(self, rows: Array, uniform: Array) -> Array:
         """One token from each named row (n,) by inverse CDF from uniforms in [0, 1) (n,)."""
         cdf = self.cdf[rows]  # (n, V)
         index = (cdf <= (uniform * cdf[:, -1])[:, None]).sum(axis=1)  # first entry above: p > 0
-        return np.minimum(index, cdf.shape[1] - 1)
+        return index.clip(max=cdf.shape[1] - 1)
 
 
 @dataclass(frozen=True)
@@ -84,9 +92,9 @@ class QKView:
 class Firing:
     """What a primitive says at one position, for n sequences."""
 
-    fires: np.ndarray  # (n,) bool
-    rule: np.ndarray  # (n,) int: index into the primitive's rule_names where it fires
-    dist: np.ndarray  # (n,) int: a point mass on that token, or with ``table`` the row to read
+    fires: Array  # (n,) bool
+    rule: Array  # (n,) int: index into the primitive's rule_names where it fires
+    dist: Array  # (n,) int: a point mass on that token, or with ``table`` the row to read
     table: RowTable | None = None
 
     def dense(self, where: np.ndarray, size: int) -> np.ndarray:
@@ -95,13 +103,13 @@ class Firing:
             return self.table.probs[self.dist[where]]
         return point_mass(self.dist[where], size)
 
-    def prob(self, token: np.ndarray) -> np.ndarray:
+    def prob(self, token: Array) -> Array:
         """(n,) probability this distribution gives to each sequence's ``token``."""
         if self.table is not None:
             return self.table.probs[self.dist, token]
-        return (self.dist == token).astype(np.float64)
+        return arrays_of(token).as_float(self.dist == token)
 
-    def draw(self, where: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+    def draw(self, where: Array, uniform: Array) -> Array:
         """Tokens of the sequences ``where`` by inverse CDF from uniforms in [0, 1)."""
         if self.table is None:
             return self.dist[where]
@@ -167,16 +175,29 @@ class Primitive(ABC):
     def check_sequence_length(self, seq_len: int, field: str) -> None:
         """Refuse parameters that cannot work at this sequence length (default: all can)."""
 
-    def begin(self, n: int) -> Any:
-        """Per-sequence state before position 0 (default: none)."""
+    def begin(self, n: int, xp: NumpyArrays | TorchArrays = NUMPY) -> Any:
+        """Per-sequence state before position 0, made with ``xp`` (default: none)."""
         return None
 
     @abstractmethod
-    def fire(self, state: Any, tokens: np.ndarray, t: int) -> Firing:
+    def fire(self, state: Any, tokens: Array, t: int) -> Firing:
         """Condition and distribution at position t; ``tokens`` (n, >t) holds the context.
 
         Called once per position in increasing t; stateful primitives update ``state`` here.
+        ``tokens`` is a numpy array or, for a primitive moved ``on`` a device, a tensor there:
+        the code is written once for both (devinterp/language/arrays.py).
         """
+
+    def on(self, xp: TorchArrays) -> "Primitive":
+        """This primitive with every table (numpy array or RowTable attribute) on xp's device,
+        for the device sampler; the numpy original is untouched."""
+        moved = copy.copy(self)
+        for key, value in vars(self).items():
+            if isinstance(value, np.ndarray):
+                setattr(moved, key, xp.convert(value))
+            elif isinstance(value, RowTable):
+                setattr(moved, key, value.on(xp))
+        return moved
 
     def minimal_contexts(self) -> list[MinimalContext]:
         """Contexts for the weight-derived headline metric (default: none, probe metrics only)."""

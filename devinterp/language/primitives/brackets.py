@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from devinterp.language.arrays import NUMPY, arrays_of
 from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable
 from devinterp.language.spec import SpecError, distribution, require_int, require_probability, token_table
 
@@ -101,16 +102,15 @@ class Brackets(Primitive):
             )
         return cls(name, p, vocab, opens, closes, max_depth, p_open, p_close, content, table)
 
-    def begin(self, n):
-        return np.zeros(
-            (n, self.max_depth + 1), dtype=np.int64
-        )  # [depth, type of open 1, ..., of open max_depth]
+    def begin(self, n, xp=NUMPY):
+        return xp.zeros((n, self.max_depth + 1), xp.int64)  # [depth, type of open 1, ..., of open max_depth]
 
     def fire(self, stack, tokens, t):
+        xp = arrays_of(tokens)
         current = tokens[:, t]
-        rows = np.arange(len(current))
+        rows = xp.arange(len(current))
         depth = stack[:, 0]
-        top = stack[rows, np.maximum(depth, 1)]  # type of the innermost open (meaningless at depth 0)
+        top = stack[rows, depth.clip(min=1)]  # type of the innermost open (meaningless at depth 0)
         closes = (depth > 0) & (current == self.closes[top])
         stack[closes, 0] -= 1
         kind = self.type_of_open[current]
@@ -119,11 +119,11 @@ class Brackets(Primitive):
         stack[rows[opens], stack[opens, 0]] = kind[opens]
         depth = stack[:, 0]
         inside = depth > 0
-        top = stack[rows, np.maximum(depth, 1)]
-        can_open = (depth < self.max_depth).astype(np.int64)
+        top = stack[rows, depth.clip(min=1)]
+        can_open = xp.where(depth < self.max_depth, 1, 0)
         return Firing(
             fires=inside,
-            rule=np.where(inside, top, -1),
+            rule=xp.where(inside, top, -1),
             dist=(top * 2 + can_open) * self.vocab.size + current,
             table=self.rows,
         )

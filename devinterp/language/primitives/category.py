@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from devinterp.language.arrays import arrays_of
 from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable
 from devinterp.language.spec import SpecError, Vocab, distribution, require_mapping
 
@@ -31,6 +32,7 @@ class CategoryTransition(Primitive):
         # (V, V): row u is the next-token distribution after token u
         self.token_table = vocab.category_mixture(category_table[vocab.token_category])
         self.rows = RowTable(self.token_table)
+        self.token_category = vocab.token_category  # (V,)
 
     @classmethod
     def parse(cls, spec, vocab, field, name, p):
@@ -48,10 +50,10 @@ class CategoryTransition(Primitive):
         return cls(name, p, vocab, table)
 
     def fire(self, state, tokens, t):
-        current = tokens[:, t]
+        current, xp = tokens[:, t], arrays_of(tokens)
         return Firing(
-            fires=np.ones(current.shape[0], dtype=bool),
-            rule=self.vocab.token_category[current],
+            fires=xp.full(current.shape[0], True, xp.bool),
+            rule=self.token_category[current],
             dist=current,
             table=self.rows,
         )

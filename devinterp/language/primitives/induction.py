@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from devinterp.language.arrays import NUMPY, arrays_of
 from devinterp.language.primitive import Firing, InductionCircuit, MinimalContext, Primitive
 from devinterp.language.spec import Vocab
 
@@ -34,17 +35,18 @@ class Induction(Primitive):
     def parse(cls, spec, vocab, field, name, p):
         return cls(name, p, vocab, vocab.token_ids(spec.get("eligible"), f"{field}.eligible"))
 
-    def begin(self, n):
-        return np.full((n, self.vocab.size), -1)  # follower[v]: token after v's latest occurrence
+    def begin(self, n, xp=NUMPY):
+        return xp.full((n, self.vocab.size), -1)  # follower[v]: token after v's latest occurrence
 
     def fire(self, follower, tokens, t):
-        rows = np.arange(tokens.shape[0])
+        xp = arrays_of(tokens)
+        rows = xp.arange(tokens.shape[0])
         current = tokens[:, t]
         if t > 0:
             follower[rows, tokens[:, t - 1]] = current
         copied = follower[rows, current]
         fires = self.eligible[current] & (copied >= 0)
-        return Firing(fires=fires, rule=np.where(fires, 0, -1), dist=np.maximum(copied, 0))
+        return Firing(fires=fires, rule=xp.where(fires, 0, -1), dist=copied.clip(min=0))
 
     def minimal_contexts(self):
         """[x, y, x] for every eligible x and token y (the prediction should be y); the metric

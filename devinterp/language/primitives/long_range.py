@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from devinterp.language.arrays import NUMPY, arrays_of
 from devinterp.language.primitive import Firing, Primitive, QKView
 from devinterp.language.spec import SpecError, require_int, token_rules
 
@@ -47,8 +48,8 @@ class LongRange(Primitive):
                 f"{field}.min_distance: {self.min_distance} must be below the sequence length {seq_len}"
             )
 
-    def begin(self, n):
-        return np.full((n, len(self.cues)), NEVER)  # first position of each cue
+    def begin(self, n, xp=NUMPY):
+        return xp.full((n, len(self.cues)), NEVER)  # first position of each cue
 
     def fire(self, first_seen, tokens, t):
         current = tokens[:, t]
@@ -57,8 +58,8 @@ class LongRange(Primitive):
         far_enough = (t - first_seen[:, self.cue_slot]) >= self.min_distance  # (n, n_rules)
         holds = far_enough & (current[:, None] == self.rules[None, :, 1])
         fires = holds.any(axis=1)
-        rule = np.where(fires, holds.argmax(axis=1), -1)
-        return Firing(fires=fires, rule=rule, dist=self.rules[np.maximum(rule, 0), 2])
+        rule = arrays_of(tokens).where(fires, arrays_of(tokens).first_true(holds), -1)
+        return Firing(fires=fires, rule=rule, dist=self.rules[rule.clip(min=0), 2])
 
     def minimal_contexts(self):
         """None: whether a rule fires depends on the distance from A to B, which the

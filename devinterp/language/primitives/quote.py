@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from devinterp.language.arrays import NUMPY, arrays_of
 from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable
 from devinterp.language.spec import SpecError, distribution, require_probability, token_table
 
@@ -66,15 +67,16 @@ class Quote(Primitive):
                 raise SpecError(f"{where}: the open and close tokens cannot be quote content")
         return cls(name, p, vocab, open_token, close_token, p_close, content, table)
 
-    def begin(self, n):
-        return np.zeros(n, dtype=bool)  # inside a quote
+    def begin(self, n, xp=NUMPY):
+        return xp.zeros(n, xp.bool)  # inside a quote
 
     def fire(self, inside, tokens, t):
         current = tokens[:, t]
         closes = inside & (current == self.close_token)
         inside[closes] = False
         inside[current == self.open_token] = True
-        return Firing(fires=inside.copy(), rule=np.where(inside, 0, -1), dist=current, table=self.rows)
+        xp = arrays_of(tokens)
+        return Firing(fires=xp.copy(inside), rule=xp.where(inside, 0, -1), dist=current, table=self.rows)
 
     def open_positions(self, tokens: np.ndarray) -> np.ndarray:
         """(n, T) tokens -> (n, T): position of the open in force after token t, -1 outside."""

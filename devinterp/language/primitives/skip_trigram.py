@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from devinterp.language.arrays import NUMPY, arrays_of
 from devinterp.language.primitive import Firing, MinimalContext, Primitive, QKView, TrigramPush
 from devinterp.language.spec import SpecError, Vocab, require_int, token_rules
 
@@ -45,19 +46,19 @@ class SkipTrigram(Primitive):
         if self.max_skip >= seq_len:
             raise SpecError(f"{field}.max_skip: {self.max_skip} must be below the sequence length {seq_len}")
 
-    def begin(self, n):
-        return np.full((n, len(self.anchors)), NEVER)  # last position of each anchor
+    def begin(self, n, xp=NUMPY):
+        return xp.full((n, len(self.anchors)), NEVER)  # last position of each anchor
 
     def fire(self, last_seen, tokens, t):
         current = tokens[:, t]  # (n,)
         in_window = (t - last_seen[:, self.anchor_slot]) <= self.max_skip  # (n, n_rules)
         holds = in_window & (current[:, None] == self.rules[None, :, 1])
         fires = holds.any(axis=1)
-        rule = np.where(fires, holds.argmax(axis=1), -1)
+        rule = arrays_of(tokens).where(fires, arrays_of(tokens).first_true(holds), -1)
         # the anchor must lie strictly before t: record token t only after the check
         is_anchor = current[:, None] == self.anchors[None, :]
         last_seen[is_anchor] = t
-        return Firing(fires=fires, rule=rule, dist=self.rules[np.maximum(rule, 0), 2])
+        return Firing(fires=fires, rule=rule, dist=self.rules[rule.clip(min=0), 2])
 
     def minimal_contexts(self):
         """A at offset d before B, the positions between empty, for d = 1..max_skip."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from devinterp.language.arrays import arrays_of
 from devinterp.language.primitive import Firing, MinimalContext, Primitive, QKView
 from devinterp.language.spec import token_rules
 
@@ -41,17 +42,15 @@ class TokenTrigram(Primitive):
         )
 
     def fire(self, state, tokens, t):
-        n = tokens.shape[0]
+        n, xp = tokens.shape[0], arrays_of(tokens)
         if t == 0:
-            return Firing(
-                fires=np.zeros(n, dtype=bool), rule=np.full(n, -1), dist=np.zeros(n, dtype=np.int64)
-            )
+            return Firing(fires=xp.zeros(n, xp.bool), rule=xp.full(n, -1), dist=xp.zeros(n, xp.int64))
         holds = (tokens[:, t - 1, None] == self.rules[None, :, 0]) & (
             tokens[:, t, None] == self.rules[None, :, 1]
         )
         fires = holds.any(axis=1)
-        rule = np.where(fires, holds.argmax(axis=1), -1)
-        return Firing(fires=fires, rule=rule, dist=self.rules[np.maximum(rule, 0), 2])
+        rule = xp.where(fires, xp.first_true(holds), -1)
+        return Firing(fires=fires, rule=rule, dist=self.rules[rule.clip(min=0), 2])
 
     def minimal_contexts(self):
         """A then B at adjacent positions."""

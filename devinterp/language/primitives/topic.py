@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from devinterp.language.arrays import NUMPY, arrays_of
 from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable
 from devinterp.language.spec import require_mapping, token_table
 
@@ -46,18 +47,18 @@ class Topic(Primitive):
             tables.append(token_table(rows, where, vocab)[0])
         return cls(name, p, vocab, markers, np.stack(tables))
 
-    def begin(self, n):
-        return np.full(n, NONE)  # the topic in force
+    def begin(self, n, xp=NUMPY):
+        return xp.full(n, NONE)  # the topic in force
 
     def fire(self, topic, tokens, t):
         current = tokens[:, t]
         marker = self.topic_of_token[current]
         topic[marker != NONE] = marker[marker != NONE]
         active = topic != NONE
-        fires = active & self.has_row[np.maximum(topic, 0), current]
-        rule = np.where(fires, topic, -1)
+        fires = active & self.has_row[topic.clip(min=0), current]
+        rule = arrays_of(tokens).where(fires, topic, -1)
         return Firing(
-            fires=fires, rule=rule, dist=np.maximum(topic, 0) * self.vocab.size + current, table=self.rows
+            fires=fires, rule=rule, dist=topic.clip(min=0) * self.vocab.size + current, table=self.rows
         )
 
     def minimal_contexts(self):
