@@ -284,6 +284,7 @@ class TimelineWriter(L.Callback):
         meta.create_dataset("logged_through", data=np.full(1, -1, dtype=np.int64))
         language = trainer.datamodule.language
         meta["language_spec"] = trainer.datamodule.spec_text  # a corpus: its description
+        meta["stream_kind"] = stream_kind(trainer)
         truth = f.create_group("ground_truth")
         truth["vocab"] = _strings(language.vocab.tokens).astype(STRING)
         truth["categories"] = _strings(language.vocab.categories).astype(STRING)
@@ -422,6 +423,14 @@ class TimelineWriter(L.Callback):
         except TimelineError as error:
             raise TimelineWriteError(f"cannot resume: {error}") from None
         with old:
+            old_kind = old["meta/stream_kind"][()] if "stream_kind" in old["meta"] else b"numpy"
+            old_kind = old_kind.decode() if isinstance(old_kind, bytes) else str(old_kind)
+            if old_kind != stream_kind(trainer):
+                raise TimelineWriteError(
+                    f"{self.path}: cannot resume, the run was trained on the {old_kind} stream and this "
+                    f"process would sample the {stream_kind(trainer)} stream (data.sampler, and the kind "
+                    "of device, must be those of the run)"
+                )
             new = self._create(trainer, pl_module, self._partial())
             try:
                 for name, group in self.groups.items():
@@ -660,3 +669,9 @@ def log_spaced_steps(max_steps: int, n: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     steps = np.round(np.geomspace(1, max_steps + 1, num=n)).astype(np.int64) - 1
     return np.union1d(steps, [0, max_steps])
+
+
+def stream_kind(trainer: L.Trainer) -> str:
+    """The training stream's kind (``numpy``, or ``torch-<device type>`` for the device
+    sampler), for a data module that says; ``numpy`` for one that does not."""
+    return str(getattr(trainer.datamodule, "stream_kind", "numpy"))

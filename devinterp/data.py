@@ -25,6 +25,8 @@ from devinterp.errors import UsageError, at_least
 from devinterp.language import Language, SpecError, load_language, plogp
 from devinterp.language.corpus import Corpus, is_corpus_path, load_corpus
 
+SAMPLERS = ("numpy", "device")
+
 
 @dataclass
 class ProbeSet:
@@ -77,8 +79,10 @@ class MemberStreams(IterableDataset):
         first_language: Language | None = None,
         first_steps: int = 0,
         shard: tuple[int, int] = (0, 1),
+        device: torch.device | None = None,
     ):
         self.language = language
+        self.device = device  # None: the numpy sampler; a device: the device sampler there
         self.first_language = first_language
         self.first_steps = first_steps if first_language is not None else 0
         self.seq_len = seq_len
@@ -88,16 +92,21 @@ class MemberStreams(IterableDataset):
         self.start_step = start_step
         self.shard = shard  # (rank, world size): this process's slice of each step's batch
 
-    def block(self, block_index: int, language: Language | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(member, steps_per_block * batch, pos) tokens and labels of one block."""
+    def block(self, block_index: int, language: Language | None = None):
+        """(member, steps_per_block * batch, pos) tokens and labels of one block: numpy arrays,
+        or with the device sampler tensors on its device."""
         language = language or self.language
         n = self.steps_per_block * self.batch_size
         distinct = list(dict.fromkeys(self.stream_seeds))  # shared data: sample each stream once
-        samples = language.stream_block(n, self.seq_len, distinct, block_index)
+        if self.device is None:  # a language's numpy stream, or a corpus
+            samples = language.stream_block(n, self.seq_len, distinct, block_index)
+        else:
+            samples = language.stream_block(n, self.seq_len, distinct, block_index, self.device)
         by_seed = dict(zip(distinct, samples))
+        stack = np.stack if self.device is None else torch.stack
         return (
-            np.stack([by_seed[seed].tokens for seed in self.stream_seeds]),
-            np.stack([by_seed[seed].labels for seed in self.stream_seeds]),
+            stack([by_seed[seed].tokens for seed in self.stream_seeds]),
+            stack([by_seed[seed].labels for seed in self.stream_seeds]),
         )
 
     def _block_for_steps(self, block_index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -108,8 +117,9 @@ class MemberStreams(IterableDataset):
             if id(language) not in sources:
                 tokens, labels = self.block(block_index, language)
                 # label ids in the full language's numbering, whichever language sampled them
-                to_full = np.array([self.language.label_names.index(n) for n in language.label_names])
-                sources[id(language)] = (torch.from_numpy(tokens), torch.from_numpy(to_full[labels]))
+                to_full = torch.tensor([self.language.label_names.index(n) for n in language.label_names])
+                tokens, labels = torch.as_tensor(tokens), torch.as_tensor(labels)
+                sources[id(language)] = (tokens, to_full.to(labels.device)[labels])
         out = []
         for i in range(self.steps_per_block):
             language = self.first_language if first + i < self.first_steps else self.language
@@ -227,6 +237,11 @@ class ToyLanguageData(L.LightningDataModule):
             process may use (its affinity) but one, shared among the node's processes, at most
             16; on a CPU none, where workers would only take cores from training. The stream is
             the same for any number.
+        sampler: ``numpy`` (the canonical stream, sampled on the host) or ``device`` (sampled
+            in torch on the training device, in the training process: on a GPU the data then
+            keeps up with many members where host workers cannot). The device stream is another
+            stream of the same language (torch's generator, not numpy's), recorded in the
+            timeline (``meta/stream_kind``) so a run resumes only on the same kind of device.
     """
 
     def __init__(
@@ -245,9 +260,22 @@ class ToyLanguageData(L.LightningDataModule):
         knockin: list[str] | None = None,
         knockin_steps: int = 0,
         num_workers: int | str = "auto",
+        sampler: str = "numpy",
     ):
         super().__init__()
         self.save_hyperparameters()
+        if sampler not in SAMPLERS:
+            raise UsageError(f"data.sampler: one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if sampler == "device" and num_workers not in ("auto", 0):
+            raise UsageError(
+                f"data.num_workers: the device sampler samples in the training process; set 0 or auto, "
+                f"got {num_workers!r}"
+            )
+        if sampler == "device" and is_corpus_path(language):
+            raise UsageError(
+                f"data.sampler: device samples a language spec; {language} is a corpus, read as is"
+            )
+        self.sampler = sampler
         if num_workers != "auto" and (isinstance(num_workers, bool) or not isinstance(num_workers, int)):
             raise UsageError(f"data.num_workers: a number of workers or auto, got {num_workers!r}")
         if num_workers != "auto":
@@ -379,8 +407,22 @@ class ToyLanguageData(L.LightningDataModule):
             first_language=self.first_language,
             first_steps=self.knockin_steps,
             shard=(rank, world),
+            device=self.sampler_device(),
         )
-        return stream_loader(streams, self.workers(), pin_memory=self._on_gpu())
+        return stream_loader(streams, self.workers(), pin_memory=self._on_gpu() and self.sampler == "numpy")
+
+    def sampler_device(self) -> torch.device | None:
+        """Where the training stream is sampled: None for numpy, else the training device."""
+        if self.sampler == "numpy":
+            return None
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
+    @property
+    def stream_kind(self) -> str:
+        """Which stream training reads: ``numpy``, or ``torch-<device type>`` for the device
+        sampler (another generator per kind of device)."""
+        device = self.sampler_device()
+        return "numpy" if device is None else f"torch-{device.type}"
 
     def _on_gpu(self) -> bool:
         return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
@@ -390,7 +432,7 @@ class ToyLanguageData(L.LightningDataModule):
         process may use, shared among the node's processes, less one for training (at most 16)."""
         if self.num_workers != "auto":
             return int(self.num_workers)
-        return gpu_workers() if self._on_gpu() else 0
+        return gpu_workers() if self._on_gpu() and self.sampler == "numpy" else 0
 
     def val_dataloader(self) -> DataLoader:
         probe = self.probe
