@@ -3,16 +3,20 @@ step) as numpy's is, from any start step, under a knock-in curriculum and a DDP 
 records its stream kind and resumes only on it. Here the device is the CPU (torch's generator
 there); that its tokens follow the language exactly is checked in test_language.py."""
 
+import copy
+
 import h5py
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from devinterp.cli import main
 from devinterp.data import MemberStreams, ToyLanguageData
 from devinterp.errors import UsageError
-from devinterp.language import load_language
+from devinterp.language import load_language, parse_language
 from tests.conftest import ROOT, SEED_SPEC_PATH
 from tests.test_data_workers import first_steps
+from tests.test_language import SPECS
 
 LANGUAGE = load_language(SEED_SPEC_PATH)
 CPU = torch.device("cpu")
@@ -52,6 +56,39 @@ def test_members_read_their_own_streams_and_a_shared_seed_the_same_one():
     curriculum = first_steps(streams(0, first_language=LANGUAGE.only(["bigram"]), first_steps=2), 1)[0]
     used = set(curriculum["labels"].unique().tolist())  # the full language's label ids
     assert used <= {0, LANGUAGE.label_names.index("bigram"), len(LANGUAGE.label_names) - 1}
+
+
+class DataDependentOps(TorchDispatchMode):
+    """Records every op that would make a GPU wait for the host or the host for the GPU: one
+    whose output shape depends on the data (nonzero, masked_select, a boolean-mask index) or
+    that reads a value to the host (item, bool(), int())."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        flat = [a for arg in args for a in (arg if isinstance(arg, (list, tuple)) else [arg])]
+        bool_index = "index" in name and any(
+            isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in flat[1:]
+        )
+        if bool_index or any(k in name for k in ("nonzero", "masked_select", "local_scalar", "unique")):
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_the_device_walk_never_synchronises_with_the_host(name):
+    """Every shape in the walk is fixed by (sequences, positions): a GPU runs a block without
+    waiting on the host (and the walk could be captured as one CUDA graph)."""
+    language = parse_language(copy.deepcopy(SPECS[name]))
+    with DataDependentOps() as ops:
+        language.sample_streams(20, 24, [[1, 2], [3, 2]], device="cpu")
+    assert ops.found == []
+    with DataDependentOps() as ops:  # the check sees them: the numpy walk's subsets are one
+        torch.arange(6)[torch.arange(6) > 2] = 0
+    assert ops.found
 
 
 def test_bad_sampler_settings_are_refused_in_one_line(tmp_path):

@@ -109,8 +109,8 @@ class Language:
         for i, (primitive, firing) in enumerate(zip(self.primitives, firings)):
             weights[i] = remaining * (xp.as_float(firing.fires) * primitive.p)
             first = firing.fires & (label == 0)
-            label[first] = i + 1
-            rule[first] = int(self.rule_offsets[i]) + firing.rule[first]
+            label = xp.where(first, i + 1, label)
+            rule = xp.where(first, int(self.rule_offsets[i]) + firing.rule, rule)
             remaining = remaining - weights[i]
         return firings, weights, label, rule
 

@@ -112,11 +112,12 @@ class Brackets(Primitive):
         depth = stack[:, 0]
         top = stack[rows, depth.clip(min=1)]  # type of the innermost open (meaningless at depth 0)
         closes = (depth > 0) & (current == self.closes[top])
-        stack[closes, 0] -= 1
+        stack[:, 0] = xp.where(closes, depth - 1, depth)
         kind = self.type_of_open[current]
         opens = (kind >= 0) & (stack[:, 0] < self.max_depth)
-        stack[opens, 0] += 1
-        stack[rows[opens], stack[opens, 0]] = kind[opens]
+        stack[:, 0] = xp.where(opens, stack[:, 0] + 1, stack[:, 0])
+        depth = stack[:, 0]
+        stack[rows, depth] = xp.where(opens, kind, stack[rows, depth])  # an open's type on the stack
         depth = stack[:, 0]
         inside = depth > 0
         top = stack[rows, depth.clip(min=1)]

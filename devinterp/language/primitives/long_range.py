@@ -54,7 +54,7 @@ class LongRange(Primitive):
     def fire(self, first_seen, tokens, t):
         current = tokens[:, t]
         is_cue = current[:, None] == self.cues[None, :]
-        first_seen[is_cue & (first_seen == NEVER)] = t
+        first_seen[:] = arrays_of(tokens).where(is_cue & (first_seen == NEVER), t, first_seen)
         far_enough = (t - first_seen[:, self.cue_slot]) >= self.min_distance  # (n, n_rules)
         holds = far_enough & (current[:, None] == self.rules[None, :, 1])
         fires = holds.any(axis=1)

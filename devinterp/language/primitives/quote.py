@@ -73,8 +73,7 @@ class Quote(Primitive):
     def fire(self, inside, tokens, t):
         current = tokens[:, t]
         closes = inside & (current == self.close_token)
-        inside[closes] = False
-        inside[current == self.open_token] = True
+        inside[:] = (inside & ~closes) | (current == self.open_token)
         xp = arrays_of(tokens)
         return Firing(fires=xp.copy(inside), rule=xp.where(inside, 0, -1), dist=current, table=self.rows)
 

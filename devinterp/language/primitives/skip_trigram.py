@@ -57,7 +57,7 @@ class SkipTrigram(Primitive):
         rule = arrays_of(tokens).where(fires, arrays_of(tokens).first_true(holds), -1)
         # the anchor must lie strictly before t: record token t only after the check
         is_anchor = current[:, None] == self.anchors[None, :]
-        last_seen[is_anchor] = t
+        last_seen[:] = arrays_of(tokens).where(is_anchor, t, last_seen)
         return Firing(fires=fires, rule=rule, dist=self.rules[rule.clip(min=0), 2])
 
     def minimal_contexts(self):

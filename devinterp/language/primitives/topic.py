@@ -53,7 +53,7 @@ class Topic(Primitive):
     def fire(self, topic, tokens, t):
         current = tokens[:, t]
         marker = self.topic_of_token[current]
-        topic[marker != NONE] = marker[marker != NONE]
+        topic[:] = arrays_of(tokens).where(marker != NONE, marker, topic)
         active = topic != NONE
         fires = active & self.has_row[topic.clip(min=0), current]
         rule = arrays_of(tokens).where(fires, topic, -1)
