@@ -4,7 +4,9 @@ step spent waiting for data.
 At the reference scale (configs/reference.yaml: batch 256 x 128 tokens, blocks of 4 steps) for 1
 and 16 member streams:
   sampled tokens/s  the stream through 0, 1 and 2 DataLoader workers (data.num_workers), timed
-                    over steps after the workers are warm; workers compute with one thread each
+                    over steps after the workers are warm; workers compute with one thread each;
+                    and the device sampler (data.sampler device) in torch on the CPU, and on
+                    CUDA where there is one
   training          tokens/s one training step of the reference model consumes (1 member;
                     forward, backward, AdamW), with torch's default threads and with run.threads
                     auto, and the share of each step's wall time spent waiting in next(batch),
@@ -32,24 +34,31 @@ from devinterp.language import load_language  # noqa: E402
 from devinterp.module import TensorTransformerModule  # noqa: E402
 
 
-def loader(language, members: int, workers: int, data_cfg: dict):
+def loader(language, members: int, workers: int, data_cfg: dict, device: str | None = None):
     streams = MemberStreams(
         language,
         data_cfg["seq_len"],
         data_cfg["batch_size"],
         list(range(members)),
         data_cfg["steps_per_block"],
+        device=None if device is None else torch.device(device),
     )
     return iter(stream_loader(streams, workers))
 
 
-def sampled_tokens_per_s(language, members: int, workers: int, steps: int, data_cfg: dict) -> float:
-    batches = loader(language, members, workers, data_cfg)
+def sampled_tokens_per_s(
+    language, members: int, workers: int, steps: int, data_cfg: dict, device: str | None = None
+) -> float:
+    batches = loader(language, members, workers, data_cfg, device)
     for _ in range(2 * data_cfg["steps_per_block"] * max(1, workers)):  # workers started and warm
         next(batches)
+    if device == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         batch = next(batches)
+    if device == "cuda":
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     return batch["tokens"].numel() * steps / elapsed
 
@@ -98,15 +107,20 @@ def main() -> None:
         "default threads "
         f"{default_threads}"
     )
-    print(f"{'member streams':<16}{'workers':>8}{'sampled tokens/s':>18}{'vs 0 workers':>14}")
+    print(f"{'member streams':<16}{'sampler':>16}{'sampled tokens/s':>18}{'vs 0 workers':>14}")
     speedups = {}
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for members in (1, 16):
         rates = {}
+        steps = args.steps if members == 1 else max(8, args.steps // 6)
         for workers in (0, 1, 2):
-            steps = args.steps if members == 1 else max(8, args.steps // 6)
             rates[workers] = sampled_tokens_per_s(language, members, workers, steps, data_cfg)
-            print(f"{members:<16}{workers:>8}{rates[workers]:>18,.0f}{rates[workers] / rates[0]:>14.2f}")
+            name = f"numpy, {workers} worker{'s' * (workers != 1)}"
+            print(f"{members:<16}{name:>16}{rates[workers]:>18,.0f}{rates[workers] / rates[0]:>14.2f}")
         speedups[members] = rates[2] / rates[0]
+        for device in devices:  # the device sampler: torch, in this process, on that device
+            rate = sampled_tokens_per_s(language, members, 0, steps, data_cfg, device)
+            print(f"{members:<16}{'device, ' + device:>16}{rate:>18,.0f}{rate / rates[0]:>14.2f}")
     print(f"\n{'training (1 member)':<26}{'threads':>8}{'workers':>8}{'tokens/s':>12}{'waiting':>10}")
     for threads in (default_threads, available_cores()):
         torch.set_num_threads(threads)

@@ -9,7 +9,13 @@ log schedules, the HDF5 timeline, snapshots; no W&B: the device machine has none
   bare loop, 1 and 16         the same steps as a plain PyTorch loop (sample, forward, backward,
                               AdamW): tracked / bare step time (target <= 1.10)
   data wait                   share of the bare loop's wall time spent in next(batch), with the
-                              DataLoader workers data.num_workers auto gives (target <= 5%)
+                              DataLoader workers data.num_workers auto gives (target <= 5%);
+                              with the device sampler (data.sampler device; 16 members, blocks
+                              of 4 steps, the config's, and of 64), whose work shares the
+                              device with training: 1 - (step time on one fixed batch) / (step
+                              time sampling)
+  device sampler              ms per block of 4 steps for 16 members, eager and captured as one
+                              CUDA graph (the graph's block must equal the eager one)
   syncs                       CUDA synchronisations per non-flush tracked step
                               (torch.cuda.set_sync_debug_mode; target 0)
   ensemble                    16 members in one process against 16 x one member's step time
@@ -31,6 +37,7 @@ pyyaml; not wandb or jsonargparse.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -132,9 +139,10 @@ def tracked(members: int, steps: int, warmup: int, compile: bool = False, flush:
     return (clock.end - clock.start) / steps, peak, sum(quiet) / max(1, len(quiet))
 
 
-def bare(members: int, steps: int, warmup: int):
+def bare(members: int, steps: int, warmup: int, sampler: str = "numpy", steps_per_block: int | None = None):
     """(seconds per step, share of wall time waiting for data) of a plain loop on the GPU, fed by
-    the DataLoader workers the run would use (data.num_workers auto)."""
+    the DataLoader workers the run would use (data.num_workers auto), or by the device sampler
+    (``sampler="device"``, in this process) in blocks of ``steps_per_block`` (the config's)."""
     import torch
 
     from devinterp.data import MemberStreams, gpu_workers, stream_loader
@@ -143,9 +151,17 @@ def bare(members: int, steps: int, warmup: int):
     module = module.to(DEVICE)
     optimizer = torch.optim.AdamW(module.parameters(), lr=module.hparams.lr, fused=True)
     streams = MemberStreams(
-        data.language, data.seq_len, data.batch_size, data.stream_seeds, data.steps_per_block
+        data.language,
+        data.seq_len,
+        data.batch_size,
+        data.stream_seeds,
+        steps_per_block or data.steps_per_block,
+        device=torch.device(DEVICE) if sampler == "device" else None,
     )
-    batches = iter(stream_loader(streams, gpu_workers(), pin_memory=DEVICE == "cuda"))
+    workers = gpu_workers() if sampler == "numpy" else 0
+    batches = iter(stream_loader(streams, workers, pin_memory=DEVICE == "cuda" and sampler == "numpy"))
+    if sampler == "fixed":  # one batch over and over: the step without any data cost
+        batches = itertools.repeat(next(batches))
     waiting = 0.0
     for step in range(warmup + steps):
         if step == warmup:
@@ -191,6 +207,15 @@ def measure(steps: int, warmup: int) -> list[tuple[str, str, str]]:
             ">= 8x",
         )
     )
+    no_data, _ = bare(ENSEMBLE, steps, warmup, "fixed")
+    for block in (4, 64):  # on the training device the sampler's time is the step's: 1 - free / with
+        with_data, _ = bare(ENSEMBLE, steps, warmup, "device", block)
+        share = f"{1 - no_data / with_data:.1%}"
+        rows.append((f"data share, device sampler, {ENSEMBLE}, blocks {block}", share, "<= 5%"))
+    eager, graphed, equal = device_block_seconds(ENSEMBLE, 4)
+    rows.append((f"device sampler, {ENSEMBLE}: ms per block of 4", f"{1000 * eager:.1f}", ""))
+    if graphed is not None:
+        rows.append(("  the same block as one CUDA graph: ms", f"{1000 * graphed:.1f}", "equal: " + equal))
     compiled, _, _ = tracked(1, steps, warmup, compile=True)
     rows.append(("compile on / off step time, 1 member", f"{compiled / results[1]:.3f}", ""))
     rows.append(
@@ -205,6 +230,52 @@ def measure(steps: int, warmup: int) -> list[tuple[str, str, str]]:
         )
     )
     return rows
+
+
+def device_block_seconds(members: int, steps_per_block: int, repeats: int = 5):
+    """(eager seconds, CUDA-graph seconds or None, whether the graph's block equals the eager one)
+    of one block of the device sampler on the reference data. The walk has no data-dependent
+    shape, so it can be captured once and replayed with new uniforms: this says whether kernel
+    launches dominate it and whether a graph removes them, before the sampler relies on one."""
+    import torch
+
+    from devinterp.language.language import device_uniforms
+
+    data, _ = make(members)
+    n = steps_per_block * data.batch_size
+    seeds = [[seed, 0] for seed in data.stream_seeds]
+    uniforms = device_uniforms(n, data.seq_len, seeds, torch.device(DEVICE))
+    eager = data.language.sample_from_uniforms(uniforms, n)  # also moves the tables once
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        data.language.sample_from_uniforms(uniforms, n)
+    synchronize()
+    eager_seconds = (time.perf_counter() - start) / repeats
+    if DEVICE != "cuda":
+        return eager_seconds, None, ""
+    static = torch.zeros_like(uniforms)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture asks
+        data.language.sample_from_uniforms(static, n)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            captured = data.language.sample_from_uniforms(static, n)
+    except RuntimeError as error:
+        return eager_seconds, float("nan"), f"capture failed: {str(error).splitlines()[0][:60]}"
+    static.copy_(uniforms)
+    graph.replay()
+    synchronize()
+    equal = all(torch.equal(a, b) for sample, got in zip(eager, captured) for a, b in zip(sample, got))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        static.copy_(uniforms)
+        graph.replay()
+    synchronize()
+    return eager_seconds, (time.perf_counter() - start) / repeats, "yes" if equal else "NO"
 
 
 def llc_step(members: int, chains: int, draws: int = 60) -> float:

@@ -83,7 +83,7 @@ class TorchArrays:
     def where(self, condition: torch.Tensor, a: Any, b: Any) -> torch.Tensor:
         if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):  # keep numpy's dtypes
             dtype = torch.float64 if isinstance(a, float) or isinstance(b, float) else torch.int64
-            a = torch.tensor(a, dtype=dtype, device=self.device)
+            a = torch.full((), a, dtype=dtype, device=self.device)  # a fill: no copy from the host
         return torch.where(condition, a, b)
 
     def copy(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from devinterp.language.arrays import NUMPY, Array, TorchArrays, arrays_of, torch_arrays
+from devinterp.language.arrays import Array, TorchArrays, arrays_of
 from devinterp.language.primitive import Primitive, RowTable
 from devinterp.language.primitives import PRIMITIVES
 from devinterp.language.primitives.category import CategoryTransition
@@ -45,6 +45,15 @@ def device_seed(seed: int | list[int]) -> int:
     """The seed of torch's generator for a stream seed (an int or a list such as [stream, block]):
     numpy's SeedSequence hashes it to 63 bits, so nearby seeds give unrelated streams."""
     return int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def device_uniforms(n: int, seq_len: int, seeds: list, device: torch.device) -> torch.Tensor:
+    """(len(seeds) * n, seq_len) float64 uniforms on ``device``: stream k's from torch's generator
+    there, seeded with ``device_seed(seeds[k])``."""
+    generators = [torch.Generator(device).manual_seed(device_seed(seed)) for seed in seeds]
+    return torch.cat(
+        [torch.rand((n, seq_len), generator=g, dtype=torch.float64, device=device) for g in generators]
+    )
 
 
 def plogp(dist: np.ndarray) -> np.ndarray:
@@ -176,16 +185,20 @@ class Language:
         """
         if device is None:
             uniforms = np.concatenate([np.random.default_rng(seed).random((n, seq_len)) for seed in seeds])
-            return self._sample_walk(uniforms, n, NUMPY)
-        xp = torch_arrays(torch.device(device))
-        generators = [torch.Generator(xp.device).manual_seed(device_seed(seed)) for seed in seeds]
-        uniforms = torch.cat(
-            [torch.rand((n, seq_len), generator=g, dtype=torch.float64, device=xp.device) for g in generators]
-        )
-        return self.on(xp)._sample_walk(uniforms, n, xp)
+        else:
+            uniforms = device_uniforms(n, seq_len, seeds, torch.device(device))
+        return self.sample_from_uniforms(uniforms, n)
+
+    def sample_from_uniforms(self, uniforms: Array, n: int) -> list[Sample]:
+        """Streams of n sequences each from uniforms (streams * n, T) in [0, 1): numpy arrays,
+        or tensors on a device (the walk then runs there, with shapes fixed by the uniforms', so
+        it never waits on the host and can be captured as one CUDA graph)."""
+        xp = arrays_of(uniforms)
+        if xp.on_device:
+            return self.on(xp)._sample_walk(uniforms, n, xp)
+        return self._sample_walk(uniforms, n, xp)
 
     def _sample_walk(self, uniforms: Array, n: int, xp) -> list[Sample]:
-        """Streams of n sequences each from uniforms (streams * n, T) in [0, 1)."""
         rows_total, seq_len = uniforms.shape
         tokens = xp.zeros((rows_total, seq_len), xp.int64)
         labels = xp.zeros((rows_total, seq_len), xp.int64)
