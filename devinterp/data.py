@@ -117,9 +117,11 @@ class MemberStreams(IterableDataset):
             if id(language) not in sources:
                 tokens, labels = self.block(block_index, language)
                 # label ids in the full language's numbering, whichever language sampled them
-                to_full = torch.tensor([self.language.label_names.index(n) for n in language.label_names])
                 tokens, labels = torch.as_tensor(tokens), torch.as_tensor(labels)
-                sources[id(language)] = (tokens, to_full.to(labels.device)[labels])
+                to_full = torch.tensor(
+                    [self.language.label_names.index(n) for n in language.label_names], device=labels.device
+                )
+                sources[id(language)] = (tokens, to_full[labels])
         out = []
         for i in range(self.steps_per_block):
             language = self.first_language if first + i < self.first_steps else self.language

@@ -11,12 +11,14 @@ reals float64 on both, so log p is exact on the device too.
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-Array = np.ndarray | torch.Tensor
+if TYPE_CHECKING:  # torch is imported only when a device sampler is made: the CLI's light
+    import torch  # commands (help, language) load the language without it
+
+Array = Any  # np.ndarray | torch.Tensor
 
 
 class NumpyArrays:
@@ -64,50 +66,52 @@ class TorchArrays:
     """torch on one device: the device sampler."""
 
     on_device = True
-    int64, bool, float64 = torch.int64, torch.bool, torch.float64
 
     def __init__(self, device: torch.device):
-        self.device = device
+        import torch
+
+        self.torch, self.device = torch, device
+        self.int64, self.bool, self.float64 = torch.int64, torch.bool, torch.float64
 
     def arange(self, n: int) -> torch.Tensor:
-        return torch.arange(n, device=self.device)
+        return self.torch.arange(n, device=self.device)
 
-    def full(self, shape: Any, value: Any, dtype: Any = torch.int64) -> torch.Tensor:
-        return torch.full(
-            shape if isinstance(shape, tuple) else (shape,), value, dtype=dtype, device=self.device
-        )
+    def full(self, shape: Any, value: Any, dtype: Any = None) -> torch.Tensor:
+        shape = shape if isinstance(shape, tuple) else (shape,)
+        return self.torch.full(shape, value, dtype=dtype or self.int64, device=self.device)
 
-    def zeros(self, shape: Any, dtype: Any = torch.float64) -> torch.Tensor:
-        return torch.zeros(shape, dtype=dtype, device=self.device)
+    def zeros(self, shape: Any, dtype: Any = None) -> torch.Tensor:
+        return self.torch.zeros(shape, dtype=dtype or self.float64, device=self.device)
 
     def where(self, condition: torch.Tensor, a: Any, b: Any) -> torch.Tensor:
-        if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):  # keep numpy's dtypes
-            dtype = torch.float64 if isinstance(a, float) or isinstance(b, float) else torch.int64
-            a = torch.full((), a, dtype=dtype, device=self.device)  # a fill: no copy from the host
-        return torch.where(condition, a, b)
+        tensor = self.torch.Tensor
+        if not isinstance(a, tensor) and not isinstance(b, tensor):  # two scalars: numpy's dtypes
+            dtype = self.torch.float64 if isinstance(a, float) or isinstance(b, float) else self.torch.int64
+            a = self.torch.full((), a, dtype=dtype, device=self.device)  # a fill: no copy from the host
+        return self.torch.where(condition, a, b)
 
     def copy(self, x: torch.Tensor) -> torch.Tensor:
         return x.clone()
 
     def first_true(self, holds: torch.Tensor) -> torch.Tensor:
         """(n, k) bool -> (n,) the first true column of each row (0 where none is)."""
-        return holds.to(torch.uint8).argmax(dim=1)  # argmax returns the first maximum
+        return holds.to(self.torch.uint8).argmax(dim=1)  # argmax returns the first maximum
 
     def as_float(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(torch.float64)
+        return x.to(self.torch.float64)
 
     def cumsum(self, x: torch.Tensor, axis: int) -> torch.Tensor:
-        return torch.cumsum(x, dim=axis)
+        return self.torch.cumsum(x, dim=axis)
 
     def log(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.log(x)
+        return self.torch.log(x)
 
     def stack(self, arrays: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(arrays)
+        return self.torch.stack(arrays)
 
     def convert(self, x: np.ndarray) -> torch.Tensor:
         """A primitive's table on this device (float64 and int64 kept)."""
-        return torch.as_tensor(np.ascontiguousarray(x), device=self.device)
+        return self.torch.as_tensor(np.ascontiguousarray(x), device=self.device)
 
 
 NUMPY = NumpyArrays()
@@ -119,5 +123,6 @@ def torch_arrays(device: torch.device) -> TorchArrays:
 
 
 def arrays_of(x: Array) -> NumpyArrays | TorchArrays:
-    """The namespace of ``x``: numpy for an ndarray, torch on x's device for a tensor."""
+    """The namespace of ``x``: numpy for an ndarray, torch on x's device for a tensor (torch
+    is loaded by then)."""
     return NUMPY if isinstance(x, np.ndarray) else torch_arrays(x.device)

@@ -20,10 +20,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is loaded only for the device sampler (the CLI's light commands skip it)
+    import torch
 
 from devinterp.language.arrays import Array, TorchArrays, arrays_of
 from devinterp.language.primitive import Primitive, RowTable
@@ -50,6 +52,8 @@ def device_seed(seed: int | list[int]) -> int:
 def device_uniforms(n: int, seq_len: int, seeds: list, device: torch.device) -> torch.Tensor:
     """(len(seeds) * n, seq_len) float64 uniforms on ``device``: stream k's from torch's generator
     there, seeded with ``device_seed(seeds[k])``."""
+    import torch
+
     generators = [torch.Generator(device).manual_seed(device_seed(seed)) for seed in seeds]
     return torch.cat(
         [torch.rand((n, seq_len), generator=g, dtype=torch.float64, device=device) for g in generators]
@@ -186,6 +190,8 @@ class Language:
         if device is None:
             uniforms = np.concatenate([np.random.default_rng(seed).random((n, seq_len)) for seed in seeds])
         else:
+            import torch
+
             uniforms = device_uniforms(n, seq_len, seeds, torch.device(device))
         return self.sample_from_uniforms(uniforms, n)
 
