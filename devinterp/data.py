@@ -98,10 +98,7 @@ class MemberStreams(IterableDataset):
         language = language or self.language
         n = self.steps_per_block * self.batch_size
         distinct = list(dict.fromkeys(self.stream_seeds))  # shared data: sample each stream once
-        if self.device is None:  # a language's numpy stream, or a corpus
-            samples = language.stream_block(n, self.seq_len, distinct, block_index)
-        else:
-            samples = language.stream_block(n, self.seq_len, distinct, block_index, self.device)
+        samples = language.stream_block(n, self.seq_len, distinct, block_index, self.device)
         by_seed = dict(zip(distinct, samples))
         stack = np.stack if self.device is None else torch.stack
         return (

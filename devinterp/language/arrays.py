@@ -55,12 +55,6 @@ class NumpyArrays:
     def log(self, x: np.ndarray) -> np.ndarray:
         return np.log(x)
 
-    def stack(self, arrays: list[np.ndarray]) -> np.ndarray:
-        return np.stack(arrays)
-
-    def convert(self, x: np.ndarray) -> np.ndarray:
-        return x
-
 
 class TorchArrays:
     """torch on one device: the device sampler."""
@@ -105,9 +99,6 @@ class TorchArrays:
 
     def log(self, x: torch.Tensor) -> torch.Tensor:
         return self.torch.log(x)
-
-    def stack(self, arrays: list[torch.Tensor]) -> torch.Tensor:
-        return self.torch.stack(arrays)
 
     def convert(self, x: np.ndarray) -> torch.Tensor:
         """A primitive's table on this device (float64 and int64 kept)."""

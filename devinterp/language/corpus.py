@@ -105,9 +105,12 @@ class Corpus:
         """The probe set: the held-out sequences, in file order."""
         return self._sample(self.probe_rows, seq_len)
 
-    def stream_block(self, n: int, seq_len: int, stream_seeds: list, block_index: int) -> list[Sample]:
+    def stream_block(
+        self, n: int, seq_len: int, stream_seeds: list, block_index: int, device: None = None
+    ) -> list[Sample]:
         """Sequences [block_index * n, (block_index + 1) * n) of each stream: stream s reads the
-        training sequences epoch after epoch, epoch e in the order ``permutation([s, e])``."""
+        training sequences epoch after epoch, epoch e in the order ``permutation([s, e])``. A
+        corpus is read on the host (``device`` is None: data.sampler device refuses a corpus)."""
         n_train = len(self.train_rows)
         position = np.arange(block_index * n, (block_index + 1) * n)
         epoch, offset = np.divmod(position, n_train)
