@@ -17,8 +17,11 @@ $(BIN)/devinterp: pyproject.toml
 
 install: $(BIN)/devinterp
 
-run: install
-	WANDB_MODE=offline $(BIN)/devinterp fit --config configs/quickstart.yaml
+# prints its own wall time, set-up included (the README's figure is this line on a fresh clone)
+run:
+	@start=$$(date +%s); $(MAKE) --no-print-directory install && \
+	WANDB_MODE=offline $(BIN)/devinterp fit --config configs/quickstart.yaml; code=$$?; \
+	echo "make run: $$(( $$(date +%s) - start )) s of wall time, set-up included"; exit $$code
 
 test: install
 	WANDB_MODE=offline $(BIN)/python -m pytest -q

@@ -1,5 +1,7 @@
 """Reading timelines, detecting onsets, inferring the order primitives are learned in."""
 
+import devinterp.threads  # noqa: F401  (sets OpenMP's wait policy before torch loads)
+
 from analysis.timeline import Timeline, TimelineError, load_timeline
 
 __all__ = ["Timeline", "TimelineError", "load_timeline"]

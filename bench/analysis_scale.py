@@ -13,6 +13,8 @@ temporary folder (about 2 GB free needed) and removed afterwards.
 
 from __future__ import annotations
 
+import devinterp.threads  # noqa: F401  (OpenMP's wait policy, set before torch loads)
+
 import argparse
 import sys
 import tempfile

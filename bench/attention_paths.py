@@ -11,6 +11,8 @@ faster) and the path ``auto`` picks, which should be the faster one.
 
 from __future__ import annotations
 
+import devinterp.threads  # noqa: F401  (OpenMP's wait policy, set before torch loads)
+
 import argparse
 import dataclasses
 import sys

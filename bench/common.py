@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import devinterp.threads  # noqa: F401  (OpenMP's wait policy, set before torch loads)
+
 import time
 from pathlib import Path
 

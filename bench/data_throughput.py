@@ -19,6 +19,8 @@ is shared, so a figure, not an assertion).
 
 from __future__ import annotations
 
+from devinterp.threads import available_cores  # OpenMP's wait policy, set before torch loads
+
 import argparse
 import sys
 import time
@@ -29,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, load_run_config, report  # noqa: E402
 
-from devinterp.data import MemberStreams, available_cores, stream_loader  # noqa: E402
+from devinterp.data import MemberStreams, stream_loader  # noqa: E402
 from devinterp.language import load_language  # noqa: E402
 from devinterp.module import TensorTransformerModule  # noqa: E402
 

@@ -9,6 +9,8 @@ tracking), and their ratio. Target: at least 10x, so data never slows training.
 
 from __future__ import annotations
 
+import devinterp.threads  # noqa: F401  (OpenMP's wait policy, set before torch loads)
+
 import argparse
 import sys
 from pathlib import Path

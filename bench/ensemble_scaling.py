@@ -21,6 +21,8 @@ GPU, or with many small models.
 
 from __future__ import annotations
 
+import devinterp.threads  # noqa: F401  (OpenMP's wait policy, set before torch loads)
+
 import argparse
 import statistics
 import sys

@@ -49,6 +49,10 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--rehearse", action="store_true", help="run everything on the CPU, briefly")
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import devinterp.threads  # noqa: F401  (OpenMP's wait policy, set before torch loads)
+
     try:
         import torch
     except ImportError:
@@ -57,8 +61,6 @@ def main() -> int:
     if not torch.cuda.is_available() and not args.rehearse:
         print("gpu_check: needs CUDA (no CUDA device here); nothing measured")
         return 0
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     global DEVICE, ENSEMBLE
     if args.rehearse:
         DEVICE, ENSEMBLE = "cpu", 2

@@ -13,6 +13,8 @@ tests/test_host_sync.py counts host reads instead).
 
 from __future__ import annotations
 
+import devinterp.threads  # noqa: F401  (OpenMP's wait policy, set before torch loads)
+
 import argparse
 import collections
 import sys

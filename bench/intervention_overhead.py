@@ -13,6 +13,8 @@ what an intervention costs.
 
 from __future__ import annotations
 
+import devinterp.threads  # noqa: F401  (OpenMP's wait policy, set before torch loads)
+
 import argparse
 import os
 import statistics

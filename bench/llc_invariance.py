@@ -14,6 +14,8 @@ and member sampled at once as one batched estimate.
 
 from __future__ import annotations
 
+import devinterp.threads  # noqa: F401  (OpenMP's wait policy, set before torch loads)
+
 import argparse
 import os
 import sys

@@ -24,6 +24,8 @@ Without ``.venv-devinterp`` it times ours alone and says how to make the environ
 
 from __future__ import annotations
 
+import devinterp.threads  # noqa: F401  (OpenMP's wait policy, set before torch loads)
+
 import argparse
 import json
 import os

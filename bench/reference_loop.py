@@ -13,6 +13,8 @@ Prints our steps/s over the plain loop's (target at least 0.9).
 
 from __future__ import annotations
 
+import devinterp.threads  # noqa: F401  (OpenMP's wait policy, set before torch loads)
+
 import argparse
 import os
 import statistics

@@ -19,6 +19,8 @@ fraction of one bare training step.
 
 from __future__ import annotations
 
+import devinterp.threads  # noqa: F401  (OpenMP's wait policy, set before torch loads)
+
 import argparse
 import os
 import statistics

@@ -39,6 +39,8 @@ resume sends only those lost rows, from the file as it is.
 
 from __future__ import annotations
 
+from devinterp.threads import in_force
+
 import os
 import resource
 import shutil
@@ -58,6 +60,7 @@ import yaml
 
 import devinterp
 from analysis.timeline import TimelineError, open_timeline
+from callbacks.thread_tuning import ThreadTuning
 from devinterp.errors import UsageError, at_least
 from devinterp.model import PARAMETER_AXES
 from devinterp.schema import GROUP_MARKER, INFO_FIELDS, SCHEMA_VERSION, VALUES_AXES, MetricInfo
@@ -285,6 +288,8 @@ class TimelineWriter(L.Callback):
         language = trainer.datamodule.language
         meta["language_spec"] = trainer.datamodule.spec_text  # a corpus: its description
         meta["stream_kind"] = stream_kind(trainer)
+        tuners = [c.tuner for c in trainer.callbacks if isinstance(c, ThreadTuning)]
+        meta["compute"] = in_force(tuners[0].candidates if tuners else None)  # threads, wait policy
         truth = f.create_group("ground_truth")
         truth["vocab"] = _strings(language.vocab.tokens).astype(STRING)
         truth["categories"] = _strings(language.vocab.categories).astype(STRING)

@@ -111,6 +111,9 @@ def analyze_main(argv: list[str]) -> int:
         parser.error(f"--level: must be between 0 and 1 (0.5 is the t50 onset), got {args.level}")
     if not 0 < args.alpha < 1:
         parser.error(f"--alpha: must be between 0 and 1, got {args.alpha}")
+    from devinterp.threads import available_cores, use_threads
+
+    use_threads(available_cores())  # the fits, bootstraps and any model rebuilt from snapshots
     from analysis.report import write_report  # matplotlib: only once the arguments are good
     from analysis.timeline import TimelineError
 

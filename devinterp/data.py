@@ -11,6 +11,8 @@ of workers.
 
 from __future__ import annotations
 
+from devinterp.threads import available_cores
+
 import os
 import sys
 from dataclasses import dataclass, fields
@@ -199,15 +201,6 @@ def gpu_workers() -> int:
     (torchrun's LOCAL_WORLD_SIZE), less one for training, at most 16."""
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(16, available_cores() // local - 1))
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity; a job scheduler's allocation), not the
-    machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 class ToyLanguageData(L.LightningDataModule):

@@ -16,6 +16,8 @@ settings goes on from there):
 
 from __future__ import annotations
 
+from devinterp.threads import available_cores, use_threads
+
 import json
 import os
 import sys
@@ -177,7 +179,7 @@ def main(argv: list[str]) -> int:
     for key in [key for key in store if key[1] in args.redo]:
         del store[key]
     check_step_sizes(out, store, eps_for, sampler.eps)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
+    use_threads(available_cores())  # the cores this process may use (affinity and cgroup quota)
     todo = [(s, r) for s in steps for r in chosen if not done(store, s, r.name)]
     print(
         f"llc: {len(todo)} estimates to make ({len(steps)} snapshots x {len(chosen)} refinements, "

@@ -7,7 +7,9 @@ share it and analysis works from a file alone. Layout of a timeline file (versio
                      config, YAML), language_spec (the spec as written; a corpus: its path,
                      sha256, shape and labels), logged_through (1,) int64: the last step handed
                      to the loggers (W&B), stream_kind: the training stream (numpy, or
-                     torch-<device type> for the device sampler; absent in older files: numpy)
+                     torch-<device type> for the device sampler; absent in older files: numpy),
+                     compute (YAML: torch and BLAS threads, OpenMP's wait policy and the cores
+                     available, of the process that wrote the file's latest segment)
     ground_truth/    vocab, categories, token_category, label_names, rule_names, and per
                      primitive <name>/kind plus its defining arrays (tables, rule indices)
     <group>/         one per producer and cadence (every_step/, diagnostics/, probe/, ...),

@@ -4,6 +4,8 @@ others start without torch and Lightning)."""
 
 from __future__ import annotations
 
+from devinterp.threads import ThreadTuner, available_cores, use_threads
+
 import inspect
 import os
 import subprocess
@@ -24,8 +26,9 @@ from callbacks.circuit_metrics import CircuitMetrics
 from callbacks.interventions import MechanismInterventions
 from callbacks.probe_metrics import ProbeMetrics
 from callbacks.progress_bar import FlushedLossBar
+from callbacks.thread_tuning import ThreadTuning
 from callbacks.timeline_writer import NonFiniteMetricError, TimelineWriteError, TimelineWriter
-from devinterp.data import ToyLanguageData, available_cores
+from devinterp.data import ToyLanguageData
 from devinterp.errors import UsageError
 from devinterp.module import TensorTransformerModule
 from devinterp.wandb_files import WandbReadError, last_logged_step
@@ -187,7 +190,7 @@ class DevinterpCLI(LightningCLI):
                 f"run.checkpoint_every_n_steps: must be at least 1, got {config.run.checkpoint_every_n_steps}"
             )
         map_flush_alias(config)
-        torch.set_num_threads(compute_threads(config.run.threads, config.trainer))
+        use_threads(compute_threads(config.run.threads, config.trainer))
         self.resume_step = None
         self.replay_after = None  # a finished run: the last step its W&B files hold
         external = launched_rank()  # torchrun, srun or by hand: every process started from outside
@@ -312,6 +315,9 @@ class DevinterpCLI(LightningCLI):
         ):
             kwargs.setdefault("callbacks", configured + [FlushedLossBar()])  # not in config.yaml
         trainer = super().instantiate_trainer(**kwargs)
+        tuned = self.subcommand == "fit" and tuned_threads(self.config[self.subcommand])
+        if tuned:  # the fastest count, measured while training (devinterp/threads.py)
+            trainer.callbacks.insert(0, ThreadTuning(ThreadTuner(tuned)))
         for callback in trainer.callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None and self.run_dir:
                 callback.dirpath = str(self.run_dir / "checkpoints")
@@ -367,6 +373,22 @@ def compute_threads(setting: int | str, trainer_config) -> int:
     if not local and trainer_config.get("accelerator") == "cpu" and isinstance(devices, int):
         local = devices
     return max(1, available_cores() // max(1, local))
+
+
+def tuned_threads(config) -> int:
+    """The cores a ``run.threads auto`` CPU run tunes its thread count over (0: no tuning: a set
+    count, an accelerator, or several training processes on this node)."""
+    trainer = config.trainer
+    if config.run.threads != "auto" or trainer.get("accelerator") not in ("cpu", None, "auto"):
+        return 0
+    if trainer.get("accelerator") != "cpu" and (
+        torch.cuda.is_available() or torch.backends.mps.is_available()
+    ):
+        return 0
+    one_process = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == 1
+    if not one_process or trainer.get("devices") not in ("auto", 1, "1", None):
+        return 0
+    return compute_threads("auto", trainer)
 
 
 def wandb_lacks_steps(run_dir: Path, last_step: int) -> int | None:

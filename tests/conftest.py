@@ -1,3 +1,5 @@
+import devinterp.threads  # noqa: F401  (OpenMP's wait policy, set before torch loads)
+
 import copy
 import os
 from pathlib import Path

@@ -100,9 +100,11 @@ def test_auto_means_no_workers_on_a_cpu_and_bad_counts_are_refused():
 def test_auto_threads_share_the_cores_this_process_may_use(monkeypatch):
     import os
 
+    from devinterp import threads
     from devinterp.train_cli import compute_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert compute_threads("auto", {"accelerator": "cpu", "devices": "auto"}) == 6
     assert compute_threads("auto", {"accelerator": "cpu", "devices": 2}) == 3  # two processes here

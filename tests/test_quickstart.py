@@ -1,7 +1,10 @@
 """The README's `make run` claim: the quickstart learns bigrams and skip-trigrams.
 
-Runs configs/quickstart.yaml as it is (in-process, W&B disabled) and checks the per-primitive
-excess loss on the probe set, median over members, falls by at least 80% from step 0.
+Runs configs/quickstart.yaml (in-process, W&B disabled) and checks the per-primitive excess loss
+on the probe set, median over members, falls by at least 80% from step 0. ``make test`` stops it
+at step 400, where both have fallen by more than 80% (bigram and skip-trigram reach 90% fall by
+about step 300 in the full run; the full run's t50 onsets are under 100 steps); the whole
+1500-step config runs with ``make test-slow``.
 """
 
 import json
@@ -16,7 +19,8 @@ from devinterp.schedule import due_steps
 from tests.conftest import ROOT, SEED_SPEC_PATH
 
 
-def test_quickstart_learns_bigrams_and_skip_trigrams(tmp_path, capsys):
+@pytest.mark.parametrize("max_steps", [400, pytest.param(1500, marks=pytest.mark.slow)])
+def test_quickstart_learns_bigrams_and_skip_trigrams(tmp_path, capsys, max_steps):
     code = main(
         [
             "fit",
@@ -30,13 +34,15 @@ def test_quickstart_learns_bigrams_and_skip_trigrams(tmp_path, capsys):
             str(SEED_SPEC_PATH),
             "--trainer.enable_progress_bar",
             "false",
+            "--trainer.max_steps",
+            str(max_steps),
         ]
     )
     assert code == 0
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "quickstart" / "probe_summary.json").read_text())
     rows = summary["primitives"]
-    assert summary["first_step"] == 0 and summary["last_step"] == 1500 and summary["n_members"] == 4
+    assert summary["first_step"] == 0 and summary["last_step"] == max_steps and summary["n_members"] == 4
     for primitive in ("bigram", "skip_trigram"):
         assert rows[primitive]["fall"] >= 0.8, (primitive, rows[primitive])
     assert "Excess loss on the probe set" in out and f"{rows['bigram']['final']:.4f}" in out
@@ -46,15 +52,15 @@ def test_quickstart_learns_bigrams_and_skip_trigrams(tmp_path, capsys):
 
     # the timeline: one row per training step, in order, named as the README says
     with h5py.File(tmp_path / "quickstart" / "timeline.h5", "r") as f:
-        np.testing.assert_array_equal(f["every_step/step"][:], np.arange(1501))
-        assert int(f["every_step/committed"][0]) == 1501
+        np.testing.assert_array_equal(f["every_step/step"][:], np.arange(max_steps + 1))
+        assert int(f["every_step/committed"][0]) == max_steps + 1
         names = [n.decode() for n in f["every_step/names"][:]]
         assert all(
             re.fullmatch(r"(bigram|skip_trigram|induction|category)/[^/]+/kl|train/loss|train_loss/\w+", n)
             for n in names
         ), names
-        # the probe's log-spaced schedule (16 per doubling), and the final weights at step 1500
-        expected = np.union1d(due_steps(1500, "log", 10, 16), [1500])
+        # the probe's log-spaced schedule (16 per doubling), and the final weights at the last step
+        expected = np.union1d(due_steps(max_steps, "log", 10, 16), [max_steps])
         np.testing.assert_array_equal(f["probe/step"][:], expected)
         # the weight-derived bigram metric agrees with the probe: learned at the end
         values = f["every_step/values"][-1]

@@ -1,6 +1,8 @@
 """The timeline contract: one schema module, a reader that needs no torch and reads any group a
 producer declares, files that describe themselves, and primitives that own their hooks."""
 
+from devinterp.threads import ThreadTuner, available_cores
+
 import subprocess
 import sys
 
@@ -111,6 +113,7 @@ def test_the_file_names_its_axes_and_keeps_the_whole_config(tmp_path, capsys):
         assert f["every_step/step"].attrs["unit"] == "optimiser steps"
         assert f["ground_truth/skip_trigram/kind"][()].decode() == "skip_trigram"
         config = yaml.safe_load(f["meta/config"][()].decode())
+        compute = yaml.safe_load(f["meta/compute"][()].decode())
         n_vocab = len(f["ground_truth/vocab"])
     assert {"trainer", "model", "data", "probe", "circuits", "timeline", "run"} <= set(config)
     assert (
@@ -119,6 +122,11 @@ def test_the_file_names_its_axes_and_keeps_the_whole_config(tmp_path, capsys):
     assert (
         config["model"]["d_vocab"] == n_vocab > 0 and config["trainer"]["max_steps"] == 3
     )  # linked values included
+    # what the run computed with: run.threads resolved, BLAS capped the same, OpenMP waiting passively
+    cores = available_cores()  # run.threads auto, one process: tuned over 1..cores from the first step
+    assert compute["torch_threads"] == cores and compute["blas_threads"] == [cores]
+    assert compute["tuned_over"] == ThreadTuner(cores).candidates
+    assert compute["wait_policy"] == "PASSIVE" and compute["available_cores"] >= 1
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["circuits"]["flush_every_n_steps"] is None and saved["timeline"]["flush_every_n_steps"] == 2
 

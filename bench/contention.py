@@ -1,0 +1,202 @@
+"""Threads on a shared machine: the default setting against every thread count, alone and under load.
+
+Runs the quickstart's step loop (4 members, 2 layers, d_model 64, batch 32 x 64: sample, forward,
+backward, AdamW; bench/tracking_overhead.py's bare loop) in a fresh process per measurement, with
+
+  default   ``run.threads auto``: the package's environment (OpenMP waiting passively, BLAS
+            capped) and its thread tuner (devinterp/threads.py), ticked every step as `devinterp
+            fit` ticks it; its first trial (1 + 5 steps per count) is part of the warm-up, and the
+            cost of the later trials (one every 200 steps) is printed beside it, from the rows
+  1 .. N    that many threads, the same environment (N: the cores this process may use)
+  before    torch imported before the package, torch's own thread count: OpenMP's default
+            spin-then-sleep policy, as every run had before the package set its wait policy
+
+alone and beside 1 and 3 competing processes that this script starts itself: the same loop with
+torch's defaults, as other people's jobs would run it, the second and third spinning
+(``OMP_WAIT_POLICY=ACTIVE``). Loads and settings are interleaved and repeated; each figure is the
+median over repeats of the seconds per step after a warm-up. Prints, per load, every setting's
+time, default / best (target <= 1.10 in every row) and before / best.
+
+    python bench/contention.py [--steps 20] [--warmup 4] [--repeats 2] [--loads 0 1 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SPIN = {"OMP_WAIT_POLICY": "ACTIVE"}
+COMPETITOR_SPIN = (False, True, True)  # the first competitor waits as OpenMP does by default
+
+
+def child_env(spin: bool = False, package_env: bool = True) -> dict[str, str]:
+    """The environment of a child: this one without the package's settings (a child that sets
+    them does so itself), plus ACTIVE waiting for a spinning competitor."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")}
+    env.pop("OMP_NUM_THREADS", None)
+    return {**env, **(SPIN if spin else {})}
+
+
+def measure_command(setting: str, steps: int, warmup: int) -> list[str]:
+    """The child that times ``steps`` steps with ``setting`` (default, before, or a count)."""
+    args = ["--measure", setting, "--steps", str(steps), "--warmup", str(warmup)]
+    if setting == "before":  # torch first: the package's wait policy can no longer take effect
+        return torch_first(args)
+    return [sys.executable, str(Path(__file__).resolve()), *args]
+
+
+def torch_first(args: list[str]) -> list[str]:
+    """This script with ``args`` in a process that imports torch before anything else."""
+    script = str(Path(__file__).resolve())
+    code = f"import sys, torch, runpy; sys.argv = {[script, *args]!r}; "
+    code += f"runpy.run_path({script!r}, run_name='__main__')"
+    return [sys.executable, "-W", "ignore", "-c", code]
+
+
+def start_competitors(count: int) -> list[subprocess.Popen]:
+    """``count`` processes running the loop with torch's defaults (torch imported first) until
+    stopped; all but the first spin."""
+    return [
+        subprocess.Popen(
+            torch_first(["--compete"]),
+            env=child_env(spin=COMPETITOR_SPIN[i % len(COMPETITOR_SPIN)]),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(count)
+    ]
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.wait()
+
+
+def step_loop():
+    """The quickstart's bare step loop as a generator of step times."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from tracking_overhead import make
+
+    from devinterp.data import MemberStreams
+
+    data, module = make(4)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=module.hparams.lr, fused=True)
+    stream = iter(
+        MemberStreams(data.language, data.seq_len, data.batch_size, data.stream_seeds, data.steps_per_block)
+    )
+    while True:
+        start = time.perf_counter()
+        batch = next(stream)
+        optimizer.zero_grad(set_to_none=True)
+        member_loss, _ = module.member_losses(batch["tokens"], batch["labels"])
+        member_loss.sum().backward()
+        optimizer.step()
+        yield time.perf_counter() - start
+
+
+def run_child(args) -> int:
+    if args.compete:
+        for _ in step_loop():
+            pass
+    from devinterp.threads import ThreadTuner, use_threads
+
+    from devinterp.train_cli import compute_threads
+
+    tuner = None
+    if args.measure == "default":
+        tuner = ThreadTuner(compute_threads("auto", {"accelerator": "cpu", "devices": "auto"}))
+        use_threads(tuner.current)
+    elif args.measure != "before":  # before: torch's own thread count, BLAS untouched
+        use_threads(int(args.measure))
+    loop = step_loop()
+    times = []
+    warmup = args.warmup + (len(tuner.candidates) * (tuner.trial + 1) if tuner else 0)
+    for step in range(warmup + args.steps):
+        if tuner:
+            tuner.tick()
+        seconds = next(loop)
+        if step >= warmup:
+            times.append(seconds)
+    print(f"{sum(times) / len(times):.6f}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--loads", type=int, nargs="+", default=[0, 1, 3], help="competing processes")
+    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--compete", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure or args.compete:
+        return run_child(args)
+
+    sys.path.insert(0, str(HERE))
+    from devinterp.threads import available_cores
+
+    from common import report
+
+    cores = available_cores()
+    settings = ["default", *map(str, range(1, cores + 1)), "before"]
+    times: dict[tuple[int, str], list[float]] = {}
+    rng = random.Random(0)
+    print(
+        f"contention: {cores} cores available, {args.steps} timed steps after {args.warmup}, "
+        f"median of {args.repeats}; competitors: the same loop with torch's defaults, spinning: "
+        f"{[spin for spin in COMPETITOR_SPIN]}",
+        flush=True,
+    )
+    for repeat in range(args.repeats):
+        for load in args.loads:
+            competitors = start_competitors(load)
+            try:
+                time.sleep(3 if load else 0)  # let them get going
+                for setting in rng.sample(settings, len(settings)):
+                    done = subprocess.run(
+                        measure_command(setting, args.steps, args.warmup),
+                        env=child_env(),
+                        capture_output=True,
+                        text=True,
+                    )
+                    if done.returncode != 0:
+                        print(done.stderr[-3000:], file=sys.stderr)
+                        return 1
+                    seconds = float(done.stdout.split()[-1])
+                    times.setdefault((load, setting), []).append(seconds)
+                    print(
+                        f"  repeat {repeat} load {load} {setting:>8}: {seconds * 1000:8.1f} ms/step",
+                        flush=True,
+                    )
+            finally:
+                stop(competitors)
+    head = "".join(f"{s:>10}" for s in settings)
+    print(f"\n{'competing':<10}{head}{'default/best':>14}{'before/best':>13}   (ms per step)")
+    worst = 0.0
+    for load in args.loads:
+        median = {s: statistics.median(times[load, s]) for s in settings}
+        best = min(median[s] for s in settings if s != "before")
+        ratio, before = median["default"] / best, median["before"] / best
+        worst = max(worst, ratio)
+        row = "".join(f"{median[s] * 1000:>10.1f}" for s in settings)
+        print(f"{load:<10}{row}{ratio:>14.2f}{before:>13.2f}")
+        report(f"contention default/best, {load} competing", ratio, "<= 1.10")
+        report(f"contention before/best, {load} competing", before)
+    print(f"\nworst default/best: {worst:.2f} (target <= 1.10)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Threads on a shared machine: the cores a process may use, OpenMP's wait policy, and the
+tuner behind ``run.threads auto`` (devinterp/threads.py, callbacks/thread_tuning.py)."""
+
+from devinterp.threads import ThreadTuner
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    "files, limit",
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2: 1.5 CPUs
+        ({"cpu.max": "max 100000\n"}, None),  # v2, no quota
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1, none
+        ({}, None),  # no cgroup files at all
+    ],
+)
+def test_the_cgroup_cpu_quota_is_read_in_cores(tmp_path, files, limit):
+    from devinterp.threads import cgroup_cpu_limit
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_limit(tmp_path) == limit
+
+
+def test_a_cgroup_quota_caps_the_cores_below_the_affinity(monkeypatch):
+    import os
+
+    from devinterp import threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 1.5)
+    assert threads.available_cores() == 2  # 1.5 CPUs rounded up
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 0.2)
+    assert threads.available_cores() == 1
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)
+    assert threads.available_cores() == 8
+
+
+WAIT_POLICY_CHECK = """
+import os, sys, warnings
+warnings.simplefilter("always")
+{first}
+import devinterp
+import torch
+print(os.environ.get("OMP_WAIT_POLICY"), devinterp.threads.quiet_openmp(), sep="|")
+"""
+
+
+@pytest.mark.parametrize(
+    "first, users, printed, warns",
+    [
+        ("", None, "PASSIVE|PASSIVE", False),  # devinterp first: the quiet policy is in force
+        ("", "ACTIVE", "ACTIVE|ACTIVE", False),  # a user's own policy is kept
+        ("import torch", None, "PASSIVE|unset (GNU OpenMP spins before it sleeps)", True),
+        ("import torch", "ACTIVE", "ACTIVE|ACTIVE", False),  # the user chose: nothing to say
+    ],
+)
+def test_openmp_waits_passively_unless_the_user_says_otherwise(first, users, printed, warns):
+    """OpenMP reads its wait policy when torch loads: importing devinterp first sets it, a
+    user's own is kept, and torch imported first is named in one warning (children still get it)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if users:
+        env["OMP_WAIT_POLICY"] = users
+    done = subprocess.run(
+        [sys.executable, "-c", WAIT_POLICY_CHECK.format(first=first)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == printed
+    warned = [line for line in done.stderr.splitlines() if "imported before devinterp" in line]
+    assert len(warned) == (1 if warns else 0), done.stderr
+
+
+class LoadedMachine:
+    """A clock whose step time depends on the thread count in force and on a load that can
+    change: ``seconds[load][threads]`` per step."""
+
+    def __init__(self, seconds: dict[str, dict[int, float]]):
+        self.seconds, self.load, self.now, self.threads = seconds, "quiet", 0.0, None
+        self.applied: list[int] = []
+
+    def apply(self, threads: int) -> None:
+        self.threads = threads
+        self.applied.append(threads)
+
+    def clock(self) -> float:
+        return self.now
+
+    def run(self, tuner: ThreadTuner, steps: int) -> list[int]:
+        counts = []
+        for _ in range(steps):
+            counts.append(tuner.tick())
+            self.now += self.seconds[self.load][self.threads]
+        return counts
+
+
+@pytest.mark.parametrize("cores, candidates", [(1, [1]), (2, [1, 2]), (4, [1, 2, 4]), (6, [1, 2, 4, 6])])
+def test_the_tuner_tries_one_thread_the_powers_of_two_and_every_core(cores, candidates):
+    assert ThreadTuner(cores).candidates == candidates
+
+
+def test_the_tuner_keeps_the_fastest_count_and_follows_a_change_of_load():
+    machine = LoadedMachine({"quiet": {1: 0.10, 2: 0.08}, "busy": {1: 0.16, 2: 0.50}})
+    tuner = ThreadTuner(2, trial=3, period=20, clock=machine.clock, apply=machine.apply)
+    first = machine.run(tuner, 8)  # the first trial: 1 thread (settle + 3 timed), then 2 threads
+    assert first == [1, 1, 1, 1, 2, 2, 2, 2]
+    assert machine.run(tuner, 20) == [2] * 20  # the quiet machine's fastest
+    assert tuner.history == [(8, 2)]
+    machine.load = "busy"  # other jobs start: the next trial finds 1 thread faster
+    machine.run(tuner, 8)
+    assert machine.run(tuner, 20) == [1] * 20 and tuner.history[-1] == (36, 1)
+    assert tuner.used == {1: 4 + 4 + 20, 2: 4 + 20 + 4}
+    assert "1 thread for 28 steps, 2 threads for 28 steps" in tuner.summary()
+
+
+def test_the_tuner_times_only_settled_steps_of_one_count():
+    """A step that switched counts is not timed (its first step pays the switch): a count whose
+    first step is slow but whose others are fast still wins."""
+    times = iter([5.0, 0.1, 0.1, 0.1, 0.2, 0.2, 0.2, 0.2])  # 1 thread: a slow first step
+    now = [0.0]
+    applied = []
+
+    def clock():
+        return now[0]
+
+    tuner = ThreadTuner(2, trial=3, period=100, clock=clock, apply=applied.append)
+    for _ in range(8):
+        tuner.tick()
+        now[0] += next(times)
+    tuner.tick()
+    assert tuner.choice == 1 and applied == [1, 2, 1]
+
+
+def test_one_core_is_never_tuned():
+    applied = []
+    tuner = ThreadTuner(1, apply=applied.append)
+    assert [tuner.tick() for _ in range(10)] == [1] * 10 and applied == [] and tuner.history == []
