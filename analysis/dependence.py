@@ -145,7 +145,7 @@ def dependence(
     level: float = 0.5,
     source: str = "probe",
     alpha: float = 0.01,
-    yardstick: str = "fallback",
+    yardstick: str = "blind",
 ) -> list[Dependence]:
     """Verdicts for every (Y, X) where X has a knock-out or knock-in variant. With several full
     runs (a sweep over seeds) each variant pairs with the full run of its own seed, and the
@@ -262,7 +262,7 @@ def mechanism_effects(
     level: float = 0.5,
     source: str = "probe",
     alpha: float = 0.01,
-    yardstick: str = "fallback",
+    yardstick: str = "blind",
 ) -> list[MechanismEffect]:
     """Per mechanism variant and primitive Y: how many members formed Y, when, and the onset
     shift against the full run of the same seed (on its baselines).

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import OptimizeWarning, curve_fit
 
+from devinterp.schema import pooled_progress
+
 
 @dataclass(frozen=True)
 class Onset:
@@ -223,25 +225,32 @@ def primitive_progress(
     timeline,
     primitive: str,
     source: str = "probe",
-    yardstick: str = "fallback",
+    yardstick: str = "blind",
     baselines: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A primitive's progress (steps (N,), (N, members)): the median over its rules of each
-    rule's progress. ``source`` "probe": probe excess loss per rule (falling back to the
-    primitive's own probe metric); "weight": its weight-derived headline KLs. ``yardstick`` and
+    """A primitive's progress, defined once (steps (N,), (N, members)): 1 - sum(excess) /
+    sum(baseline) over what the primitive is measured on, a ratio of sums. ``source`` "probe": its
+    probe excess over all its positions (``probe_excess/<primitive>``); "weight": its rules'
+    weight-derived KLs, each rule weighted by its positions in the training distribution
+    (``MetricInfo.mass``; equal weights in files without it). Rules unmeasurable on the yardstick
+    are left out; a primitive with none measurable has NaN progress. ``yardstick`` and
     ``baselines`` (metric name -> "nothing learned", overriding the file's) as in
     ``Timeline.progress``."""
     if source == "probe":
-        names = timeline.names(f"probe_excess/{primitive}/*") or timeline.names(f"probe_excess/{primitive}")
+        names = timeline.names(f"probe_excess/{primitive}")
     elif source == "weight":
         names = [n for n in timeline.names(f"{primitive}/*/kl") if timeline.info(n).kind == "weight"]
     else:
         raise ValueError(f"source: expected 'probe' or 'weight', got {source!r}")
     if not names:
         raise KeyError(f"{timeline.path}: no {source} metrics for primitive {primitive!r}")
-    baselines = baselines or {}
-    progress = np.median(np.stack([timeline.progress(n, yardstick, baselines.get(n)) for n in names]), axis=0)
-    return timeline.steps(names[0]), progress
+    timeline.check_yardstick(yardstick)
+    infos = [timeline.info(n) for n in names]
+    override = (
+        None if not baselines else [baselines.get(n, i.baseline(yardstick)) for n, i in zip(names, infos)]
+    )
+    values = np.stack([timeline.values(n) for n in names])  # (metric, steps, members)
+    return timeline.steps(names[0]), pooled_progress(values, infos, yardstick, override)
 
 
 def primitive_onsets(
@@ -249,11 +258,12 @@ def primitive_onsets(
     primitives: list[str] | None = None,
     level: float = 0.5,
     source: str = "probe",
-    yardstick: str = "fallback",
+    yardstick: str = "blind",
     baselines: dict | None = None,
 ) -> dict[str, list[Onset]]:
     """t-level onsets (default t50) of each primitive's progress, one per member. A primitive
-    without metrics of this source (long-range rules have no weight-derived metric) is left out."""
+    without metrics of this source (long-range rules have no weight-derived metric), or
+    unmeasurable on the yardstick, is left out."""
     if primitives is None:
         primitives = [p for p in timeline.label_names if p != "start"]
     out = {}
@@ -261,6 +271,8 @@ def primitive_onsets(
         try:
             steps, progress = primitive_progress(timeline, primitive, source, yardstick, baselines)
         except KeyError:
+            continue
+        if np.isnan(progress).all():  # unmeasurable on this yardstick: no onset, not a late one
             continue
         out[primitive] = threshold_onsets(primitive, steps, progress, level)
     return out

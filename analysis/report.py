@@ -56,6 +56,7 @@ from analysis.stages import (
 from analysis.timeline import Timeline, TimelineError, load_timeline
 from devinterp.language import SpecError, parse_language
 from devinterp.language.primitive import QKView
+from devinterp.schema import UNMEASURABLE
 
 
 @dataclass(frozen=True)
@@ -66,14 +67,15 @@ class Analysis:
     lead_lag: dict[str, float]  # "X->Y": log-step lag of Y behind X (positive: X leads)
     dependence: list[Dependence]
     n_units: int
-    yardstick: str = (
-        "fallback"  # what progress 0 means: the best prediction without the primitive, or uniform
-    )
+    yardstick: str = "blind"  # what progress 0 means (devinterp/baselines.py)
     mechanism: list[MechanismEffect] = field(default_factory=list)
+    unmeasurable: dict[str, list[str]] = field(default_factory=dict)  # source -> primitives
 
 
 YARDSTICK_TEXT = {
-    "fallback": "the best prediction without the primitive (the knocked-out language mixed with uniform; "
+    "blind": "the best prediction of a model that cannot read what the primitive needs (the best pool of "
+    "the knocked-out language, the context-limited oracles the primitive's type admits and uniform)",
+    "knock_out": "the best prediction without the primitive (the knocked-out language mixed with uniform; "
     "uniform for the category fallback)",
     "uniform": "the uniform prediction",
 }
@@ -94,15 +96,16 @@ def find_timelines(paths: list[str | Path]) -> list[Path]:
     return found
 
 
-def progress_or_none(timeline: Timeline, primitive: str, source: str, yardstick: str = "fallback"):
+def progress_or_none(timeline: Timeline, primitive: str, source: str, yardstick: str = "blind"):
     try:
-        return primitive_progress(timeline, primitive, source, yardstick)
+        steps, progress = primitive_progress(timeline, primitive, source, yardstick)
     except KeyError:  # no metric of this source for the primitive
         return None
+    return None if np.isnan(progress).all() else (steps, progress)  # all NaN: unmeasurable
 
 
 def pooled_onsets(
-    timelines: list[Timeline], primitives: list[str], level: float, source: str, yardstick: str = "fallback"
+    timelines: list[Timeline], primitives: list[str], level: float, source: str, yardstick: str = "blind"
 ) -> dict[str, list[Onset]]:
     pooled: dict[str, list[Onset]] = {p: [] for p in primitives}
     for timeline in timelines:
@@ -117,7 +120,7 @@ def analyze_timelines(
     level: float = 0.5,
     source: str = "probe",
     alpha: float = 0.01,
-    yardstick: str = "fallback",
+    yardstick: str = "blind",
 ) -> Analysis:
     full = [t for t in timelines if variant_of(t)[0] == "full"]
     variants = [t for t in timelines if variant_of(t)[0] != "full"]
@@ -146,9 +149,29 @@ def analyze_timelines(
         else []
     )
     effects = mechanism_effects(full, variants, level=level, source=source, alpha=alpha, yardstick=yardstick)
+    unmeasurable = {
+        s: [p for p in primitives if unmeasurable_on(full[0], p, s, yardstick)] for s in ("probe", "weight")
+    }
     return Analysis(
-        primitives, onsets, ordering, lags, found, len(onsets[source][measured[0]]), yardstick, effects
+        primitives,
+        onsets,
+        ordering,
+        lags,
+        found,
+        len(onsets[source][measured[0]]),
+        yardstick,
+        effects,
+        unmeasurable,
     )
+
+
+def unmeasurable_on(timeline: Timeline, primitive: str, source: str, yardstick: str) -> bool:
+    """The primitive has metrics of this source, and none is measurable on the yardstick."""
+    try:
+        _, progress = primitive_progress(timeline, primitive, source, yardstick)
+    except KeyError:
+        return False
+    return bool(np.isnan(progress).all())
 
 
 def _median_iqr(onsets: list[Onset]) -> str:
@@ -978,7 +1001,7 @@ def write_report(
     source: str = "probe",
     alpha: float = 0.01,
     at_steps: list[int] | None = None,
-    yardstick: str = "fallback",
+    yardstick: str = "blind",
     member: int = 0,
     stages: bool = True,
     stage_bins: int = N_BINS,
@@ -1046,7 +1069,8 @@ def write_report(
         run_header(first),
         "",
         f"Runs: {', '.join(str(f.parent) for f in files)}. Units (run, member) of the full language: "
-        f"{result.n_units}. Onset = {t} of each primitive's progress (median over its rules); "
+        f"{result.n_units}. Onset = {t} of each primitive's progress, 1 - sum(excess) / sum(baseline) "
+        "over its probe positions, or over its rules' weight-derived KLs weighted by their positions; "
         f"ordering from the {source} onsets, Holm-corrected Wilcoxon at alpha = {alpha}. Progress 0 = "
         f"{YARDSTICK_TEXT[yardstick]} (`--yardstick {yardstick}`), 1 = the true distribution"
         + (
@@ -1063,6 +1087,13 @@ def write_report(
     for p in result.primitives:
         probe, weight = result.onsets["probe"].get(p, []), result.onsets["weight"].get(p, [])
         lines.append(f"| {p} | {_median_iqr(probe)} | {_median_iqr(weight)} | {_disagree(probe, weight)} |")
+    for source_name, names in result.unmeasurable.items():
+        lines += [
+            f"Unmeasurable on the {yardstick} yardstick ({source_name}): {p}: a model that cannot "
+            f"implement it already predicts within {UNMEASURABLE:.0%} of the truth what it adds over "
+            "uniform; left out of the ordering."
+            for p in names
+        ]
     lines += [
         "",
         "A censored onset means the primitive was never learned by the last step: it is reported as "

@@ -133,7 +133,7 @@ def _norm_families(timeline) -> dict[str, list[str]]:
     return families
 
 
-def stage_data(timelines: list, n_bins: int = N_BINS, yardstick: str = "fallback") -> StageData:
+def stage_data(timelines: list, n_bins: int = N_BINS, yardstick: str = "blind") -> StageData:
     """The stage features of every member of every timeline on one log-step grid (the
     timelines must share primitives and cover the same steps: runs of one config)."""
     first = timelines[0]

@@ -18,10 +18,13 @@ import h5py
 import numpy as np
 
 from devinterp.schema import (
+    BLIND_SINCE,
     GROUP_MARKER,
     INFO_DEFAULTS,
     INFO_FIELDS,
+    LEGACY_INFO_FIELDS,
     READABLE_VERSIONS,
+    SCHEMA_VERSION,
     VERSION_1_GROUPS,
     MetricInfo,
     Yardstick,
@@ -92,22 +95,35 @@ class Timeline:
         return group.values[:, group.names.index(name)]
 
     def progress(
-        self, name: str, yardstick: Yardstick = "fallback", baseline: float | None = None
+        self, name: str, yardstick: Yardstick = "blind", baseline: float | None = None
     ) -> np.ndarray:
         """(steps, members): (value - baseline) / (learned - baseline), not clipped: 1 = learned,
         0 = as good as the yardstick's baseline, below 0 = not yet that good. ``yardstick``
-        ``fallback`` (default): the best prediction without the primitive (``MetricInfo.fallback``;
-        the uniform one where the metric has none, or in files written before it); ``uniform``:
-        the uniform prediction. ``baseline`` overrides the file's (dependence compares variants
-        on the full run's)."""
+        (devinterp/baselines.py): ``blind`` (default; NaN where the metric is unmeasurable),
+        ``knock_out`` or ``uniform``; the uniform baseline where the metric has no other.
+        ``baseline`` overrides the file's (dependence compares variants on the full run's)."""
         info = self.info(name)
         if not info.is_progress:
             raise KeyError(f"{self.path}: {name} is not a progress metric")
+        self.check_yardstick(yardstick)
+        if baseline is None and not info.measurable(yardstick):
+            return np.full(self.values(name).shape, np.nan)
         nothing = info.baseline(yardstick) if baseline is None else baseline
         return progress_of(self.values(name), nothing, info.learned)
 
-    def baselines(self, yardstick: Yardstick = "fallback") -> dict[str, float]:
+    def check_yardstick(self, yardstick: Yardstick) -> None:
+        """A file written before the blind yardstick is never read on it (silently on another)."""
+        version = self.meta.get("schema_version", str(SCHEMA_VERSION))
+        if yardstick == "blind" and version.isdigit() and int(version) < BLIND_SINCE:
+            raise TimelineError(
+                f"{self.path}: written with schema {version}, before the blind yardstick: it has no "
+                "blind baselines; analyse it with --yardstick knock_out (its old fallback) or uniform, "
+                "or train it again"
+            )
+
+    def baselines(self, yardstick: Yardstick = "blind") -> dict[str, float]:
         """Every progress metric's "nothing learned" value on a yardstick, by name."""
+        self.check_yardstick(yardstick)
         return {i.name: i.baseline(yardstick) for g in self.groups.values() for i in g.infos if i.is_progress}
 
     def snapshot(self, slot: int) -> tuple[int, dict[str, np.ndarray]]:
@@ -166,16 +182,18 @@ def _read_group(f: h5py.File, name: str, path: Path) -> Group:
     names = _strings(g["names"])
     info = g["metric_info"]
     columns = {}
+    stored = {LEGACY_INFO_FIELDS.get(key, key): key for key in info}  # field -> its dataset here
     for key, kind in INFO_FIELDS.items():
-        if key not in info:  # a field newer than the file: its default
+        if key not in stored:  # a field newer than the file: its default
             if key in ("kind", "primitive", "rule", "nothing", "learned"):
                 raise TimelineError(f"{path}: group {name!r}: metric_info/{key} is missing")
             columns[key] = [INFO_DEFAULTS[key]] * len(names)
             continue
-        if info[key].shape != (len(names),):
-            raise TimelineError(f"{path}: group {name!r}: metric_info/{key} is not one per metric")
+        dataset = info[stored[key]]
+        if dataset.shape != (len(names),):
+            raise TimelineError(f"{path}: group {name!r}: metric_info/{stored[key]} is not one per metric")
         cast = {"str": str, "float": float, "bool": bool}[kind]
-        columns[key] = [cast(v) for v in (_strings(info[key]) if kind == "str" else info[key][()])]
+        columns[key] = [cast(v) for v in (_strings(dataset) if kind == "str" else dataset[()])]
     try:
         infos = tuple(MetricInfo(n_, **{k: columns[k][i] for k in INFO_FIELDS}) for i, n_ in enumerate(names))
     except ValueError as error:

@@ -11,7 +11,8 @@ Q/K composition per Q/K pair in the group ``composition``, and for bilinear-MLP 
 top eigenvalues of each MLP's direct-path interaction matrix per rule in the group ``mlp``. Rows go to the
 TimelineWriter as they are made, on the model's device; the writer moves them to the host at its
 flush and hands the loggers one dict per step made by ``summarize``: per-primitive summaries
-(``<primitive>/weight_progress``, median over members of the mean progress over its rules;
+(``<primitive>/weight_progress``, median over members of its progress on the blind yardstick,
+``schema.pooled_progress``, NaN and so not sent where it is unmeasurable;
 ``<primitive>/train_loss``), grouped by primitive so W&B shows a section per primitive, and every
 metric by its timeline name when ``log_all`` is set.
 """
@@ -31,7 +32,7 @@ from devinterp.attribution import AttributionMetrics, MlpEigenMetrics, RuleAttri
 from devinterp.errors import at_least, one_of
 from devinterp.metrics import Diagnostics, HeadlineMetrics, PairComposition
 from devinterp.schedule import Schedule, is_due
-from devinterp.schema import MetricInfo, progress
+from devinterp.schema import MetricInfo, pooled_progress
 
 
 def train_infos(label_names: list[str]) -> list[MetricInfo]:
@@ -145,8 +146,6 @@ class CircuitMetrics(L.Callback):
         self._summary_rows = [
             [r for r, i in enumerate(self.headline.infos) if i.primitive == p] for p in primitives
         ]
-        self._nothing = np.array([i.nothing for i in self.headline.infos])
-        self._learned = np.array([i.learned for i in self.headline.infos])
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._final_step = -1
@@ -197,9 +196,11 @@ class CircuitMetrics(L.Callback):
     def summarize(self, steps: np.ndarray, values: np.ndarray) -> list[dict[str, float]]:
         """Host rows (n,), (n, n_metrics, member) -> one logger dict per step."""
         n_headline = len(self.headline.infos)
-        reached = progress(values[:, :n_headline], self._nothing[None, :, None], self._learned[None, :, None])
-        summaries = {
-            f"{p}/weight_progress": np.median(reached[:, rows].mean(1), axis=-1)
+        infos = self.headline.infos
+        summaries = {  # the primitive's progress on the blind yardstick (a ratio of sums over rules)
+            f"{p}/weight_progress": np.median(
+                pooled_progress(values[:, rows].swapaxes(0, 1), [infos[r] for r in rows]), axis=-1
+            )
             for p, rows in zip(self._summary_primitives, self._summary_rows)
         }
         with warnings.catch_warnings():  # a primitive absent from a step's batch is NaN for all members

@@ -6,13 +6,14 @@ member is evaluated on the fixed probe set shared by all members: per-primitive 
 excess loss, i.e. the exact KL(true next-token distribution || model), accuracy against the
 Bayes-optimal guess, the loss at each position, and the in-context-learning score of Olsson et
 al. (2022): the loss late in the sequence minus the loss early in it (negative once context
-helps). Each excess metric's ``fallback`` is the excess of the best prediction without its
-primitive (devinterp/baselines.py). Rows go to the TimelineWriter as they are made (group
-``probe``, one value per member, on the device); at its flush the writer sends medians over
-members to ``trainer.loggers`` grouped by primitive (``<primitive>/probe_excess``,
-``<primitive>/probe_acc``) through ``summarize``. At the end a table of step 0 against the last
-step, with each primitive's position count and the standard error of its excess, is printed
-and written to ``<run folder>/probe_summary.json``.
+helps). Each excess metric carries the excess of its primitive's blind and knock-out baselines
+(devinterp/baselines.py) and the positions it averages over (``mass``). Rows go to the
+TimelineWriter as they are made (group ``probe``, one value per member, on the device); at its
+flush the writer sends medians over members to ``trainer.loggers`` grouped by primitive
+(``<primitive>/probe_excess``, ``<primitive>/probe_acc``, and ``<primitive>/probe_progress`` on
+the blind yardstick where it is measurable) through ``summarize``. At the end a
+table of step 0 against the last step, with each primitive's position count and the standard
+error of its excess, is printed and written to ``<run folder>/probe_summary.json``.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from callbacks.timeline_writer import TimelineGroup, find_writer, last_step_reached
-from devinterp.baselines import probe_fallbacks
+from devinterp.baselines import Baselines, probe_baselines
 from devinterp.errors import at_least, one_of
 from devinterp.probe import ProbeResult, attention_to_open, evaluate_probe, grouped_sums, uniform_share
 from devinterp.schedule import Schedule, is_due
-from devinterp.schema import MetricInfo
+from devinterp.schema import MetricInfo, pooled_progress
 
 
 def icl_positions(seq_len: int) -> tuple[int, int]:
@@ -98,27 +99,34 @@ class ProbeMetrics(L.Callback):
         self.has_excess = probe.has_excess
         names = language.label_names
         self.label_names, self.rule_names = list(names), list(language.rule_names)
-        # the best prediction without each primitive (devinterp/baselines.py); none for a corpus
-        label_fallback, rule_fallback = {}, {}
+        # each primitive's blind and knock-out baselines (devinterp/baselines.py); none for a corpus
+        label_baselines, rule_baselines = {}, {}
         if probe.true_next is not None:
-            label_fallback, rule_fallback = probe_fallbacks(
+            label_baselines, rule_baselines = probe_baselines(
                 language,
+                language.context_oracles(datamodule.seq_len),
                 probe.tokens.numpy(),
                 probe.true_next.double().numpy(),
                 probe.labels[:, 1:].numpy(),
                 probe.rules[:, 1:].numpy(),
             )
 
-        def yardsticks(fallback: float | None, uniform: float) -> dict:
-            if fallback is None:
-                return {"fallback": uniform, "fallback_from": "uniform"}
-            return {"fallback": fallback, "fallback_from": "knock_out"}
+        def yardsticks(baselines: Baselines | None, count, shift: float = 0.0) -> dict:
+            """The metric's baselines, ``shift`` added (cross-entropy = excess + entropy)."""
+            if baselines is None:
+                return {"mass": float(count)}
+            return {
+                "knock_out": baselines.knock_out + shift,
+                "blind": baselines.blind + shift,
+                "blind_from": baselines.blind_from,
+                "mass": float(count),
+            }
 
         self.infos = []
         if self.has_excess:
             uniform = float(plogp.mean()) + log_v
             every = MetricInfo(
-                "probe/excess", "probe", "all", "all", uniform, 0.0, unit="nats", **yardsticks(None, uniform)
+                "probe/excess", "probe", "all", "all", uniform, 0.0, unit="nats", mass=float(plogp.shape[1])
             )
             self.infos.append(every)
             self.infos += [
@@ -130,14 +138,14 @@ class ProbeMetrics(L.Callback):
                     by_label[i] + log_v,
                     0.0,
                     unit="nats",
-                    **yardsticks(label_fallback.get(i), by_label[i] + log_v),
+                    **yardsticks(label_baselines.get(i), label_counts[0, i]),
                 )
                 for i in self.label_columns
             ]
         self.infos += [
             MetricInfo(f"probe_acc/{names[i]}", "probe", names[i], "all") for i in self.label_columns
         ]
-        self.infos += [  # cross-entropy = entropy + excess: the fallback's is entropy + its excess
+        self.infos += [  # cross-entropy = entropy + excess: a baseline's is entropy + its excess
             MetricInfo(
                 f"probe_ce/{names[i]}",
                 "probe",
@@ -146,7 +154,7 @@ class ProbeMetrics(L.Callback):
                 log_v,
                 -by_label[i],
                 unit="nats",
-                **yardsticks(None if i not in label_fallback else label_fallback[i] - by_label[i], log_v),
+                **yardsticks(label_baselines.get(i), label_counts[0, i], shift=-by_label[i]),
             )
             for i in self.label_columns
         ]
@@ -160,7 +168,7 @@ class ProbeMetrics(L.Callback):
                     rule,
                     by_rule[i] + log_v,
                     0.0,
-                    **yardsticks(rule_fallback.get(i), by_rule[i] + log_v),
+                    **yardsticks(rule_baselines.get(i), rule_counts[0, i]),
                 )
             )
         T = datamodule.seq_len
@@ -282,6 +290,10 @@ class ProbeMetrics(L.Callback):
                 and info.primitive != "all"
             ):
                 metrics[f"{info.primitive}/{kind}"] = float(value)
+                if kind == "probe_excess" and info.is_progress:  # blind; NaN (unmeasurable): not sent
+                    reached = float(pooled_progress(np.array([value]), [info]))
+                    if np.isfinite(reached):
+                        metrics[f"{info.primitive}/probe_progress"] = reached
             elif kind == "probe_excess" and self.log_rules:
                 metrics[info.name] = float(value)
         names = [info.name for info in self.infos]

@@ -1,81 +1,161 @@
-"""Primitive-specific baselines: the best prediction available without the primitive.
+"""Primitive-specific baselines: what "nothing learned" means for each metric.
 
-Progress against the uniform prediction counts learning a primitive's fallback (the rule below
-it) as learning the primitive. The baseline here is instead the smallest mean
+A primitive X is learned only as far as the model beats every prediction that cannot read what
+X needs. Three yardsticks, each a per-metric value of the metric's mean KL(true || baseline):
 
-    KL(true || (1 - a) p_ko + a uniform),   a in [0, 1],
+- ``blind`` (the default): the best convex pool of the knocked-out language (``Language.
+  knock_out``), the context-limited oracles of the full language that X's type admits
+  (``Primitive.blind_orders``; devinterp/language/oracles.py) and uniform. Knocking X out also
+  removes the bigram-level marginal X leaves behind, which a model with no attention learns
+  through its direct path W_E W_U (measured: every head clamped to zero scored 0.6
+  skip-trigram progress against the knock-out alone); the order-1 oracle holds that marginal.
+- ``knock_out``: the best mix of the knocked-out language and uniform (the pool without oracles).
+- ``uniform``: the uniform prediction (what the zero-initialised unembedding gives).
 
-over a metric's contexts or positions, where p_ko is the exact next-token distribution of the
-language with the primitive knocked out (``Language.knock_out``). One convex parameter: always
-finite (a knock-out that gives the true token zero mass is rescued by the uniform share) and no
-worse than the uniform prediction (a = 1) or the knock-out alone (a = 0). Progress = 1 - KL(true
-|| model) / baseline: a model predicting the knock-out scores at most 0, the truth 1.
+Mean KL is convex in the pool's weights, so the weights are fitted on the simplex by EM to the
+global optimum (``best_pool``). The pool always contains uniform, so it is finite. Progress =
+1 - KL(true || model) / baseline: a model predicting any pooled component scores at most 0, the
+truth 1. Where the blind baseline is at most ``UNMEASURABLE`` of the uniform one, X's
+information is (nearly) all in what a blind model can read: X is unmeasurable on that metric and
+its blind progress is NaN, never a ratio of two small numbers.
 
-The category fallback has no knock-out (every position needs it) and a corpus has no exact
-distributions: their metrics keep the uniform baseline (``MetricInfo.fallback_from``).
+The category fallback has no knock-out (every position needs it): its pool is its oracles and
+uniform. A corpus has no exact distributions: its metrics keep the uniform baseline.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
-from scipy.optimize import minimize_scalar
 
-from devinterp.language import plogp
+from devinterp.language.oracles import ContextOracles
 
-
-def mixture_kl(
-    target: np.ndarray, knocked_out: np.ndarray, share: float, weights: np.ndarray | None = None
-) -> float:
-    """Mean over rows (weighted by ``weights``) of KL(target || (1 - share) knocked_out + share
-    uniform); target, knocked_out (n, V). Infinite where the mixture misses a true token."""
-    V = target.shape[-1]
-    mixture = (1 - share) * knocked_out + share / V
-    log_mixture = np.log(np.where(mixture > 0, mixture, 1.0))
-    missed = ((target > 0) & (mixture <= 0)).any(-1)
-    kl = np.where(missed, np.inf, plogp(target) - (target * log_mixture).sum(-1))
-    weights = np.ones(len(kl)) if weights is None else np.asarray(weights, dtype=np.float64)
-    used = weights > 0
-    if np.isinf(kl[used]).any():
-        return float("inf")
-    return float(np.sum(weights[used] * kl[used]) / np.sum(weights[used]))
+UNMEASURABLE = 0.2  # blind KL at most this share of the uniform KL: the primitive is unmeasurable
 
 
-def best_mixture(
-    target: np.ndarray, knocked_out: np.ndarray, weights: np.ndarray | None = None
-) -> tuple[float, float]:
-    """(smallest mean KL, its uniform share a) over a in [0, 1]; target, knocked_out (n, V),
-    rows weighted by ``weights`` (n,) if given."""
-    if not len(target):
-        return float("nan"), float("nan")
-    ends = [(mixture_kl(target, knocked_out, a, weights), a) for a in (0.0, 1.0)]
-    inner = minimize_scalar(
-        lambda a: mixture_kl(target, knocked_out, a, weights),
-        bounds=(1e-9, 1.0),
-        method="bounded",
-        options={"xatol": 1e-7},
+def best_pool(
+    target: np.ndarray,
+    components: dict[str, np.ndarray],
+    weights: np.ndarray | None = None,
+    uniform: np.ndarray | None = None,
+    iterations: int = 5000,
+    tolerance: float = 1e-12,
+) -> tuple[float, dict[str, float]]:
+    """(smallest weighted mean KL(target || pool), the pool's weights by component name) over
+    pools sum_k pi_k components[k] + pi_u uniform, pi on the simplex; target and every
+    component (n, V), rows weighted by ``weights`` (n,); ``uniform`` (V,) the uniform prediction
+    in these coordinates (default 1 / V; over categories, the token-uniform one summed within
+    each). EM on the mixture weights (each step lowers the convex objective; fixed points are its
+    global minimum), on the target's support."""
+    n, V = target.shape if target.ndim == 2 else (0, 0)
+    if not n:
+        return float("nan"), {}
+    names = [*components, "uniform"]
+    weights = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    rows, cols = np.nonzero((target > 0) & (weights[:, None] > 0))
+    mass = weights[rows] * target[rows, cols]  # (nnz,)
+    mass = mass / mass.sum()
+    uniform = np.full(V, 1.0 / V) if uniform is None else np.asarray(uniform, dtype=np.float64)
+    P = np.stack([components[name][rows, cols] for name in components] + [uniform[cols]])
+    entropy = float(
+        (weights * (target * np.log(np.where(target > 0, target, 1.0))).sum(1)).sum() / weights.sum()
     )
-    candidates = ends + ([(float(inner.fun), float(inner.x))] if np.isfinite(inner.fun) else [])
-    return min(candidates)
+    pi = np.full(len(names), 1.0 / len(names))
+    previous = np.inf
+    for _ in range(iterations):
+        q = pi @ P  # (nnz,) the pool's probability of each true token
+        objective = -float(mass @ np.log(q))
+        if previous - objective < tolerance:
+            break
+        previous = objective
+        pi = pi * (P @ (mass / q))
+        pi /= pi.sum()
+    q = pi @ P
+    # the weighted mean over rows of sum_v t log t - sum_v t log q, rows weighted by ``weights``
+    cross = float((weights[rows] * target[rows, cols] * np.log(q)).sum() / weights.sum())
+    return max(entropy - cross, 0.0), dict(zip(names, pi.tolist()))
 
 
-def probe_fallbacks(
-    language, tokens: np.ndarray, true_next: np.ndarray, labels: np.ndarray, rules: np.ndarray
-) -> tuple[dict[int, float], dict[int, float]]:
-    """The best-mixture baseline of every primitive (by label index) and rule (by rule index)
-    on the probe set: tokens (n, T), true_next (n, T-1, V) the exact distributions of the next
-    token, labels and rules (n, T-1) of the next token. The last primitive (the fallback every
-    position needs) has none."""
-    by_label: dict[int, float] = {}
-    by_rule: dict[int, float] = {}
-    for index, primitive in enumerate(language.primitives[:-1], start=1):
+def pool_provenance(pool: dict[str, float]) -> str:
+    """The pool's components with weight >= 0.005, e.g. ``knock_out 0.41 + order1 0.52``."""
+    kept = [f"{name} {share:.2f}" for name, share in pool.items() if share >= 0.005]
+    return " + ".join(kept) or "uniform 1.00"
+
+
+def blind_components(
+    language,
+    index: int,
+    oracles: ContextOracles,
+    tokens: np.ndarray,
+    filled: np.ndarray | None = None,
+    knock_out: bool = True,
+) -> dict[str, np.ndarray]:
+    """The predictions a model blind to primitive ``index`` (1-based label) may pool, after every
+    position of ``tokens`` (n, T): name -> (n, T, V). ``knock_out``: the language without it
+    (none for the fallback, the last primitive); ``order<k>``: the oracles its type admits, used
+    where the last k slots are ``filled`` (else backed off). ``knock_out`` False: the oracles only."""
+    primitive = language.primitives[index - 1]
+    found = {}
+    if knock_out and index < len(language.primitives):
+        found["knock_out"] = language.knock_out([primitive.name]).true_next_dist(tokens)
+    for order in primitive.blind_orders:
+        found[f"order{order}"] = oracles.predict(tokens, order, filled)
+    return found
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """One metric's "nothing learned" KL on the two primitive-specific yardsticks (the uniform
+    one is ``MetricInfo.nothing``): ``knock_out`` (NaN where there is no knock-out: the fallback
+    primitive) and ``blind``, with the blind pool's components (``pool_provenance``)."""
+
+    knock_out: float
+    blind: float
+    blind_from: str
+
+
+def pooled_baselines(
+    target: np.ndarray,
+    components: dict[str, np.ndarray],
+    weights: np.ndarray | None = None,
+    uniform: np.ndarray | None = None,
+) -> Baselines:
+    """Both yardsticks of one metric from its rows: target and components (n, V)."""
+    knock_out = float("nan")
+    if "knock_out" in components:
+        knock_out, _ = best_pool(target, {"knock_out": components["knock_out"]}, weights, uniform)
+    blind, pool = best_pool(target, components, weights, uniform)
+    return Baselines(knock_out, blind, pool_provenance(pool))
+
+
+def probe_baselines(
+    language,
+    oracles: ContextOracles,
+    tokens: np.ndarray,
+    true_next: np.ndarray,
+    labels: np.ndarray,
+    rules: np.ndarray,
+) -> tuple[dict[int, Baselines], dict[int, Baselines]]:
+    """The baselines of every primitive (by label index) and rule (by rule index) on the probe
+    set: tokens (n, T), true_next (n, T-1, V) the exact distributions of the next token, labels
+    and rules (n, T-1) of the next token."""
+    by_label: dict[int, Baselines] = {}
+    by_rule: dict[int, Baselines] = {}
+    for index, primitive in enumerate(language.primitives, start=1):
         where = labels == index
         if not where.any():
             continue
-        without = language.knock_out([primitive.name]).true_next_dist(tokens)[:, :-1]  # (n, T-1, V)
-        by_label[index], _ = best_mixture(true_next[where], without[where])
+        components = {
+            name: values[:, :-1][where]  # (positions, V)
+            for name, values in blind_components(language, index, oracles, tokens).items()
+        }
+        by_label[index] = pooled_baselines(true_next[where], components)
         for rule_name in primitive.rule_names:
             rule = language.rule_names.index(f"{primitive.name}/{rule_name}")
-            mine = rules == rule
+            mine = rules[where] == rule
             if mine.any():
-                by_rule[rule], _ = best_mixture(true_next[mine], without[mine])
+                by_rule[rule] = pooled_baselines(
+                    true_next[where][mine], {name: rows[mine] for name, rows in components.items()}
+                )
     return by_label, by_rule

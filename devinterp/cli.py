@@ -68,9 +68,11 @@ def analyze_main(argv: list[str]) -> int:
     parser.add_argument("--alpha", type=float, default=0.01)
     parser.add_argument(
         "--yardstick",
-        choices=["fallback", "uniform"],
-        default="fallback",
-        help="what progress 0 means: the best prediction without the primitive (default), or uniform",
+        choices=["blind", "knock_out", "uniform"],
+        default="blind",
+        help="what progress 0 means: blind (default), the best prediction of a model that cannot read "
+        "what the primitive needs (its knock-out, the context-limited oracles it admits and uniform, "
+        "pooled); knock_out, the knocked-out language mixed with uniform; or uniform",
     )
     parser.add_argument(
         "--steps",

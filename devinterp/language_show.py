@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+from devinterp.baselines import probe_baselines
 from devinterp.errors import ArgumentParser
 from devinterp.language import Language, load_language, plogp
 from devinterp.language.corpus import is_corpus_path, load_corpus
+from devinterp.schema import UNMEASURABLE
 
 SHORT = {"start": "^"}
 
@@ -52,7 +54,7 @@ def show(spec: str, n_sequences: int, seq_len: int, seed: int, n_stats: int) -> 
         f"categories; priority: {' > '.join(p.name for p in language.primitives)}",
         "",
     ]
-    sample = language.sample(n_sequences, seq_len, seed=seed)
+    sample = language.sample(max(n_sequences, 1), seq_len, seed=seed)
     for k in range(n_sequences):
         out += [
             f"sequence {k} (each token over the rule that produced it)",
@@ -65,7 +67,56 @@ def show(spec: str, n_sequences: int, seq_len: int, seed: int, n_stats: int) -> 
     for name, share, entropy in rows:
         out.append(f"{name:<14}{share:>10.1%}{entropy:>28.4f}")
     out.append(f"{'all':<14}{1:>10.0%}{total:>28.4f}")
+    out += ["", *blind_table(language, min(n_stats, 512), seq_len, seed + 2)]
     return "\n".join(out)
+
+
+def blind_table(language: Language, n: int, seq_len: int, seed: int) -> list[str]:
+    """Each primitive's baselines over its positions in ``n`` sequences (devinterp/baselines.py):
+    mean KL(true || baseline) for uniform, the knock-out and the blind pool, the pool's
+    components, and whether the primitive is measurable on the blind yardstick."""
+    sample = language.sample(n, seq_len, seed=seed)
+    true_next = language.true_next_dist(sample.tokens)[:, :-1]
+    by_label, _ = probe_baselines(
+        language,
+        language.context_oracles(seq_len),
+        sample.tokens,
+        true_next,
+        sample.labels[:, 1:],
+        sample.rules[:, 1:],
+    )
+    V = language.d_vocab
+    uniform_kl = plogp(true_next) + np.log(V)  # (n, T-1): KL(true || uniform) at each position
+    labels = sample.labels[:, 1:]
+    lines = [
+        f'baselines over {n} sequences: mean KL (nats) of what means "nothing learned" '
+        "(devinterp analyze --yardstick; blind is the default)",
+        f"{'primitive':<14}{'uniform':>9}{'knock-out':>11}{'blind':>8}{'blind/uniform':>15}  blind pool",
+    ]
+    unmeasurable = []
+    for index, name in enumerate(language.label_names[1:], start=1):
+        if index not in by_label:
+            lines.append(f"{name:<14}{'no positions':>28}")
+            continue
+        found, uniform = by_label[index], float(uniform_kl[labels == index].mean())
+        ratio = found.blind / uniform if uniform > 0 else float("nan")
+        knock_out = "-" if np.isnan(found.knock_out) else f"{found.knock_out:.3f}"
+        flag = "" if ratio > UNMEASURABLE else "  UNMEASURABLE"
+        row = f"{name:<14}{uniform:>9.3f}{knock_out:>11}{found.blind:>8.3f}{ratio:>15.2f}"
+        lines.append(f"{row}  {found.blind_from}{flag}")
+        if flag:
+            unmeasurable.append(name)
+    lines.append(
+        "order<k>: p(next | the last k tokens) of the whole language, the best a model that reads "
+        "only them can do; a primitive's pool holds the orders its type admits."
+    )
+    for name in unmeasurable:
+        lines.append(
+            f"unmeasurable: {name}: a model that cannot implement it gets within {UNMEASURABLE:.0%} of "
+            "the truth over uniform; its progress is NaN on the blind yardstick (change the spec so it "
+            "needs its own mechanism)"
+        )
+    return lines
 
 
 def show_corpus(path: str, n_sequences: int, seq_len: int) -> str:

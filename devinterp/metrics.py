@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from devinterp import circuits
-from devinterp.baselines import best_mixture
+from devinterp.baselines import blind_components, pooled_baselines
 from devinterp.language import Language, plogp
 from devinterp.language.primitive import InductionCircuit, TrigramPush
 from devinterp.model import ModelConfig, TensorTransformer
@@ -87,6 +87,26 @@ def possible_under(language: Language, contexts: list) -> np.ndarray:
         adjacent = positions[:, i + 1] == positions[:, i] + 1
         ok &= ~adjacent | (dist[rows, i, tokens[:, i + 1]] > 0)
     return ok
+
+
+def adjacent_run(positions) -> int:
+    """How many of a context's listed positions, counted back from its last, follow each other
+    with no empty slot between (the slots an order-k oracle may read: k up to this)."""
+    run = 1
+    while run < len(positions) and positions[-run] - positions[-run - 1] == 1:
+        run += 1
+    return run
+
+
+def next_after_contexts(language: Language, tokens: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """(n, V): ``language``'s next-token distribution after each context's listed tokens (tokens
+    (n, k) padded in front, live (n, k)), contexts of one length at a time."""
+    out = np.zeros((len(tokens), language.d_vocab))
+    lengths = live.sum(1)
+    for length in sorted(set(lengths.tolist())):
+        chosen = np.flatnonzero(lengths == length)
+        out[chosen] = language.true_next_dist(tokens[chosen, tokens.shape[1] - length :])[:, -1]
+    return out
 
 
 class HeadlineMetrics:
@@ -152,10 +172,7 @@ class HeadlineMetrics:
         )
         metric = np.array([m for m, _, _ in entries], dtype=np.int64)
         category_level = np.array([level for _, _, level in entries], dtype=bool)
-        true_next = np.zeros((len(entries), V))  # from the visible tokens only, length by length
-        for length in {len(c.tokens) for _, c, _ in entries}:
-            rows = [i for i, (_, c, _) in enumerate(entries) if len(c.tokens) == length]
-            true_next[rows] = language.true_next_dist(tokens[rows, k - length :])[:, -1]
+        true_next = next_after_contexts(language, tokens, live)  # from the visible tokens only
         self.tensors: dict[str, Tensor] = {
             "tokens": torch.from_numpy(tokens),
             "positions": torch.from_numpy(positions),
@@ -182,48 +199,70 @@ class HeadlineMetrics:
                     f"{name}_average": torch.from_numpy(average).float(),
                 }
             )
-        fallback, fallback_from = self._fallbacks(language, infos, nothing, tokens, k, owners, category_level)
+        self.n_ctx = n_ctx
+        knock_out, blind, blind_from, mass = self._baselines(
+            language, infos, tokens, live, owners, category_level, category_onehot
+        )
         self.infos = [
             MetricInfo(
                 i.name,
                 i.kind,
                 i.primitive,
                 i.rule,
-                float(n),
+                float(nothing[m]),
                 0.0,
                 unit="nats",
-                fallback=float(f),
-                fallback_from=source,
+                knock_out=float(knock_out[m]),
+                blind=float(blind[m]),
+                blind_from=blind_from[m],
+                mass=float(mass[m]),
             )
-            for i, n, f, source in zip(infos, nothing, fallback, fallback_from)
+            for m, i in enumerate(infos)
         ]
 
-    def _fallbacks(self, language, infos, nothing, tokens, k, owners, category_level):
-        """Per metric, the mean KL of the best mixture of the knocked-out language and uniform
-        (devinterp/baselines.py) over its contexts, with the contexts' weights; the uniform KL
-        where the primitive has no knock-out (the last, fallback primitive) or the metric is at
-        category level."""
-        fallback, fallback_from = np.array(nothing, dtype=np.float64), ["uniform"] * len(infos)
+    def _baselines(self, language, infos, tokens, live, owners, category_level, category_onehot):
+        """Per metric, its knock-out and blind baselines (devinterp/baselines.py) over its contexts
+        with their weights, and its mass (its rule's positions in a training-distribution sample).
+        An oracle of order k sees a context's last k slots only where they are listed and
+        adjacent (so [A, empty, ..., B] gets order 1). Category-level metrics pool over categories."""
+        n_metrics = len(infos)
+        knock_out, blind = np.full(n_metrics, np.nan), np.full(n_metrics, np.nan)
+        blind_from, mass = [""] * n_metrics, np.full(n_metrics, np.nan)
         metric = np.array([m for m, _ in self.contexts], dtype=np.int64)
-        lengths = np.array([len(c.tokens) for _, c in self.contexts], dtype=np.int64)
         owners = np.array(owners, dtype=np.int64)
+        oracles = language.context_oracles(self.n_ctx)
+        adjacent = np.zeros_like(live)  # (n, k): the run of adjacent listed slots ending the context
+        for row, (_, context) in enumerate(self.contexts):
+            run = adjacent_run(context.positions)
+            adjacent[row, adjacent.shape[1] - run :] = True
         for owner in sorted(set(owners.tolist())):
-            primitive = language.primitives[owner]
-            if owner == len(language.primitives) - 1 or primitive.category_level:
-                continue
-            knocked_out = language.knock_out([primitive.name])
             rows = np.flatnonzero(owners == owner)
-            target, without = np.zeros((len(rows), language.d_vocab)), np.zeros((len(rows), language.d_vocab))
-            for length in sorted(set(lengths[rows].tolist())):
-                chosen = np.flatnonzero(lengths[rows] == length)
-                visible = tokens[rows[chosen], k - length :]
-                target[chosen] = language.true_next_dist(visible)[:, -1]
-                without[chosen] = knocked_out.true_next_dist(visible)[:, -1]
+            visible = tokens[rows]
+            target = next_after_contexts(language, visible, live[rows])
+            oracle_rows = blind_components(
+                language, owner + 1, oracles, visible, adjacent[rows], knock_out=False
+            )
+            components = {name: values[:, -1] for name, values in oracle_rows.items()}
+            if owner < len(language.primitives) - 1:
+                without = language.knock_out([language.primitives[owner].name])
+                components["knock_out"] = next_after_contexts(without, visible, live[rows])
+            uniform = np.full(language.d_vocab, 1.0 / language.d_vocab)
+            if category_level[rows].all():
+                target, uniform = target @ category_onehot, uniform @ category_onehot
+                components = {name: values @ category_onehot for name, values in components.items()}
+            primitive = language.primitives[owner]
             for m in sorted(set(metric[rows].tolist())):
                 mine = metric[rows] == m
-                fallback[m], _ = best_mixture(target[mine], without[mine], self.weights[rows[mine]])
-                fallback_from[m] = "knock_out"
-        return fallback, fallback_from
+                found = pooled_baselines(
+                    target[mine],
+                    {name: values[mine] for name, values in components.items()},
+                    self.weights[rows[mine]],
+                    uniform,
+                )
+                knock_out[m], blind[m], blind_from[m] = found.knock_out, found.blind, found.blind_from
+                rule = language.rule_names.index(f"{primitive.name}/{infos[m].rule}")
+                mass[m] = float(oracles.rule_positions[rule])
+        return knock_out, blind, blind_from, mass
 
     def to(self, device: torch.device) -> "HeadlineMetrics":
         self.tensors = {name: t.to(device) for name, t in self.tensors.items()}

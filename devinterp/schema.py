@@ -38,14 +38,17 @@ from typing import Literal, get_args
 
 import numpy as np
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: the three groups every_step, diagnostics, probe, no marker
+SCHEMA_VERSION = 3  # 3: the blind yardstick (metric_info/blind, blind_from, mass); knock_out was fallback
+READABLE_VERSIONS = (1, 2, 3)  # version 1: the three groups every_step, diagnostics, probe, no marker
+BLIND_SINCE = 3  # files before it have no blind baselines: the blind yardstick refuses them
+LEGACY_INFO_FIELDS = {"fallback": "knock_out"}  # metric_info datasets renamed since: old name -> new
 VERSION_1_GROUPS = ("every_step", "diagnostics", "probe")
 GROUP_MARKER = "devinterp_metric_group"  # attribute set (to 1) on every metric group
 VALUES_AXES = "row, metric, member"
 
 MetricKind = Literal["weight", "diagnostic", "probe", "probe_attention", "train", "intervention"]
-Yardstick = Literal["fallback", "uniform"]
+Yardstick = Literal["blind", "knock_out", "uniform"]
+UNMEASURABLE = 0.2  # blind baseline within this share of the uniform one: the metric is unmeasurable
 YARDSTICKS: tuple[str, ...] = get_args(Yardstick)
 METRIC_KINDS: tuple[str, ...] = get_args(MetricKind)
 
@@ -61,12 +64,15 @@ class MetricInfo:
     head's attention on the probe set), ``train`` (training loss of the step's batch),
     ``intervention`` (a penalty's or clamp's value, window and gradient: callbacks/interventions.py).
     ``nothing`` / ``learned``: the values meaning "nothing learned" (the uniform prediction) and
-    "learned" (progress metrics only, NaN otherwise). ``fallback``: "nothing learned" measured
-    against the best prediction without the primitive (devinterp/baselines.py), the default
-    yardstick of onsets; ``fallback_from`` says what it is: ``knock_out`` (the best mixture of the
-    knocked-out language and uniform) or ``uniform`` (no knock-out exists: the category fallback,
-    a corpus, a metric of all primitives), where it equals ``nothing``. ``sparse``: NaN means "no
-    data at this step". ``unit``: of the values, where they have one.
+    "learned" (progress metrics only, NaN otherwise). The primitive-specific yardsticks
+    (devinterp/baselines.py): ``blind``, "nothing learned" for a model that cannot read what the
+    primitive needs (the best pool of its knock-out, the oracles its type admits and uniform; the
+    default), with ``blind_from`` the pool's components; ``knock_out``, the best mix of the
+    knocked-out language and uniform. NaN where the metric has none (the fallback primitive has
+    no knock-out; a corpus and a metric of all primitives have neither): the uniform ``nothing``
+    stands in. ``mass``: what the metric averages over (probe: positions; weights: the rule's
+    positions in a training-distribution sample), so a primitive's progress is a ratio of sums
+    over its rules. ``sparse``: NaN means "no data at this step". ``unit``: of the values.
     """
 
     name: str
@@ -77,8 +83,10 @@ class MetricInfo:
     learned: float = NAN
     sparse: bool = False
     unit: str = ""
-    fallback: float = NAN
-    fallback_from: str = ""
+    knock_out: float = NAN
+    blind: float = NAN
+    blind_from: str = ""
+    mass: float = NAN
 
     def __post_init__(self):
         if self.kind not in METRIC_KINDS:
@@ -90,14 +98,21 @@ class MetricInfo:
     def is_progress(self) -> bool:
         return not (math.isnan(self.nothing) or math.isnan(self.learned) or self.nothing == self.learned)
 
-    def baseline(self, yardstick: Yardstick = "fallback") -> float:
-        """The value meaning "nothing learned" on a yardstick: ``fallback`` (the best prediction
-        without the primitive; the uniform one where the metric has none) or ``uniform``."""
+    def baseline(self, yardstick: Yardstick = "blind") -> float:
+        """The value meaning "nothing learned" on a yardstick: ``blind``, ``knock_out`` (the
+        uniform one where the metric has none) or ``uniform``."""
         if yardstick not in YARDSTICKS:
             raise ValueError(f"yardstick: expected one of {', '.join(YARDSTICKS)}, got {yardstick!r}")
-        if yardstick == "fallback" and not math.isnan(self.fallback):
-            return self.fallback
-        return self.nothing
+        value = {"blind": self.blind, "knock_out": self.knock_out, "uniform": self.nothing}[yardstick]
+        return self.nothing if math.isnan(value) else value
+
+    def measurable(self, yardstick: Yardstick = "blind") -> bool:
+        """False on the blind yardstick where the blind baseline is within ``UNMEASURABLE`` of the
+        uniform one's distance to "learned": what the primitive adds is (nearly) all readable by a
+        model that cannot implement it, and progress would be a ratio of two small numbers."""
+        if yardstick != "blind" or math.isnan(self.blind):
+            return True
+        return self.blind - self.learned > UNMEASURABLE * (self.nothing - self.learned)
 
 
 # metric_info/<field>: how each MetricInfo field is stored (the name is the group's `names`)
@@ -109,8 +124,10 @@ INFO_FIELDS: dict[str, str] = {
     "learned": "float",
     "sparse": "bool",
     "unit": "str",
-    "fallback": "float",
-    "fallback_from": "str",
+    "knock_out": "float",
+    "blind": "float",
+    "blind_from": "str",
+    "mass": "float",
 }
 INFO_DEFAULTS = {f.name: f.default for f in fields(MetricInfo) if f.name in INFO_FIELDS}
 assert set(INFO_FIELDS) == {f.name for f in fields(MetricInfo)} - {"name"}, "every field is stored"
@@ -121,3 +138,28 @@ def progress(
 ) -> np.ndarray:
     """(values - nothing) / (learned - nothing): 0 = nothing learned, 1 = learned (not clipped)."""
     return (np.asarray(values, dtype=np.float64) - nothing) / (np.asarray(learned) - nothing)
+
+
+def pooled_progress(
+    values: np.ndarray,
+    infos: list[MetricInfo],
+    yardstick: Yardstick = "blind",
+    baselines: list[float] | None = None,
+) -> np.ndarray:
+    """A primitive's progress, defined once: 1 - sum(excess) / sum(baseline), a ratio of sums,
+    from its metrics ``values`` (metric, ...) with their ``infos``: each metric weighted by its
+    ``mass`` (positions; 1 where a file has none), in general sum m (v - b) / sum m (learned - b).
+    Metrics unmeasurable on the yardstick are left out (unless ``baselines``, one per metric,
+    override theirs); with none left the progress is NaN. Returns values' shape without its
+    first axis."""
+    values = np.asarray(values, dtype=np.float64)
+    keep = [k for k, info in enumerate(infos) if baselines is not None or info.measurable(yardstick)]
+    if not keep:
+        return np.full(values.shape[1:], np.nan)
+    extra = (1,) * (values.ndim - 1)
+    mass = np.array([1.0 if math.isnan(infos[k].mass) else infos[k].mass for k in keep]).reshape(-1, *extra)
+    base = np.array(
+        [infos[k].baseline(yardstick) if baselines is None else baselines[k] for k in keep]
+    ).reshape(-1, *extra)
+    learned = np.array([infos[k].learned for k in keep]).reshape(-1, *extra)
+    return (mass * (values[keep] - base)).sum(0) / (mass * (learned - base)).sum(0)

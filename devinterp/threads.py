@@ -122,28 +122,34 @@ def in_force(tuned_over: list[int] | None = None) -> str:
     )
 
 
+def set_torch_threads(threads: int) -> None:
+    """torch's threads alone: cheap enough to switch every step (threadpoolctl's look-up of the
+    loaded BLAS libraries is not, and training computes in torch)."""
+    sys.modules["torch"].set_num_threads(threads)
+
+
 class ThreadTuner:
     """``run.threads auto`` on a CPU: the fastest thread count, measured while the job runs.
 
     Which count is fastest depends on the model's size and on what else the machine runs, and the
     latter changes during a run: on 2 cores with OpenMP waiting passively, the quickstart's step
     ran fastest with 1 thread on a quiet machine and with 2 beside another job (bench/contention.py).
-    So every ``period`` steps each candidate count runs ``trial`` steps (after one step to settle)
-    and the one with the smallest median step time is used until the next trial. Candidates: 1,
-    the powers of two below ``cores``, and ``cores``. Call ``tick()`` at the start of every step:
-    the time between two ticks is the step's."""
+    So every ``period`` steps each candidate count runs ``trial`` steps (interleaved, after one step
+    each to settle) and the one with the smallest median step time is used until the next trial.
+    Candidates: 1, the powers of two below ``cores``, and ``cores``. Call ``tick()`` at the start of
+    every step: the time between two ticks is the step's."""
 
     def __init__(
         self,
         cores: int,
-        trial: int = 5,
+        trial: int = 8,
         period: int = 200,
         clock: Callable[[], float] = time.perf_counter,
         apply: Callable[[int], None] | None = None,
     ):
         self.candidates = sorted({1, cores, *(2**k for k in range(1, cores.bit_length()) if 2**k < cores)})
         self.trial, self.period, self.clock = trial, period, clock
-        self.apply = apply or use_threads
+        self.apply = apply or set_torch_threads
         self.choice = self.current = cores
         self.steps = 0  # ticks so far
         self.used: dict[int, int] = {}  # steps run with each count
@@ -165,7 +171,10 @@ class ThreadTuner:
             self.history.append((self.steps, self.choice))
             self._samples = {}
         if not self._plan and self.steps >= self._next_trial and len(self.candidates) > 1:
-            self._plan = [(count, k > 0) for count in self.candidates for k in range(self.trial + 1)]
+            # interleaved, so a change of load during the trial hits every count alike; each count's
+            # first step settles (its threads may start) and is not timed
+            settle = [(count, False) for count in self.candidates]
+            self._plan = settle + [(count, True) for _ in range(self.trial) for count in self.candidates]
             self._next_trial = self.steps + len(self._plan) + self.period
         threads, measured = self._plan.pop(0) if self._plan else (self.choice, False)
         self._measured = threads if measured else None

@@ -108,21 +108,21 @@ def test_the_tuner_tries_one_thread_the_powers_of_two_and_every_core(cores, cand
 def test_the_tuner_keeps_the_fastest_count_and_follows_a_change_of_load():
     machine = LoadedMachine({"quiet": {1: 0.10, 2: 0.08}, "busy": {1: 0.16, 2: 0.50}})
     tuner = ThreadTuner(2, trial=3, period=20, clock=machine.clock, apply=machine.apply)
-    first = machine.run(tuner, 8)  # the first trial: 1 thread (settle + 3 timed), then 2 threads
-    assert first == [1, 1, 1, 1, 2, 2, 2, 2]
+    first = machine.run(tuner, 8)  # the first trial: each count settles, then 3 timed steps each
+    assert first == [1, 2, 1, 2, 1, 2, 1, 2]
     assert machine.run(tuner, 20) == [2] * 20  # the quiet machine's fastest
     assert tuner.history == [(8, 2)]
     machine.load = "busy"  # other jobs start: the next trial finds 1 thread faster
     machine.run(tuner, 8)
     assert machine.run(tuner, 20) == [1] * 20 and tuner.history[-1] == (36, 1)
-    assert tuner.used == {1: 4 + 4 + 20, 2: 4 + 20 + 4}
+    assert tuner.used == {1: 4 + 4 + 20, 2: 4 + 20 + 4} and machine.applied[:3] == [1, 2, 1]
     assert "1 thread for 28 steps, 2 threads for 28 steps" in tuner.summary()
 
 
 def test_the_tuner_times_only_settled_steps_of_one_count():
-    """A step that switched counts is not timed (its first step pays the switch): a count whose
-    first step is slow but whose others are fast still wins."""
-    times = iter([5.0, 0.1, 0.1, 0.1, 0.2, 0.2, 0.2, 0.2])  # 1 thread: a slow first step
+    """A count's first step settles and is not timed (its threads may start): a count whose first
+    step is slow but whose others are fast still wins."""
+    times = iter([5.0, 0.2, 0.1, 0.2, 0.1, 0.2, 0.1, 0.2])  # 1 thread: a slow first step
     now = [0.0]
     applied = []
 
@@ -134,7 +134,7 @@ def test_the_tuner_times_only_settled_steps_of_one_count():
         tuner.tick()
         now[0] += next(times)
     tuner.tick()
-    assert tuner.choice == 1 and applied == [1, 2, 1]
+    assert tuner.choice == 1 and applied == [1, 2, 1, 2, 1, 2, 1, 2, 1]
 
 
 def test_one_core_is_never_tuned():

@@ -134,7 +134,7 @@ def test_one_row_per_step_with_design_names_and_ground_truth(tmp_path):
         kinds = [k.decode() for k in f["every_step/metric_info/kind"][:]]
         weight = np.array([k == "weight" for k in kinds])
         np.testing.assert_allclose(values[0, weight], np.repeat(nothing[weight, None], 2, 1), rtol=1e-5)
-        assert f["meta/schema_version"][()].decode() == "2"
+        assert f["meta/schema_version"][()].decode() == "3"
         assert "skip_trigram" in f["meta/language_spec"][()].decode()
         assert [t.decode() for t in f["ground_truth/vocab"][:3]] == ["alice", "bob", "carol"]
         np.testing.assert_array_equal(f["ground_truth/skip_trigram/rules"][0], [22, 18, 26])  # beach, big, at

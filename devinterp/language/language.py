@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # torch is loaded only for the device sampler (the CLI's ligh
     import torch
 
 from devinterp.language.arrays import Array, TorchArrays, arrays_of
+from devinterp.language.oracles import ContextOracles, estimate_oracles
 from devinterp.language.primitive import Primitive, RowTable
 from devinterp.language.primitives import PRIMITIVES
 from devinterp.language.primitives.category import CategoryTransition
@@ -270,6 +271,14 @@ class Language:
         for t, _, label, _ in self._walk(tokens):
             labels = label
         return labels
+
+    def context_oracles(self, seq_len: int) -> ContextOracles:
+        """The order-0, -1 and -2 oracles of this language at ``seq_len`` (devinterp/language/
+        oracles.py), estimated once per length and kept."""
+        cache = self.__dict__.setdefault("_oracles", {})
+        if seq_len not in cache:
+            cache[seq_len] = estimate_oracles(self, seq_len)
+        return cache[seq_len]
 
     def knock_out(self, names: list[str]) -> "Language":
         """The language without these primitives: their positions fall back to the next rule

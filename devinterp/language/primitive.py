@@ -134,6 +134,10 @@ class Primitive(ABC):
     possible_contexts_only: ClassVar[bool] = False
     # weigh minimal contexts by how often the language produces them (0: left out)
     weigh_contexts_by_occurrence: ClassVar[bool] = False
+    # the context-limited oracles (devinterp/language/oracles.py) that cannot read what this
+    # primitive needs, so its mechanism-blind baseline may use them: a primitive that reads
+    # further back than the last two tokens admits orders 0-2
+    blind_orders: ClassVar[tuple[int, ...]] = (0, 1, 2)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

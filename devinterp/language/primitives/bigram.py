@@ -18,6 +18,7 @@ from devinterp.language.spec import Vocab, token_table
 
 class Bigram(Primitive):
     kind = "bigram"
+    blind_orders = (0,)  # it reads the current token
     extra_keys = {"table"}
 
     def __init__(self, name: str, p: float, vocab: Vocab, sources: list[int], table: np.ndarray):

@@ -23,6 +23,7 @@ from devinterp.language.spec import SpecError, Vocab, distribution, require_mapp
 
 class CategoryTransition(Primitive):
     kind = "category"
+    blind_orders = (0,)  # it reads the current token's category
     extra_keys = {"transitions"}
     category_level = True
 

@@ -25,6 +25,7 @@ from devinterp.language.spec import token_rules
 
 class TokenTrigram(Primitive):
     kind = "token_trigram"
+    blind_orders = (0, 1)  # it reads the previous and the current token
     extra_keys = {"rules"}
 
     def __init__(self, name, p, vocab, rules: np.ndarray):
