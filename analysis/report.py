@@ -70,6 +70,7 @@ class Analysis:
     yardstick: str = "blind"  # what progress 0 means (devinterp/baselines.py)
     mechanism: list[MechanismEffect] = field(default_factory=list)
     unmeasurable: dict[str, list[str]] = field(default_factory=dict)  # source -> primitives
+    controls: list[str] = field(default_factory=list)  # intervention runs analysed on their own
 
 
 YARDSTICK_TEXT = {
@@ -124,6 +125,12 @@ def analyze_timelines(
 ) -> Analysis:
     full = [t for t in timelines if variant_of(t)[0] == "full"]
     variants = [t for t in timelines if variant_of(t)[0] != "full"]
+    controls: list[str] = []
+    if not full and variants and all(variant_of(t)[0] == "mechanism" for t in variants):
+        # runs that train with interventions, given alone (a control such as the direct-path-only
+        # model): analysed as they are, and said so
+        full, variants = variants, []
+        controls = sorted({variant_of(t)[1][0] for t in full})
     if not full:
         raise TimelineError(
             "no run of the full language among the timelines (only knock-out/knock-in variants)"
@@ -162,6 +169,7 @@ def analyze_timelines(
         yardstick,
         effects,
         unmeasurable,
+        controls,
     )
 
 
@@ -1014,7 +1022,7 @@ def write_report(
     files = find_timelines(paths)
     timelines = [load_timeline(p) for p in files]
     result = analyze_timelines(timelines, level, source, alpha, yardstick)
-    full = [(f, t) for f, t in zip(files, timelines) if variant_of(t)[0] == "full"]
+    full = [(f, t) for f, t in zip(files, timelines) if variant_of(t)[0] == "full" or result.controls]
     first_file, first = full[0]
     figures = []
     curves = {
@@ -1079,6 +1087,15 @@ def write_report(
             else "."
         ),
         "",
+        *(
+            [
+                f"These runs train with interventions ({', '.join(result.controls)}: mechanism.interventions "
+                "in their config) and are analysed on their own, as a control: no full run was given.",
+                "",
+            ]
+            if result.controls
+            else []
+        ),
         "## Onsets (step; median [IQR] over units)",
         "",
         f"| primitive | probe {t} | weight {t} | probe and weights disagree |",

@@ -126,11 +126,26 @@ def test_language_show_prints_rules_shares_and_bayes_loss(capsys):
     out = capsys.readouterr().out
     assert "priority: induction > skip_trigram > bigram > category" in out
     assert out.count("sequence ") == 2
+    out, baselines = out.split("baselines over")
+    names = ("induction", "skip_trigram", "bigram", "category")
     table = {
         line.split()[0]: line.split()[1:]
         for line in out.splitlines()
-        if line.split() and line.split()[0] in ("induction", "skip_trigram", "bigram", "category")
+        if line.split()[:1] in [[n] for n in names]
     }
+    # the baselines table: uniform, knock-out and blind KL, blind / uniform, the pool
+    pools = {
+        line.split()[0]: line.split()[1:]
+        for line in baselines.splitlines()
+        if line.split()[:1] in [[n] for n in names]
+    }
+    assert set(pools) == set(names) and pools["category"][1] == "-"  # the fallback: no knock-out
+    for row in pools.values():
+        uniform, blind, ratio = float(row[0]), float(row[2]), float(row[3])
+        assert 0 <= blind <= uniform + 1e-9 and ratio == pytest.approx(blind / uniform, abs=0.01)
+    assert float(pools["skip_trigram"][1]) == pytest.approx(float(pools["skip_trigram"][0]), rel=1e-3)
+    assert float(pools["skip_trigram"][2]) < 0.5 * float(pools["skip_trigram"][0])  # the oracles see much
+    assert "UNMEASURABLE" not in baselines  # every primitive of the seed language is measurable
     shares = {k: float(v[0].rstrip("%")) for k, v in table.items()}
     assert set(shares) == {"induction", "skip_trigram", "bigram", "category"}
     assert sum(shares.values()) == pytest.approx(100, abs=0.5)
