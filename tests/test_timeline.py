@@ -304,9 +304,10 @@ def test_load_timeline_reads_committed_rows_and_progress(tmp_path):
     progress = timeline.progress("bigram/alice/kl", yardstick="uniform")
     assert progress.shape == (13, 2) and progress[0] == pytest.approx(0.0, abs=1e-6)
     assert ((progress >= -1e-6) & (progress <= 1)).all()  # unclipped: float rounding at 0
-    # against the fallback (the best prediction without the primitive), uniform is worse: below 0
-    fallback = timeline.progress("bigram/alice/kl")
-    assert fallback.shape == (13, 2) and (fallback[0] < 0).all() and (fallback <= progress).all()
+    # against the blind baseline (the default) and the knock-out, uniform is worse: below 0
+    for yardstick in ("blind", "knock_out"):
+        other = timeline.progress("bigram/alice/kl", yardstick)
+        assert other.shape == (13, 2) and (other[0] < 0).all() and (other <= progress).all()
     np.testing.assert_array_equal(timeline.steps("probe_excess/bigram"), [0, 5, 10, 12])
     with pytest.raises(KeyError, match="not a progress metric"):
         timeline.progress("probe_acc/bigram")
