@@ -101,7 +101,7 @@ class ProbeMetrics(L.Callback):
         self.label_names, self.rule_names = list(names), list(language.rule_names)
         # each primitive's blind and knock-out baselines (devinterp/baselines.py); none for a corpus
         label_baselines, rule_baselines = {}, {}
-        if probe.true_next is not None:
+        if probe.true_next is not None and hasattr(language, "context_oracles"):  # not a corpus
             label_baselines, rule_baselines = probe_baselines(
                 language,
                 language.context_oracles(datamodule.seq_len),

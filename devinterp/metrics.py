@@ -230,6 +230,8 @@ class HeadlineMetrics:
         blind_from, mass = [""] * n_metrics, np.full(n_metrics, np.nan)
         metric = np.array([m for m, _ in self.contexts], dtype=np.int64)
         owners = np.array(owners, dtype=np.int64)
+        if not self.contexts:  # a corpus: no rules with minimal contexts
+            return knock_out, blind, blind_from, mass
         oracles = language.context_oracles(self.n_ctx)
         adjacent = np.zeros_like(live)  # (n, k): the run of adjacent listed slots ending the context
         for row, (_, context) in enumerate(self.contexts):

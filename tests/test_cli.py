@@ -230,7 +230,9 @@ def test_dependence_command_trains_variants_that_analyze_reads(tmp_path):
     knocked = yaml.safe_load((tmp_path / "dep" / "knockout-bigram" / "config.yaml").read_text())
     assert knocked["data"]["knockout"] == ["bigram"]
     out = tmp_path / "analysis"
-    assert main(["analyze", str(tmp_path / "dep"), "--out", str(out)]) == 0
+    # on the knock-out yardstick: at seq_len 16 the seed language's induction is borderline
+    # unmeasurable on the blind one (blind / uniform 0.21 against the 0.2 limit)
+    assert main(["analyze", str(tmp_path / "dep"), "--out", str(out), "--yardstick", "knock_out"]) == 0
     report = (out / "report.md").read_text()
     assert "## Onsets" in report and "## Ordering" in report and "## Dependence" in report
     assert "| induction | bigram |" in report  # Y = induction, X = bigram

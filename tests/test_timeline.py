@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 from analysis import TimelineError, load_timeline
+from analysis.onset import primitive_progress
 from callbacks import CircuitMetrics, NonFiniteMetricError, ProbeMetrics, TimelineWriter
 from callbacks.timeline_writer import TimelineGroup
 from devinterp.cli import main
@@ -158,7 +159,11 @@ def test_one_row_per_step_with_design_names_and_ground_truth(tmp_path):
     assert steps_sent == sorted(set(steps_sent)) and steps_sent[-1] == 12
     assert {"probe/excess", "train/loss"} <= set(dict(logger.calls)[10])  # a probe step: one merged dict
     first = next(m for s, m in logger.calls if "bigram/weight_progress" in m)
-    assert first["bigram/weight_progress"] == pytest.approx(0.0, abs=1e-5)
+    # step 0 predicts uniform: below the blind baseline, by as much as the recomputed progress says
+    timeline = load_timeline(path)
+    assert first["bigram/weight_progress"] < 0
+    expected = np.median(primitive_progress(timeline, "bigram", "weight")[1][0])
+    assert first["bigram/weight_progress"] == pytest.approx(expected, rel=1e-5)
     assert {"train/loss", "bigram/train_loss", "skip_trigram/weight_progress"} <= set(first)
     assert any("bigram/probe_excess" in m for _, m in logger.calls)
 
