@@ -80,22 +80,28 @@ def make(members: int, config: str = "quickstart", compile: bool = False):
     return data, module
 
 
-def bare_seconds_per_step(members: int, steps: int, warmup: int) -> float:
+def bare_steps(members: int):
+    """The bare loop (sample, forward, backward, AdamW) on the quickstart's model with ``members``
+    members, as an endless generator of step times (seconds)."""
     data, module = make(members)
     optimizer = torch.optim.AdamW(module.parameters(), lr=module.hparams.lr, fused=True)  # as the module's
     stream = iter(
         MemberStreams(data.language, data.seq_len, data.batch_size, data.stream_seeds, data.steps_per_block)
     )
-    start = 0.0
-    for step in range(steps):
-        if step == warmup:
-            start = time.perf_counter()
+    while True:
+        start = time.perf_counter()
         batch = next(stream)
         optimizer.zero_grad(set_to_none=True)
         member_loss, _ = module.member_losses(batch["tokens"], batch["labels"])
         member_loss.sum().backward()
         optimizer.step()
-    return (time.perf_counter() - start) / (steps - warmup)
+        yield time.perf_counter() - start
+
+
+def bare_seconds_per_step(members: int, steps: int, warmup: int) -> float:
+    loop = bare_steps(members)
+    times = [next(loop) for _ in range(steps)]
+    return sum(times[warmup:]) / (steps - warmup)
 
 
 def tracked_seconds_per_step(
