@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from devinterp.language import plogp
 from devinterp.language.oracles import ContextOracles
 
 UNMEASURABLE = 0.2  # blind KL at most this share of the uniform KL: the primitive is unmeasurable
@@ -58,9 +59,7 @@ def best_pool(
     mass = mass / mass.sum()
     uniform = np.full(V, 1.0 / V) if uniform is None else np.asarray(uniform, dtype=np.float64)
     P = np.stack([components[name][rows, cols] for name in components] + [uniform[cols]])
-    entropy = float(
-        (weights * (target * np.log(np.where(target > 0, target, 1.0))).sum(1)).sum() / weights.sum()
-    )
+    target_plogp = float((weights * plogp(target)).sum() / weights.sum())  # minus the mean entropy
     pi = np.full(len(names), 1.0 / len(names))
     previous = np.inf
     for _ in range(iterations):
@@ -74,7 +73,7 @@ def best_pool(
     q = pi @ P
     # the weighted mean over rows of sum_v t log t - sum_v t log q, rows weighted by ``weights``
     cross = float((weights[rows] * target[rows, cols] * np.log(q)).sum() / weights.sum())
-    return max(entropy - cross, 0.0), dict(zip(names, pi.tolist()))
+    return max(target_plogp - cross, 0.0), dict(zip(names, pi.tolist()))
 
 
 def pool_provenance(pool: dict[str, float]) -> str:

@@ -199,9 +199,8 @@ class HeadlineMetrics:
                     f"{name}_average": torch.from_numpy(average).float(),
                 }
             )
-        self.n_ctx = n_ctx
         knock_out, blind, blind_from, mass = self._baselines(
-            language, infos, tokens, live, owners, category_level, category_onehot
+            language, n_ctx, infos, tokens, live, owners, category_level, category_onehot
         )
         self.infos = [
             MetricInfo(
@@ -220,7 +219,7 @@ class HeadlineMetrics:
             for m, i in enumerate(infos)
         ]
 
-    def _baselines(self, language, infos, tokens, live, owners, category_level, category_onehot):
+    def _baselines(self, language, n_ctx, infos, tokens, live, owners, category_level, category_onehot):
         """Per metric, its knock-out and blind baselines (devinterp/baselines.py) over its contexts
         with their weights, and its mass (its rule's positions in a training-distribution sample).
         An oracle of order k sees a context's last k slots only where they are listed and
@@ -232,7 +231,7 @@ class HeadlineMetrics:
         owners = np.array(owners, dtype=np.int64)
         if not self.contexts:  # a corpus: no rules with minimal contexts
             return knock_out, blind, blind_from, mass
-        oracles = language.context_oracles(self.n_ctx)
+        oracles = language.context_oracles(n_ctx)
         adjacent = np.zeros_like(live)  # (n, k): the run of adjacent listed slots ending the context
         for row, (_, context) in enumerate(self.contexts):
             run = adjacent_run(context.positions)

@@ -167,3 +167,15 @@ def seed_spec() -> dict:
 @pytest.fixture
 def mixing_spec() -> dict:
     return copy.deepcopy(MIXING_SPEC)
+
+
+def fit_quickstart(root: Path, name: str, *overrides: str):
+    """configs/quickstart.yaml trained in-process into ``root/name`` (W&B off, the seed language)
+    with CLI ``overrides`` after it; returns the run's loaded timeline."""
+    from analysis.timeline import load_timeline
+    from devinterp.cli import main
+
+    argv = ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--run.root", str(root)]
+    argv += ["--run.name", name, "--run.wandb_mode", "disabled", "--data.language", str(SEED_SPEC_PATH)]
+    assert main([*argv, *overrides]) == 0
+    return load_timeline(root / name / "timeline.h5")

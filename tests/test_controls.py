@@ -8,22 +8,13 @@ import pytest
 
 from analysis.report import write_report
 from analysis.stages import fit_stages, stage_data
-from analysis.timeline import load_timeline
-from devinterp.cli import main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fit_quickstart
 
 pytestmark = pytest.mark.slow
 
 
-def fit(tmp_path, name, *overrides):
-    argv = ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--run.root", str(tmp_path)]
-    argv += ["--run.name", name, "--run.wandb_mode", "disabled", *overrides]
-    assert main(argv) == 0
-    return load_timeline(tmp_path / name / "timeline.h5")
-
-
 def test_two_parallel_primitives_are_reported_as_no_order(tmp_path):
-    fit(
+    fit_quickstart(
         tmp_path,
         "parallel",
         "--data.language",
@@ -43,8 +34,10 @@ def test_a_curriculum_switch_is_a_sharp_boundary_and_no_switch_is_not(tmp_path):
     log-steps of step 200 in at least 90% of 10 members; the same run without the switch has
     no sharp boundary within 0.1 log-steps of it."""
     common = ["--model.n_members", "10", "--trainer.max_steps", "500"]
-    switched = fit(tmp_path, "switch", *common, "--data.knockin", "[bigram]", "--data.knockin_steps", "200")
-    control = fit(tmp_path, "control", *common)
+    switched = fit_quickstart(
+        tmp_path, "switch", *common, "--data.knockin", "[bigram]", "--data.knockin_steps", "200"
+    )
+    control = fit_quickstart(tmp_path, "control", *common)
     near = []
     for timeline in (switched, control):
         stages = fit_stages(stage_data([timeline]))

@@ -11,28 +11,18 @@ import numpy as np
 
 from analysis.onset import primitive_progress
 from analysis.report import write_report
-from analysis.timeline import load_timeline
-from devinterp.cli import main
-from tests.conftest import ROOT, SEED_SPEC_PATH
+from tests.conftest import ROOT, fit_quickstart
 
 LIMIT = 0.05  # the control's ceiling on what it cannot implement
 
 
 def test_a_direct_path_only_model_earns_no_attention_progress(tmp_path):
-    argv = ["fit", "--config", str(ROOT / "configs/quickstart.yaml")]
-    argv += ["--config", str(ROOT / "configs/controls/direct_path.yaml")]
-    argv += [
-        "--run.root",
-        str(tmp_path),
-        "--run.wandb_mode",
-        "disabled",
-        "--data.language",
-        str(SEED_SPEC_PATH),
-    ]
-    argv += ["--model.n_members", "2", "--trainer.max_steps", "300", "--trainer.enable_progress_bar", "false"]
-    argv += ["--timeline.n_snapshots", "0", "--circuits.diagnostics_every_n_steps", "50"]
-    assert main(argv) == 0
-    timeline = load_timeline(tmp_path / "direct_path" / "timeline.h5")
+    control = str(ROOT / "configs/controls/direct_path.yaml")
+    timeline = fit_quickstart(
+        tmp_path, "direct_path", "--config", control, "--model.n_members", "2", "--trainer.max_steps", "300",
+        "--trainer.enable_progress_bar", "false", "--timeline.n_snapshots", "0",
+        "--circuits.diagnostics_every_n_steps", "50",
+    )  # fmt: skip
     for source in ("probe", "weight"):
         for primitive in ("skip_trigram", "induction"):
             _, reached = primitive_progress(timeline, primitive, source)
