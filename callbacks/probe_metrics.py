@@ -183,7 +183,10 @@ class ProbeMetrics(L.Callback):
         # spans (quotes, brackets): each head's attention from inside a span to its open token
         inputs = probe.tokens[:, :-1].numpy()
         found = [(p, p.open_positions(inputs)) for p in language.primitives]
-        spans, opens = [p for p, o in found if o is not None], [o for _, o in found if o is not None]
+        # a span primitive with no position inside a span in this probe set has nothing to average
+        # (a mean over an empty set is not a diverged model): no metric, as for its excess
+        found = [(p, o) for p, o in found if o is not None and (o >= 0).any()]
+        spans, opens = [p for p, _ in found], [o for _, o in found]
         self.span_opens = torch.from_numpy(np.stack(opens)) if spans else None  # (S, n, T-1)
         cfg = pl_module.cfg
         for primitive, where in zip(spans, opens):

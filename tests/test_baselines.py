@@ -4,7 +4,8 @@ Every prediction that cannot implement a primitive (the knocked-out language, th
 oracles its type admits, estimated from an independent sample), fed through the metric code as if
 it were a model's, scores at most 0 (plus the oracles' seed-to-seed spread) on the blind
 yardstick, and the true distribution scores 1: weight-derived metrics and probe metrics alike, on
-seed.yaml and rich.yaml. Where an oracle is as good as the truth the primitive is unmeasurable.
+seed.yaml, rich.yaml and shared_outputs.yaml. Where an oracle is as good as the truth (a planted
+language) the primitive is unmeasurable.
 """
 
 from pathlib import Path
@@ -213,10 +214,28 @@ def test_probe_metrics_score_blind_predictions_at_most_zero_and_the_truth_one(na
     assert checked >= 4
 
 
-def test_a_primitive_an_oracle_predicts_is_unmeasurable():
-    """shared_outputs.yaml's token trigrams are decided by the current token alone: the order-1
-    oracle is the truth there, so their blind baseline is about 0 and their progress NaN."""
-    data = ToyLanguageData(language=str(LANGUAGES["shared_outputs"]), seq_len=32, probe_size=24)
+PLANTED = """
+name: planted
+categories: {NAME: [alice, bob], DET: [the, a], ADJ: [old, new], PREP: [at, near], END: ["."]}
+start: {NAME: 1.0}
+primitives:
+  - type: token_trigram
+    p: 1.0
+    rules: [{first: the, second: old, output: at}]
+  - type: bigram
+    p: 1.0
+    table: {the: {old: 1.0}, a: {new: 1.0}}
+  - type: category
+    transitions: {NAME: {DET: 1.0}, DET: {ADJ: 1.0}, ADJ: {PREP: 1.0}, PREP: {END: 1.0}, END: {NAME: 1.0}}
+"""
+
+
+def test_a_primitive_an_oracle_predicts_is_unmeasurable(tmp_path):
+    """A planted token trigram decided by the current token alone ("old" follows only "the"): the
+    order-1 oracle is the truth there, so its blind baseline is about 0 and its progress NaN."""
+    spec = tmp_path / "planted.yaml"
+    spec.write_text(PLANTED)
+    data = ToyLanguageData(language=str(spec), seq_len=32, probe_size=24)
     headline = HeadlineMetrics(data.language, 32)
     trigram = [i for i in headline.infos if i.primitive == "token_trigram"]
     assert trigram and all(not i.measurable("blind") and i.measurable("knock_out") for i in trigram)

@@ -177,6 +177,11 @@ def test_a_rich_run_report_draws_each_primitive_its_own_qk_figure(tmp_path, caps
     path = golden_run(tmp_path / "run", "rich")
     timeline = load_timeline(path)
     assert timeline.primitive_kinds["long_range"] == "long_range" and len(timeline.primitive_kinds) == 9
+    # its 8-sequence probe holds brackets but no quote: the quote's attention-to-open has no
+    # metric (a mean over no position is not a diverged model), the brackets' has one per head
+    names = timeline.groups["probe"].names
+    assert not [n for n in names if n.startswith("probe_attn/quote/")]
+    assert len([n for n in names if n.startswith("probe_attn/brackets/")]) == 4
     views = qk_views(timeline)
     assert {
         name: (kind, view.query_role, view.key_role, view.offsets(16)[0], view.offsets(16)[-1])
