@@ -41,6 +41,7 @@ class Shift:
     high: float
     p: float
     dropped: int = 0  # pairs left out: Y formed in neither the full run nor the variant
+    n_tested: int = 0  # units with a nonzero shift: what the Wilcoxon test sees
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ def onset_shift(full: list[Onset], variant: list[Onset], n_boot: int = 2000, see
         float(np.percentile(medians, 97.5)),
         p,
         dropped,
+        len(nonzero),
     )
 
 

@@ -29,7 +29,14 @@ from analysis.dependence import (
     variant_of,
 )
 from analysis.onset import Onset, primitive_onsets, primitive_progress
-from analysis.ordering import Ordering, infer_ordering, lead_lag, smallest_holm_p, units_needed
+from analysis.ordering import (
+    Ordering,
+    infer_ordering,
+    lead_lag,
+    smallest_holm_p,
+    smallest_wilcoxon_p,
+    units_needed,
+)
 from analysis.plots import (
     plot_attribution,
     plot_dag,
@@ -71,6 +78,8 @@ class Analysis:
     mechanism: list[MechanismEffect] = field(default_factory=list)
     unmeasurable: dict[str, list[str]] = field(default_factory=dict)  # source -> primitives
     controls: list[str] = field(default_factory=list)  # intervention runs analysed on their own
+    # other yardstick -> its ordering DAG's edges, where it can be measured (schema 3 for blind)
+    other_yardsticks: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
 
 YARDSTICK_TEXT = {
@@ -159,6 +168,15 @@ def analyze_timelines(
     unmeasurable = {
         s: [p for p in primitives if unmeasurable_on(full[0], p, s, yardstick)] for s in ("probe", "weight")
     }
+    others = {}
+    for other in YARDSTICK_TEXT:
+        if other == yardstick:
+            continue
+        try:
+            onsets_there = pooled_onsets(full, primitives, level, source, other)
+            others[other] = infer_ordering(onsets_there, alpha=alpha).edges
+        except TimelineError:  # not measurable on it (an older schema): no sensitivity line
+            continue
     return Analysis(
         primitives,
         onsets,
@@ -170,7 +188,25 @@ def analyze_timelines(
         effects,
         unmeasurable,
         controls,
+        others,
     )
+
+
+def yardstick_sensitivity(result: Analysis) -> list[str]:
+    """One line per ordering edge that another yardstick reverses, drops or adds (its edges are
+    every significant edge, not the transitive reduction), so an order that stands on what
+    progress 0 means is read as such."""
+    mine = set(result.ordering.edges)
+    lines = []
+    for other, edges in result.other_yardsticks.items():
+        theirs = set(edges)
+        for a, b in sorted(mine - theirs):
+            change = f"reversed ({b} -> {a})" if (b, a) in theirs else "not significant"
+            lines.append(f"Sensitivity: {a} -> {b} is {change} on the {other} yardstick.")
+        for a, b in sorted(theirs - mine):
+            if (b, a) not in mine:
+                lines.append(f"Sensitivity: {a} -> {b} is an edge on the {other} yardstick only.")
+    return lines
 
 
 def unmeasurable_on(timeline: Timeline, primitive: str, source: str, yardstick: str) -> bool:
@@ -221,6 +257,31 @@ def power_text(ordering: Ordering, n_units: int) -> str:
             f"{units_needed(n_pairs, ordering.alpha)} untied units would reach it."
         )
     return f"{text}, below alpha = {ordering.alpha}."
+
+
+def dependence_power_text(found: list[Dependence], alpha: float) -> str:
+    """What the dependence tests can show: each shift's Wilcoxon test (uncorrected) on its paired
+    units, with the smallest p the fewest of them can reach, and a warning when alpha is out of
+    reach (then "no evidence" means "not testable here", not "no effect")."""
+    sizes = [s.n_tested for d in found for s in (d.knock_out, d.knock_in) if s is not None]
+    if not sizes or max(sizes) < 2:
+        return (
+            "Power: no shift has 2 or more paired units with a nonzero shift, so no Wilcoxon verdict "
+            "is reachable; only a blocked majority (Y never formed in the variant) can give one."
+        )
+    fewest = min(sizes)
+    best = smallest_wilcoxon_p(fewest)
+    text = (
+        f"Power: the shifts are tested on {fewest} to {max(sizes)} paired units with a nonzero shift; "
+        f"with {fewest} the smallest Wilcoxon p a shift can reach is {best:.2g}"
+    )
+    if best >= alpha:
+        return (
+            f'{text}. **alpha = {alpha} is out of reach for those shifts: their "no evidence" means '
+            f'"not testable with these units"**; {units_needed(1, alpha)} units would reach it '
+            '(a blocked majority still gives "delayed").'
+        )
+    return f"{text}, below alpha = {alpha}."
 
 
 def _shift_text(shift) -> str:
@@ -1174,6 +1235,13 @@ def write_report(
         f"Ordering DAG (transitive reduction): {dag} (figure: ordering_dag.png, below).",
         "",
     ]
+    sensitivity = yardstick_sensitivity(result)
+    if result.other_yardsticks:
+        lines += sensitivity or [
+            f"Sensitivity: every edge is the same on the {' and '.join(result.other_yardsticks)} "
+            "yardstick" + ("s." if len(result.other_yardsticks) > 1 else ".")
+        ]
+        lines.append("")
     if result.dependence:
         lines += [
             "## Dependence (knock-out / knock-in)",
@@ -1191,7 +1259,7 @@ def write_report(
             lines.append(
                 f"| {d.y} | {d.x} | {_shift_text(d.knock_out)} | {_shift_text(d.knock_in)} | {verdict} |"
             )
-        lines += ["", *notes, ""]
+        lines += ["", *notes, "", dependence_power_text(result.dependence, alpha), ""]
     lines += mechanism_lines(result.mechanism, variants)
     if result.mechanism:
         figure, route_lines = mechanism_figure(full[0][1], variants, out, source, yardstick)
@@ -1229,6 +1297,7 @@ def write_report(
                 "pairs": [asdict(p) for p in result.ordering.pairs],
                 "edges": result.ordering.edges,
                 "dag": result.ordering.dag,
+                "edges_on_other_yardsticks": result.other_yardsticks,
                 "lead_lag": result.lead_lag,
                 "dependence": [asdict(d) for d in result.dependence],
                 "mechanism": [asdict(e) for e in result.mechanism],

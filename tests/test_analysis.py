@@ -372,3 +372,40 @@ def test_a_small_consistent_gap_is_ordered_but_close_never_no_order():
     instance = parallel_instance(rng, shared=0.3, own=0.1, from_curves=False)
     alone = infer_ordering(instance).pairs[0]
     assert alone.same_time and not alone.close
+
+
+def test_the_report_names_every_edge_another_yardstick_reverses_or_drops():
+    """y's curve crosses half-way from uniform long before x's, but its blind baseline is 50x
+    closer to the truth, so on the blind yardstick (the default) x comes first: the report says
+    that the edge is reversed on uniform and on knock-out (NaN here: uniform stands in)."""
+    from dataclasses import replace
+
+    from analysis.report import yardstick_sensitivity
+
+    run = synthetic_timeline({"x": 3.5, "y": 2.9}, {}, members=16)
+    closer = lambda info: replace(info, blind=0.02) if info.primitive == "y" else info  # noqa: E731
+    groups = {name: replace(g, infos=tuple(map(closer, g.infos))) for name, g in run.groups.items()}
+    result = analyze_timelines([replace(run, groups=groups)])
+    assert result.ordering.edges == (("x", "y"),)
+    assert result.other_yardsticks == {"knock_out": (("y", "x"),), "uniform": (("y", "x"),)}
+    assert yardstick_sensitivity(result) == [
+        "Sensitivity: x -> y is reversed (y -> x) on the knock_out yardstick.",
+        "Sensitivity: x -> y is reversed (y -> x) on the uniform yardstick.",
+    ]
+    same = analyze_timelines([run])  # every baseline uniform: nothing to flip
+    assert same.other_yardsticks["uniform"] == same.ordering.edges and not yardstick_sensitivity(same)
+
+
+@pytest.mark.parametrize("members, reachable", [(4, False), (8, True)])
+def test_the_dependence_section_says_whether_its_verdicts_were_reachable(members, reachable):
+    """4 paired members: the smallest Wilcoxon p is 2/16 = 0.125, so "no evidence" is "not
+    testable"; 8: 2/256 = 0.0078 < 0.01."""
+    from analysis.report import dependence_power_text
+
+    full = synthetic_timeline({"x": 3.5, "y": 5.0}, {}, members=members)
+    knockout = synthetic_timeline({"y": 6.0}, {"knockout": ["x"]}, members=members, seed=1)
+    found = dependence(full, [knockout])
+    assert found[0].knock_out.n_tested == members
+    text = dependence_power_text(found, 0.01)
+    assert ("out of reach" in text) is not reachable, text
+    assert f"{2.0 ** (1 - members):.2g}" in text
