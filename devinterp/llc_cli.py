@@ -16,7 +16,7 @@ settings goes on from there):
 
 from __future__ import annotations
 
-from devinterp.threads import available_cores, use_threads
+from devinterp.threads import ThreadTuner, available_cores, use_threads
 
 import json
 import os
@@ -179,7 +179,18 @@ def main(argv: list[str]) -> int:
     for key in [key for key in store if key[1] in args.redo]:
         del store[key]
     check_step_sizes(out, store, eps_for, sampler.eps)
-    use_threads(available_cores())  # the cores this process may use (affinity and cgroup quota)
+    cores = available_cores()  # the cores this process may use (affinity and cgroup quota)
+    use_threads(cores)
+    on_cpu = args.device == "cpu"  # resolved above
+    # as `run.threads auto` in fit: the fastest count, measured every 200 SGLD steps under the load
+    # the machine has then (devinterp/threads.py)
+    tuner = ThreadTuner(cores) if on_cpu and cores > 1 else None
+
+    def step_done(done: int, total: int) -> None:
+        if tuner is not None:
+            tuner.tick()
+        bar.update(1)
+
     todo = [(s, r) for s in steps for r in chosen if not done(store, s, r.name)]
     print(
         f"llc: {len(todo)} estimates to make ({len(steps)} snapshots x {len(chosen)} refinements, "
@@ -201,7 +212,7 @@ def main(argv: list[str]) -> int:
                 pool,
                 args.batch_size,
                 args.seed,
-                progress=lambda done, total: bar.update(1),
+                progress=step_done,
                 device=args.device,
             )
             put(store, step, refinement.name, estimate)
@@ -215,6 +226,8 @@ def main(argv: list[str]) -> int:
                 f"{median_of(estimate.llc):.3g} over members ({time.time() - started:.0f} s{worst})",
                 file=sys.stderr,
             )
+    if tuner is not None and todo:
+        print(tuner.summary().replace("run.threads auto", "llc threads"), file=sys.stderr)
     mode = args.wandb or config.get("run", {}).get("wandb_mode", "offline")
     if todo and mode != "disabled":
         send_to_wandb(folder, store, config, mode, settings, list(timeline.label_names))
