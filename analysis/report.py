@@ -863,10 +863,12 @@ def stages_section(
         f"A Gaussian HMM (Hu, Saphra et al. 2023) on {len(fit.data.features)} standardised features "
         f"({', '.join(fit.data.features)}; the training loss left out), {len(fit.data.steps)} log-step bins, "
         f"{len(fit.states)} members pooled. BIC picks **{fit.n_states} states** (BIC by state count: {bic}). "
-        "States are numbered by when members first reach them."
+        "States are numbered by the median over members of the first bin each member is in them (a "
+        "member that never visits one counts as the run's end)."
+        + "".join(f" {k} states: no fit, {why}." for k, why in sorted(fit.failed.items()))
         + (
-            " The count is the largest tried: more states may fit better, so read them as a lower bound "
-            "(`--max-states` offers more)."
+            f" The count is the largest {'fitted' if fit.failed else 'tried'}: more states may fit "
+            "better, so read them as a lower bound (`--max-states` offers more)."
             if fit.n_states == max(fit.bic)
             else ""
         ),
@@ -1306,6 +1308,7 @@ def write_report(
                 else {
                     "n_states": fit.n_states,
                     "bic": fit.bic,
+                    "failed_fits": fit.failed,
                     "features": fit.data.features,
                     "bin_steps": fit.data.steps.tolist(),
                     "states": fit.states.tolist(),

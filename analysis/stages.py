@@ -19,8 +19,10 @@ path is its sequence of stages. Conventions, stated once:
   then optionally reduced by PCA.
 - Gaussian HMM with diagonal covariances (hmmlearn), the number of states chosen by BIC over a
   range, the best of several restarts (random initialisations) per state count.
-- States are numbered by when members first reach them (median first visit), so state 0 is
-  where training starts. A *boundary* is a bin where a member's Viterbi state changes; its step
+- States are numbered by the median over members of the first bin each member is in them (a
+  member that never visits a state counts as the last bin plus one), so state 0 is where training
+  starts. A state count that cannot be fitted is listed with its reason (``StageFit.failed``),
+  never dropped silently. A *boundary* is a bin where a member's Viterbi state changes; its step
   is the geometric midpoint of the two bins' steps.
 - A boundary's *jump* is how far the member's features move between the two bins (root mean
   square over features, standard units), divided by the median move between neighbouring bins
@@ -97,6 +99,7 @@ class StageFit:
     transitions: list[Transition] = field(default_factory=list)
     detours: dict[int, list[int]] = field(default_factory=dict)  # state -> sequences visiting it
     convergence_steps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (sequence,)
+    failed: dict[int, str] = field(default_factory=dict)  # state count -> why it has no fit
 
 
 def on_grid(steps: np.ndarray, values: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -206,11 +209,12 @@ def fit_stages(
     X = standard @ basis
     lengths = [n_bins] * n_seq
     rng = np.random.default_rng(seed)
-    best_by_count, bic = {}, {}
+    best_by_count, bic, failed = {}, {}, {}
     for n_states in state_counts:
         if n_states * 2 > len(X):
-            break
-        best, best_score = None, -np.inf
+            failed[n_states] = f"not tried: it needs at least {2 * n_states} rows, the data has {len(X)}"
+            continue
+        best, best_score, errors = None, -np.inf, []
         for restart in range(restarts):
             model = GaussianHMM(
                 n_components=n_states,
@@ -226,18 +230,26 @@ def fit_stages(
                 try:
                     model.fit(X, lengths)
                     score = model.score(X, lengths)
-                except ValueError:  # a degenerate start (e.g. an empty state)
+                except ValueError as error:  # a degenerate start (e.g. an empty state)
+                    errors.append(str(error).split("\n")[0])
                     continue
-            if np.isfinite(score) and score > best_score:
+            if not np.isfinite(score):
+                errors.append("a non-finite likelihood")
+            elif score > best_score:
                 best, best_score = model, score
         if best is not None:
             best_by_count[n_states], bic[n_states] = best, float(best.bic(X, lengths))
+        else:
+            reasons = "; ".join(sorted(set(errors)))
+            failed[n_states] = f"every one of {restarts} restarts failed ({reasons})"
     if not bic:
-        raise ValueError("stages: no hidden Markov model could be fitted")
+        why = "; ".join(f"{k}: {v}" for k, v in failed.items())
+        raise ValueError(f"stages: no hidden Markov model could be fitted ({why})")
     n_states = min(bic, key=bic.get)
     model = best_by_count[n_states]
     raw_states = model.predict(X, lengths).reshape(n_seq, n_bins)
-    # renumber by median first visit, so state 0 is where training starts
+    # renumber by the median over members of the first bin in the state (never: n_bins), so state 0
+    # is where training starts
     first_visit = [
         np.median([np.flatnonzero(row == s)[0] if (row == s).any() else n_bins for row in raw_states])
         for s in range(n_states)
@@ -254,6 +266,7 @@ def fit_stages(
         means=means,
         states=states,
         data=StageData(data.steps, data.values[:, :, keep], features, data.sequences),
+        failed=failed,
     )
     _describe(fit)
     return fit

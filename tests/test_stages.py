@@ -252,3 +252,26 @@ def test_a_curriculum_switch_puts_a_sharp_boundary_within_a_tenth_of_a_log_step(
     assert control.boundaries and not any(b.sharp for b in control.boundaries), [
         b.jump for b in control.boundaries
     ]
+
+
+def test_a_state_count_that_cannot_be_fitted_is_listed_with_its_reason(monkeypatch):
+    """A fit that fails in every restart, and a count the data is too short for, are named with
+    their reasons, never dropped silently; the largest count fitted is not called the largest tried."""
+    from hmmlearn.hmm import GaussianHMM
+
+    fit_one = GaussianHMM.fit
+
+    def failing_for_three(self, X, lengths=None):
+        if self.n_components == 3:
+            raise ValueError("startprob_ must sum to 1 (got nan)")
+        return fit_one(self, X, lengths)
+
+    monkeypatch.setattr(GaussianHMM, "fit", failing_for_three)
+    data, _ = planted_trajectories(3, n_seq=1)
+    short = StageData(data.steps[:9], data.values[:, :9], data.features, data.sequences)  # 9 rows
+    fit = fit_stages(short, range(1, 6), restarts=2)
+    assert sorted(fit.bic) == [1, 2, 4]
+    assert fit.failed == {
+        3: "every one of 2 restarts failed (startprob_ must sum to 1 (got nan))",
+        5: "not tried: it needs at least 10 rows, the data has 9",
+    }
