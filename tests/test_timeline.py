@@ -389,3 +389,22 @@ def test_log_spaced_schedule_is_the_default_and_depends_on_the_step_alone(tmp_pa
     expected = [s for s in range(71) if s < 32 or (s < 64 and s % 2 == 0) or s % 4 == 0]
     np.testing.assert_array_equal(read(path, "probe")[0], expected + ([70] if 70 not in expected else []))
     np.testing.assert_array_equal(read(path, "diagnostics")[0], [s for s in expected if s < 70] + [70])
+
+
+def test_a_slim_copy_keeps_every_metric_bit_for_bit_and_drops_the_weights(tmp_path):
+    """analysis/slim.py: what a study commits beside its report; analyze reads it as a run with
+    no snapshots."""
+    from analysis.slim import main as slim_main
+    from tests.golden import golden_run
+
+    path = golden_run(tmp_path / "run", "seed")
+    assert slim_main([str(path), str(tmp_path / "slim.h5")]) == 0
+    full, slim = load_timeline(path), load_timeline(tmp_path / "slim.h5")
+    assert (full.snapshot_steps >= 0).sum() == 5 and len(slim.snapshot_steps) == 0
+    assert full.meta == slim.meta and full.label_names == slim.label_names
+    assert set(full.groups) == set(slim.groups)
+    for name, group in full.groups.items():
+        np.testing.assert_array_equal(group.values, slim.groups[name].values)
+        np.testing.assert_array_equal(group.steps, slim.groups[name].steps)
+        assert list(map(repr, group.infos)) == list(map(repr, slim.groups[name].infos))  # NaN != NaN
+    assert slim_main([str(path), str(path)]) == 1  # never over its source
