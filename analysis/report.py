@@ -61,6 +61,7 @@ from analysis.stages import (
     stage_data,
 )
 from analysis.timeline import Timeline, TimelineError, load_timeline
+from analysis.units import Pool, censor_at, last_step, pool_text, pool_units, run_name
 from devinterp.language import SpecError, parse_language
 from devinterp.language.primitive import QKView
 from devinterp.schema import UNMEASURABLE
@@ -80,6 +81,7 @@ class Analysis:
     controls: list[str] = field(default_factory=list)  # intervention runs analysed on their own
     # other yardstick -> its ordering DAG's edges, where it can be measured (schema 3 for blind)
     other_yardsticks: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    pool: Pool | None = None  # which members count, repeats left out, the common horizon
 
 
 YARDSTICK_TEXT = {
@@ -115,13 +117,22 @@ def progress_or_none(timeline: Timeline, primitive: str, source: str, yardstick:
 
 
 def pooled_onsets(
-    timelines: list[Timeline], primitives: list[str], level: float, source: str, yardstick: str = "blind"
+    timelines: list[Timeline],
+    primitives: list[str],
+    level: float,
+    source: str,
+    yardstick: str = "blind",
+    pool: Pool | None = None,
 ) -> dict[str, list[Onset]]:
+    """Every unit's onsets: each independent member once, censored at the shortest horizon
+    (analysis/units.py)."""
+    pool = pool or pool_units(timelines)
     pooled: dict[str, list[Onset]] = {p: [] for p in primitives}
-    for timeline in timelines:
+    for index, timeline in enumerate(timelines):
         onsets = primitive_onsets(timeline, primitives, level=level, source=source, yardstick=yardstick)
         for p in primitives:
-            pooled[p] += onsets.get(p, [])
+            counted = [o for o in onsets.get(p, []) if o.member in pool.keep[index]]
+            pooled[p] += censor_at(counted, pool.horizon)
     return {p: units for p, units in pooled.items() if units}  # primitives this source measures
 
 
@@ -145,7 +156,8 @@ def analyze_timelines(
             "no run of the full language among the timelines (only knock-out/knock-in variants)"
         )
     primitives = [p for p in full[0].label_names if p != "start"]
-    onsets = {s: pooled_onsets(full, primitives, level, s, yardstick) for s in ("probe", "weight")}
+    pool = pool_units(full)
+    onsets = {s: pooled_onsets(full, primitives, level, s, yardstick, pool) for s in ("probe", "weight")}
     ordering = infer_ordering(onsets[source], alpha=alpha)
     curves = {p: c for p in primitives if (c := progress_or_none(full[0], p, source, yardstick)) is not None}
     measured = list(curves)
@@ -173,7 +185,7 @@ def analyze_timelines(
         if other == yardstick:
             continue
         try:
-            onsets_there = pooled_onsets(full, primitives, level, source, other)
+            onsets_there = pooled_onsets(full, primitives, level, source, other, pool)
             others[other] = infer_ordering(onsets_there, alpha=alpha).edges
         except TimelineError:  # not measurable on it (an older schema): no sensitivity line
             continue
@@ -189,6 +201,7 @@ def analyze_timelines(
         unmeasurable,
         controls,
         others,
+        pool,
     )
 
 
@@ -841,6 +854,18 @@ def run_header(timeline: Timeline) -> str:
     )
 
 
+def pooled_runs_lines(full: list[tuple[Path, Timeline]], pool: Pool | None) -> list[str]:
+    """Where several runs pool: each with its steps, members and the members counted, then the
+    repeats left out and the common horizon (analysis/units.py)."""
+    if pool is None or len(full) < 2:
+        return []
+    runs = "; ".join(
+        f"{run_name(t)}: {last_step(t):.0f} steps, {t.n_members} members, {len(pool.keep[i])} counted"
+        for i, (_, t) in enumerate(full)
+    )
+    return [f"Pooled runs: {runs}.", "", *(f"{line}\n" for line in pool_text(pool))]
+
+
 def stages_section(
     full: list[Timeline],
     onsets: dict[str, list[Onset]],
@@ -1150,6 +1175,7 @@ def write_report(
             else "."
         ),
         "",
+        *pooled_runs_lines(full, result.pool),
         *(
             [
                 f"These runs train with interventions ({', '.join(result.controls)}: mechanism.interventions "

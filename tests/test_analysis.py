@@ -192,8 +192,10 @@ def test_dependence_verdicts_from_knock_out_and_knock_in():
 
 def test_analysis_pools_runs_and_orders_primitives():
     runs = [
-        synthetic_timeline({"bigram": 3.5, "induction": 5.0, "never": 20.0}, {}, members=8, seed=s)
-        for s in range(2)
+        synthetic_timeline(
+            {"bigram": 3.5, "induction": 5.0, "never": 20.0}, {}, 8, s, config={"model": {"seed": 8 * s}}
+        )
+        for s in range(2)  # seeds 0-7 and 8-15: 16 independent units
     ]
     result = analyze_timelines(runs)
     assert result.n_units == 16
@@ -375,15 +377,16 @@ def test_a_small_consistent_gap_is_ordered_but_close_never_no_order():
 
 
 def test_the_report_names_every_edge_another_yardstick_reverses_or_drops():
-    """y's curve crosses half-way from uniform long before x's, but its blind baseline is 50x
-    closer to the truth, so on the blind yardstick (the default) x comes first: the report says
-    that the edge is reversed on uniform and on knock-out (NaN here: uniform stands in)."""
+    """y is far from uniform from the start (its uniform baseline is 4x its blind one) and forms
+    after x: on the blind yardstick (the default) x comes first, on uniform y (its progress starts
+    at 0.75), and the report says that the edge is reversed on uniform and on knock-out (NaN here:
+    uniform stands in)."""
     from dataclasses import replace
 
     from analysis.report import yardstick_sensitivity
 
-    run = synthetic_timeline({"x": 3.5, "y": 2.9}, {}, members=16)
-    closer = lambda info: replace(info, blind=0.02) if info.primitive == "y" else info  # noqa: E731
+    run = synthetic_timeline({"x": 3.5, "y": 5.0}, {}, members=16)
+    closer = lambda info: replace(info, nothing=4.0, blind=1.0) if info.primitive == "y" else info  # noqa: E731
     groups = {name: replace(g, infos=tuple(map(closer, g.infos))) for name, g in run.groups.items()}
     result = analyze_timelines([replace(run, groups=groups)])
     assert result.ordering.edges == (("x", "y"),)
