@@ -1131,14 +1131,16 @@ def write_report(
         for p in result.primitives
     }
     figures.append(plot_weight_vs_probe(both, out / "weight_vs_probe.png", YARDSTICK_TEXT[yardstick]))
-    figures.append(
-        plot_dag(
-            result.primitives,
-            list(result.ordering.dag),
-            out / "ordering_dag.png",
-            dag_labels(result.ordering),
+    (out / "ordering_dag.png").unlink(missing_ok=True)  # a figure of an earlier analysis here
+    if result.ordering.dag:  # no edge: no figure, whose stacked nodes would read as an order
+        figures.append(
+            plot_dag(
+                result.primitives,
+                list(result.ordering.dag),
+                out / "ordering_dag.png",
+                dag_labels(result.ordering),
+            )
         )
-    )
     variants = [t for t in timelines if variant_of(t)[0] != "full"]
     if variants:
         baselines = first.baselines(yardstick)
@@ -1225,7 +1227,7 @@ def write_report(
             f"{first} | {pair.median_log_gap:+.2f} | {pair.sign_p:.2g} | {pair.wilcoxon_p:.2g} | "
             f"{pair.holm_p:.2g} | {edge} | {pair.equivalence_holm_p:.2g}{same_mark} | {lag:+.2f} |"
         )
-    dag = ", ".join(f"{a} -> {b}" for a, b in result.ordering.dag) or "no significant edge"
+    dag = ", ".join(f"{a} -> {b}" for a, b in result.ordering.dag)
     margin = result.ordering.margin
     same = [p for p in result.ordering.pairs if p.same_time]
     no_order = (
@@ -1260,7 +1262,9 @@ def write_report(
         "",
         power_text(result.ordering, result.n_units),
         "",
-        f"Ordering DAG (transitive reduction): {dag} (figure: ordering_dag.png, below).",
+        f"Ordering DAG (transitive reduction): {dag} (figure: ordering_dag.png, below)."
+        if dag
+        else "Ordering DAG: no significant edge, so no figure.",
         "",
     ]
     sensitivity = yardstick_sensitivity(result)
