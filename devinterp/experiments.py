@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from devinterp.child import run_child
 from devinterp.errors import ArgumentParser, UsageError
 from devinterp.interventions import parse_interventions
 from devinterp.language import load_language
@@ -138,8 +138,13 @@ def main(argv: list[str]) -> int:
             *extra,
         ]
         print(f"[{name}] {' '.join(command[2:])}", flush=True)
-        if subprocess.run(command).returncode != 0:
-            print(f"devinterp: error: run {name!r} failed; runs so far are in {root}", file=sys.stderr)
+        code, message = run_child(command)
+        if code != 0:
+            print(
+                f"\ndevinterp: error: run {name!r} failed (exit {code}); runs so far are in {root}; its "
+                f"last message:\n  {message}",
+                file=sys.stderr,
+            )
             return 1
     print(f"dependence runs in {root}: analyse with `devinterp analyze {root} --out {root}/analysis`")
     return 0

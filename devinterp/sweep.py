@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import itertools
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from devinterp.child import run_child
 from devinterp.errors import ArgumentParser, UsageError
 
 
@@ -144,7 +144,9 @@ def main(argv: list[str]) -> int:
         print(f"[{i}/{len(points)}] {name}: {' '.join(command[2:])}", flush=True)
         if args.dry_run:
             continue
-        if subprocess.run(command).returncode != 0:
+        code, message = run_child(command)
+        if code != 0:
+            print(f"\nsweep run {name!r}: {message}", file=sys.stderr)
             raise UsageError(f"sweep run {name!r} failed; the sweep continues from it when run again")
     if not args.dry_run:
         print(f"sweep runs in {folder}: analyse with `devinterp analyze {folder} --out {folder}/analysis`")
