@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from devinterp.llc import reportable
+
 SMOOTH = 0.3  # log-steps: the Gaussian kernel's standard deviation
 PROMINENCE = 0.1  # a turn must rise or fall by this share of the curve's range on either side
 FILENAME = "llc.h5"
@@ -92,7 +94,7 @@ def critical_points(
 
 def median_curve(estimates: dict[str, np.ndarray]) -> np.ndarray:
     """(snapshot,) the median over members, with negative estimates (below L(w*)) left out."""
-    llc = np.where(estimates["llc"] >= 0, estimates["llc"], np.nan)
+    llc = reportable(estimates["llc"])
     with np.errstate(all="ignore"):
         return np.array([np.nanmedian(row) if np.isfinite(row).any() else math.nan for row in llc])
 

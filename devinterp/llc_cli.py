@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from devinterp.threads import ThreadTuner, available_cores, use_threads
 
+import argparse
 import json
 import os
 import sys
@@ -30,11 +31,16 @@ import numpy as np
 from devinterp.errors import ArgumentParser
 
 FILENAME = "llc.h5"
+EPS_COMPARE = (
+    "eps sets the discretisation, not the target: estimates at different eps compare only where the "
+    "chains of both reached equilibrium (--calibrate flags those too short or not levelled off)"
+)
 
 
 def parse(argv: list[str]):
     parser = ArgumentParser(
         prog="devinterp llc",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Estimate the local learning coefficient (LLC) at a run's weight snapshots: the "
         "whole model, data-refined per primitive and weight-refined per head, every member's chains "
         f"at once. Writes RUN/{FILENAME}; a rerun with the same settings continues where it stopped.",
@@ -59,7 +65,7 @@ def parse(argv: list[str]):
         default=[],
         metavar="NAME=EPS",
         help="a step size for one refinement (e.g. skip_trigram=1e-5 where its chains diverge at --eps); "
-        "eps sets the discretisation, not the target, so estimates at different eps still compare",
+        f"{EPS_COMPARE}",
     )
     parser.add_argument(
         "--redo",
@@ -72,7 +78,13 @@ def parse(argv: list[str]):
     parser.add_argument("--gamma", type=float, default=100.0, help="localisation strength")
     parser.add_argument("--chains", type=int, default=4)
     parser.add_argument("--draws", type=int, default=100)
-    parser.add_argument("--burn-in", type=int, default=0)
+    parser.add_argument(
+        "--burn-in",
+        type=int,
+        default=100,
+        help="SGLD steps before the first draw; with --draws, at least the localisation's relaxation "
+        "time 2 / (eps gamma) = 200 steps at the defaults, which --calibrate checks",
+    )
     parser.add_argument("--sampler", choices=["sgld", "rmsprop"], default="sgld")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per chain and step")
     parser.add_argument("--pool-size", type=int, default=1024, help="sequences in the fixed data pool")
@@ -194,7 +206,8 @@ def main(argv: list[str]) -> int:
     todo = [(s, r) for s in steps for r in chosen if not done(store, s, r.name)]
     print(
         f"llc: {len(todo)} estimates to make ({len(steps)} snapshots x {len(chosen)} refinements, "
-        f"{len(members)} members x {sampler.chains} chains, n_beta {n_beta:.4g})",
+        f"{len(members)} members x {sampler.chains} chains, n_beta {n_beta:.4g}; fewer with --steps, "
+        "--refinements, --members)",
         file=sys.stderr,
     )
     steps_each = sampler.burn_in + sampler.draws * sampler.steps_between_draws
@@ -284,9 +297,12 @@ def send_to_wandb(
 ) -> None:
     """Every estimate in ``store`` as one more segment of the run's W&B group (``<run>@llc``, job
     type 'llc', which resumes of the training ignore), a row per snapshot step at
-    ``trainer/global_step``: each refinement's median over members and its IQR."""
+    ``trainer/global_step``: each refinement's median over members and its IQR, of the estimates
+    the report reads (``devinterp.llc.reportable``: none below L(w*) or diverged), and
+    ``<key>_left_out``, how many members' estimates were not; no value where none is left."""
     import wandb
 
+    from devinterp.llc import reportable
     from devinterp.wandb_files import ANALYSIS_JOB
 
     run = wandb.init(
@@ -301,9 +317,13 @@ def send_to_wandb(
     for step in sorted({step for step, _ in store}):
         row: dict[str, float] = {"trainer/global_step": step}
         for (at, name), found in store.items():
-            finite = found["llc"][np.isfinite(found["llc"])]
-            if at == step and len(finite):
-                key = wandb_key(name, label_names)
+            if at != step:
+                continue
+            values = reportable(found["llc"])
+            finite = values[np.isfinite(values)]
+            key = wandb_key(name, label_names)
+            row[f"{key}_left_out"] = int(values.size - finite.size)
+            if len(finite):
                 quartiles = np.percentile(finite, [25, 50, 75])
                 row[key], row[f"{key}_iqr"] = float(quartiles[1]), float(quartiles[2] - quartiles[0])
         run.log(row)

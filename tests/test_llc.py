@@ -305,7 +305,7 @@ def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_i
     )
     run = tmp_path / "tiny"
     timeline_bytes = (run / "timeline.h5").read_bytes()
-    settings = ["--chains", "2", "--draws", "6", "--pool-size", "64", "--batch-size", "4"]
+    settings = ["--chains", "2", "--draws", "6", "--burn-in", "0", "--pool-size", "64", "--batch-size", "4"]
     assert main(["llc", str(run), *settings, "--refinements", "model", "L0H1"]) == 0
     first = load_llc(run)
     assert sorted(first) == ["L0H1", "model"] and first["model"]["steps"].tolist() == [0, 1, 5, 12]
@@ -343,11 +343,17 @@ def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_i
     assert (described["run_group"], described["job_type"]) == ("tiny", "llc")
     rows = history(segment)
     assert [row["trainer/global_step"] for row in rows] == [0, 1, 5, 12]
-    assert rows[3]["llc/model"] == pytest.approx(float(np.median(first["model"]["llc"][3])), rel=1e-6)
-    assert {"llc/L0H1", "induction/llc", "llc/model_iqr"} <= set(rows[3])
+    second = load_llc(run)
+    for name, key in [("model", "llc/model"), ("L0H1", "llc/L0H1"), ("induction", "induction/llc")]:
+        kept = second[name]["llc"][3][second[name]["llc"][3] >= 0]  # what the report reads
+        assert rows[3][f"{key}_left_out"] == 2 - len(kept)
+        if len(kept):
+            assert rows[3][key] == pytest.approx(float(np.median(kept)), rel=1e-6)
+        else:
+            assert key not in rows[3]
+    assert "llc/model_iqr" in rows[3] or rows[3]["llc/model_left_out"] == 2
     assert last_logged_step(run / "wandb") is None  # a resume's W&B bookkeeping ignores it
     assert "WANDB_SERVICE" not in os.environ  # W&B's service is gone: no later child process inherits it
-    second = load_llc(run)
     np.testing.assert_array_equal(second["model"]["llc"], first["model"]["llc"])
     assert np.isfinite(second["induction"]["llc"]).all() or second["induction"]["diverged"].any()
     assert (run / "timeline.h5").read_bytes() == timeline_bytes  # the training record untouched
@@ -541,3 +547,47 @@ def test_a_sidecar_from_before_step_sizes_were_kept_reads_as_made_at_its_eps(tmp
     check_step_sizes(path, store, {}, 1e-3)  # the same eps: goes on
     with pytest.raises(ValueError, match="model was estimated with eps 0.001 \\(step 5\\), asked 0.0001"):
         check_step_sizes(path, store, {"model": 1e-4}, 1e-3)
+
+
+def test_the_llc_defaults_pass_the_relaxation_rule_calibrate_applies():
+    """`devinterp llc RUN` with no options: steps per chain at least 2 / (eps gamma)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from devinterp.llc_cli import calibration_flags, parse
+
+    args = parse(["run"])
+    steps = args.burn_in + args.draws
+    assert steps >= 2 / (args.eps * args.gamma), (steps, args.eps, args.gamma)
+    config = SamplerConfig(10.0, eps=args.eps, gamma=args.gamma, draws=args.draws, burn_in=args.burn_in)
+    trace = np.ones((1, args.chains, args.draws))
+    estimate = SimpleNamespace(
+        config=config,
+        below_init=np.zeros((1, args.chains), bool),
+        diverged=np.zeros((1, args.chains), bool),
+        loss_trace=trace,
+        init_loss=np.zeros(1),
+    )
+    assert calibration_flags(estimate) == []
+    short = SimpleNamespace(**{**vars(estimate), "config": replace(config, burn_in=0)})
+    assert calibration_flags(short) == ["shorter than 2/(eps gamma) = 200 steps"]
+
+
+def test_wandb_never_receives_an_llc_the_report_leaves_out(tmp_path):
+    """Negative estimates (chains below L(w*)) and diverged ones (NaN) are left out of the median
+    sent to W&B, as the report leaves them out; W&B gets their count instead."""
+    from analysis.learning_coefficient import median_curve
+    from devinterp.llc_cli import send_to_wandb
+    from devinterp.wandb_files import history, run_files
+
+    store = {
+        (0, "induction"): {"llc": np.array([1.0, -120.0, 2.0, np.nan])},
+        (10, "induction"): {"llc": np.array([-5.0, -6.0, np.nan, np.nan])},
+    }
+    send_to_wandb(tmp_path, store, {}, "offline", {}, ["start", "induction"])
+    (segment,) = run_files(tmp_path / "wandb")
+    rows = {row["trainer/global_step"]: row for row in history(segment)}
+    assert rows[0]["induction/llc"] == 1.5 and rows[0]["induction/llc_left_out"] == 2
+    assert "induction/llc" not in rows[10] and rows[10]["induction/llc_left_out"] == 4
+    report = median_curve({"llc": np.stack([store[0, "induction"]["llc"], store[10, "induction"]["llc"]])})
+    assert report[0] == 1.5 and np.isnan(report[1])  # the report's curve: the same values
