@@ -183,9 +183,11 @@ class ProbeMetrics(L.Callback):
         # spans (quotes, brackets): each head's attention from inside a span to its open token
         inputs = probe.tokens[:, :-1].numpy()
         found = [(p, p.open_positions(inputs)) for p in language.primitives]
-        # a span primitive with no position inside a span in this probe set has nothing to average
-        # (a mean over an empty set is not a diverged model): no metric, as for its excess
-        found = [(p, o) for p, o in found if o is not None and (o >= 0).any()]
+        # a span primitive with no query in this probe set (a position after its open, inside the
+        # span: devinterp/probe.py) has nothing to average; a mean over an empty set is not a
+        # diverged model: no metric, as for a primitive's excess with no position
+        after_open = lambda o: ((o >= 0) & (o < np.arange(o.shape[1]))).any()  # noqa: E731
+        found = [(p, o) for p, o in found if o is not None and after_open(o)]
         spans, opens = [p for p, _ in found], [o for _, o in found]
         self.span_opens = torch.from_numpy(np.stack(opens)) if spans else None  # (S, n, T-1)
         cfg = pl_module.cfg
