@@ -61,7 +61,7 @@ from analysis.stages import (
     stage_data,
 )
 from analysis.timeline import Timeline, TimelineError, load_timeline
-from analysis.units import Pool, censor_at, last_step, pool_text, pool_units, run_name
+from analysis.units import Pool, censor_at, pool_text, pool_units
 from devinterp.language import SpecError, parse_language
 from devinterp.language.primitive import QKView
 from devinterp.schema import UNMEASURABLE
@@ -121,12 +121,11 @@ def pooled_onsets(
     primitives: list[str],
     level: float,
     source: str,
-    yardstick: str = "blind",
-    pool: Pool | None = None,
+    yardstick: str,
+    pool: Pool,
 ) -> dict[str, list[Onset]]:
     """Every unit's onsets: each independent member once, censored at the shortest horizon
-    (analysis/units.py)."""
-    pool = pool or pool_units(timelines)
+    (analysis/units.py: ``pool_units``)."""
     pooled: dict[str, list[Onset]] = {p: [] for p in primitives}
     for index, timeline in enumerate(timelines):
         onsets = primitive_onsets(timeline, primitives, level=level, source=source, yardstick=yardstick)
@@ -841,15 +840,14 @@ def run_header(timeline: Timeline) -> str:
     """The first full run's steps, members, model and language, from its stored config."""
     config = yaml.safe_load(timeline.meta.get("config", "")) or {}
     model, data = config.get("model") or {}, config.get("data") or {}
-    steps = int(max(g.steps.max() for g in timeline.groups.values() if len(g.steps)))
     keys = ("n_layers", "n_heads", "d_model", "d_head", "attention") + (
         ("d_mlp",) if model.get("mlp") else ()
     )
     shape = ", ".join(f"{key} {model[key]}" for key in keys if model.get(key) is not None)
     language = Path(str(data.get("language") or data.get("corpus") or "?")).name
-    name = timeline.path.parent.name or timeline.path.name
     return (
-        f"Run {name}: {steps} steps, {timeline.n_members} members; model: {shape or 'see config.yaml'}; "
+        f"Run {timeline.run_name}: {timeline.last_step} steps, {timeline.n_members} members; "
+        f"model: {shape or 'see config.yaml'}; "
         f"language {language}, sequences of {data.get('seq_len', '?')}, batch {data.get('batch_size', '?')}."
     )
 
@@ -860,7 +858,7 @@ def pooled_runs_lines(full: list[tuple[Path, Timeline]], pool: Pool | None) -> l
     if pool is None or len(full) < 2:
         return []
     runs = "; ".join(
-        f"{run_name(t)}: {last_step(t):.0f} steps, {t.n_members} members, {len(pool.keep[i])} counted"
+        f"{t.run_name}: {t.last_step} steps, {t.n_members} members, {len(pool.keep[i])} counted"
         for i, (_, t) in enumerate(full)
     )
     return [f"Pooled runs: {runs}.", "", *(f"{line}\n" for line in pool_text(pool))]
@@ -973,7 +971,7 @@ def stages_section(
     share = ", ".join(f"{e:.0%}" for e in dynamics.explained)
     lines += [
         f"Essential dynamics (Hoogland et al. 2024): the outputs on 32 fixed sequences at the "
-        f"{len(dynamics.steps)} weight snapshots of {full[0].path.parent.name or full[0].path.name}, PCA "
+        f"{len(dynamics.steps)} weight snapshots of {full[0].run_name}, PCA "
         f"over snapshots and members together; the first components explain {share} of the variance "
         "(figure essential_dynamics.png, primitives' median onsets marked).",
         "",

@@ -70,6 +70,16 @@ class Timeline:
     def n_members(self) -> int:
         return next(iter(self.groups.values())).values.shape[2]
 
+    @property
+    def run_name(self) -> str:
+        """The run's folder name (the file's name for a timeline outside a run folder)."""
+        return self.path.parent.name or self.path.name
+
+    @property
+    def last_step(self) -> int:
+        """The last step any metric group recorded."""
+        return int(max(g.steps.max() for g in self.groups.values() if len(g.steps)))
+
     def group_of(self, name: str) -> str:
         for group_name, group in self.groups.items():
             if name in group.names:

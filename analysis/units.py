@@ -62,14 +62,6 @@ class Pool:
     horizons: dict[str, float]  # run -> its last step
 
 
-def run_name(timeline: Timeline) -> str:
-    return timeline.path.parent.name or timeline.path.name
-
-
-def last_step(timeline: Timeline) -> float:
-    return float(max(g.steps.max() for g in timeline.groups.values() if len(g.steps)))
-
-
 def gradient_settings(config: dict) -> dict:
     """The config's sections that reach the gradient, without what never does."""
     found = {}
@@ -104,7 +96,7 @@ def units_of(timeline: Timeline) -> list[Unit]:
         key = hashlib.sha256((common + json.dumps(seeds)).encode()).hexdigest()[:16]
         first = losses[:, member][np.isfinite(losses[:, member])][:FINGERPRINT_STEPS]
         fingerprint = tuple(float(x) for x in first) if len(first) == FINGERPRINT_STEPS else ()
-        units.append(Unit(run_name(timeline), member, key, fingerprint))
+        units.append(Unit(timeline.run_name, member, key, fingerprint))
     return units
 
 
@@ -127,7 +119,7 @@ def pool_units(timelines: list[Timeline]) -> Pool:
             if unit.fingerprint:
                 seen_prints[unit.fingerprint] = unit
             keep[index].append(unit.member)
-    horizons = {run_name(t): last_step(t) for t in timelines}
+    horizons = {t.run_name: float(t.last_step) for t in timelines}
     return Pool(keep, repeats, min(horizons.values()), horizons)
 
 

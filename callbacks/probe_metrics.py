@@ -33,7 +33,14 @@ from torch import Tensor
 from callbacks.timeline_writer import TimelineGroup, find_writer, last_step_reached
 from devinterp.baselines import Baselines, probe_baselines
 from devinterp.errors import at_least, one_of
-from devinterp.probe import ProbeResult, attention_to_open, evaluate_probe, grouped_sums, uniform_share
+from devinterp.probe import (
+    ProbeResult,
+    attention_to_open,
+    evaluate_probe,
+    grouped_sums,
+    span_queries,
+    uniform_share,
+)
 from devinterp.schedule import Schedule, is_due
 from devinterp.schema import MetricInfo, pooled_progress
 
@@ -183,11 +190,9 @@ class ProbeMetrics(L.Callback):
         # spans (quotes, brackets): each head's attention from inside a span to its open token
         inputs = probe.tokens[:, :-1].numpy()
         found = [(p, p.open_positions(inputs)) for p in language.primitives]
-        # a span primitive with no query in this probe set (a position after its open, inside the
-        # span: devinterp/probe.py) has nothing to average; a mean over an empty set is not a
-        # diverged model: no metric, as for a primitive's excess with no position
-        after_open = lambda o: ((o >= 0) & (o < np.arange(o.shape[1]))).any()  # noqa: E731
-        found = [(p, o) for p, o in found if o is not None and after_open(o)]
+        # a span primitive with no query in this probe set has nothing to average; a mean over an
+        # empty set is not a diverged model: no metric, as for a primitive's excess with no position
+        found = [(p, o) for p, o in found if o is not None and span_queries(torch.from_numpy(o)).any()]
         spans, opens = [p for p, _ in found], [o for _, o in found]
         self.span_opens = torch.from_numpy(np.stack(opens)) if spans else None  # (S, n, T-1)
         cfg = pl_module.cfg

@@ -240,7 +240,7 @@ def main(argv: list[str]) -> int:
                 file=sys.stderr,
             )
     if tuner is not None and todo:
-        print(tuner.summary().replace("run.threads auto", "llc threads"), file=sys.stderr)
+        print(tuner.summary("llc threads"), file=sys.stderr)
     mode = args.wandb or config.get("run", {}).get("wandb_mode", "offline")
     if todo and mode != "disabled":
         send_to_wandb(folder, store, config, mode, settings, list(timeline.label_names))

@@ -116,6 +116,13 @@ def evaluate_probe(
 
 
 @torch.inference_mode()
+def span_queries(open_positions: Tensor) -> Tensor:
+    """(..., T) open positions (-1 outside spans) -> bool (..., T): the positions that query a
+    span's open, those inside a span after its open (the open itself is not a query)."""
+    positions = torch.arange(open_positions.shape[-1], device=open_positions.device)
+    return (open_positions >= 0) & (open_positions < positions)
+
+
 def attention_to_open(
     model: TensorTransformer, tokens: Tensor, open_positions: Tensor, batch_size: int = 8
 ) -> Tensor:
@@ -132,9 +139,7 @@ def attention_to_open(
     S = open_positions.shape[0]
     device = model.W_E.device
     tokens, open_positions = tokens.to(device), open_positions.to(device)
-    queries = (
-        (open_positions >= 0) & (open_positions < torch.arange(tokens.shape[1], device=device))
-    ).double()
+    queries = span_queries(open_positions).double()
     total = torch.zeros(S, M, cfg.n_layers, cfg.n_heads, device=device, dtype=torch.float64)
     for start in range(0, tokens.shape[0], batch_size):
         rows = slice(start, start + batch_size)

@@ -185,12 +185,12 @@ class ThreadTuner:
         self.steps += 1
         return threads
 
-    def summary(self) -> str:
+    def summary(self, name: str = "run.threads auto") -> str:
         """One line: the steps each count ran, and how the counts were chosen."""
         used = ", ".join(
             f"{count} thread{'s' * (count > 1)} for {n} steps" for count, n in sorted(self.used.items())
         )
         return (
-            f"run.threads auto: {used or 'no steps'} (each of {self.candidates} timed for {self.trial} steps "
+            f"{name}: {used or 'no steps'} (each of {self.candidates} timed for {self.trial} steps "
             f"every {self.period}, the fastest kept)"
         )
