@@ -51,6 +51,12 @@ class Dependence:
     knock_out: Shift | None
     knock_in: Shift | None
     verdict: str
+    lacks: str = ""  # tokens Y needs that X's knock-out leaves nothing to produce (UNTESTABLE)
+
+
+# the verdict where knocking out X leaves Y unable to fire: Y's condition needs a token only X
+# produces, so the variant has no Y to time and removing X says nothing about learning Y
+UNTESTABLE = "untestable: without X, Y can never fire"
 
 
 def onset_shift(full: list[Onset], variant: list[Onset], n_boot: int = 2000, seed: int = 0) -> Shift:
@@ -162,6 +168,7 @@ def dependence(
     first = next(iter(full_by_seed.values()))
     first_baselines = next(iter(baselines_by_seed.values()))
     by_x: dict[str, dict[str, list[tuple[dict, dict]]]] = {}  # x -> kind -> [(full onsets, variant onsets)]
+    emptied: dict[str, dict[str, str]] = {}  # x -> primitives its knock-out leaves unable to fire -> tokens
     for timeline in variants:
         kind, primitives = variant_of(timeline)
         if kind in ("full", "mechanism"):  # mechanism variants: mechanism_effects
@@ -176,11 +183,18 @@ def dependence(
         pair = (full_by_seed.get(seed_of(timeline), first), onsets)
         for x in primitives:
             by_x.setdefault(x, {}).setdefault(kind, []).append(pair)
+            if kind == "knockout":
+                emptied.setdefault(x, {}).update(timeline.empty_primitives)
     full_onsets = first
+    runs_empty = {name for t in runs.values() for name in t.empty_primitives}
     results = []
     for x, kinds in by_x.items():
-        for y in full_onsets:
+        emptied_here = [y for y in emptied.get(x, {}) if y not in full_onsets and y not in runs_empty]
+        for y in list(full_onsets) + emptied_here:  # an emptied Y, even one the yardstick cannot measure
             if y == x:
+                continue
+            if y in emptied.get(x, {}) and y not in runs_empty:
+                results.append(Dependence(y, x, None, None, UNTESTABLE, lacks=emptied[x][y]))
                 continue
             shifts = {}
             for kind, pairs in kinds.items():

@@ -18,6 +18,7 @@ import yaml
 
 from analysis.attribution import component_shares, reused_heads, rule_shares, source_shares, top_heads
 from analysis.dependence import (
+    UNTESTABLE,
     Dependence,
     MechanismEffect,
     dependence,
@@ -1289,7 +1290,19 @@ def write_report(
             lines.append(
                 f"| {d.y} | {d.x} | {_shift_text(d.knock_out)} | {_shift_text(d.knock_in)} | {verdict} |"
             )
-        lines += ["", *notes, "", dependence_power_text(result.dependence, alpha), ""]
+            if d.verdict == UNTESTABLE:
+                notes.append(
+                    f"Untestable: knocking out {d.x} leaves nothing that produces {d.lacks}, which the "
+                    f"condition of {d.y} needs; {d.y} cannot occur in that variant (known before training, "
+                    f"devinterp/language/reachability.py), so its onset there is not 'never learned' and "
+                    f"says nothing about whether learning {d.y} needs {d.x}."
+                )
+        lines += [
+            "",
+            *[line for note in notes for line in (note, "")],
+            dependence_power_text(result.dependence, alpha),
+            "",
+        ]
     lines += mechanism_lines(result.mechanism, variants)
     if result.mechanism:
         figure, route_lines = mechanism_figure(full[0][1], variants, out, source, yardstick)

@@ -11,6 +11,7 @@ naming the file.
 from __future__ import annotations
 
 import fnmatch
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,12 @@ class Timeline:
     def run_name(self) -> str:
         """The run's folder name (the file's name for a timeline outside a run folder)."""
         return self.path.parent.name or self.path.name
+
+    @property
+    def empty_primitives(self) -> dict[str, str]:
+        """Primitives that can never fire in this run's language (devinterp/language/
+        reachability.py), each with the tokens it lacks; empty for timelines written before."""
+        return json.loads(self.meta.get("empty_primitives", "{}"))
 
     @property
     def last_step(self) -> int:

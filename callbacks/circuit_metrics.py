@@ -30,18 +30,21 @@ from lightning.pytorch.utilities import rank_zero_warn
 from callbacks.timeline_writer import TimelineGroup, find_writer, last_step_reached
 from devinterp.attribution import AttributionMetrics, MlpEigenMetrics, RuleAttribution
 from devinterp.errors import at_least, one_of
+from devinterp.language.reachability import reachability
 from devinterp.metrics import Diagnostics, HeadlineMetrics, PairComposition
 from devinterp.schedule import Schedule, is_due
 from devinterp.schema import MetricInfo, pooled_progress
 
 
-def train_infos(label_names: list[str]) -> list[MetricInfo]:
-    """Training-loss metrics: total, then one per primitive (NaN = none of its positions in
-    that step's batch; every one NaN at the last step, whose final weights train on no batch)."""
+def train_infos(label_names: list[str], empty: dict | None = None) -> list[MetricInfo]:
+    """Training-loss metrics: total, then one per primitive that can fire (NaN = none of its
+    positions in that step's batch; every one NaN at the last step, whose final weights train
+    on no batch). A primitive that can never fire (``empty``) has no column."""
     infos = [MetricInfo("train/loss", "train", "all", "all", sparse=True, unit="nats")]
     infos += [
         MetricInfo(f"train_loss/{name}", "train", name, "all", sparse=True, unit="nats")
         for name in label_names[1:]
+        if name not in (empty or {})
     ]
     return infos
 
@@ -106,7 +109,12 @@ class CircuitMetrics(L.Callback):
             )
         language = trainer.datamodule.language
         self.headline = HeadlineMetrics(language, pl_module.cfg.n_ctx)
-        self.train = train_infos(pl_module.label_names)
+        empty = reachability(language).empty if language.primitives else {}
+        self.train = train_infos(pl_module.label_names, empty)
+        # loss_row's columns kept: the total, then each primitive that can fire (the start label,
+        # never predicted, and empty primitives left out)
+        kept = [0] + [i for i, name in enumerate(pl_module.label_names[1:], start=2) if name not in empty]
+        self.train_columns = torch.tensor(kept)
         self.infos = self.headline.infos + self.train
         M = pl_module.cfg.n_members
         writer.declare(TimelineGroup("every_step", self.infos, M, summarize=self.summarize))
@@ -164,7 +172,9 @@ class CircuitMetrics(L.Callback):
         step = trainer.global_step - 1  # the step these weights and this batch belong to
         losses = outputs["loss_row"]  # (member, 1 + n_labels): total, then start, then primitives
         self.last_loss_device = losses.device
-        train = torch.cat([losses[:, :1], losses[:, 2:]], 1).T  # drop the never-predicted start label
+        if self.train_columns.device != losses.device:
+            self.train_columns = self.train_columns.to(losses.device)
+        train = losses[:, self.train_columns].T  # (1 + primitives that can fire, member)
         self._writer.append("every_step", step, torch.cat([self._current, train.to(self._current.dtype)]))
         if last_step_reached(trainer):
             self._measure_final(trainer, pl_module)

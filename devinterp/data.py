@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from devinterp.errors import UsageError, at_least
 from devinterp.language import Language, SpecError, load_language, plogp
 from devinterp.language.corpus import Corpus, is_corpus_path, load_corpus
+from devinterp.language.reachability import emptied_by_knock_out, empty_text, reachability
 
 SAMPLERS = ("numpy", "device")
 
@@ -289,8 +290,14 @@ class ToyLanguageData(L.LightningDataModule):
         else:
             self.language = load_language(Path(language))
         self.language.check_sequence_length(seq_len)
+        full = self.language
         if knockout:
             self.language = self.language.knock_out(list(knockout))
+        if isinstance(full, Language):  # primitives that can never fire, said before training
+            lines = emptied_by_knock_out(full, self.language, list(knockout)) if knockout else []
+            lines = [f"data.knockout: {line}" for line in lines] or empty_text(self.language)
+            for line in lines:
+                print(f"notice: {line}", file=sys.stderr, flush=True)
         self.first_language = self.language.only(list(knockin)) if knockin else None
         if knockin and knockin_steps < 1:
             raise SpecError(f"data.knockin_steps: a knock-in needs at least 1 step, got {knockin_steps}")
@@ -331,17 +338,22 @@ class ToyLanguageData(L.LightningDataModule):
             print(f"notice: {self.language.notice()}", file=sys.stderr, flush=True)
 
     def _probe_sample(self):
-        """``probe_size`` sequences, doubled (up to 16 times as many) until every primitive has
-        at least ``probe_min_positions`` predicted positions in them."""
+        """``probe_size`` sequences, doubled (up to 16 times as many) until every primitive that
+        can fire has at least ``probe_min_positions`` predicted positions in them; one that
+        cannot (devinterp/language/reachability.py) is never looked for."""
         n, cap = self.probe_size, 16 * self.probe_size
+        empty = reachability(self.language).empty
+        possible = np.array([name not in empty for name in self.label_names[1:]])
         while True:
             sample = self.language.sample(n, self.seq_len, seed=self.probe_seed)
             counts = np.bincount(sample.labels[:, 1:].ravel(), minlength=len(self.label_names))[1:]
-            if counts.min() >= self.probe_min_positions or n >= cap:
+            if (counts[possible] >= self.probe_min_positions).all() or n >= cap:
                 break
             n = min(2 * n, cap)
         short = [
-            f"{name} ({c})" for name, c in zip(self.label_names[1:], counts) if c < self.probe_min_positions
+            f"{name} ({c})"
+            for name, c, ok in zip(self.label_names[1:], counts, possible)
+            if ok and c < self.probe_min_positions
         ]
         if short and (self.trainer is None or self.trainer.is_global_zero):
             print(

@@ -24,6 +24,7 @@ from devinterp.errors import ArgumentParser, UsageError
 from devinterp.interventions import parse_interventions
 from devinterp.language import load_language
 from devinterp.language.corpus import is_corpus_path
+from devinterp.language.reachability import emptied_by_knock_out
 
 
 def load_mechanisms(path: str) -> dict[str, list[dict]]:
@@ -66,7 +67,8 @@ def variant_arguments(
 
 
 def check_primitives(config: str, extra: list[str], primitives: list[str]) -> None:
-    """Fail before any run starts if a primitive is not in the language the runs would train on."""
+    """Fail before any run starts if a primitive is not in the language the runs would train on;
+    name each primitive a knock-out would leave unable to fire."""
     try:
         settings = yaml.safe_load(Path(config).read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
@@ -78,12 +80,17 @@ def check_primitives(config: str, extra: list[str], primitives: list[str]) -> No
         language = extra[extra.index("--data.language") + 1]
     if is_corpus_path(language):
         raise UsageError(f"--data.language: {language} is a corpus: it has no primitives to knock out or in")
-    names = load_language(Path(language)).label_names[1:]
+    full = load_language(Path(language))
+    names = full.label_names[1:]
     unknown = [p for p in primitives if p not in names]
     if unknown:
         raise UsageError(
             f"--primitives: {unknown[0]!r} is not a primitive of {language} ({', '.join(names)})"
         )
+    for x in primitives:  # a knock-out that leaves another primitive nothing to fire on, named first
+        if x != names[-1]:  # the fallback: its knock-out is refused by the run itself
+            for line in emptied_by_knock_out(full, full.knock_out([x]), [x]):
+                print(f"notice: {line}", flush=True)
 
 
 def main(argv: list[str]) -> int:

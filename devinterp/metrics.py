@@ -28,6 +28,7 @@ from devinterp import circuits
 from devinterp.baselines import blind_components, pooled_baselines
 from devinterp.language import Language, plogp
 from devinterp.language.primitive import InductionCircuit, TrigramPush
+from devinterp.language.reachability import reachability
 from devinterp.model import ModelConfig, TensorTransformer
 from devinterp.schema import MetricInfo
 
@@ -124,10 +125,13 @@ class HeadlineMetrics:
         entries = []  # (metric, tokens, positions, category_level)
         context_weights: list[float] = []  # how often each context occurs (1 unless counted)
         owners: list[int] = []  # index of each context's primitive
+        # a rule no sequence can fire (devinterp/language/reachability.py) has nothing to learn
+        can_fire = reachability(language).rules if language.primitives else np.zeros(0, dtype=bool)
         for index, primitive in enumerate(language.primitives, start=1):
             by_rule: dict[int, list] = {}
+            first_rule = language.rule_offsets[index - 1]
             for context in primitive.minimal_contexts():
-                if max(context.positions) < n_ctx:
+                if max(context.positions) < n_ctx and can_fire[first_rule + context.rule]:
                     by_rule.setdefault(context.rule, []).append(context)
             for rule, contexts in sorted(by_rule.items()):
                 if primitive.possible_contexts_only:
@@ -306,7 +310,10 @@ class Diagnostics:
             tuple[str, list[str], Tensor, list[int]]
         ] = []  # (primitive, rule names, rules, offsets)
         owners = []  # primitives owning the induction circuit
+        empty = reachability(language).empty if language.primitives else {}
         for p in language.primitives:
+            if p.name in empty:  # no mechanism to diagnose in a primitive that can never fire
+                continue
             for diagnostic in p.weight_diagnostics():
                 if isinstance(diagnostic, TrigramPush):
                     self.pushes.append(

@@ -52,6 +52,30 @@ class RowTable:
 
 
 @dataclass(frozen=True)
+class RuleSupport:
+    """What one rule needs in order to fire and what it can emit, for the fixpoint that finds
+    rules no sequence can ever fire (devinterp/language/reachability.py). The rule can fire only
+    if, for every set in ``needs``, some token of the set can occur; firing, it can put any token
+    of ``emits`` next. Both over-approximate (order, distance and priority are ignored), so a
+    rule found impossible is impossible."""
+
+    needs: tuple[frozenset[int], ...]
+    emits: frozenset[int]
+
+
+def support(row: np.ndarray) -> frozenset[int]:
+    """The tokens a distribution (or a stack of them, their union) gives positive probability."""
+    row = np.asarray(row).reshape(-1, np.asarray(row).shape[-1])
+    return frozenset(np.flatnonzero(row.sum(0) > 0).tolist())
+
+
+def triple_supports(rules: np.ndarray) -> list[RuleSupport]:
+    """Rules (n_rules, 3) of two context tokens and an output (skip-, long-range and token
+    trigrams): each needs both tokens and emits its output."""
+    return [RuleSupport((frozenset({a}), frozenset({b})), frozenset({c})) for a, b, c in rules.tolist()]
+
+
+@dataclass(frozen=True)
 class TrigramPush:
     """A weight diagnostic a primitive asks for: per rule (anchor A, trigger B, output C), the
     z-score of the QK-OV push on C from A against other anchors, and C's rank among the outputs
@@ -202,6 +226,12 @@ class Primitive(ABC):
             elif isinstance(value, RowTable):
                 setattr(moved, key, value.on(xp))
         return moved
+
+    def rule_supports(self) -> list[RuleSupport]:
+        """Per rule, the tokens it needs and may emit (devinterp/language/reachability.py). The
+        default, for a primitive that does not say, needs nothing and may emit any token."""
+        everything = frozenset(range(self.vocab.size))
+        return [RuleSupport((), everything) for _ in self.rule_names]
 
     def minimal_contexts(self) -> list[MinimalContext]:
         """Contexts for the weight-derived headline metric (default: none, probe metrics only)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable
+from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable, RuleSupport, support
 from devinterp.language.spec import Vocab, token_table
 
 
@@ -38,6 +38,9 @@ class Bigram(Primitive):
         current = tokens[:, t]
         rule = self.rule_of_token[current]
         return Firing(fires=rule >= 0, rule=rule, dist=current, table=self.rows)
+
+    def rule_supports(self):
+        return [RuleSupport((frozenset({int(s)}),), support(self.table[s])) for s in self.sources]
 
     def minimal_contexts(self):
         return [MinimalContext(r, (int(s),), (0,)) for r, s in enumerate(self.sources)]

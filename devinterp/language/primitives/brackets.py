@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from devinterp.language.arrays import NUMPY, arrays_of
-from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable
+from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable, RuleSupport, support
 from devinterp.language.spec import SpecError, distribution, require_int, require_probability, token_table
 
 
@@ -128,6 +128,11 @@ class Brackets(Primitive):
             dist=(top * 2 + can_open) * self.vocab.size + current,
             table=self.rows,
         )
+
+    def rule_supports(self):
+        """Pair k needs its open and emits its close, any open (when p_open > 0) and content."""
+        opens = enumerate(self.opens.tolist())
+        return [RuleSupport((frozenset({o}),), support(self.next_inside[k])) for k, o in opens]
 
     def open_positions(self, tokens: np.ndarray) -> np.ndarray:
         """(n, T) tokens -> (n, T): position of the innermost open in force after token t, -1

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from devinterp.language.arrays import arrays_of
-from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable
+from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable, RuleSupport, support
 from devinterp.language.spec import SpecError, Vocab, distribution, require_mapping
 
 
@@ -58,6 +58,14 @@ class CategoryTransition(Primitive):
             dist=current,
             table=self.rows,
         )
+
+    def rule_supports(self):
+        """Category c needs one of its tokens and emits what follows them."""
+        out = []
+        for c in range(len(self.vocab.categories)):
+            members = np.flatnonzero(self.token_category == c)
+            out.append(RuleSupport((frozenset(members.tolist()),), support(self.token_table[members])))
+        return out
 
     def minimal_contexts(self):
         """Every token alone; its category is the rule (contexts another rule claims are dropped)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from devinterp.language.arrays import NUMPY, arrays_of
-from devinterp.language.primitive import Firing, InductionCircuit, MinimalContext, Primitive
+from devinterp.language.primitive import Firing, InductionCircuit, MinimalContext, Primitive, RuleSupport
 from devinterp.language.spec import Vocab
 
 
@@ -47,6 +47,10 @@ class Induction(Primitive):
         copied = follower[rows, current]
         fires = self.eligible[current] & (copied >= 0)
         return Firing(fires=fires, rule=xp.where(fires, 0, -1), dist=copied.clip(min=0))
+
+    def rule_supports(self):
+        """Copying needs an eligible token and emits only tokens already in the context."""
+        return [RuleSupport((frozenset(np.flatnonzero(self.eligible).tolist()),), frozenset())]
 
     def minimal_contexts(self):
         """[x, y, x] for every eligible x and token y (the prediction should be y); the metric

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from devinterp.language.arrays import NUMPY, arrays_of
-from devinterp.language.primitive import Firing, Primitive, QKView
+from devinterp.language.primitive import Firing, Primitive, QKView, triple_supports
 from devinterp.language.spec import SpecError, require_int, token_rules
 
 NEVER = 10**9  # "first seen" position of a cue not yet seen
@@ -60,6 +60,9 @@ class LongRange(Primitive):
         fires = holds.any(axis=1)
         rule = arrays_of(tokens).where(fires, arrays_of(tokens).first_true(holds), -1)
         return Firing(fires=fires, rule=rule, dist=self.rules[rule.clip(min=0), 2])
+
+    def rule_supports(self):
+        return triple_supports(self.rules)
 
     def minimal_contexts(self):
         """None: whether a rule fires depends on the distance from A to B, which the

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from devinterp.language.arrays import NUMPY, arrays_of
-from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable
+from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable, RuleSupport, support
 from devinterp.language.spec import SpecError, distribution, require_probability, token_table
 
 
@@ -76,6 +76,9 @@ class Quote(Primitive):
         inside[:] = (inside & ~closes) | (current == self.open_token)
         xp = arrays_of(tokens)
         return Firing(fires=xp.copy(inside), rule=xp.where(inside, 0, -1), dist=current, table=self.rows)
+
+    def rule_supports(self):
+        return [RuleSupport((frozenset({self.open_token}),), support(self.next_inside))]
 
     def open_positions(self, tokens: np.ndarray) -> np.ndarray:
         """(n, T) tokens -> (n, T): position of the open in force after token t, -1 outside."""

@@ -17,7 +17,14 @@ from __future__ import annotations
 import numpy as np
 
 from devinterp.language.arrays import NUMPY, arrays_of
-from devinterp.language.primitive import Firing, MinimalContext, Primitive, QKView, TrigramPush
+from devinterp.language.primitive import (
+    Firing,
+    MinimalContext,
+    Primitive,
+    QKView,
+    TrigramPush,
+    triple_supports,
+)
 from devinterp.language.spec import SpecError, Vocab, require_int, token_rules
 
 NEVER = -(10**9)  # "last seen" position of an anchor not yet seen
@@ -59,6 +66,9 @@ class SkipTrigram(Primitive):
         is_anchor = current[:, None] == self.anchors[None, :]
         last_seen[:] = arrays_of(tokens).where(is_anchor, t, last_seen)
         return Firing(fires=fires, rule=rule, dist=self.rules[rule.clip(min=0), 2])
+
+    def rule_supports(self):
+        return triple_supports(self.rules)
 
     def minimal_contexts(self):
         """A at offset d before B, the positions between empty, for d = 1..max_skip."""

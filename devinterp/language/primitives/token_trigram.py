@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from devinterp.language.arrays import arrays_of
-from devinterp.language.primitive import Firing, MinimalContext, Primitive, QKView
+from devinterp.language.primitive import Firing, MinimalContext, Primitive, QKView, triple_supports
 from devinterp.language.spec import token_rules
 
 
@@ -52,6 +52,9 @@ class TokenTrigram(Primitive):
         fires = holds.any(axis=1)
         rule = xp.where(fires, xp.first_true(holds), -1)
         return Firing(fires=fires, rule=rule, dist=self.rules[rule.clip(min=0), 2])
+
+    def rule_supports(self):
+        return triple_supports(self.rules)
 
     def minimal_contexts(self):
         """A then B at adjacent positions."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from devinterp.language.arrays import NUMPY, arrays_of
-from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable
+from devinterp.language.primitive import Firing, MinimalContext, Primitive, RowTable, RuleSupport, support
 from devinterp.language.spec import require_mapping, token_table
 
 NONE = -1  # no topic yet
@@ -60,6 +60,16 @@ class Topic(Primitive):
         return Firing(
             fires=fires, rule=rule, dist=topic.clip(min=0) * self.vocab.size + current, table=self.rows
         )
+
+    def rule_supports(self):
+        """Topic r needs its marker and a token with a row in its table."""
+        return [
+            RuleSupport(
+                (frozenset({int(marker)}), frozenset(np.flatnonzero(self.has_row[r]).tolist())),
+                support(self.tables[r]),
+            )
+            for r, marker in enumerate(self.markers)
+        ]
 
     def minimal_contexts(self):
         """The marker, then a token with a row in its table at distance d = 1..8."""
