@@ -7,10 +7,15 @@ expected centred logit over the direct path and every head (devinterp/attributio
   component (so shares lie in [-1, 1], their absolute values sum to 1, and a negative share is
   a component pushing against the rule's output); a primitive's share: the mean over its rules;
   summaries take the median over members;
+- a primitive's *mass*: its rules' summed absolute parts (mean over rules), the size of what is
+  being shared out;
 - a component *serves* a primitive where its share is at least ``threshold`` (0.2 by default:
-  a fifth of the logit's attribution mass); its *reuse index* is how many primitives it serves;
-- it *starts serving* a primitive at the first diagnostics step from which its share stays at or
-  above the threshold to the end of the run (None: it never settles there).
+  a fifth of the logit's attribution mass) *and* the primitive's mass is at least
+  ``MASS_FRACTION`` (10%) of its final mass in that member: early in training every part is
+  tiny and a head can hold a large share of almost nothing (a head "served" induction from step
+  38 against an onset of 432); its *reuse index* is how many primitives it serves;
+- it *starts serving* a primitive at the first diagnostics step from which it serves it to the
+  end of the run (None: it never settles there).
 
 Members are separate models whose heads carry no common labels (member 0's induction head may be
 L1H2, member 1's L1H0), so serving, reuse and onsets are per member; a median over members per
@@ -26,6 +31,7 @@ import numpy as np
 from analysis.timeline import Timeline
 
 THRESHOLD = 0.2
+MASS_FRACTION = 0.1  # serving needs at least this fraction of the primitive's final mass
 
 
 @dataclass(frozen=True)
@@ -34,15 +40,28 @@ class ComponentShares:
     primitives: list[str]
     components: list[str]  # "direct", "L0H0", ...
     shares: np.ndarray  # (N, primitive, component, member)
+    mass: np.ndarray  # (N, primitive, member): the absolute parts' sum, mean over the rules
 
     def median(self) -> np.ndarray:
         """(N, primitive, component): the median over members."""
         return np.median(self.shares, axis=-1)
 
+    def serving(self, threshold: float = THRESHOLD) -> np.ndarray:
+        """(N, primitive, component, member) bool: the share is at least ``threshold`` and the
+        primitive's mass at least MASS_FRACTION of its final mass in that member."""
+        grown = self.mass >= MASS_FRACTION * self.mass[-1:]  # (N, P, M)
+        return (self.shares >= threshold) & grown[:, :, None, :]
 
-def rule_shares(timeline: Timeline) -> tuple[list[str], list[str], np.ndarray] | None:
+    def mass_steps(self, member: int, fractions=(0.1, 0.5, 0.9)) -> list[int]:
+        """Step indices where the member's total mass (over primitives) first reaches each
+        fraction of its final value: the moments the figure shows."""
+        total = self.mass[:, :, member].sum(1)  # (N,)
+        return sorted({int(np.argmax(total >= f * total[-1])) for f in fractions})
+
+
+def rule_shares(timeline: Timeline) -> tuple[list[str], list[str], np.ndarray, np.ndarray] | None:
     """Per rule (not averaged into primitives): rule names (``<primitive>/<rule>``), components,
-    shares (N, rule, component, member); None without the group."""
+    shares (N, rule, component, member) and mass (N, rule, member); None without the group."""
     group = timeline.groups.get("attribution")
     if group is None:
         return None
@@ -57,31 +76,33 @@ def rule_shares(timeline: Timeline) -> tuple[list[str], list[str], np.ndarray] |
     )  # (N, R, C, M)
     mass = np.abs(parts).sum(2, keepdims=True)
     shares = np.divide(parts, mass, out=np.zeros_like(parts), where=mass > 0)
-    return [r.removeprefix("attr/") for r in rules], components, shares
+    return [r.removeprefix("attr/") for r in rules], components, shares, mass[:, :, 0]
 
 
 def component_shares(timeline: Timeline) -> ComponentShares | None:
-    """Shares per primitive and component at every attribution step; None without the group."""
+    """Shares and mass per primitive and component at every attribution step; None without the
+    group."""
     found = rule_shares(timeline)
     if found is None:
         return None
-    rules, components, per_rule = found
-    per_primitive: dict[str, list[np.ndarray]] = {}
+    rules, components, per_rule, rule_mass = found
+    by_primitive: dict[str, list[int]] = {}
     for r, rule in enumerate(rules):
-        per_primitive.setdefault(rule.split("/")[0], []).append(per_rule[:, r])
-    primitives = list(per_primitive)
-    shares = np.stack([np.mean(per_primitive[p], axis=0) for p in primitives], 1)  # (N, P, C, M)
+        by_primitive.setdefault(rule.split("/")[0], []).append(r)
+    primitives = list(by_primitive)
+    shares = np.stack([per_rule[:, by_primitive[p]].mean(1) for p in primitives], 1)  # (N, P, C, M)
+    mass = np.stack([rule_mass[:, by_primitive[p]].mean(1) for p in primitives], 1)  # (N, P, M)
     steps = timeline.groups["attribution"].steps
-    return ComponentShares(steps, primitives, components, shares)
+    return ComponentShares(steps, primitives, components, shares, mass)
 
 
 def reuse_index(
     shares: ComponentShares, member: int, threshold: float = THRESHOLD, at: int = -1
 ) -> dict[str, list[str]]:
     """Component -> the primitives it serves in ``member`` at step index ``at``."""
-    values = shares.shares[at, :, :, member]  # (P, C)
+    serves = shares.serving(threshold)[at, :, :, member]  # (P, C)
     return {
-        c: [p for i, p in enumerate(shares.primitives) if values[i, j] >= threshold]
+        c: [p for i, p in enumerate(shares.primitives) if serves[i, j]]
         for j, c in enumerate(shares.components)
     }
 
@@ -89,12 +110,13 @@ def reuse_index(
 def serving_onsets(
     shares: ComponentShares, member: int, threshold: float = THRESHOLD
 ) -> dict[tuple[str, str], int | None]:
-    """(component, primitive) -> in ``member``, the first step from which the share stays at or
-    above the threshold to the last step; None where it is below at the last step."""
+    """(component, primitive) -> in ``member``, the first step from which the component serves
+    the primitive to the last step; None where it does not serve it at the last step."""
     onsets = {}
+    serving = shares.serving(threshold)
     for i, p in enumerate(shares.primitives):
         for j, c in enumerate(shares.components):
-            above = shares.shares[:, i, j, member] >= threshold
+            above = serving[:, i, j, member]
             if not above[-1]:
                 onsets[c, p] = None
                 continue

@@ -368,25 +368,27 @@ def plot_attribution(
     path: Path,
     whose: str = "member 0",
 ) -> Path:
-    """Primitive x component heatmaps of one member's shares at the step indices ``at``
-    (``median``: (N, primitive, component), values in [-1, 1]; red pushes the rule's output up,
-    blue against it)."""
+    """Primitive x component heatmaps of one member's shares at the step indices ``at``, one
+    panel per row so the text stays readable at any number of heads (``median``: (N, primitive,
+    component), values in [-1, 1]; red pushes the rule's output up, blue against it)."""
     fig, axes = plt.subplots(
-        1,
         len(at),
-        figsize=(0.55 * len(components) * len(at) + 1.5, 0.5 * len(primitives) + 1.6),
+        1,
+        figsize=(0.62 * len(components) + 2.6, (0.42 * len(primitives) + 0.9) * len(at) + 0.6),
         squeeze=False,
     )
-    for ax, index in zip(axes[0], at):
+    for ax, index in zip(axes[:, 0], at):
         image = ax.imshow(median[index], cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-        ax.set_xticks(range(len(components)), components, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(primitives)), primitives, fontsize=7)
-        ax.set_title(f"step {int(steps[index])}", fontsize=8)
+        ax.set_xticks(
+            range(len(components)), components, rotation=90 if len(components) > 12 else 0, fontsize=9
+        )
+        ax.set_yticks(range(len(primitives)), primitives, fontsize=9)
+        ax.set_title(f"step {int(steps[index])}", fontsize=10, loc="left")
         for (i, j), value in np.ndenumerate(median[index]):
             if abs(value) >= 0.1:
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=5)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of the rule's attribution mass")
-    fig.suptitle(f"which components carry each primitive (exact attribution, {whose})", fontsize=9)
+                ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=axes[:, 0].tolist(), shrink=0.9, label="share of the rule's attribution mass")
+    fig.suptitle(f"which components carry each primitive (exact attribution, {whose})", fontsize=10)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -16,7 +16,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from analysis.attribution import component_shares, reused_heads, rule_shares, source_shares, top_heads
+from analysis.attribution import (
+    MASS_FRACTION,
+    component_shares,
+    reused_heads,
+    rule_shares,
+    source_shares,
+    top_heads,
+)
 from analysis.dependence import (
     UNTESTABLE,
     Dependence,
@@ -347,14 +354,13 @@ def attribution_section(
     if shares is None or not len(shares.steps):
         return [], []
     M = shares.shares.shape[-1]
-    moving = np.flatnonzero(np.abs(shares.shares[..., 0]).sum((1, 2)) > 0)
-    first = int(moving[0]) if len(moving) else 0
+    member = min(member, M - 1)
     log_steps = np.log(shares.steps + 1.0)
-    middle = int(np.argmin(np.abs(log_steps - (log_steps[first] + log_steps[-1]) / 2)))
-    at = sorted({first, middle, len(shares.steps) - 1})
+    # where the member's attribution mass first reaches 10, 50 and 90% of its final value, and
+    # the end: the moments the components take over, not two all-direct panels at the start
+    at = sorted({*shares.mass_steps(member), len(shares.steps) - 1})
     if at_steps:  # the steps asked for (--steps), each at the nearest attribution row in log-step
         at = sorted({int(np.argmin(np.abs(log_steps - np.log(step + 1.0)))) for step in at_steps})
-    member = min(member, M - 1)
     figure = plot_attribution(
         shares.steps,
         shares.primitives,
@@ -374,7 +380,11 @@ def attribution_section(
         "as shares of its attribution mass (the parts' absolute values sum to 1; negative: against the "
         f"output), at step {int(shares.steps[-1])}. Heads carry no common labels across members, so the "
         "top head is found in each member. A component serves a primitive at a share of at least "
-        f"{threshold}.",
+        f"{threshold} once the primitive's mass (its parts' absolute sum) is at least "
+        f"{MASS_FRACTION:.0%} of its final mass in that member (a large share of a tiny mass early "
+        "in training is not yet a mechanism). attribution.png shows member "
+        f"{member} where its mass first reaches 10, 50 and 90% of the final value, and at the end"
+        + (" (here at the steps asked for)." if at_steps else "."),
         "",
         "| primitive | direct share (median) | top head's share (median) | its layer: members | "
         "members whose top head serves it |",
@@ -459,7 +469,7 @@ def shared_output_lines(timeline: Timeline, threshold: float = 0.2) -> list[str]
     language = run_language(timeline)
     if found is None or language is None:
         return []
-    rules, components, shares = found
+    rules, components, shares, _ = found
     cfg = model_config(timeline)
     attribution = RuleAttribution(language, cfg)
     outputs = (attribution.average @ attribution.readout).argmax(-1).tolist()  # (R,) each rule's top output

@@ -29,9 +29,10 @@ def random_model(positions="rope", attention="bilinear", n_layers=2, n_heads=2, 
         attention=attention,
     )
     model = TensorTransformer(cfg, seed=seed).double()
+    generator = torch.Generator().manual_seed(seed)  # not the global RNG: the same model in any test order
     with torch.no_grad():
-        model.W_O.normal_()
-        model.W_U.normal_()
+        model.W_O.normal_(generator=generator)
+        model.W_U.normal_(generator=generator)
     return model
 
 
@@ -292,6 +293,34 @@ def test_shares_reuse_and_serving_onsets_recover_a_planted_history():
     assert reused[0].member == 0 and reused[0].component == "L1H0"
     assert reused[0].onsets == {"bigram": 80, "induction": 40}
     assert top_heads(shares)[:, 0].tolist() == [1, 2]  # bigram: L0H0; induction: L1H0
+
+
+def test_a_large_share_of_a_tiny_mass_does_not_serve():
+    """Planted: L1H0 holds all of a rule's logit while the logit is 1% of its final size (steps
+    0-50), then a third of it once L0H0 has grown the logit (step 60 on). It serves from 60, not
+    from 0; the figure's default steps are where the mass reaches 10, 50 and 90% of the end."""
+    from pathlib import Path
+
+    from analysis.attribution import component_shares, serving_onsets
+    from analysis.timeline import Group, Timeline
+    from devinterp.schema import MetricInfo
+
+    steps = np.arange(0, 120, 10)
+    grown = np.clip((steps - 50) / 40, 0, 1)  # L0H0's part: 0 until 50, 1 from 90 on
+    parts = {"direct": 0 * grown, "L0H0": grown, "L1H0": np.where(steps >= 60, 0.5, 0.015)}
+    columns = [np.repeat(v[:, None], 2, 1) for v in parts.values()]
+    infos = tuple(MetricInfo(f"attr/skip/r/{c}", "diagnostic", "skip", "r") for c in parts)
+    group = Group(steps, np.stack(columns, 1), infos)
+    shares = component_shares(Timeline(Path("s.h5"), {"attribution": group}, {}, ("start", "skip")))
+    assert shares.shares[0, 0, 2, 0] == pytest.approx(1.0)  # the whole of almost nothing
+    assert shares.mass[-1, 0, 0] == pytest.approx(1.5) and shares.mass[0, 0, 0] == pytest.approx(0.015)
+    assert serving_onsets(shares, member=0)["L1H0", "skip"] == 60
+    total = shares.mass[:, 0, 0]
+    at = shares.mass_steps(0)
+    assert [int(steps[i]) for i in at] == sorted(
+        {int(steps[np.argmax(total >= f * 1.5)]) for f in (0.1, 0.5, 0.9)}
+    )
+    assert total[at[0]] >= 0.15 and total[at[0] - 1] < 0.15
 
 
 def test_the_mlp_interaction_matrix_reads_the_mlp_on_embeddings():
