@@ -9,7 +9,9 @@ snapshot step, as a function of log(step + 1). It is smoothed with a Gaussian ke
 fine), and a *critical point* is where its derivative in log-step changes sign: a peak (rising
 then falling) or a trough, if the curve moves by at least ``PROMINENCE`` of its range between
 it and its neighbouring turns. Snapshots whose estimate is negative (the chains fell below L(w*): not
-at a minimum) are left out of the curve, never smoothed into it.
+at a minimum) are left out of the curve, never smoothed into it. The smoothed curve exists only
+where ``MIN_POINTS`` snapshots lie within the kernel's window, so three snapshots over a whole
+run give no smoothed curve and no critical point, only the points themselves.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from devinterp.llc import reportable
 
 SMOOTH = 0.3  # log-steps: the Gaussian kernel's standard deviation
+MIN_POINTS = 3  # points the smoother needs within its window (2 SMOOTH either side)
 PROMINENCE = 0.1  # a turn must rise or fall by this share of the curve's range on either side
 FILENAME = "llc.h5"
 
@@ -50,14 +53,20 @@ def load_llc(run: str | Path) -> dict[str, dict[str, np.ndarray]]:
 
 def smoothed(steps: np.ndarray, values: np.ndarray, width: float = SMOOTH, n_grid: int = 200):
     """(grid steps, smoothed values) of a curve (steps (N,), values (N,)) on an even log-step grid
-    spanning the finite points; a kernel-weighted mean of the points."""
+    spanning the finite points; a kernel-weighted mean of the points. NaN where fewer than
+    ``MIN_POINTS`` points lie within the kernel's window (2 ``width`` either side): a smoother
+    drawn through sparser points invents turns the data cannot show."""
     ok = np.isfinite(values)
     x, y = np.log1p(np.asarray(steps, dtype=np.float64)[ok]), np.asarray(values, dtype=np.float64)[ok]
-    if len(x) < 3:
+    if len(x) < MIN_POINTS:
         return np.zeros(0), np.zeros(0)
     grid = np.linspace(x.min(), x.max(), n_grid)
     weights = np.exp(-0.5 * ((grid[:, None] - x[None]) / width) ** 2)
-    return np.expm1(grid), (weights * y).sum(axis=1) / weights.sum(axis=1)
+    curve = (weights * y).sum(axis=1) / weights.sum(axis=1)
+    enough = (np.abs(grid[:, None] - x[None]) <= 2 * width).sum(axis=1) >= MIN_POINTS
+    if not enough.any():
+        return np.zeros(0), np.zeros(0)
+    return np.expm1(grid), np.where(enough, curve, np.nan)
 
 
 def critical_points(
@@ -67,6 +76,15 @@ def critical_points(
     keeping only turns that rise or fall by at least ``prominence`` times the curve's range on
     either side (smaller wiggles are noise left over by the smoothing)."""
     grid, curve = smoothed(steps, values, width)
+    found = []
+    finite = np.concatenate([[False], np.isfinite(curve), [False]]).astype(int)
+    for start, stop in zip(np.flatnonzero(np.diff(finite) == 1), np.flatnonzero(np.diff(finite) == -1)):
+        found += _turns(name, grid[start:stop], curve[start:stop], prominence)  # each dense stretch alone
+    return found
+
+
+def _turns(name: str, grid: np.ndarray, curve: np.ndarray, prominence: float) -> list[CriticalPoint]:
+    """The prominent turns of one stretch of smoothed curve."""
     if len(curve) < 3:
         return []
     slope = np.diff(curve)

@@ -12,6 +12,7 @@ import matplotlib.colors  # noqa: E402
 import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from analysis.onset import Onset  # noqa: E402
 
@@ -451,7 +452,8 @@ def plot_llc(
     path: Path,
     title: str,
 ) -> Path:
-    """LLC per refinement against step (members thin, median bold, the smoothed median dotted),
+    """LLC per refinement against step (members thin, median bold, the smoothed median dotted
+    where enough snapshots lie within the smoother's window),
     one panel for the whole model and the primitives, one for the heads; primitives' median
     onsets dashed. ``curves``: refinement -> (steps (snapshot,), llc (snapshot, member), (grid
     steps, smoothed) stacked (2, grid))."""
@@ -488,6 +490,7 @@ def plot_llc(
             if formed:
                 ax.axvline(np.median(formed) + 1, color=color, linewidth=0.8, linestyle="--")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a short log axis
         ax.set_xlabel("step + 1")
         ax.set_ylabel("LLC estimate")
         ax.set_ylim(0, 1.4 * top if top > 0 else None)

@@ -995,7 +995,14 @@ def llc_section(
 ) -> tuple[list[str], list[Path]]:
     """The run's LLC estimates (``RUN/llc.h5``, from ``devinterp llc``): curves, their critical
     points beside the primitives' onsets, and the chains that went wrong."""
-    from analysis.learning_coefficient import SMOOTH, critical_points, load_llc, median_curve, smoothed
+    from analysis.learning_coefficient import (
+        MIN_POINTS,
+        SMOOTH,
+        critical_points,
+        load_llc,
+        median_curve,
+        smoothed,
+    )
 
     path = timeline.path.parent / "llc.h5"
     if not path.exists():
@@ -1011,8 +1018,10 @@ def llc_section(
         "",
         f"Local learning coefficients from {path.name} (devinterp llc): the median over members per "
         f"snapshot (estimates below 0, where the chains fell below L(w*), left out), smoothed over "
-        f"{SMOOTH} log-steps; critical points are where the smoothed curve turns (Hoogland et al. 2024), "
-        "each beside the nearest primitive onset (log-steps).",
+        f"{SMOOTH} log-steps where at least {MIN_POINTS} snapshots lie within {2 * SMOOTH:g} log-steps "
+        "(elsewhere there is no smoothed curve: too few points to show a turn); critical points are "
+        "where the smoothed curve turns (Hoogland et al. 2024), each beside the nearest primitive onset "
+        "(log-steps).",
         "",
         "| refinement | snapshots | last step: median [IQR] | estimates below 0 | chains diverged | critical "
         "points (step: nearest onset) |",

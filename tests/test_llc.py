@@ -499,6 +499,21 @@ def test_critical_points_of_a_planted_llc_curve():
         assert abs(math.log1p(point.step) - math.log1p(want)) < 0.1, (point, want)
 
 
+def test_no_smoothed_curve_or_turn_through_fewer_points_than_the_window():
+    """Three snapshots over a run (a peak in the middle one) give no smoothed curve and no
+    critical point: the smoother's window (2 x 0.3 log-steps either side) never holds 3 points.
+    With a dense stretch, the curve exists there and nowhere else."""
+    from analysis.learning_coefficient import critical_points, smoothed
+
+    steps, values = np.array([0, 30, 1000]), np.array([1.0, 5.0, 2.0])
+    assert smoothed(steps, values)[0].size == 0 and critical_points("model", steps, values) == []
+    dense = np.round(np.expm1(np.linspace(math.log1p(100), math.log1p(300), 9)))
+    steps = np.concatenate([[0, 5], dense])
+    grid, curve = smoothed(steps, np.ones(len(steps)))
+    drawn = grid[np.isfinite(curve)]
+    assert drawn.min() >= 60 and drawn.max() == pytest.approx(300)  # only about the dense stretch
+
+
 def test_calibration_flags_name_what_went_wrong():
     from types import SimpleNamespace
 
