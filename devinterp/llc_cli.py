@@ -31,6 +31,7 @@ import numpy as np
 from devinterp.errors import ArgumentParser
 
 FILENAME = "llc.h5"
+TIMING_STEPS = 8  # SGLD steps timed before the work starts, for the "about N min" line
 EPS_COMPARE = (
     "eps sets the discretisation, not the target: estimates at different eps compare only where the "
     "chains of both reached equilibrium (--calibrate flags those too short or not levelled off)"
@@ -211,6 +212,20 @@ def main(argv: list[str]) -> int:
         file=sys.stderr,
     )
     steps_each = sampler.burn_in + sampler.draws * sampler.steps_between_draws
+    if todo:  # about how long, from a few SGLD steps of the first estimate, before the work starts
+        timed = replace(sampler, burn_in=0, draws=TIMING_STEPS, steps_between_draws=1)
+        step, refinement = todo[0]
+        started = time.time()
+        snapshot_llc(
+            timeline.meta["config"], timeline.snapshot(slots[step])[1], refinement, timed, members, pool,
+            args.batch_size, args.seed, device=args.device,
+        )  # fmt: skip
+        seconds = (time.time() - started) / TIMING_STEPS * steps_each * len(todo)
+        print(
+            f"llc: about {seconds / 60:.1f} min for all {len(todo)} (timed on {TIMING_STEPS} SGLD steps of "
+            f"the first; {steps_each} steps each)",
+            file=sys.stderr,
+        )
     with progress_bar(len(todo) * steps_each) as bar:
         for k, (step, refinement) in enumerate(todo):
             started = time.time()

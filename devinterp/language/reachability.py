@@ -67,8 +67,9 @@ def _why(language: Language, rules: list, can_occur: np.ndarray) -> str:
 
 def empty_text(language: Language) -> list[str]:
     """One line per empty primitive of ``language``: what it needs that nothing produces."""
+    where = language.source or language.name
     return [
-        f"{name} can never fire: its condition needs {tokens}, which no rule of {language.source or language.name} produces"
+        f"{name} can never fire: its condition needs {tokens}, which no rule of {where} produces"
         for name, tokens in reachability(language).empty.items()
     ]
 
