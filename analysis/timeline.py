@@ -76,6 +76,19 @@ class Timeline:
         """The run's folder name (the file's name for a timeline outside a run folder)."""
         return self.path.parent.name or self.path.name
 
+    def to_xarray(self, group: str, names: str = "*"):
+        """The group's metrics matching ``names`` as an xarray DataArray (step, metric, member),
+        read from this timeline's file (analysis/frames.py)."""
+        from analysis.frames import to_xarray
+
+        return to_xarray(self.path, group, names)
+
+    def to_dataframe(self, group: str, names: str = "*"):
+        """The long form (step, metric, member, value, metric infos) as a pandas DataFrame."""
+        from analysis.frames import to_dataframe
+
+        return to_dataframe(self.path, group, names)
+
     @property
     def empty_primitives(self) -> dict[str, str]:
         """Primitives that can never fire in this run's language (devinterp/language/
@@ -185,7 +198,9 @@ def _strings(dataset) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in dataset[()]]
 
 
-def _read_group(f: h5py.File, name: str, path: Path) -> Group:
+def _read_group(f: h5py.File, name: str, path: Path, pattern: str = "*") -> Group:
+    """One group's committed rows; with ``pattern`` (a glob on metric names) only the matching
+    metrics' columns are read from the file."""
     g = f[name]
     for key in ("step", "values", "names", "committed", "metric_info"):
         if key not in g:
@@ -215,15 +230,33 @@ def _read_group(f: h5py.File, name: str, path: Path) -> Group:
         infos = tuple(MetricInfo(n_, **{k: columns[k][i] for k in INFO_FIELDS}) for i, n_ in enumerate(names))
     except ValueError as error:
         raise TimelineError(f"{path}: group {name!r}: {error}") from None
-    values = g["values"][:n]
-    if values.shape[1] != len(names):
+    if g["values"].shape[1] != len(names):
         raise TimelineError(
-            f"{path}: group {name!r} has {values.shape[1]} value columns for {len(names)} names"
+            f"{path}: group {name!r} has {g['values'].shape[1]} value columns for {len(names)} names"
         )
+    if pattern == "*":
+        values = g["values"][:n]
+    else:
+        chosen = [i for i, metric in enumerate(names) if fnmatch.fnmatchcase(metric, pattern)]
+        infos = tuple(infos[i] for i in chosen)
+        values = g["values"][:n, chosen] if chosen else np.zeros((n, 0, g["values"].shape[2]))
     steps = g["step"][:n]
     if n > 1 and not np.all(np.diff(steps) > 0):
         raise TimelineError(f"{path}: group {name!r}: steps are not increasing")
     return Group(steps=steps, values=values, infos=infos)
+
+
+def read_group(path: str | Path, group: str, pattern: str = "*") -> Group:
+    """The committed rows of one group's metrics matching ``pattern``, read from the file (only
+    those columns): what ``analysis.frames`` labels."""
+    path = Path(path)
+    if not path.is_file():
+        raise TimelineError(f"{path}: no such timeline file")
+    with open_timeline(path) as f:
+        if group not in f or not f[group].attrs.get(GROUP_MARKER):
+            known = sorted(n for n, g in f.items() if isinstance(g, h5py.Group) and g.attrs.get(GROUP_MARKER))
+            raise TimelineError(f"{path}: no metric group {group!r} (groups: {', '.join(known)})")
+        return _read_group(f, group, path, pattern)
 
 
 def load_timeline(path: str | Path) -> Timeline:

@@ -322,6 +322,35 @@ def test_load_timeline_reads_committed_rows_and_progress(tmp_path):
     assert len(load_timeline(path).steps("every_step")) == 7
 
 
+def test_a_group_as_labelled_data_reads_only_the_chosen_committed_metrics(tmp_path):
+    import analysis.frames as frames
+
+    path = fit(tmp_path, 12)
+    timeline = load_timeline(path)
+    curves = frames.to_xarray(path, "every_step", "skip_trigram/*/kl")
+    assert curves.dims == ("step", "metric", "member") and curves.shape == (13, 4, 2)
+    assert list(curves.metric.values) == timeline.names("skip_trigram/*/kl")
+    assert set(curves.primitive.values) == {"skip_trigram"} and set(curves.kind.values) == {"weight"}
+    for name in timeline.names("skip_trigram/*/kl"):  # the same numbers as the reader's
+        np.testing.assert_array_equal(curves.sel(metric=name).values, timeline.values(name))
+    np.testing.assert_array_equal(curves.step.values, timeline.steps("every_step"))
+    assert curves.sel(metric=timeline.names("skip_trigram/*/kl")[0]).blind.item() == pytest.approx(
+        timeline.info(timeline.names("skip_trigram/*/kl")[0]).blind
+    )
+    frame = frames.to_dataframe(path, "probe", "probe_excess/bigram")
+    assert list(frame.columns[:4]) == ["step", "metric", "member", "value"] and len(frame) == 4 * 2
+    member_1 = frame[frame.member == 1].sort_values("step")
+    np.testing.assert_array_equal(member_1.value, timeline.values("probe_excess/bigram")[:, 1])
+    with h5py.File(path, "r+") as f:  # a killed writer: rows past the last commit are not read
+        f["every_step/committed"][0] = 7
+        f["every_step/values"][:, 0] = np.nan  # a column not asked for: never read
+    again = frames.to_xarray(path, "every_step", "skip_trigram/*/kl")
+    assert again.shape == (7, 4, 2) and np.isfinite(again.values).all()
+    with pytest.raises(TimelineError, match="no metric group 'nope'"):
+        frames.to_xarray(path, "nope")
+    assert timeline.to_xarray("every_step", "skip_trigram/*/kl").shape == (7, 4, 2)  # from a Timeline
+
+
 def killed_before_swmr(path) -> None:
     """A file whose writer was SIGKILLed after creating it, before switching to SWMR (what a
     version that named the timeline before its SWMR switch left on an early kill)."""
