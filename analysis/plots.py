@@ -377,6 +377,7 @@ def plot_attribution(
         1,
         figsize=(0.62 * len(components) + 2.6, (0.42 * len(primitives) + 0.9) * len(at) + 0.6),
         squeeze=False,
+        layout="constrained",
     )
     for ax, index in zip(axes[:, 0], at):
         image = ax.imshow(median[index], cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
