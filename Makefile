@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # pip never pulls a multi-GB CUDA build on a CPU machine. GPU users install their own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test test-slow lint bench bench-llc-env gpu-check install clean
+.PHONY: run test test-slow lint bench bench-llc-env gpu-check docs install clean
 
 $(BIN)/devinterp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# the documentation site from docs/ into site/ (offline; --strict: a broken link or a missing page fails)
+docs: install
+	$(BIN)/pip install -q -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 test-slow: install
 	WANDB_MODE=offline $(BIN)/python -m pytest -q -m slow
 
@@ -51,4 +56,4 @@ bench-llc-env: .venv-devinterp/bin/python
 	.venv-devinterp/bin/pip install -q -r bench/requirements-devinterp.txt
 
 clean:
-	rm -rf $(VENV) .venv-devinterp runs
+	rm -rf $(VENV) .venv-devinterp runs site

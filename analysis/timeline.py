@@ -101,6 +101,7 @@ class Timeline:
         return int(max(g.steps.max() for g in self.groups.values() if len(g.steps)))
 
     def group_of(self, name: str) -> str:
+        """The cadence group holding metric ``name`` (KeyError naming the file if none does)."""
         for group_name, group in self.groups.items():
             if name in group.names:
                 return group_name
@@ -112,10 +113,12 @@ class Timeline:
         return [n for g in groups for n in g.names if fnmatch.fnmatchcase(n, pattern)]
 
     def steps(self, name_or_group: str) -> np.ndarray:
+        """(N,) the steps of a group's rows, or of the group holding a metric."""
         group = name_or_group if name_or_group in self.groups else self.group_of(name_or_group)
         return self.groups[group].steps
 
     def info(self, name: str) -> MetricInfo:
+        """A metric's attributes: kind, primitive, rule, its yardsticks (devinterp/schema.py)."""
         group = self.groups[self.group_of(name)]
         return group.infos[group.names.index(name)]
 

@@ -1,5 +1,5 @@
-"""TimelineWriter: every metric row of a run in one HDF5 file (README, "Reading the timeline";
-the layout is in devinterp/schema.py, the design in docs/architecture.md).
+"""TimelineWriter: every metric row of a run in one HDF5 file (docs/guides/training.md, "Reading the
+timeline"; the layout is in devinterp/schema.py, the design in docs/architecture.md).
 
 One-way data flow. A producer (CircuitMetrics, ProbeMetrics, or any callback that writes a
 group) declares its groups in its ``setup`` (``declare(TimelineGroup(...))``) and hands every

@@ -15,7 +15,7 @@ the rank of the output; previous-token score of layer-0 heads; sign-aware copyin
 last-layer heads; Q/K/V composition between layers and one combined induction-circuit score;
 per-head QK and OV norms and effective ranks; MLP contribution to the direct path; total norm.
 
-Names follow the README ("What is measured"): ``<primitive>/<rule>/<metric>``.
+Names follow docs/guides/training.md ("What is measured"): ``<primitive>/<rule>/<metric>``.
 """
 
 from __future__ import annotations

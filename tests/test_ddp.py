@@ -95,7 +95,7 @@ def free_port() -> int:
 
 
 def test_processes_started_from_outside_train_what_one_process_trains(tmp_path):
-    """The README's multi-node recipe on one machine: two processes standing in for two nodes
+    """The multi-node recipe (docs/guides/scaling.md) on one machine: two processes standing in for two nodes
     (MASTER_ADDR 127.0.0.1, NODE_RANK 0 and 1, one device each) started by hand; the torchrun
     line; and two tasks as srun starts them (SLURM's variables). Each makes one run folder,
     written by rank zero alone, equal to one process's run."""

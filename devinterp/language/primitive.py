@@ -23,7 +23,7 @@ from devinterp.language.spec import SpecError, Vocab, check_keys, require_probab
 class MinimalContext:
     """The fewest visible tokens that make one rule fire, with their positions; positions not
     listed are empty (zero embedding). The weight-derived headline metric contracts the weights
-    with exactly these one-hot tokens (README, "What is measured")."""
+    with exactly these one-hot tokens (docs/guides/training.md, "What is measured")."""
 
     rule: int  # index into the primitive's rule_names
     tokens: tuple[int, ...]
