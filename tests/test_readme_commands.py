@@ -4,6 +4,7 @@ smaller model, fewer SGLD draws). A README command that stops working fails here
 
 import re
 import shlex
+import shutil
 
 from devinterp.cli import main
 from tests.conftest import ROOT
@@ -55,8 +56,9 @@ def test_the_readme_shows_the_day_to_day_commands():
 
 
 def test_every_readme_command_runs_at_a_tiny_size(tmp_path, monkeypatch, capsys):
-    for shared in ("configs", "docs"):
-        (tmp_path / shared).symlink_to(ROOT / shared)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")  # read only
+    (tmp_path / "docs" / "texts").mkdir(parents=True)  # fit-text writes its spec beside the text
+    shutil.copy(ROOT / "docs" / "texts" / "harbour.txt", tmp_path / "docs" / "texts")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     for argv in readme_commands():
@@ -68,3 +70,5 @@ def test_every_readme_command_runs_at_a_tiny_size(tmp_path, monkeypatch, capsys)
     assert (tmp_path / "runs" / "quickstart" / "analysis" / "report.md").is_file()
     assert (tmp_path / "runs" / "quickstart" / "llc.h5").is_file()
     assert (tmp_path / "runs" / "dependence" / "knockout-bigram" / "timeline.h5").is_file()
+    assert (tmp_path / "docs" / "texts" / "harbour.yaml").is_file()  # in the temp folder, not the repo
+    assert not (ROOT / "docs" / "texts" / "harbour.yaml").exists()
