@@ -32,6 +32,7 @@ from analysis.timeline import Timeline
 
 THRESHOLD = 0.2
 MASS_FRACTION = 0.1  # serving needs at least this fraction of the primitive's final mass
+FIGURE_FRACTIONS = (0.1, 0.5, 0.9)  # attribution.png shows where the mass first reaches these
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class ComponentShares:
         grown = self.mass >= MASS_FRACTION * self.mass[-1:]  # (N, P, M)
         return (self.shares >= threshold) & grown[:, :, None, :]
 
-    def mass_steps(self, member: int, fractions=(0.1, 0.5, 0.9)) -> list[int]:
+    def mass_steps(self, member: int, fractions=FIGURE_FRACTIONS) -> list[int]:
         """Step indices where the member's total mass (over primitives) first reaches each
         fraction of its final value: the moments the figure shows."""
         total = self.mass[:, :, member].sum(1)  # (N,)

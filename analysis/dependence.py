@@ -189,12 +189,14 @@ def dependence(
     runs_empty = {name for t in runs.values() for name in t.empty_primitives}
     results = []
     for x, kinds in by_x.items():
-        emptied_here = [y for y in emptied.get(x, {}) if y not in full_onsets and y not in runs_empty]
-        for y in list(full_onsets) + emptied_here:  # an emptied Y, even one the yardstick cannot measure
+        # Y that this knock-out (not the full language already) leaves unable to fire, with the
+        # tokens it lacks: listed even where the yardstick cannot measure Y in the full run
+        untestable = {y: lacks for y, lacks in emptied.get(x, {}).items() if y not in runs_empty}
+        for y in list(full_onsets) + [y for y in untestable if y not in full_onsets]:
             if y == x:
                 continue
-            if y in emptied.get(x, {}) and y not in runs_empty:
-                results.append(Dependence(y, x, None, None, UNTESTABLE, lacks=emptied[x][y]))
+            if y in untestable:
+                results.append(Dependence(y, x, None, None, UNTESTABLE, lacks=untestable[y]))
                 continue
             shifts = {}
             for kind, pairs in kinds.items():

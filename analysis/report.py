@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from analysis.attribution import (
+    FIGURE_FRACTIONS,
     MASS_FRACTION,
     component_shares,
     reused_heads,
@@ -356,7 +357,7 @@ def attribution_section(
     M = shares.shares.shape[-1]
     member = min(member, M - 1)
     log_steps = np.log(shares.steps + 1.0)
-    # where the member's attribution mass first reaches 10, 50 and 90% of its final value, and
+    # where the member's attribution mass first reaches FIGURE_FRACTIONS of its final value, and
     # the end: the moments the components take over, not two all-direct panels at the start
     at = sorted({*shares.mass_steps(member), len(shares.steps) - 1})
     if at_steps:  # the steps asked for (--steps), each at the nearest attribution row in log-step
@@ -372,6 +373,8 @@ def attribution_section(
     )
     final = shares.shares[-1]  # (P, C, M)
     top = top_heads(shares)  # (P, M)
+    *first, last = FIGURE_FRACTIONS
+    fractions = ", ".join(f"{100 * f:.0f}" for f in first) + f" and {last:.0%}"  # "10, 50 and 90%"
     lines = [
         "## Components (exact attribution)",
         "",
@@ -383,7 +386,7 @@ def attribution_section(
         f"{threshold} once the primitive's mass (its parts' absolute sum) is at least "
         f"{MASS_FRACTION:.0%} of its final mass in that member (a large share of a tiny mass early "
         "in training is not yet a mechanism). attribution.png shows member "
-        f"{member} where its mass first reaches 10, 50 and 90% of the final value, and at the end"
+        f"{member} where its mass first reaches {fractions} of the final value, and at the end"
         + (" (here at the steps asked for)." if at_steps else "."),
         "",
         "| primitive | direct share (median) | top head's share (median) | its layer: members | "

@@ -109,7 +109,7 @@ class CircuitMetrics(L.Callback):
             )
         language = trainer.datamodule.language
         self.headline = HeadlineMetrics(language, pl_module.cfg.n_ctx)
-        empty = reachability(language).empty if language.primitives else {}
+        empty = reachability(language).empty
         self.train = train_infos(pl_module.label_names, empty)
         # loss_row's columns kept: the total, then each primitive that can fire (the start label,
         # never predicted, and empty primitives left out)

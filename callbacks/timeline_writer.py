@@ -63,7 +63,6 @@ import devinterp
 from analysis.timeline import TimelineError, open_timeline
 from callbacks.thread_tuning import ThreadTuning
 from devinterp.errors import UsageError, at_least
-from devinterp.language import Language
 from devinterp.language.reachability import reachability
 from devinterp.model import PARAMETER_AXES
 from devinterp.schema import GROUP_MARKER, INFO_FIELDS, SCHEMA_VERSION, VALUES_AXES, MetricInfo
@@ -295,8 +294,7 @@ class TimelineWriter(L.Callback):
         meta["compute"] = in_force(tuners[0].candidates if tuners else None)  # threads, wait policy
         # primitives that can never fire in this (possibly knocked-out) language: analyses leave
         # them out with this reason instead of reading their absent metrics as not learned
-        empty = reachability(language).empty if isinstance(language, Language) else {}
-        meta["empty_primitives"] = json.dumps(empty)
+        meta["empty_primitives"] = json.dumps(reachability(language).empty)
         truth = f.create_group("ground_truth")
         truth["vocab"] = _strings(language.vocab.tokens).astype(STRING)
         truth["categories"] = _strings(language.vocab.categories).astype(STRING)

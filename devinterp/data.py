@@ -293,11 +293,10 @@ class ToyLanguageData(L.LightningDataModule):
         full = self.language
         if knockout:
             self.language = self.language.knock_out(list(knockout))
-        if isinstance(full, Language):  # primitives that can never fire, said before training
-            lines = emptied_by_knock_out(full, self.language, list(knockout)) if knockout else []
-            lines = [f"data.knockout: {line}" for line in lines] or empty_text(self.language)
-            for line in lines:
-                print(f"notice: {line}", file=sys.stderr, flush=True)
+        # primitives that can never fire, said before training
+        lines = emptied_by_knock_out(full, self.language, list(knockout)) if knockout else []
+        for line in [f"data.knockout: {line}" for line in lines] or empty_text(self.language):
+            print(f"notice: {line}", file=sys.stderr, flush=True)
         self.first_language = self.language.only(list(knockin)) if knockin else None
         if knockin and knockin_steps < 1:
             raise SpecError(f"data.knockin_steps: a knock-in needs at least 1 step, got {knockin_steps}")

@@ -126,7 +126,7 @@ class HeadlineMetrics:
         context_weights: list[float] = []  # how often each context occurs (1 unless counted)
         owners: list[int] = []  # index of each context's primitive
         # a rule no sequence can fire (devinterp/language/reachability.py) has nothing to learn
-        can_fire = reachability(language).rules if language.primitives else np.zeros(0, dtype=bool)
+        can_fire = reachability(language).rules
         for index, primitive in enumerate(language.primitives, start=1):
             by_rule: dict[int, list] = {}
             first_rule = language.rule_offsets[index - 1]
@@ -204,7 +204,7 @@ class HeadlineMetrics:
                 }
             )
         knock_out, blind, blind_from, mass = self._baselines(
-            language, n_ctx, infos, tokens, live, owners, category_level, category_onehot
+            language, n_ctx, infos, tokens, live, true_next, owners, category_level, category_onehot
         )
         self.infos = [
             MetricInfo(
@@ -223,9 +223,12 @@ class HeadlineMetrics:
             for m, i in enumerate(infos)
         ]
 
-    def _baselines(self, language, n_ctx, infos, tokens, live, owners, category_level, category_onehot):
+    def _baselines(
+        self, language, n_ctx, infos, tokens, live, true_next, owners, category_level, category_onehot
+    ):
         """Per metric, its knock-out and blind baselines (devinterp/baselines.py) over its contexts
-        with their weights, and its mass (its rule's positions in a training-distribution sample).
+        (``true_next``: the language's distribution after each) with their weights, and its mass
+        (its rule's positions in a training-distribution sample).
         An oracle of order k sees a context's last k slots only where they are listed and
         adjacent (so [A, empty, ..., B] gets order 1). Category-level metrics pool over categories."""
         n_metrics = len(infos)
@@ -243,7 +246,7 @@ class HeadlineMetrics:
         for owner in sorted(set(owners.tolist())):
             rows = np.flatnonzero(owners == owner)
             visible = tokens[rows]
-            target = next_after_contexts(language, visible, live[rows])
+            target = true_next[rows]
             oracle_rows = blind_components(
                 language, owner + 1, oracles, visible, adjacent[rows], knock_out=False
             )
@@ -310,7 +313,7 @@ class Diagnostics:
             tuple[str, list[str], Tensor, list[int]]
         ] = []  # (primitive, rule names, rules, offsets)
         owners = []  # primitives owning the induction circuit
-        empty = reachability(language).empty if language.primitives else {}
+        empty = reachability(language).empty
         for p in language.primitives:
             if p.name in empty:  # no mechanism to diagnose in a primitive that can never fire
                 continue

@@ -30,10 +30,13 @@ class Reachability:
 
 
 def reachability(language: Language) -> Reachability:
-    """The tokens that can occur and the rules that can fire in ``language`` (cached on it)."""
+    """The tokens that can occur and the rules that can fire in ``language`` (cached on it). A
+    corpus made elsewhere has no rules: every token can occur, nothing is empty."""
     cached = language.__dict__.get("_reachability")
     if cached is not None:
         return cached
+    if not language.primitives:
+        return Reachability(np.ones(language.d_vocab, dtype=bool), np.zeros(0, dtype=bool), {})
     supports = [(p, r, s) for p in language.primitives for r, s in enumerate(p.rule_supports())]
     can_occur = language.start_dist > 0  # (V,)
     can_fire = np.zeros(len(supports), dtype=bool)
