@@ -2,7 +2,6 @@
 
 import devinterp.threads  # noqa: F401  (sets OpenMP's wait policy before torch loads)
 
-from analysis.frames import to_dataframe, to_xarray
-from analysis.timeline import Timeline, TimelineError, load_timeline
+from devinterp.store.timeline import Timeline, TimelineError, load_timeline, to_dataframe, to_xarray
 
 __all__ = ["Timeline", "TimelineError", "load_timeline", "to_dataframe", "to_xarray"]

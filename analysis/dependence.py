@@ -27,7 +27,7 @@ import yaml
 from scipy.stats import wilcoxon
 
 from analysis.onset import Onset, primitive_onsets
-from analysis.timeline import Timeline
+from devinterp.store.timeline import Timeline
 
 
 @dataclass(frozen=True)

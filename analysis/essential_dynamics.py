@@ -17,10 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import yaml
 
-from analysis.timeline import Timeline
-from devinterp.language import SpecError, parse_language
+from devinterp.store.timeline import Timeline
 
 INPUT_SEED = 20240205  # the probe inputs' seed: fixed, so two runs' trajectories see the same inputs
 
@@ -36,12 +34,11 @@ def snapshot_outputs(timeline: Timeline, n_sequences: int = 32) -> tuple[np.ndar
     """(steps (snapshot,), outputs (member, snapshot, features)) of every written snapshot."""
     import torch
 
-    from analysis.report import snapshot_model
+    from devinterp.restore import run_language, snapshot_model
 
-    try:
-        language = parse_language(yaml.safe_load(timeline.meta.get("language_spec", "")) or {})
-    except (SpecError, yaml.YAMLError, TypeError, AttributeError):
-        raise KeyError(f"{timeline.path}: essential dynamics needs the run's language spec") from None
+    language = run_language(timeline)
+    if language is None:
+        raise KeyError(f"{timeline.path}: essential dynamics needs the run's language spec")
     slots = np.flatnonzero(timeline.snapshot_steps >= 0)
     if len(slots) < 3:
         raise KeyError(f"{timeline.path}: essential dynamics needs at least 3 weight snapshots")

@@ -3,7 +3,7 @@ degeneracy drives stagewise development in transformers": stage boundaries are t
 points of the LLC against log step).
 
 Conventions, stated once: a run's estimates are read from ``RUN/llc.h5`` (written by ``devinterp
-llc``; its layout is in devinterp/llc_cli.py). A curve is the median over members at each
+llc``; its layout is in devinterp/cli/llc.py). A curve is the median over members at each
 snapshot step, as a function of log(step + 1). It is smoothed with a Gaussian kernel of width
 ``SMOOTH`` log-steps (a kernel-weighted mean of the snapshots, so unevenly spaced snapshots are
 fine), and a *critical point* is where its derivative in log-step changes sign: a peak (rising
@@ -19,16 +19,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from devinterp.llc import reportable
+from devinterp.store.llc_file import reportable
 
 SMOOTH = 0.3  # log-steps: the Gaussian kernel's standard deviation
 MIN_POINTS = 3  # points the smoother needs within its window (2 SMOOTH either side)
 PROMINENCE = 0.1  # a turn must rise or fall by this share of the curve's range on either side
-FILENAME = "llc.h5"
 
 
 @dataclass(frozen=True)
@@ -37,18 +35,6 @@ class CriticalPoint:
     step: float
     kind: str  # "peak" or "trough"
     value: float  # the smoothed LLC there
-
-
-def load_llc(run: str | Path) -> dict[str, dict[str, np.ndarray]]:
-    """{refinement: {"steps" (snapshot,), "llc", "std_error", ... (snapshot, member, ...)}}."""
-    import h5py
-
-    path = Path(run) / FILENAME if Path(run).is_dir() else Path(run)
-    with h5py.File(path, "r") as f:
-        steps = f["steps"][()]
-        return {
-            name: {"steps": steps, **{k: v[()] for k, v in f[name].items()}} for name in f if name != "steps"
-        }
 
 
 def smoothed(steps: np.ndarray, values: np.ndarray, width: float = SMOOTH, n_grid: int = 200):
@@ -124,10 +110,10 @@ OTHERS = "other heads"
 def head_roles(timeline) -> dict[str, list[str]]:
     """Role -> per member, the head that plays it at the run's last diagnostics row: for each
     primitive the attribution group splits, the head (not the direct path) with the largest share
-    of its logit (analysis/attribution.py); ``previous-token``, the layer-0 head with the largest
+    of its logit (analysis/shares.py); ``previous-token``, the layer-0 head with the largest
     previous-token score (diagnostics). Members carry no common head labels, so roles are per
     member. Empty without those groups."""
-    from analysis.attribution import component_shares, top_heads
+    from analysis.shares import component_shares, top_heads
 
     roles: dict[str, list[str]] = {}
     shares = component_shares(timeline)

@@ -2,7 +2,7 @@
 
 Conventions, stated once: progress is 1 when learned and 0 at the yardstick's baseline (by
 default the best prediction without the primitive, so a curve starts at or below 0 and a
-primitive's fallback does not count as the primitive; analysis.timeline); time is
+primitive's fallback does not count as the primitive; devinterp.store.timeline); time is
 log(step + 1), since learning curves span decades of steps; curves are first averaged into bins
 of a log-spaced grid (so a run logged every step and one logged every 10 weigh the same) and
 smoothed with a short moving average. An onset that never happens is *censored* at the last
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import OptimizeWarning, curve_fit
 
-from devinterp.schema import pooled_progress
+from devinterp.store.schema import pooled_progress
 
 
 @dataclass(frozen=True)

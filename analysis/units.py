@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from analysis.onset import Onset
-from analysis.timeline import Timeline
+from devinterp.store.timeline import Timeline
 
 # settings that never reach the gradient: how the step is computed, what is measured and logged
 COMPUTE_ONLY = {

@@ -30,8 +30,8 @@ from common import report  # noqa: E402
 
 from analysis.onset import log_grid, threshold_onsets  # noqa: E402
 from analysis.ordering import infer_ordering  # noqa: E402
-from analysis.timeline import load_timeline  # noqa: E402
 from callbacks.timeline_writer import STRING  # noqa: E402
+from devinterp.store.timeline import load_timeline  # noqa: E402
 
 N_PRIMITIVES = 6
 

@@ -96,7 +96,7 @@ def run_child(args) -> int:
             pass
     from devinterp.threads import ThreadTuner, use_threads
 
-    from devinterp.train_cli import compute_threads
+    from devinterp.cli.fit import compute_threads
 
     tuner = None
     if args.measure == "default":

@@ -22,7 +22,7 @@ log schedules, the HDF5 timeline, snapshots; no W&B: the device machine has none
                               (target >= 8x)
   compile                     the 1-member tracked step with model.compile on
   reference run               5000 steps of 1 member, tracked, extrapolated (target < 2 minutes)
-  llc                         SGLD steps of 16 members x 8 chains in one pass (devinterp.llc, at the
+  llc                         SGLD steps of 16 members x 8 chains in one pass (devinterp.llc.sampler, at the
                               quickstart's size, batch 16) against one chain of one member at a time,
                               the schedule of timaeus devinterp 2.0.1, which is not on the device
                               machine (our estimator stands in for it): per chain-step (target >= 20x)
@@ -288,8 +288,8 @@ def llc_step(members: int, chains: int, draws: int = 60) -> float:
     from common import ROOT, load_run_config
 
     from devinterp.language import parse_language
-    from devinterp.llc import SamplerConfig
-    from devinterp.llc_run import DataPool, Refinement, snapshot_llc
+    from devinterp.llc.sampler import SamplerConfig
+    from devinterp.llc.snapshots import DataPool, Refinement, snapshot_llc
     from devinterp.model import ModelConfig, TensorTransformer
 
     config = load_run_config("quickstart")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report  # noqa: E402
 from tracking_overhead import tracked_seconds_per_step  # noqa: E402
 
-from callbacks.interventions import MechanismInterventions  # noqa: E402
+from callbacks.mechanism_interventions import MechanismInterventions  # noqa: E402
 
 VARIANTS = {
     "none": [],

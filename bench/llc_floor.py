@@ -4,7 +4,7 @@ One SGLD step of every copy (members x chains) must at least run a forward and b
 batched copies on their batches, draw the Gaussian noise of every parameter, and apply the
 update w <- w - (eps/2) (n_beta grad + gamma (w - w*)) + sqrt(eps) noise. Each of the three is
 timed alone, on the same checkpoint, copies, passes and batches as bench/llc_speed.py, then our
-sampler's step (devinterp.llc.estimate_llc: the same plus its bookkeeping: draw losses, the
+sampler's step (devinterp.llc.sampler.estimate_llc: the same plus its bookkeeping: draw losses, the
 divergence guard, the step's anchor losses). Prints each part in ms per step and our step as a
 ratio to their sum (target <= 1.15); where it is above, the difference is the sampler's own work.
 
@@ -30,8 +30,8 @@ from devinterp.threads import available_cores, use_threads  # noqa: E402
 from common import report  # noqa: E402
 from llc_speed import trained_checkpoint  # noqa: E402
 
-from devinterp.llc import SamplerConfig, _loss_and_grads, _repeat, estimate_llc  # noqa: E402
-from devinterp.llc_run import Refinement, copies_per_pass, make_loss  # noqa: E402
+from devinterp.llc.sampler import SamplerConfig, _loss_and_grads, _repeat, estimate_llc  # noqa: E402
+from devinterp.llc.snapshots import Refinement, copies_per_pass, make_loss  # noqa: E402
 from devinterp.model import ModelConfig, TensorTransformer  # noqa: E402
 
 

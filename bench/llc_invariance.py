@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report  # noqa: E402
 from llc_speed import trained_checkpoint  # noqa: E402
 
-from devinterp.llc import SamplerConfig, estimate_llc  # noqa: E402
-from devinterp.llc_run import Refinement, make_loss  # noqa: E402
+from devinterp.llc.sampler import SamplerConfig, estimate_llc  # noqa: E402
+from devinterp.llc.snapshots import Refinement, make_loss  # noqa: E402
 from devinterp.model import ModelConfig, TensorTransformer  # noqa: E402
 
 

@@ -4,7 +4,7 @@ The same checkpoint (a quickstart-size ensemble trained here for ``--train-steps
 same data (our LLC data pool of the seed language), the same loss (mean next-token
 cross-entropy over every predicted position) and the same hyperparameters (SGLD, eps, n_beta,
 gamma, chains, draws, batch size, no burn-in). Ours samples every member's chains at once in one
-batched model (devinterp.llc_run), in passes of copies sized to the CPU's cache, with L(w*) read
+batched model (devinterp.llc.snapshots), in passes of copies sized to the CPU's cache, with L(w*) read
 from the pool's per-position losses at w* computed once; the library samples one chain of one
 member at a time, so its members run one after another (bench/llc_reference_side.py, in its own
 virtual environment and process: it imports as ``devinterp``, as ours does). Both get the same
@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, report  # noqa: E402
 from ensemble_scaling import Trainee  # noqa: E402
 
-from devinterp.llc import SamplerConfig, estimate_llc  # noqa: E402
-from devinterp.llc_run import POOL_SEED, DataPool, Refinement, copies_per_pass, make_loss  # noqa: E402
+from devinterp.llc.sampler import SamplerConfig, estimate_llc  # noqa: E402
+from devinterp.llc.snapshots import POOL_SEED, DataPool, Refinement, copies_per_pass, make_loss  # noqa: E402
 from devinterp.model import ModelConfig, TensorTransformer  # noqa: E402
 
 REFERENCE_PYTHON = ROOT / ".venv-devinterp" / "bin" / "python"

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_run_config, report  # noqa: E402
 from tracking_overhead import make, tracked_seconds_per_step  # noqa: E402
 
+from devinterp.cadence import due_steps  # noqa: E402
 from devinterp.probe import grouped_mean  # noqa: E402
-from devinterp.schedule import due_steps  # noqa: E402
 
 
 def plain_seconds_per_step(steps: int, warmup: int) -> float:

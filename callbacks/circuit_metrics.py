@@ -1,12 +1,12 @@
 """CircuitMetrics: every primitive's circuit read from the weights at every training step.
 
 At the start of step s (weights before the s-th update) the headline metrics (one KL per rule,
-devinterp.metrics) are computed under inference_mode; at its end they are joined with the
+devinterp.metrics.weights) are computed under inference_mode; at its end they are joined with the
 step's per-member training losses (per primitive; the module's ``training_step`` returns them as
 ``loss_row``) into one row of the timeline group ``every_step``. Diagnostics run every
 ``diagnostics_every_n_steps`` steps, or log-spaced (``diagnostics_schedule``, the default; see
-devinterp/schedule.py), into the group ``diagnostics``, with the exact attribution of every
-rule's logit to the components (devinterp/attribution.py) in the group ``attribution`` and the
+devinterp/cadence.py), into the group ``diagnostics``, with the exact attribution of every
+rule's logit to the components (devinterp/metrics/attribution.py) in the group ``attribution`` and the
 Q/K composition per Q/K pair in the group ``composition``, and for bilinear-MLP models the
 top eigenvalues of each MLP's direct-path interaction matrix per rule in the group ``mlp``. Rows go to the
 TimelineWriter as they are made, on the model's device; the writer moves them to the host at its
@@ -25,15 +25,14 @@ from typing import get_args
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.timeline_writer import TimelineGroup, find_writer, last_step_reached
-from devinterp.attribution import AttributionMetrics, MlpEigenMetrics, RuleAttribution
+from devinterp.cadence import Cadence, is_due
 from devinterp.errors import at_least, one_of
 from devinterp.language.reachability import reachability
-from devinterp.metrics import Diagnostics, HeadlineMetrics, PairComposition
-from devinterp.schedule import Schedule, is_due
-from devinterp.schema import MetricInfo, pooled_progress
+from devinterp.metrics.attribution import AttributionMetrics, MlpEigenMetrics, RuleAttribution
+from devinterp.metrics.weights import Diagnostics, HeadlineMetrics, PairComposition
+from devinterp.store.schema import MetricInfo, pooled_progress
 
 
 def train_infos(label_names: list[str], empty: dict | None = None) -> list[MetricInfo]:
@@ -57,12 +56,10 @@ class CircuitMetrics(L.Callback):
             ``every_n_steps`` schedule (0 = no diagnostics, under either schedule).
         diagnostics_schedule: ``log`` (``per_doubling`` per doubling of the step, from the step
             alone) or ``every_n_steps``.
-        flush_every_n_steps: deprecated alias of ``timeline.flush_every_n_steps`` (the writer
-            alone flushes); the CLI maps it there with a notice.
         log_all: send every metric to the loggers, not only the per-primitive summaries.
         attribution: on the diagnostics cadence, the exact split of every token-level rule's
             centred logit over the direct path, the heads and each head's sources (group
-            ``attribution``, devinterp/attribution.py), where the model has one (attention-only,
+            ``attribution``, devinterp/metrics/attribution.py), where the model has one (attention-only,
             no norm, not softmax) and the language has token-level rules.
     """
 
@@ -71,20 +68,16 @@ class CircuitMetrics(L.Callback):
     def __init__(
         self,
         diagnostics_every_n_steps: int = 10,
-        flush_every_n_steps: int | None = None,
         log_all: bool = False,
-        diagnostics_schedule: Schedule = "log",
+        diagnostics_schedule: Cadence = "log",
         per_doubling: int = 16,
         attribution: bool = True,
     ):
         at_least(diagnostics_every_n_steps, 0, "circuits.diagnostics_every_n_steps")
         at_least(per_doubling, 1, "circuits.per_doubling")
-        one_of(diagnostics_schedule, get_args(Schedule), "circuits.diagnostics_schedule")
+        one_of(diagnostics_schedule, get_args(Cadence), "circuits.diagnostics_schedule")
         self.diagnostics_schedule, self.per_doubling = diagnostics_schedule, per_doubling
-        if flush_every_n_steps is not None:
-            at_least(flush_every_n_steps, 1, "circuits.flush_every_n_steps")
         self.diagnostics_every_n_steps = diagnostics_every_n_steps
-        self.flush_every_n_steps = flush_every_n_steps
         self.log_all = log_all
         self.attribution_on = attribution
         self.attribution: AttributionMetrics | None = None
@@ -102,11 +95,6 @@ class CircuitMetrics(L.Callback):
         if stage != "fit":
             return
         writer = find_writer(trainer)
-        if self.flush_every_n_steps is not None and self.flush_every_n_steps != writer.flush_every_n_steps:
-            rank_zero_warn(
-                f"circuits.flush_every_n_steps ({self.flush_every_n_steps}) is an alias of "
-                f"timeline.flush_every_n_steps, which flushes every run ({writer.flush_every_n_steps})"
-            )
         language = trainer.datamodule.language
         self.headline = HeadlineMetrics(language, pl_module.cfg.n_ctx)
         empty = reachability(language).empty

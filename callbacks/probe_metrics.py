@@ -1,6 +1,6 @@
 """ProbeMetrics: the learning curves users look at first.
 
-On a log-spaced schedule (devinterp/schedule.py: 16 evaluations per doubling of the step, dense
+On a log-spaced schedule (devinterp/cadence.py: 16 evaluations per doubling of the step, dense
 where onsets happen; or every ``every_n_steps`` steps), at step 0 and at the last step, every
 member is evaluated on the fixed probe set shared by all members: per-primitive and per-rule
 excess loss, i.e. the exact KL(true next-token distribution || model), accuracy against the
@@ -32,6 +32,7 @@ from torch import Tensor
 
 from callbacks.timeline_writer import TimelineGroup, find_writer, last_step_reached
 from devinterp.baselines import Baselines, probe_baselines
+from devinterp.cadence import Cadence, is_due
 from devinterp.errors import at_least, one_of
 from devinterp.probe import (
     ProbeResult,
@@ -41,8 +42,7 @@ from devinterp.probe import (
     span_queries,
     uniform_share,
 )
-from devinterp.schedule import Schedule, is_due
-from devinterp.schema import MetricInfo, pooled_progress
+from devinterp.store.schema import MetricInfo, pooled_progress
 
 
 def icl_positions(seq_len: int) -> tuple[int, int]:
@@ -72,12 +72,12 @@ class ProbeMetrics(L.Callback):
         every_n_steps: int = 10,
         log_rules: bool = False,
         batch_size: int = 8,
-        schedule: Schedule = "log",
+        schedule: Cadence = "log",
         per_doubling: int = 16,
     ):
         at_least(every_n_steps, 1, "probe.every_n_steps")
         at_least(per_doubling, 1, "probe.per_doubling")
-        one_of(schedule, get_args(Schedule), "probe.schedule")
+        one_of(schedule, get_args(Cadence), "probe.schedule")
         self.schedule, self.per_doubling = schedule, per_doubling
         at_least(batch_size, 1, "probe.batch_size")
         self.every_n_steps = every_n_steps

@@ -1,5 +1,5 @@
 """TimelineWriter: every metric row of a run in one HDF5 file (docs/guides/training.md, "Reading the
-timeline"; the layout is in devinterp/schema.py, the design in docs/architecture.md).
+timeline"; the layout is in devinterp/store/schema.py, the design in docs/architecture.md).
 
 One-way data flow. A producer (CircuitMetrics, ProbeMetrics, or any callback that writes a
 group) declares its groups in its ``setup`` (``declare(TimelineGroup(...))``) and hands every
@@ -60,13 +60,13 @@ import torch
 import yaml
 
 import devinterp
-from analysis.timeline import TimelineError, open_timeline
 from callbacks.thread_tuning import ThreadTuning
 from devinterp.errors import UsageError, at_least
 from devinterp.language.reachability import reachability
 from devinterp.model import PARAMETER_AXES
-from devinterp.schema import GROUP_MARKER, INFO_FIELDS, SCHEMA_VERSION, VALUES_AXES, MetricInfo
-from devinterp.wandb_files import WandbReadError, last_logged_step
+from devinterp.store.schema import GROUP_MARKER, INFO_FIELDS, SCHEMA_VERSION, VALUES_AXES, MetricInfo
+from devinterp.store.timeline import TimelineError, open_timeline
+from devinterp.store.wandb_files import WandbReadError, last_logged_step
 
 STRING = h5py.string_dtype()
 PROGRESS_BAR_METRIC = "train/loss"  # the progress bar shows its last flushed value
@@ -129,7 +129,6 @@ class TimelineWriter(L.Callback):
         filename: file name inside the trainer's ``default_root_dir``.
         flush_every_n_steps: commit cadence: rows move to the host, the file and the loggers
             this often (one setting for the whole run).
-        live: accepted for old configs; every timeline is now written in SWMR mode (below).
         n_snapshots: weight snapshots at this many log-spaced steps (0 = none); the last
             snapshot holds the final weights.
     """
@@ -138,14 +137,12 @@ class TimelineWriter(L.Callback):
         self,
         filename: str = "timeline.h5",
         flush_every_n_steps: int = 100,
-        live: bool = False,
         n_snapshots: int = 16,
     ):
         at_least(flush_every_n_steps, 1, "timeline.flush_every_n_steps")
         at_least(n_snapshots, 0, "timeline.n_snapshots")
         self.filename = filename
         self.flush_every_n_steps = flush_every_n_steps
-        self.live = live
         self.n_snapshots = n_snapshots
         self.run_config: str | None = None  # the resolved CLI config (YAML), set by the CLI
         self.resuming = False  # set by the CLI's resume: an existing file is this run's, resumed

@@ -1,5 +1,5 @@
 import sys
 
-from devinterp.cli import main
+from devinterp.cli.main import main
 
 sys.exit(main())

@@ -9,7 +9,7 @@ arXiv 2404.07129, who clamp parts of the circuit). Conventions, stated once:
 - Every intervention acts at the steps ``from_step <= s < to_step`` (``to_step`` None: to the
   end) on the members it lists (None: all). Members differ freely, so one run can hold its
   own control.
-- ``penalty``: ``weight * sum of the named metrics`` (devinterp/mechanisms.py, a glob selecting
+- ``penalty``: ``weight * sum of the named metrics`` (devinterp/metrics/mechanisms.py, a glob selecting
   heads) is added to each chosen member's loss. Its gradient is added to the parameters' after
   the data loss's backward pass, which is the same as adding it to the loss (and stays out of
   the recorded training loss). A negative weight promotes the metric and must be asked for
@@ -40,7 +40,7 @@ HOLDS = ("zero", "init", "frozen")
 class Intervention:
     name: str
     kind: str
-    metric: str = ""  # penalty: a glob over devinterp.mechanisms.PenaltyMetrics.names
+    metric: str = ""  # penalty: a glob over devinterp.metrics.mechanisms.PenaltyMetrics.names
     weight: float = 0.0  # penalty
     promote: bool = False  # penalty: allow a negative weight
     component: str = ""  # clamp: a glob over components_of(cfg)
@@ -163,7 +163,7 @@ def clamp_slices(cfg, component: str, hold: str, member: int) -> list[Slice]:
 
 
 def check_against(interventions: list[Intervention], cfg, penalties, max_steps: int | None) -> None:
-    """What needs the model and the language (``penalties``: a devinterp.mechanisms.PenaltyMetrics
+    """What needs the model and the language (``penalties``: a devinterp.metrics.mechanisms.PenaltyMetrics
     of the run, None without penalties): members, components, metric names, steps."""
     for index, i in enumerate(interventions):
         where = f"mechanism.interventions[{index}]"

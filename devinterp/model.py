@@ -122,7 +122,7 @@ def even_passes(n: int, per_pass: int | None) -> list[slice]:
 def members_per_pass(n_heads: int, batch_size: int, seq_len: int, budget_bytes: int) -> int:
     """How many members (or LLC chain copies) one pass takes on a CPU: as many as keep one
     layer's attention scores (member, batch, head, pos, pos) in float32 within ``budget_bytes``,
-    at least one. The callers' budgets are measured (devinterp.module, devinterp.llc_run)."""
+    at least one. The callers' budgets are measured (devinterp.module, devinterp.llc.snapshots)."""
     return max(1, budget_bytes // (batch_size * n_heads * seq_len**2 * 4))
 
 

@@ -34,7 +34,7 @@ from devinterp.probe import grouped_mean, grouped_sums, position_losses
 # 54 ms in passes of 4, 2, 1), so a pass holds what fits 2 MiB (bench/ensemble_scaling.py)
 TRAIN_PASS_BYTES = 2 * 2**20
 
-Schedule = Literal["constant", "cosine"]
+LrSchedule = Literal["constant", "cosine"]
 
 
 class TensorTransformerModule(L.LightningModule):
@@ -84,7 +84,7 @@ class TensorTransformerModule(L.LightningModule):
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 200,
-        schedule: Schedule = "constant",
+        schedule: LrSchedule = "constant",
         min_lr_ratio: float = 0.1,
     ):
         super().__init__()

@@ -172,8 +172,8 @@ def mixing_spec() -> dict:
 def fit_quickstart(root: Path, name: str, *overrides: str):
     """configs/quickstart.yaml trained in-process into ``root/name`` (W&B off, the seed language)
     with CLI ``overrides`` after it; returns the run's loaded timeline."""
-    from analysis.timeline import load_timeline
-    from devinterp.cli import main
+    from devinterp.cli.main import main
+    from devinterp.store.timeline import load_timeline
 
     argv = ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--run.root", str(root)]
     argv += ["--run.name", name, "--run.wandb_mode", "disabled", "--data.language", str(SEED_SPEC_PATH)]

@@ -139,9 +139,10 @@ from pathlib import Path  # noqa: E402
 import yaml  # noqa: E402
 
 from analysis.dependence import dependence  # noqa: E402
-from analysis.report import analyze_timelines, power_text  # noqa: E402
-from analysis.timeline import Group, Timeline  # noqa: E402
-from devinterp.schema import MetricInfo  # noqa: E402
+from analysis.report import analyze_timelines  # noqa: E402
+from analysis.report.text import power_text  # noqa: E402
+from devinterp.store.schema import MetricInfo  # noqa: E402
+from devinterp.store.timeline import Group, Timeline  # noqa: E402
 
 
 def synthetic_timeline(
@@ -303,17 +304,17 @@ def test_every_image_a_shipped_report_links_exists(report):
 
 def test_censored_shifts_are_printed_as_lower_bounds():
     from analysis.dependence import Shift
-    from analysis.report import _shift_text
+    from analysis.report.text import shift_text
 
-    text = _shift_text(Shift(3, 3, 0.16, 0.04, 0.16, 0.25, dropped=5))
+    text = shift_text(Shift(3, 3, 0.16, 0.04, 0.16, 0.25, dropped=5))
     assert (
         text.startswith(">= +0.16 [>= +0.04, >= +0.16]") and "never formed in the variant in 3 of 3" in text
     )
     assert "5 pairs left out (formed in neither run)" in text
-    assert _shift_text(Shift(0, 0, math.nan, math.nan, math.nan, 1.0, dropped=8)).startswith(
+    assert shift_text(Shift(0, 0, math.nan, math.nan, math.nan, 1.0, dropped=8)).startswith(
         "formed in neither"
     )
-    assert _shift_text(Shift(8, 0, -0.5, -0.7, -0.3, 0.0078)) == "-0.50 [-0.70, -0.30], p 0.0078"
+    assert shift_text(Shift(8, 0, -0.5, -0.7, -0.3, 0.0078)) == "-0.50 [-0.70, -0.30], p 0.0078"
 
 
 def parallel_instance(rng, members=16, shared=0.3, own=0.1, gap=0.0, noise=0.05, from_curves=True):
@@ -383,7 +384,7 @@ def test_the_report_names_every_edge_another_yardstick_reverses_or_drops():
     uniform stands in)."""
     from dataclasses import replace
 
-    from analysis.report import yardstick_sensitivity
+    from analysis.report.pipeline import yardstick_sensitivity
 
     run = synthetic_timeline({"x": 3.5, "y": 5.0}, {}, members=16)
     closer = lambda info: replace(info, nothing=4.0, blind=1.0) if info.primitive == "y" else info  # noqa: E731
@@ -403,7 +404,7 @@ def test_the_report_names_every_edge_another_yardstick_reverses_or_drops():
 def test_the_dependence_section_says_whether_its_verdicts_were_reachable(members, reachable):
     """4 paired members: the smallest Wilcoxon p is 2/16 = 0.125, so "no evidence" is "not
     testable"; 8: 2/256 = 0.0078 < 0.01."""
-    from analysis.report import dependence_power_text
+    from analysis.report.text import dependence_power_text
 
     full = synthetic_timeline({"x": 3.5, "y": 5.0}, {}, members=members)
     knockout = synthetic_timeline({"y": 6.0}, {"knockout": ["x"]}, members=members, seed=1)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from devinterp.attribution import centred_logit, logit_parts, shapley_weights
 from devinterp.language import load_language
+from devinterp.metrics.attribution import centred_logit, logit_parts, shapley_weights
 from devinterp.model import ModelConfig, TensorTransformer
 from tests.conftest import SEED_SPEC_PATH
 from tests.planted import planted_induction, planted_skip_trigram
@@ -164,7 +164,7 @@ def test_a_planted_skip_trigram_head_carries_the_skip_rules_logit():
 
 
 def test_rule_attribution_averages_the_headline_contexts_and_sums_to_their_logits():
-    from devinterp.attribution import RuleAttribution
+    from devinterp.metrics.attribution import RuleAttribution
 
     cfg = ModelConfig(d_vocab=LANGUAGE.d_vocab, n_ctx=16, n_members=2, n_heads=2, d_model=8, d_head=4)
     model = TensorTransformer(cfg, seed=1).double()
@@ -187,8 +187,8 @@ def test_a_run_records_the_attribution_and_a_run_from_before_it_resumes(tmp_path
     rows starting at the resumed step."""
     import yaml
 
-    from analysis.timeline import load_timeline
-    from devinterp.cli import main
+    from devinterp.cli.main import main
+    from devinterp.store.timeline import load_timeline
     from tests.conftest import ROOT
 
     def fit(name, steps, *extra):
@@ -229,7 +229,7 @@ def test_a_run_records_the_attribution_and_a_run_from_before_it_resumes(tmp_path
 
 
 def test_composition_per_pair_averages_to_the_old_score_and_its_sign_follows_the_key():
-    from devinterp import circuits
+    from devinterp.metrics import circuits
 
     model = random_model("rope", "bilinear", n_layers=2, n_heads=2)
     with torch.no_grad():
@@ -258,9 +258,9 @@ def test_shares_reuse_and_serving_onsets_recover_a_planted_history():
     induction from step 40 on and also serves the bigram from step 80 (reused)."""
     from pathlib import Path
 
-    from analysis.attribution import component_shares, reuse_index, reused_heads, serving_onsets, top_heads
-    from analysis.timeline import Group, Timeline
-    from devinterp.schema import MetricInfo
+    from analysis.shares import component_shares, reuse_index, reused_heads, serving_onsets, top_heads
+    from devinterp.store.schema import MetricInfo
+    from devinterp.store.timeline import Group, Timeline
 
     steps = np.arange(0, 120, 10)
     components = ["direct", "L0H0", "L1H0"]
@@ -301,9 +301,9 @@ def test_a_large_share_of_a_tiny_mass_does_not_serve():
     from 0; the figure's default steps are where the mass reaches 10, 50 and 90% of the end."""
     from pathlib import Path
 
-    from analysis.attribution import component_shares, serving_onsets
-    from analysis.timeline import Group, Timeline
-    from devinterp.schema import MetricInfo
+    from analysis.shares import component_shares, serving_onsets
+    from devinterp.store.schema import MetricInfo
+    from devinterp.store.timeline import Group, Timeline
 
     steps = np.arange(0, 120, 10)
     grown = np.clip((steps - 50) / 40, 0, 1)  # L0H0's part: 0 until 50, 1 from 90 on
@@ -324,7 +324,7 @@ def test_a_large_share_of_a_tiny_mass_does_not_serve():
 
 
 def test_the_mlp_interaction_matrix_reads_the_mlp_on_embeddings():
-    from devinterp.attribution import mlp_eigen, mlp_interaction
+    from devinterp.metrics.attribution import mlp_eigen, mlp_interaction
 
     cfg = ModelConfig(d_vocab=7, n_ctx=8, n_members=2, d_model=6, d_head=4, n_heads=2, mlp=True, d_mlp=10)
     model = TensorTransformer(cfg, seed=2).double()
@@ -343,10 +343,10 @@ def test_the_mlp_interaction_matrix_reads_the_mlp_on_embeddings():
 
 
 def test_an_mlp_run_records_the_interaction_eigenvalues_of_its_final_weights(tmp_path):
-    from analysis.timeline import load_timeline
-    from devinterp.attribution import MlpEigenMetrics
-    from devinterp.cli import main
+    from devinterp.cli.main import main
+    from devinterp.metrics.attribution import MlpEigenMetrics
     from devinterp.module import TensorTransformerModule
+    from devinterp.store.timeline import load_timeline
     from tests.conftest import ROOT
 
     argv = ["fit", "--config", str(ROOT / "tests" / "data" / "tiny.yaml"), "--run.root", str(tmp_path)]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from devinterp.cli import main
+from devinterp.cli.main import main
 from devinterp.language import load_language
 from tests.conftest import ROOT, SEED_SPEC_PATH
 
@@ -232,6 +232,16 @@ CASES = [
         lambda t, r, run: fit(r, "--data.seq_len", "8"),
         "max_skip: 8 must be below the sequence length 8",
     ),
+    (  # options removed with their shims (0.1.0 was never released)
+        "removed-timeline-live",
+        lambda t, r, run: fit(r, "--timeline.live", "true"),
+        "unrecognized arguments: --timeline.live true",
+    ),
+    (
+        "removed-flush-alias",
+        lambda t, r, run: fit(r, "--circuits.flush_every_n_steps", "5"),
+        "unrecognized arguments: --circuits.flush_every_n_steps 5",
+    ),
     # run configs
     (
         "config-missing",
@@ -419,6 +429,16 @@ CASES = [
             t / "out",
         ],
         "unknown timeline schema version '99'",
+    ),
+    (
+        "timeline-schema-1",  # its read path was removed (no file of it was left to test it on)
+        lambda t, r, run: [
+            "analyze",
+            damaged_timeline(run, t, lambda p: set_schema(p, "1")),
+            "--out",
+            t / "out",
+        ],
+        "unknown timeline schema version '1' (this version reads [2, 3])",
     ),
     (
         "timeline-missing-dataset",

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from analysis.onset import primitive_onsets
-from analysis.timeline import Group, Timeline
 from devinterp.baselines import best_pool
 from devinterp.data import ToyLanguageData
 from devinterp.language.oracles import estimate_oracles
-from devinterp.metrics import HeadlineMetrics, adjacent_run
+from devinterp.metrics.weights import HeadlineMetrics, adjacent_run
 from devinterp.probe import grouped_mean, position_losses
-from devinterp.schema import MetricInfo, progress
+from devinterp.store.schema import MetricInfo, progress
+from devinterp.store.timeline import Group, Timeline
 from tests.conftest import ROOT
 
 LANGUAGES = {

@@ -2,7 +2,7 @@
 
 import sys
 
-from devinterp.child import last_message, run_child
+from devinterp.cli.child import last_message, run_child
 
 BAR = "step:  40%|████      | 4/10 [00:01<00:02,  3.10it/s, loss=2.1]"
 

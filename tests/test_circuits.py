@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from devinterp import circuits
+from devinterp.metrics import circuits
 from devinterp.model import ModelConfig, TensorTransformer
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from devinterp.cli import main
+from devinterp.cli.main import main
 from tests.conftest import ROOT, SEED_SPEC_PATH
 
 TINY = ROOT / "tests" / "data" / "tiny.yaml"
@@ -296,7 +296,7 @@ def test_every_shipped_language_trains_and_writes_its_curves(tmp_path, language)
 
 def test_help_lists_every_command_without_importing_torch():
     code = (
-        "import sys; from devinterp.cli import main; rc = main(['--help']); "
+        "import sys; from devinterp.cli.main import main; rc = main(['--help']); "
         "assert 'torch' not in sys.modules and 'lightning' not in sys.modules, 'imported'; sys.exit(rc)"
     )
     result = subprocess.run(

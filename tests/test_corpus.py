@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from devinterp.cli import main
+from devinterp.cli.main import main
 from devinterp.data import MemberStreams, ProbeSet, ToyLanguageData
 from devinterp.language import SpecError, load_language, save_corpus
 from devinterp.language.corpus import load_corpus
@@ -375,8 +375,8 @@ def test_llc_of_a_corpus_run_reads_the_recorded_file_and_refuses_a_changed_one(t
 
     import yaml
 
-    from analysis.learning_coefficient import load_llc
-    from devinterp.llc_run import DataPool
+    from devinterp.llc.snapshots import DataPool
+    from devinterp.store.llc_file import load_llc
 
     path = write_corpus(tmp_path / "c.npz", corpus_arrays(n=40))
     root = tmp_path / "runs"

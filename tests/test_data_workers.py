@@ -101,7 +101,7 @@ def test_auto_threads_share_the_cores_this_process_may_use(monkeypatch):
     import os
 
     from devinterp import threads
-    from devinterp.train_cli import compute_threads
+    from devinterp.cli.fit import compute_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
     monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis import load_timeline
-from devinterp.cli import main
+from devinterp.cli.main import main
 from tests.conftest import ROOT, SEED_SPEC_PATH
 
 TINY = ROOT / "tests" / "data" / "tiny.yaml"

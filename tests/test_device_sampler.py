@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from devinterp.cli import main
+from devinterp.cli.main import main
 from devinterp.data import MemberStreams, ToyLanguageData
 from devinterp.errors import UsageError
 from devinterp.language import load_language, parse_language

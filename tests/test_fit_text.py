@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from devinterp.cli import main
+from devinterp.cli.main import main
 from devinterp.language import load_language
 
 TEXT = "the cat sat on the mat . the dog sat on the log . a cat saw a dog . the end ."

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks.interventions import MechanismInterventions
+from callbacks.mechanism_interventions import MechanismInterventions
 from callbacks.timeline_writer import TimelineWriter
 from devinterp.data import ToyLanguageData
 from devinterp.errors import UsageError
 from devinterp.interventions import check_against, parse_interventions
 from devinterp.language import load_language
-from devinterp.mechanisms import (
+from devinterp.metrics.mechanisms import (
     PenaltyMetrics,
     copy_preference,
     offset_triples,
@@ -233,7 +233,7 @@ def test_penalty_gradient_equals_that_of_the_penalised_loss(tmp_path):
 
 
 def test_the_timeline_records_window_value_and_gradient(tmp_path):
-    from analysis.timeline import open_timeline
+    from devinterp.store.timeline import open_timeline
 
     penalty = {
         "name": "prev",
@@ -314,8 +314,8 @@ def test_a_resumed_run_holds_the_same_frozen_weights_and_equals_the_uninterrupte
     """Stopped at step 6 inside a frozen clamp's window and resumed to 10: the same weights, rows
     and intervention rows as 10 steps straight (the held slices are in the checkpoint, so the
     resume records the same frozen weights)."""
-    from analysis.timeline import load_timeline
-    from devinterp.cli import main
+    from devinterp.cli.main import main
+    from devinterp.store.timeline import load_timeline
     from tests.conftest import ROOT
 
     interventions = (

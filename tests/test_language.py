@@ -373,7 +373,7 @@ def test_knock_out_falls_back_to_the_next_rule(seed_language):
 
 @pytest.mark.parametrize("path", sorted((SEED_SPEC_PATH.parent).glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_language_loads_samples_and_shows(path, capsys):
-    from devinterp.cli import main
+    from devinterp.cli.main import main
 
     language = load_language(path)
     sample = language.sample(64, 32, seed=0)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from scipy.integrate import quad
 
-from devinterp.llc import SamplerConfig, default_n_beta, estimate_llc
+from devinterp.llc.sampler import SamplerConfig, default_n_beta, estimate_llc
 
 
 def normal_crossing_target(n_beta: float, gamma: float) -> float:
@@ -186,7 +186,7 @@ def test_default_n_beta_is_b_over_log_b():
 def small_model_and_pool(n_members=2, chains=3):
     """A seed-language model of ``n_members`` (random weights, W_O and W_U moved off zero so
     every path is live) and a data pool; the batched model holds members x chains copies."""
-    from devinterp.llc_run import DataPool
+    from devinterp.llc.snapshots import DataPool
     from devinterp.model import ModelConfig, TensorTransformer
     from tests.conftest import seed_spec
 
@@ -207,7 +207,7 @@ def test_the_batched_loss_is_each_members_own_loss_on_its_batch(primitive):
     """Every copy's loss at w* equals its member's mean cross-entropy over the chosen positions,
     recomputed from a forward pass of that member alone and log-softmax in float64."""
     from devinterp.language import parse_language
-    from devinterp.llc_run import Refinement, make_loss
+    from devinterp.llc.snapshots import Refinement, make_loss
 
     spec, pool, members, params, batched = small_model_and_pool()
     names = parse_language(spec).label_names
@@ -235,7 +235,7 @@ def test_the_loss_at_w_star_read_from_the_pool_equals_a_forward_pass_at_w_star(p
     """``at_anchor`` (the pool's per-position losses at w*, computed once) gives every copy's loss
     at w* on the step's own batch, as the forward pass of the repeated w* does."""
     from devinterp.language import parse_language
-    from devinterp.llc_run import Refinement, make_loss
+    from devinterp.llc.snapshots import Refinement, make_loss
 
     spec, pool, _, params, batched = small_model_and_pool()
     names = parse_language(spec).label_names
@@ -249,7 +249,7 @@ def test_the_loss_at_w_star_read_from_the_pool_equals_a_forward_pass_at_w_star(p
 
 
 def test_passes_over_some_copies_give_the_estimate_of_one_pass_over_all():
-    from devinterp.llc_run import Refinement, make_loss
+    from devinterp.llc.snapshots import Refinement, make_loss
 
     _, pool, _, params, batched = small_model_and_pool()  # 2 members x 3 chains
     loss = make_loss(batched, pool, Refinement("model"), batch_size=4)
@@ -264,7 +264,7 @@ def test_passes_over_some_copies_give_the_estimate_of_one_pass_over_all():
 
 
 def test_a_head_refined_chain_moves_that_head_only():
-    from devinterp.llc_run import HEAD_PARAMETERS, Refinement, head_mask, make_loss
+    from devinterp.llc.snapshots import HEAD_PARAMETERS, Refinement, head_mask, make_loss
 
     _, pool, _, params, batched = small_model_and_pool(n_members=1, chains=2)
     loss = make_loss(batched, pool, Refinement("L1H0", head=(1, 0)), batch_size=2)
@@ -290,10 +290,10 @@ def test_a_head_refined_chain_moves_that_head_only():
 def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_input(tmp_path, capsys):
     import yaml
 
-    from analysis.learning_coefficient import load_llc
-    from analysis.timeline import load_timeline
-    from devinterp.cli import main
-    from devinterp.llc_run import DataPool, Refinement, snapshot_llc
+    from devinterp.cli.main import main
+    from devinterp.llc.snapshots import DataPool, Refinement, snapshot_llc
+    from devinterp.store.llc_file import load_llc
+    from devinterp.store.timeline import load_timeline
     from tests.conftest import ROOT
 
     fit = ["fit", "--config", str(ROOT / "tests/data/tiny.yaml"), "--run.root", str(tmp_path)]
@@ -337,7 +337,7 @@ def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_i
     if available_cores() > 1:  # the chains' threads measured as fit's are (devinterp/threads.py)
         assert "llc threads: 1 thread for" in err and "the fastest kept" in err
     # the curves went to W&B as an analysis segment of the run's group, read back with W&B's reader
-    from devinterp.wandb_files import history, last_logged_step, records, run_files
+    from devinterp.store.wandb_files import history, last_logged_step, records, run_files
 
     (segment,) = run_files(run / "wandb")
     (described,) = [r["run"] for r in records(segment) if r.get("type") == "run"]
@@ -518,7 +518,7 @@ def test_no_smoothed_curve_or_turn_through_fewer_points_than_the_window():
 def test_calibration_flags_name_what_went_wrong():
     from types import SimpleNamespace
 
-    from devinterp.llc_cli import calibration_flags
+    from devinterp.cli.llc import calibration_flags
 
     draws = np.arange(40.0)
 
@@ -545,7 +545,8 @@ def test_a_sidecar_from_before_step_sizes_were_kept_reads_as_made_at_its_eps(tmp
     file's --eps, so a rerun at that eps goes on and one at another eps is refused."""
     import h5py
 
-    from devinterp.llc_cli import check_step_sizes, read, write
+    from devinterp.cli.llc import check_step_sizes
+    from devinterp.store.llc_file import read_estimates, write_estimates
 
     settings = {"sampler": {"eps": 1e-3, "n_beta": 10.0}, "members": [0], "seed": 0}
     entry = {
@@ -555,10 +556,10 @@ def test_a_sidecar_from_before_step_sizes_were_kept_reads_as_made_at_its_eps(tmp
         "eps": np.float64(1e-3),
     }
     path = tmp_path / "llc.h5"
-    write(path, {(5, "model"): entry, (9, "model"): entry}, settings)
+    write_estimates(path, {(5, "model"): entry, (9, "model"): entry}, settings)
     with h5py.File(path, "a") as f:
         del f["model/eps"]
-    store = read(path, settings)
+    store = read_estimates(path, settings)
     assert [float(found["eps"]) for found in store.values()] == [1e-3, 1e-3]
     check_step_sizes(path, store, {}, 1e-3)  # the same eps: goes on
     with pytest.raises(ValueError, match="model was estimated with eps 0.001 \\(step 5\\), asked 0.0001"):
@@ -570,7 +571,7 @@ def test_the_llc_defaults_pass_the_relaxation_rule_calibrate_applies():
     from dataclasses import replace
     from types import SimpleNamespace
 
-    from devinterp.llc_cli import calibration_flags, parse
+    from devinterp.cli.llc import calibration_flags, parse
 
     args = parse(["run"])
     steps = args.burn_in + args.draws
@@ -593,8 +594,8 @@ def test_wandb_never_receives_an_llc_the_report_leaves_out(tmp_path):
     """Negative estimates (chains below L(w*)) and diverged ones (NaN) are left out of the median
     sent to W&B, as the report leaves them out; W&B gets their count instead."""
     from analysis.learning_coefficient import median_curve
-    from devinterp.llc_cli import send_to_wandb
-    from devinterp.wandb_files import history, run_files
+    from devinterp.cli.llc import send_to_wandb
+    from devinterp.store.wandb_files import history, run_files
 
     store = {
         (0, "induction"): {"llc": np.array([1.0, -120.0, 2.0, np.nan])},

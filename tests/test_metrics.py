@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from devinterp.language import load_language
-from devinterp.metrics import HeadlineMetrics, WeightMetrics
+from devinterp.metrics.weights import Diagnostics, HeadlineMetrics
 from devinterp.model import ModelConfig, TensorTransformer
-from devinterp.schema import progress
+from devinterp.store.schema import progress
 from tests.conftest import SEED_SPEC_PATH
 from tests.planted import planted_bigram, planted_induction, planted_skip_trigram
 
@@ -19,12 +19,20 @@ def language():
     return load_language(SEED_SPEC_PATH)
 
 
+@torch.inference_mode()
+def measure(language, model):
+    """(infos, values (n_metrics, member)) of every headline metric and diagnostic, as the circuit
+    callback records them."""
+    headline, diagnostics = HeadlineMetrics(language, model.cfg.n_ctx), Diagnostics(language, model.cfg)
+    values = torch.cat([headline.compute(model), diagnostics.compute(model)])
+    return headline.infos + diagnostics.infos, values
+
+
 def progress_by_name(model, language, primitive):
-    metrics = WeightMetrics(language, model.cfg)
-    values = metrics.compute(model)[:, 0].double().numpy()
+    infos, values = measure(language, model)
     return {
         i.name: float(progress(v, i.nothing, i.learned))
-        for i, v in zip(metrics.infos, values)
+        for i, v in zip(infos, values[:, 0].double().numpy())
         if i.kind == "weight" and i.primitive == primitive
     }
 
@@ -57,11 +65,10 @@ def test_zero_and_random_weights_report_nothing_learned(language, primitive):
         random.W_O.normal_(0, 0.3, generator=generator)
         random.W_U.normal_(0, 0.1, generator=generator)
     for member in range(3):
-        metrics = WeightMetrics(language, cfg)
-        values = metrics.compute(random)[:, member].numpy()
+        infos, values = measure(language, random)
         progresses = [
             progress(v, i.nothing, i.learned)
-            for i, v in zip(metrics.infos, values)
+            for i, v in zip(infos, values[:, member].numpy())
             if i.primitive == primitive and i.kind == "weight"
         ]
         assert max(progresses) < 0.5
@@ -69,8 +76,8 @@ def test_zero_and_random_weights_report_nothing_learned(language, primitive):
 
 def test_planted_induction_diagnostics(language):
     model = planted_induction(language)
-    metrics = WeightMetrics(language, model.cfg)
-    values = dict(zip([i.name for i in metrics.infos], metrics.compute(model)[:, 0].tolist()))
+    infos, values = measure(language, model)
+    values = dict(zip([i.name for i in infos], values[:, 0].tolist()))
     assert values["induction/L0H0/prev_token"] == pytest.approx(1.0)
     assert values["induction/L0H1/prev_token"] == 0.0
     assert values["induction/L1H0/copying"] > 3 and values["induction/L1H1/copying"] == 0.0
@@ -80,8 +87,8 @@ def test_planted_induction_diagnostics(language):
 
 def test_planted_skip_trigram_diagnostics(language):
     model = planted_skip_trigram(language)
-    metrics = WeightMetrics(language, model.cfg)
-    values = dict(zip([i.name for i in metrics.infos], metrics.compute(model)[:, 0].tolist()))
+    infos, values = measure(language, model)
+    values = dict(zip([i.name for i in infos], values[:, 0].tolist()))
     for rule in ("beach..big->at", "garden..old->and", "lake..new->or", "office..small->to"):
         assert values[f"skip_trigram/{rule}/out_rank"] == 0.0
         assert values[f"skip_trigram/{rule}/push_z"] > 4
@@ -108,11 +115,10 @@ def test_nothing_is_nan_at_initialisation(language):
                 d_head=4,
                 d_mlp=8,
             )
-            metrics = WeightMetrics(language, cfg)
-            values = metrics.compute(TensorTransformer(cfg, seed=0))
+            infos, values = measure(language, TensorTransformer(cfg, seed=0))
             assert torch.isfinite(values).all()
-            assert values.shape == (len(metrics.infos), 2)
-            assert len({i.name for i in metrics.infos}) == len(metrics.infos)
+            assert values.shape == (len(infos), 2)
+            assert len({i.name for i in infos}) == len(infos)
 
 
 # ---- weight-derived equals activation-derived --------------------------------------------------

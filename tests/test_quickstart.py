@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 import pytest
 
-from devinterp.cli import main
-from devinterp.schedule import due_steps
+from devinterp.cadence import due_steps
+from devinterp.cli.main import main
 from tests.conftest import ROOT, SEED_SPEC_PATH
 
 

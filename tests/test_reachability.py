@@ -74,7 +74,7 @@ def test_the_probe_does_not_grow_for_positions_that_cannot_occur(capsys):
 
 
 def test_weight_metrics_leave_out_what_cannot_fire():
-    from devinterp.metrics import Diagnostics, HeadlineMetrics
+    from devinterp.metrics.weights import Diagnostics, HeadlineMetrics
     from devinterp.model import ModelConfig
 
     knocked = load_language(ROOT / "configs" / "languages" / "rich.yaml").knock_out(["bigram"])
@@ -90,7 +90,7 @@ def test_an_emptied_primitive_trains_analyses_and_reports_untestable(tmp_path, c
     (no probe growth, no NaN read as divergence, exit 0) and the report calls the dependence of
     brackets on bigram untestable instead of "no evidence"."""
     from analysis import load_timeline
-    from devinterp.cli import main
+    from devinterp.cli.main import main
 
     base = ["fit", "--config", str(TINY), "--run.root", str(tmp_path), "--run.wandb_mode", "disabled"]
     base += ["--data.language", str(BRACKETS), "--data.seq_len", "24", "--trainer.max_steps", "4"]

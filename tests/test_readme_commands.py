@@ -6,7 +6,7 @@ import re
 import shlex
 import shutil
 
-from devinterp.cli import main
+from devinterp.cli.main import main
 from tests.conftest import ROOT
 
 # appended to every training command (fit, and the runs dependence and sweep start)

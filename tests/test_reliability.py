@@ -31,7 +31,7 @@ import yaml
 
 from analysis import load_timeline
 from analysis.onset import primitive_progress
-from devinterp.wandb_files import history, run_files, run_group
+from devinterp.store.wandb_files import history, run_files, run_group
 from tests.conftest import ROOT, SEED_SPEC_PATH
 
 MAX_STEPS, FLUSH = 30, 5

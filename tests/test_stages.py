@@ -113,10 +113,10 @@ def test_snapshot_outputs_are_the_models_centred_log_probabilities(tmp_path):
     import yaml
 
     from analysis.essential_dynamics import INPUT_SEED, snapshot_outputs
-    from analysis.timeline import load_timeline
-    from devinterp.cli import main
+    from devinterp.cli.main import main
     from devinterp.language import parse_language
     from devinterp.model import ModelConfig, TensorTransformer
+    from devinterp.store.timeline import load_timeline
     from tests.conftest import ROOT
 
     assert (
@@ -181,8 +181,8 @@ def switch_timeline(switch: int | None, members=10, last=500, seed=0):
 
     import yaml
 
-    from analysis.timeline import Group, Timeline
-    from devinterp.schema import MetricInfo
+    from devinterp.store.schema import MetricInfo
+    from devinterp.store.timeline import Group, Timeline
 
     rng = np.random.default_rng(seed)
     steps = np.arange(last + 1)

@@ -5,8 +5,8 @@ import json
 import pytest
 import yaml
 
-from devinterp.cli import main
-from devinterp.sweep import base_arguments, grid, point_name, read_sweep
+from devinterp.cli.main import main
+from devinterp.cli.sweep import base_arguments, grid, point_name, read_sweep
 from tests.conftest import ROOT, SEED_SPEC_PATH
 
 TINY = ROOT / "tests" / "data" / "tiny.yaml"

@@ -17,10 +17,10 @@ from analysis import TimelineError, load_timeline
 from analysis.onset import primitive_progress
 from callbacks import CircuitMetrics, NonFiniteMetricError, ProbeMetrics, TimelineWriter
 from callbacks.timeline_writer import TimelineGroup
-from devinterp.cli import main
+from devinterp.cli.main import main
 from devinterp.data import ToyLanguageData
 from devinterp.module import TensorTransformerModule
-from devinterp.schema import GROUP_MARKER, MetricInfo
+from devinterp.store.schema import GROUP_MARKER, MetricInfo
 from tests.conftest import ROOT, SEED_SPEC_PATH
 
 TINY = ROOT / "tests" / "data" / "tiny.yaml"
@@ -48,7 +48,6 @@ def fit(
     root,
     max_steps,
     ckpt_path=None,
-    live=False,
     lr=3e-3,
     every_n_train_steps=None,
     logger=None,
@@ -84,7 +83,7 @@ def fit(
         ProbeMetrics(every_n_steps=5, schedule=schedule),
         *producers,
     ]
-    writer = TimelineWriter(flush_every_n_steps=4, live=live, n_snapshots=5)
+    writer = TimelineWriter(flush_every_n_steps=4, n_snapshots=5)
     callbacks.insert(0 if writer_first else len(callbacks), writer)
     if every_n_train_steps:
         callbacks.append(
@@ -252,11 +251,7 @@ def test_live_mode_can_be_read_while_the_run_writes(tmp_path):
             str(SEED_SPEC_PATH),
             "--trainer.max_steps",
             "400",
-            "--timeline.live",
-            "true",
             "--timeline.flush_every_n_steps",
-            "5",
-            "--circuits.flush_every_n_steps",
             "5",
         ],
         cwd=ROOT,
@@ -323,7 +318,7 @@ def test_load_timeline_reads_committed_rows_and_progress(tmp_path):
 
 
 def test_a_group_as_labelled_data_reads_only_the_chosen_committed_metrics(tmp_path):
-    import analysis.frames as frames
+    import devinterp.store.timeline as frames
 
     path = fit(tmp_path, 12)
     timeline = load_timeline(path)
@@ -408,7 +403,7 @@ def test_expected_size_bounds_the_finished_file(tmp_path):
 
 
 def test_log_spaced_schedule_is_the_default_and_depends_on_the_step_alone(tmp_path):
-    from devinterp.schedule import due_steps, log_interval
+    from devinterp.cadence import due_steps, log_interval
 
     assert len(due_steps(1500, "log", 10, 16)) + 1 <= 151  # no more probes than every 10 steps (+ the last)
     assert [log_interval(s, 16) for s in (0, 31, 32, 63, 64, 1000)] == [1, 1, 2, 2, 4, 32]

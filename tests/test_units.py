@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from analysis.report import analyze_timelines
-from analysis.timeline import Group
 from analysis.units import pool_units
-from devinterp.schema import MetricInfo
+from devinterp.store.schema import MetricInfo
+from devinterp.store.timeline import Group
 from tests.test_analysis import synthetic_timeline
 
 MIDPOINTS = {"bigram": 3.5, "induction": 5.0}

@@ -79,7 +79,7 @@ def triple_supports(rules: np.ndarray) -> list[RuleSupport]:
 class TrigramPush:
     """A weight diagnostic a primitive asks for: per rule (anchor A, trigger B, output C), the
     z-score of the QK-OV push on C from A against other anchors, and C's rank among the outputs
-    pushed from (B, A), averaged over ``offsets`` (computed by devinterp.metrics.Diagnostics)."""
+    pushed from (B, A), averaged over ``offsets`` (computed by devinterp.metrics.weights.Diagnostics)."""
 
     rules: np.ndarray  # (n_rules, 3): anchor, trigger, output token ids
     offsets: tuple[int, ...]

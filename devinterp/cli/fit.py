@@ -1,12 +1,11 @@
 """``devinterp fit`` / ``validate`` / ``resume``: the LightningCLI with the run folder, resume and
-W&B conventions of devinterp/cli.py (which imports this module only for these commands, so the
+W&B conventions of devinterp/cli/main.py (which imports this module only for these commands, so the
 others start without torch and Lightning)."""
 
 from __future__ import annotations
 
 from devinterp.threads import ThreadTuner, available_cores, use_threads
 
-import inspect
 import os
 import subprocess
 import sys
@@ -21,9 +20,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
-from analysis.timeline import TimelineError, open_timeline
 from callbacks.circuit_metrics import CircuitMetrics
-from callbacks.interventions import MechanismInterventions
+from callbacks.mechanism_interventions import MechanismInterventions
 from callbacks.probe_metrics import ProbeMetrics
 from callbacks.progress_bar import FlushedLossBar
 from callbacks.thread_tuning import ThreadTuning
@@ -31,7 +29,8 @@ from callbacks.timeline_writer import NonFiniteMetricError, TimelineWriteError, 
 from devinterp.data import ToyLanguageData
 from devinterp.errors import UsageError
 from devinterp.module import TensorTransformerModule
-from devinterp.wandb_files import WandbReadError, last_logged_step
+from devinterp.store.timeline import TimelineError, open_timeline
+from devinterp.store.wandb_files import WandbReadError, last_logged_step
 
 # what a user's mistake (or a diverged run) raises here: one line, never a traceback
 TRAINING_ERRORS = (
@@ -112,24 +111,6 @@ def _same_yaml(a: str, b: str) -> bool:
         return False
 
 
-def map_flush_alias(config: Namespace) -> None:
-    """``circuits.flush_every_n_steps`` (before the writer alone flushed) is an alias of
-    ``timeline.flush_every_n_steps``: used when the timeline's is left at its default, with a
-    one-line notice either way, then cleared so the saved config names one setting."""
-    alias = config.circuits.flush_every_n_steps
-    if alias is None:
-        return
-    default = inspect.signature(TimelineWriter).parameters["flush_every_n_steps"].default
-    if config.timeline.flush_every_n_steps == default:
-        config.timeline.flush_every_n_steps = alias
-    print(
-        f"notice: circuits.flush_every_n_steps is now timeline.flush_every_n_steps; the run flushes every "
-        f"{config.timeline.flush_every_n_steps} steps",
-        file=sys.stderr,
-    )
-    config.circuits.flush_every_n_steps = None
-
-
 class DevinterpCLI(LightningCLI):
     run_dir: Path | None = None
 
@@ -189,7 +170,6 @@ class DevinterpCLI(LightningCLI):
             raise UsageError(
                 f"run.checkpoint_every_n_steps: must be at least 1, got {config.run.checkpoint_every_n_steps}"
             )
-        map_flush_alias(config)
         use_threads(compute_threads(config.run.threads, config.trainer))
         self.resume_step = None
         self.replay_after = None  # a finished run: the last step its W&B files hold

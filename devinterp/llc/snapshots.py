@@ -1,5 +1,5 @@
 """LLC estimates of a trained run's weight snapshots: the whole model, data-refined per primitive
-and weight-refined per head (devinterp.llc does the sampling).
+and weight-refined per head (devinterp.llc.sampler does the sampling).
 
 Conventions, stated once:
 
@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch.func import functional_call
 
 from devinterp.language import parse_language
 from devinterp.language.corpus import load_corpus
-from devinterp.llc import LLCEstimate, SamplerConfig, estimate_llc
+from devinterp.llc.sampler import LLCEstimate, SamplerConfig, estimate_llc
 from devinterp.model import ModelConfig, TensorTransformer, members_per_pass
+from devinterp.restore import model_config
 
 POOL_SEED = 1_000_003  # the LLC data pool's seed: fixed, so every snapshot sees the same data
 HEAD_PARAMETERS = ("W_Q", "W_K", "W_V", "W_O")  # per-head weights; W_Q, W_K: (member, layer, pair, head, ...)
@@ -237,14 +237,7 @@ def snapshot_llc(
 ) -> LLCEstimate:
     """The LLC of each chosen member of one snapshot, all members' chains in one batched model on
     ``device``; on a CPU in passes of copies sized to its cache (``copies_per_pass``)."""
-    model_config = yaml.safe_load(config_yaml)["model"]
-    fields = ModelConfig.__dataclass_fields__
-    cfg = ModelConfig(
-        **{
-            **{k: v for k, v in model_config.items() if k in fields},
-            "n_members": len(members) * sampler.chains,
-        }
-    )
+    cfg = model_config(config_yaml, n_members=len(members) * sampler.chains)
     model = TensorTransformer(cfg).to(device)
     params = {name: value.to(device) for name, value in snapshot_params(weights, members).items()}
     mask = head_mask(params, *refinement.head) if refinement.head is not None else None

@@ -3,7 +3,7 @@
 Conventions, stated once (Elhage et al. 2021 for the residual-stream view):
 - What is split: the *centred* logit read along a distribution r over the vocabulary,
   sum_c r_c (logit_c - mean_v logit_v), at the last position of a sparse context (the rule's
-  minimal context, as devinterp.metrics.context_logits builds it). For a table rule r is the
+  minimal context, as devinterp.metrics.weights.context_logits builds it). For a table rule r is the
   rule's true next-token distribution, so the quantity is the expected centred logit of its
   output. Log-probabilities do not split additively; centred logits do. Category-level rules
   are left out (a category's logit is not a logit).
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from devinterp.circuits import combine_pairs
+from devinterp.metrics.circuits import combine_pairs
 from devinterp.model import TensorTransformer
 
 
@@ -104,7 +104,7 @@ def logit_parts(
     model: TensorTransformer, tokens: Tensor, positions: Tensor, live: Tensor, readout: Tensor
 ) -> LogitParts:
     """The centred logit along ``readout`` (n, V) at the last slot of each context (tokens,
-    positions, live (n, k), as for devinterp.metrics.context_logits) split into the direct
+    positions, live (n, k), as for devinterp.metrics.weights.context_logits) split into the direct
     path, every head, and every head's sources."""
     check_attributable(model.cfg)
     cfg = model.cfg
@@ -149,8 +149,8 @@ def logit_parts(
 def centred_logit(
     model: TensorTransformer, tokens: Tensor, positions: Tensor, live: Tensor, readout: Tensor
 ) -> Tensor:
-    """The same centred logit from the forward pass (devinterp.metrics.context_logits): (member, n)."""
-    from devinterp.metrics import context_logits
+    """The same centred logit from the forward pass (metrics.weights.context_logits): (member, n)."""
+    from devinterp.metrics.weights import context_logits
 
     logits = context_logits(model, tokens, positions, live)  # (M, n, V)
     centred = logits - logits.mean(-1, keepdim=True)
@@ -159,14 +159,14 @@ def centred_logit(
 
 class RuleAttribution:
     """``logit_parts`` for every token-level rule of a language, averaged over the rule's minimal
-    contexts with the weights of its headline metric (devinterp.metrics.HeadlineMetrics: the
+    contexts with the weights of its headline metric (devinterp.metrics.weights.HeadlineMetrics: the
     same contexts, the same weights), read along the rule's true next-token distribution.
     Category-level rules are left out. ``compute(model)`` -> LogitParts with one row per rule
     (``rules``: the headline metric names without ``/kl``; empty for a corpus). ``headline``: the
     run's HeadlineMetrics where one exists already (it samples the language to weigh contexts)."""
 
     def __init__(self, language, cfg, headline=None):
-        from devinterp.metrics import HeadlineMetrics
+        from devinterp.metrics.weights import HeadlineMetrics
 
         headline = headline or HeadlineMetrics(language, cfg.n_ctx)
         t = headline.tensors
@@ -213,7 +213,7 @@ class AttributionMetrics:
         return True
 
     def __init__(self, language, cfg, rules: RuleAttribution | None = None):
-        from devinterp.schema import MetricInfo
+        from devinterp.store.schema import MetricInfo
 
         self.rules = rules or RuleAttribution(language, cfg)
         L, H = cfg.n_layers, cfg.n_heads
@@ -279,7 +279,7 @@ class MlpEigenMetrics:
     ``mlp/L<l>/<primitive>/<rule>/eig<i>``, signed."""
 
     def __init__(self, language, cfg, k: int = 3, rules: RuleAttribution | None = None):
-        from devinterp.schema import MetricInfo
+        from devinterp.store.schema import MetricInfo
 
         self.rules = rules or RuleAttribution(language, cfg)
         self.k = k

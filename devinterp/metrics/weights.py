@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from devinterp import circuits
 from devinterp.baselines import blind_components, pooled_baselines
 from devinterp.language import Language, plogp
 from devinterp.language.primitive import InductionCircuit, TrigramPush
 from devinterp.language.reachability import reachability
+from devinterp.metrics import circuits
 from devinterp.model import ModelConfig, TensorTransformer
-from devinterp.schema import MetricInfo
+from devinterp.store.schema import MetricInfo
 
 
 def context_logits(
@@ -492,31 +492,9 @@ class Diagnostics:
         return z, rank
 
 
-class WeightMetrics:
-    """Headline metrics and diagnostics together: ``compute(model)`` -> (n_metrics, member)."""
-
-    def __init__(self, language: Language, cfg: ModelConfig, diagnostics: bool = True):
-        self.headline = HeadlineMetrics(language, cfg.n_ctx)
-        self.diagnostics = Diagnostics(language, cfg) if diagnostics else None
-        self.infos = self.headline.infos + (self.diagnostics.infos if self.diagnostics else [])
-
-    def to(self, device: torch.device) -> "WeightMetrics":
-        self.headline.to(device)
-        if self.diagnostics:
-            self.diagnostics.to(device)
-        return self
-
-    @torch.inference_mode()
-    def compute(self, model: TensorTransformer) -> Tensor:
-        values = [self.headline.compute(model)]
-        if self.diagnostics:
-            values.append(self.diagnostics.compute(model))
-        return torch.cat(values)
-
-
 class PairComposition:
     """Rows of the timeline group ``composition``: Q- and K-composition per Q/K pair between
-    every two layers (devinterp.circuits.pair_composition), beside the pair-averaged scores the
+    every two layers (devinterp.metrics.circuits.pair_composition), beside the pair-averaged scores the
     diagnostics keep under their old names: ``comp/k<r>/L<l1>H<a>->L<l2>H<b>``,
     ``comp/q<r>/...``, the signed alignment ``comp/k<r>_signed/...`` and its product over the
     pairs ``comp/k_joint_signed/...``."""

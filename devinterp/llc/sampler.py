@@ -54,14 +54,6 @@ Params = dict[str, torch.Tensor]
 LossFn = Callable[[Params, int], torch.Tensor]  # (params (copy, ...), step) -> (copy,) losses
 
 
-def reportable(llc: np.ndarray) -> np.ndarray:
-    """Estimates as reported anywhere (the report, W&B): NaN where the chains fell below L(w*)
-    (a negative estimate: not at a minimum, or eps too large) or diverged (non-finite)."""
-    llc = np.asarray(llc, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        return np.where(np.isfinite(llc) & (llc >= 0), llc, np.nan)
-
-
 def default_n_beta(batch_size: int) -> float:
     """b / log b, the inverse temperature the WBIC suggests for a batch of b (Watanabe 2013)."""
     if batch_size < 2:

@@ -117,7 +117,7 @@ def analyze_main(argv: list[str]) -> int:
 
     use_threads(available_cores())  # the fits, bootstraps and any model rebuilt from snapshots
     from analysis.report import write_report  # matplotlib: only once the arguments are good
-    from analysis.timeline import TimelineError
+    from devinterp.store.timeline import TimelineError
 
     try:
         report = write_report(
@@ -187,21 +187,21 @@ def main(argv: list[str] | None = None) -> int:
     )  # the seed is in config.yaml
     try:
         if argv[0] == "language":
-            from devinterp.language_show import main as language_main
+            from devinterp.cli.language import main as language_main
 
             return language_main(argv[1:])
         if argv[0] == "analyze":
             return analyze_main(argv[1:])
         if argv[0] == "sweep":
-            from devinterp.sweep import main as sweep_main
+            from devinterp.cli.sweep import main as sweep_main
 
             return sweep_main(argv[1:])
         if argv[0] == "llc":
-            from devinterp.llc_cli import main as llc_main
+            from devinterp.cli.llc import main as llc_main
 
             return llc_main(argv[1:])
         if argv[0] == "dependence":
-            from devinterp.experiments import main as dependence_main
+            from devinterp.cli.dependence import main as dependence_main
 
             return dependence_main(argv[1:])
         if argv[0] not in ALL_COMMANDS and not argv[0].startswith("-"):
@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             argv = resume_argv(argv[1:])
             if from_command_line:
                 sys.argv[1:] = argv
-        from devinterp.quiet import quiet_known_noise
-        from devinterp.train_cli import run_lightning
+        from devinterp.cli.fit import run_lightning
+        from devinterp.cli.quiet import quiet_known_noise
 
         quiet_known_noise()
         run_lightning(None if from_command_line else argv)
@@ -248,8 +248,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """The errors that end a command with one line: the light ones, and the training command's
     when it was imported (importing it here would cost every command torch and Lightning)."""
     kinds: tuple[type[BaseException], ...] = (SpecError, UsageError, ValueError, OSError)
-    if "devinterp.train_cli" in sys.modules:
-        from devinterp.train_cli import TRAINING_ERRORS
+    if "devinterp.cli.fit" in sys.modules:
+        from devinterp.cli.fit import TRAINING_ERRORS
 
         kinds += TRAINING_ERRORS
     return kinds

@@ -11,7 +11,7 @@ from devinterp.baselines import probe_baselines
 from devinterp.errors import ArgumentParser
 from devinterp.language import Language, load_language, plogp
 from devinterp.language.corpus import is_corpus_path, load_corpus
-from devinterp.schema import UNMEASURABLE
+from devinterp.store.schema import UNMEASURABLE
 
 SHORT = {"start": "^"}
 

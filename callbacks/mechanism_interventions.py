@@ -1,7 +1,7 @@
 """MechanismInterventions: penalties and clamps on the mechanism over step windows (timeline producer).
 
 The interventions and their conventions are in devinterp/interventions.py, the metrics a
-penalty may name in devinterp/mechanisms.py. Hooks, in the order Lightning calls them in step s:
+penalty may name in devinterp/metrics/mechanisms.py. Hooks, in the order Lightning calls them in step s:
 
 - ``on_train_start``: clamps active at the first step take hold (a ``frozen`` clamp records
   the weights it holds);
@@ -36,9 +36,9 @@ from devinterp.interventions import (
     components_of,
     parse_interventions,
 )
-from devinterp.mechanisms import PenaltyMetrics
+from devinterp.metrics.mechanisms import PenaltyMetrics
 from devinterp.model import TensorTransformer
-from devinterp.schema import MetricInfo
+from devinterp.store.schema import MetricInfo
 
 FIELDS = ("value", "active", "grad_norm")
 

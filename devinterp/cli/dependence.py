@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from devinterp.child import run_child
+from devinterp.cli.child import run_child
 from devinterp.errors import ArgumentParser, UsageError
 from devinterp.interventions import parse_interventions
 from devinterp.language import load_language

@@ -1,4 +1,4 @@
-"""Reading a run's HDF5 timeline (layout in devinterp/schema.py), without torch.
+"""Reading a run's HDF5 timeline (layout in devinterp/store/schema.py), without torch.
 
 ``load_timeline(path)`` reads a finished file, a file still being written in live (SWMR) mode,
 and a file whose writer was killed; only committed rows are returned, so nothing half-written
@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from devinterp.schema import (
+from devinterp.store.schema import (
     BLIND_SINCE,
     GROUP_MARKER,
     INFO_DEFAULTS,
@@ -26,11 +26,10 @@ from devinterp.schema import (
     LEGACY_INFO_FIELDS,
     READABLE_VERSIONS,
     SCHEMA_VERSION,
-    VERSION_1_GROUPS,
     MetricInfo,
     Yardstick,
 )
-from devinterp.schema import progress as progress_of
+from devinterp.store.schema import progress as progress_of
 
 KNOWN_SCHEMA_VERSIONS = set(READABLE_VERSIONS)
 
@@ -78,15 +77,11 @@ class Timeline:
 
     def to_xarray(self, group: str, names: str = "*"):
         """The group's metrics matching ``names`` as an xarray DataArray (step, metric, member),
-        read from this timeline's file (analysis/frames.py)."""
-        from analysis.frames import to_xarray
-
+        read from this timeline's file (``to_xarray`` below)."""
         return to_xarray(self.path, group, names)
 
     def to_dataframe(self, group: str, names: str = "*"):
         """The long form (step, metric, member, value, metric infos) as a pandas DataFrame."""
-        from analysis.frames import to_dataframe
-
         return to_dataframe(self.path, group, names)
 
     @property
@@ -118,7 +113,7 @@ class Timeline:
         return self.groups[group].steps
 
     def info(self, name: str) -> MetricInfo:
-        """A metric's attributes: kind, primitive, rule, its yardsticks (devinterp/schema.py)."""
+        """A metric's attributes: kind, primitive, rule, its yardsticks (devinterp/store/schema.py)."""
         group = self.groups[self.group_of(name)]
         return group.infos[group.names.index(name)]
 
@@ -251,7 +246,7 @@ def _read_group(f: h5py.File, name: str, path: Path, pattern: str = "*") -> Grou
 
 def read_group(path: str | Path, group: str, pattern: str = "*") -> Group:
     """The committed rows of one group's metrics matching ``pattern``, read from the file (only
-    those columns): what ``analysis.frames`` labels."""
+    those columns): what ``to_xarray`` labels."""
     path = Path(path)
     if not path.is_file():
         raise TimelineError(f"{path}: no such timeline file")
@@ -292,10 +287,7 @@ def _load(path: Path) -> Timeline:
             for k, v in f["meta"].items()
             if v.shape == ()
         }  # the string fields
-        if int(version) == 1:
-            names = [name for name in VERSION_1_GROUPS if name in f]
-        else:
-            names = [name for name, g in f.items() if isinstance(g, h5py.Group) and g.attrs.get(GROUP_MARKER)]
+        names = [name for name, g in f.items() if isinstance(g, h5py.Group) and g.attrs.get(GROUP_MARKER)]
         groups = {name: _read_group(f, name, path) for name in names}
         if not groups:
             raise TimelineError(f"{path}: no metric groups")
@@ -327,3 +319,40 @@ def _load(path: Path) -> Timeline:
 
 def _string(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# A group as labelled data for plotting: an xarray DataArray or a long pandas frame. Both read
+# only the committed rows of the metrics asked for (a glob on their names), so a figure of four
+# curves does not load a run's every metric; the metric infos (devinterp/store/schema.py) travel
+# along, as coordinates on the ``metric`` dimension or as columns of the frame:
+#     curves = to_xarray("runs/quickstart/timeline.h5", "probe", "probe_excess/*")
+#     curves.median("member").plot.line(x="step", xscale="log")  # one line per primitive
+
+
+def to_xarray(path: str | Path, group: str, names: str = "*"):
+    """The group's metrics matching ``names`` as a DataArray with dims (step, metric, member):
+    coordinates ``step`` (the rows' steps), ``metric`` (names) with every metric info field along
+    it, and ``member``; values as stored (NaN where a sparse metric has no value)."""
+    import xarray as xr
+
+    found = read_group(path, group, names)
+    metric_coords = {key: ("metric", [getattr(i, key) for i in found.infos]) for key in INFO_FIELDS}
+    return xr.DataArray(
+        found.values,
+        dims=("step", "metric", "member"),
+        coords={
+            "step": found.steps,
+            "metric": [i.name for i in found.infos],
+            "member": list(range(found.values.shape[2])),
+            **metric_coords,
+        },
+        name=group,
+        attrs={"timeline": str(path), "group": group},
+    )
+
+
+def to_dataframe(path: str | Path, group: str, names: str = "*"):
+    """The long form for pandas and seaborn: one row per (step, metric, member) with columns
+    step, metric, member, value and every metric info field."""
+    frame = to_xarray(path, group, names).to_dataframe(name="value").reset_index()
+    return frame[["step", "metric", "member", "value", *INFO_FIELDS]]

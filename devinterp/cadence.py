@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-Schedule = Literal["log", "every_n_steps"]
+Cadence = Literal["log", "every_n_steps"]
 
 
 def log_interval(step: int, per_doubling: int) -> int:
@@ -22,12 +22,12 @@ def log_interval(step: int, per_doubling: int) -> int:
     return 1 << max(0, (step // per_doubling).bit_length() - 1)
 
 
-def is_due(step: int, schedule: Schedule, every_n_steps: int, per_doubling: int) -> bool:
+def is_due(step: int, schedule: Cadence, every_n_steps: int, per_doubling: int) -> bool:
     if schedule == "log":
         return step % log_interval(step, per_doubling) == 0
     return step % every_n_steps == 0
 
 
-def due_steps(max_steps: int, schedule: Schedule, every_n_steps: int, per_doubling: int) -> np.ndarray:
+def due_steps(max_steps: int, schedule: Cadence, every_n_steps: int, per_doubling: int) -> np.ndarray:
     """Every due step in 0..max_steps (the last step is measured anyway by the callers)."""
     return np.array([s for s in range(max_steps + 1) if is_due(s, schedule, every_n_steps, per_doubling)])

@@ -1,7 +1,7 @@
 """Which components carry which primitive, from the timeline group ``attribution``, and reuse.
 
 The group holds, per token-level rule and diagnostics step, the exact split of the rule's
-expected centred logit over the direct path and every head (devinterp/attribution.py). Here:
+expected centred logit over the direct path and every head (devinterp/metrics/attribution.py). Here:
 
 - a component's *share* of a rule: its part over the sum of the absolute parts of every
   component (so shares lie in [-1, 1], their absolute values sum to 1, and a negative share is
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.timeline import Timeline
+from devinterp.store.timeline import Timeline
 
 THRESHOLD = 0.2
 MASS_FRACTION = 0.1  # serving needs at least this fraction of the primitive's final mass

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from devinterp.child import run_child
+from devinterp.cli.child import run_child
 from devinterp.errors import ArgumentParser, UsageError
 
 

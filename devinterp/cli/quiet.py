@@ -2,7 +2,7 @@
 
 Each filter names one message and where it comes from; every other warning and log line still
 shows. (W&B's "anonymous setting has no effect" is not filtered: the CLI stops causing it, see
-train_cli.py.)
+cli/fit.py.)
 """
 
 from __future__ import annotations

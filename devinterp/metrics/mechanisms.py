@@ -8,8 +8,8 @@ here, so there is no second implementation. Three families of names qualify:
   squared norm of what a layer-0 head writes into the residual stream at position i from
   position i - d (d = 1 and d = 0), averaged over the (position, token, token) triples of a
   fixed sample of the run's own sequences (``offset_write``);
-- every headline metric (``<primitive>/<rule>/kl``, devinterp.metrics.HeadlineMetrics);
-- every diagnostic (devinterp.metrics.Diagnostics) except ranks and the sign-aware copying
+- every headline metric (``<primitive>/<rule>/kl``, devinterp.metrics.weights.HeadlineMetrics);
+- every diagnostic (devinterp.metrics.weights.Diagnostics) except ranks and the sign-aware copying
   score, which are piecewise constant in the weights and have no useful gradient.
 
 Why the offset write, not the previous-token *score*, is the one to penalise. The diagnostic
@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from devinterp import circuits
 from devinterp.language import Language
-from devinterp.metrics import Diagnostics, HeadlineMetrics
+from devinterp.metrics import circuits
+from devinterp.metrics.weights import Diagnostics, HeadlineMetrics
 from devinterp.model import TensorTransformer
 
 OFFSET_METRICS = {"prev_token_output": 1, "self_output": 0}  # name -> offset d
@@ -193,8 +193,8 @@ def copy_preference(model: TensorTransformer, tokens: Tensor, copied: Tensor, ot
     """The model's share of the copied token among the two candidates, p(y1) / (p(y1) + p(y2)),
     averaged over the contexts of ``two_candidate_contexts``: (member,). 1 = it copies, about
     0.5 = it cannot tell which candidate followed x. Read from the weights by the exact
-    contraction of devinterp.metrics.context_logits."""
-    from devinterp.metrics import context_logits
+    contraction of devinterp.metrics.weights.context_logits."""
+    from devinterp.metrics.weights import context_logits
 
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     logits = context_logits(model, tokens, positions)  # (M, n, V)

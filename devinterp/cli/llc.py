@@ -1,17 +1,6 @@
 """``devinterp llc RUN``: LLC estimates at a run's weight snapshots, into ``RUN/llc.h5``.
 
-The estimates go to a sidecar file beside the timeline, never into it, so the training rows are
-never at risk. Layout of ``llc.h5`` (rewritten whole, through a temporary file and a rename, after
-every estimate, so a stopped command leaves the last complete file and a rerun with the same
-settings goes on from there):
-
-- attrs ``settings``: JSON of the sampler's hyperparameters, the members, the pool and batch size;
-- ``steps`` (snapshot,): the snapshot steps estimated so far, increasing;
-- per refinement R (``model``, a primitive, ``L<l>H<h>``) the group ``R`` with ``llc``,
-  ``std_error``, ``init_loss`` (snapshot, member), ``diverged``, ``below_init`` (snapshot, member)
-  counts of chains, ``per_chain`` (snapshot, member, chain) and ``loss_trace`` (snapshot, member,
-  chain, kept draw) and ``eps`` (snapshot,), the step size it was made with (``--eps``, or its
-  ``--eps-for``); NaN where that snapshot has no estimate yet.
+The file's layout is in devinterp/store/llc_file.py.
 """
 
 from __future__ import annotations
@@ -19,8 +8,6 @@ from __future__ import annotations
 from devinterp.threads import ThreadTuner, available_cores, use_threads
 
 import argparse
-import json
-import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -29,8 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from devinterp.errors import ArgumentParser
+from devinterp.restore import model_config
+from devinterp.store.llc_file import (
+    FILENAME,
+    has_estimate,
+    read_estimates,
+    record,
+    reportable,
+    write_estimates,
+)
 
-FILENAME = "llc.h5"
 TIMING_STEPS = 8  # SGLD steps timed before the work starts, for the "about N min" line
 EPS_COMPARE = (
     "eps sets the discretisation, not the target: estimates at different eps compare only where the "
@@ -124,10 +119,9 @@ def main(argv: list[str]) -> int:
     import torch
     import yaml
 
-    from analysis.timeline import load_timeline
-    from devinterp.llc import SamplerConfig, default_n_beta
-    from devinterp.llc_run import DataPool, refinements, snapshot_llc
-    from devinterp.model import ModelConfig
+    from devinterp.llc.sampler import SamplerConfig, default_n_beta
+    from devinterp.llc.snapshots import DataPool, refinements, snapshot_llc
+    from devinterp.store.timeline import load_timeline
 
     run = Path(args.run)
     timeline = load_timeline(run / "timeline.h5" if run.is_dir() else run)
@@ -146,8 +140,7 @@ def main(argv: list[str]) -> int:
     spec_text = timeline.meta.get("language_spec", "")
     spec = yaml.safe_load(spec_text) if spec_text else None
     config = yaml.safe_load(timeline.meta["config"])
-    model_config = {k: v for k, v in config["model"].items() if k in ModelConfig.__dataclass_fields__}
-    cfg = ModelConfig(**model_config)
+    cfg = model_config(timeline.meta["config"])
     members = list(range(cfg.n_members)) if args.members is None else args.members
     for member in members:
         if not 0 <= member < cfg.n_members:
@@ -188,7 +181,7 @@ def main(argv: list[str]) -> int:
     if args.calibrate:
         return calibrate(args, timeline, slots, steps, pool, cfg, sampler, members, folder, n_beta)
     out = folder / FILENAME
-    store = read(out, settings)  # refuses a file made with other settings, before any work
+    store = read_estimates(out, settings)  # refuses a file made with other settings, before any work
     for key in [key for key in store if key[1] in args.redo]:
         del store[key]
     check_step_sizes(out, store, eps_for, sampler.eps)
@@ -204,7 +197,7 @@ def main(argv: list[str]) -> int:
             tuner.tick()
         bar.update(1)
 
-    todo = [(s, r) for s in steps for r in chosen if not done(store, s, r.name)]
+    todo = [(s, r) for s in steps for r in chosen if not has_estimate(store, s, r.name)]
     print(
         f"llc: {len(todo)} estimates to make ({len(steps)} snapshots x {len(chosen)} refinements, "
         f"{len(members)} members x {sampler.chains} chains, n_beta {n_beta:.4g}; fewer with --steps, "
@@ -243,8 +236,8 @@ def main(argv: list[str]) -> int:
                 progress=step_done,
                 device=args.device,
             )
-            put(store, step, refinement.name, estimate)
-            write(out, store, settings)
+            record(store, step, refinement.name, estimate)
+            write_estimates(out, store, settings)
             worst = f", {int(estimate.diverged.sum())} chains diverged" if estimate.diverged.any() else ""
             if estimate.below_init.any():
                 below = int(estimate.below_init.sum())
@@ -313,12 +306,11 @@ def send_to_wandb(
     """Every estimate in ``store`` as one more segment of the run's W&B group (``<run>@llc``, job
     type 'llc', which resumes of the training ignore), a row per snapshot step at
     ``trainer/global_step``: each refinement's median over members and its IQR, of the estimates
-    the report reads (``devinterp.llc.reportable``: none below L(w*) or diverged), and
+    the report reads (``devinterp.store.llc_file.reportable``: none below L(w*) or diverged), and
     ``<key>_left_out``, how many members' estimates were not; no value where none is left."""
     import wandb
 
-    from devinterp.llc import reportable
-    from devinterp.wandb_files import ANALYSIS_JOB
+    from devinterp.store.wandb_files import ANALYSIS_JOB
 
     run = wandb.init(
         dir=str(folder),
@@ -350,7 +342,7 @@ def send_to_wandb(
 
 def calibrate(args, timeline, slots, steps, pool, cfg, sampler, members, folder, n_beta) -> int:
     """``--calibrate``: the eps x n_beta sweep on one snapshot (see ``parse``)."""
-    from devinterp.llc_run import refinements, snapshot_llc
+    from devinterp.llc.snapshots import refinements, snapshot_llc
 
     whole = refinements(list(timeline.label_names), cfg, (args.refinements or [])[:1] or ["model"])[0]
     # a refinement's eps is chosen at the file's n_beta, which every refinement shares
@@ -396,78 +388,6 @@ def calibrate(args, timeline, slots, steps, pool, cfg, sampler, members, folder,
     else:
         print(f"llc calibrate: every setting is flagged; widen the grids or lengthen --draws; {figure}")
     return 0
-
-
-def read(path: Path, settings: dict) -> dict:
-    """The estimates already in ``path`` ({(step, refinement): arrays}); none if it does not exist."""
-    import h5py
-
-    store: dict = {}
-    if not path.exists():
-        return store
-    with h5py.File(path, "r") as f:
-        there, asked = json.loads(f.attrs["settings"]), json.loads(json.dumps(settings))
-        if there != asked:
-            flat = lambda d: {**d["sampler"], **{k: v for k, v in d.items() if k != "sampler"}}  # noqa: E731
-            old, new = flat(there), flat(asked)
-            differ = ", ".join(
-                f"{k} {old.get(k)} there, {new.get(k)} asked" for k in new if old.get(k) != new[k]
-            )
-            raise ValueError(
-                f"{path}: made with other settings ({differ}); pass the same ones, or move it away"
-            )
-        steps = f["steps"][()]
-        for name in f:
-            if name == "steps":
-                continue
-            group = f[name]
-            for i, step in enumerate(steps):
-                if np.isfinite(group["llc"][i]).any() or group["diverged"][i].any():
-                    # a file from before --eps-for holds no eps: every estimate in it used --eps
-                    store[(int(step), name)] = {"eps": np.float64(there["sampler"]["eps"])}
-                    store[(int(step), name)].update({key: group[key][i] for key in group})
-    return store
-
-
-def done(store: dict, step: int, name: str) -> bool:
-    return (step, name) in store
-
-
-def put(store: dict, step: int, name: str, estimate) -> None:
-    store[(step, name)] = {
-        "llc": estimate.llc,
-        "std_error": estimate.std_error,
-        "init_loss": estimate.init_loss,
-        "per_chain": estimate.per_chain,
-        "diverged": estimate.diverged.sum(axis=1),
-        "below_init": estimate.below_init.sum(axis=1),
-        "loss_trace": estimate.loss_trace,
-        "eps": np.float64(estimate.config.eps),
-    }
-
-
-def write(path: Path, store: dict, settings: dict) -> None:
-    """Rewrite the whole file through a temporary one and a rename (atomic on one file system)."""
-    import h5py
-
-    steps = sorted({step for step, _ in store})
-    names = sorted({name for _, name in store})
-    partial = path.with_suffix(".h5.partial")
-    with h5py.File(partial, "w") as f:
-        f.attrs["settings"] = json.dumps(settings)
-        f["steps"] = np.asarray(steps, dtype=np.int64)
-        for name in names:
-            example = next(v for (s, n), v in store.items() if n == name)
-            group = f.create_group(name)
-            for key, value in example.items():
-                full = np.full(
-                    (len(steps), *np.shape(value)), np.nan if value.dtype.kind == "f" else 0, value.dtype
-                )
-                for i, step in enumerate(steps):
-                    if (step, name) in store:
-                        full[i] = store[(step, name)][key]
-                group[key] = full
-    os.replace(partial, path)
 
 
 def calibration_flags(estimate) -> list[str]:

@@ -1,6 +1,6 @@
 """The timeline's schema: what a metric is, how a file marks and describes its parts.
 
-Torch-free, so the writer (callbacks/timeline_writer.py) and the reader (analysis/timeline.py)
+Torch-free, so the writer (callbacks/timeline_writer.py) and the reader (devinterp/store/timeline.py)
 share it and analysis works from a file alone. Layout of a timeline file (version 2):
 
     meta/            schema_version, package_version, config (every section of the resolved run
@@ -39,10 +39,9 @@ from typing import Literal, get_args
 import numpy as np
 
 SCHEMA_VERSION = 3  # 3: the blind yardstick (metric_info/blind, blind_from, mass); knock_out was fallback
-READABLE_VERSIONS = (1, 2, 3)  # version 1: the three groups every_step, diagnostics, probe, no marker
+READABLE_VERSIONS = (2, 3)  # 2: metric_info/fallback, read as knock_out
 BLIND_SINCE = 3  # files before it have no blind baselines: the blind yardstick refuses them
 LEGACY_INFO_FIELDS = {"fallback": "knock_out"}  # metric_info datasets renamed since: old name -> new
-VERSION_1_GROUPS = ("every_step", "diagnostics", "probe")
 GROUP_MARKER = "devinterp_metric_group"  # attribute set (to 1) on every metric group
 VALUES_AXES = "row, metric, member"
 
@@ -62,7 +61,8 @@ class MetricInfo:
     kind: ``weight`` (headline KL read from the weights), ``diagnostic`` (a mechanism measure
     read from the weights), ``probe`` (measured on the probe set), ``probe_attention`` (a
     head's attention on the probe set), ``train`` (training loss of the step's batch),
-    ``intervention`` (a penalty's or clamp's value, window and gradient: callbacks/interventions.py).
+    ``intervention`` (a penalty's or clamp's value, window and gradient:
+    callbacks/mechanism_interventions.py).
     ``nothing`` / ``learned``: the values meaning "nothing learned" (the uniform prediction) and
     "learned" (progress metrics only, NaN otherwise). The primitive-specific yardsticks
     (devinterp/baselines.py): ``blind``, "nothing learned" for a model that cannot read what the
