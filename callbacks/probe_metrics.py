@@ -19,7 +19,6 @@ error of its excess, is printed and written to ``<run folder>/probe_summary.json
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import fields
 from pathlib import Path
 from typing import get_args
@@ -31,24 +30,15 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from callbacks.timeline_writer import TimelineGroup, find_writer, last_step_reached
-from devinterp.baselines import Baselines, probe_baselines
 from devinterp.cadence import Cadence, is_due
 from devinterp.errors import at_least, one_of
 from devinterp.probe import (
     ProbeResult,
     attention_to_open,
     evaluate_probe,
-    grouped_sums,
-    span_queries,
-    uniform_share,
 )
+from devinterp.probe_catalogue import probe_catalogue
 from devinterp.store.schema import MetricInfo, pooled_progress
-
-
-def icl_positions(seq_len: int) -> tuple[int, int]:
-    """(early, late) predicted positions for the ICL score: a tenth of the way in, and the last
-    (Olsson et al. use tokens 50 and 500 of 512)."""
-    return max(1, round(0.1 * (seq_len - 1))), seq_len - 2
 
 
 class ProbeMetrics(L.Callback):
@@ -92,124 +82,15 @@ class ProbeMetrics(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        datamodule = trainer.datamodule
-        language, probe = datamodule.language, datamodule.probe
-        # the uniform prediction's excess is log V + E log p; its cross-entropy is log V
-        plogp = probe.true_plogp.double().flatten()[None]  # (1, positions); NaN: a corpus without logp
-        log_v = math.log(language.d_vocab)
-        labels, rules = probe.labels[:, 1:].flatten(), probe.rules[:, 1:].flatten()
-        label_sums, label_counts = grouped_sums(plogp, labels, len(language.label_names))
-        rule_sums, rule_counts = grouped_sums(plogp, rules, len(language.rule_names))
-        by_label, by_rule = (label_sums / label_counts)[0].tolist(), (rule_sums / rule_counts)[0].tolist()
-        self.label_columns = [i for i, n in enumerate(label_counts[0].tolist()) if n > 0]
-        self.rule_columns = [i for i, n in enumerate(rule_counts[0].tolist()) if n > 0]
-        self.has_excess = probe.has_excess
-        names = language.label_names
-        self.label_names, self.rule_names = list(names), list(language.rule_names)
-        # each primitive's blind and knock-out baselines (devinterp/baselines.py); none for a corpus
-        label_baselines, rule_baselines = {}, {}
-        if probe.true_next is not None and hasattr(language, "context_oracles"):  # not a corpus
-            label_baselines, rule_baselines = probe_baselines(
-                language,
-                language.context_oracles(datamodule.seq_len),
-                probe.tokens.numpy(),
-                probe.true_next.double().numpy(),
-                probe.labels[:, 1:].numpy(),
-                probe.rules[:, 1:].numpy(),
-            )
-
-        def yardsticks(baselines: Baselines | None, count, shift: float = 0.0) -> dict:
-            """The metric's baselines, ``shift`` added (cross-entropy = excess + entropy)."""
-            if baselines is None:
-                return {"mass": float(count)}
-            return {
-                "knock_out": baselines.knock_out + shift,
-                "blind": baselines.blind + shift,
-                "blind_from": baselines.blind_from,
-                "mass": float(count),
-            }
-
-        self.infos = []
-        if self.has_excess:
-            uniform = float(plogp.mean()) + log_v
-            every = MetricInfo(
-                "probe/excess", "probe", "all", "all", uniform, 0.0, unit="nats", mass=float(plogp.shape[1])
-            )
-            self.infos.append(every)
-            self.infos += [
-                MetricInfo(
-                    f"probe_excess/{names[i]}",
-                    "probe",
-                    names[i],
-                    "all",
-                    by_label[i] + log_v,
-                    0.0,
-                    unit="nats",
-                    **yardsticks(label_baselines.get(i), label_counts[0, i]),
-                )
-                for i in self.label_columns
-            ]
-        self.infos += [
-            MetricInfo(f"probe_acc/{names[i]}", "probe", names[i], "all") for i in self.label_columns
-        ]
-        self.infos += [  # cross-entropy = entropy + excess: a baseline's is entropy + its excess
-            MetricInfo(
-                f"probe_ce/{names[i]}",
-                "probe",
-                names[i],
-                "all",
-                log_v,
-                -by_label[i],
-                unit="nats",
-                **yardsticks(label_baselines.get(i), label_counts[0, i], shift=-by_label[i]),
-            )
-            for i in self.label_columns
-        ]
-        for i in self.rule_columns if self.has_excess else ():
-            primitive, rule = language.rule_names[i].split("/", 1)
-            self.infos.append(
-                MetricInfo(
-                    f"probe_excess/{primitive}/{rule}",
-                    "probe",
-                    primitive,
-                    rule,
-                    by_rule[i] + log_v,
-                    0.0,
-                    **yardsticks(rule_baselines.get(i), rule_counts[0, i]),
-                )
-            )
-        T = datamodule.seq_len
-        self.infos += [
-            MetricInfo(f"probe_loss/pos{t + 1}", "probe", "all", f"pos{t + 1}", unit="nats")
-            for t in range(T - 1)
-        ]
-        self.icl_early, self.icl_late = icl_positions(T)
-        self.infos.append(
-            MetricInfo("icl/score", "probe", "all", f"pos{self.icl_late + 1}-pos{self.icl_early + 1}")
+        datamodule, cfg = trainer.datamodule, pl_module.cfg
+        found = probe_catalogue(
+            datamodule.language, datamodule.probe, datamodule.seq_len, cfg.n_layers, cfg.n_heads
         )
-        # spans (quotes, brackets): each head's attention from inside a span to its open token
-        inputs = probe.tokens[:, :-1].numpy()
-        found = [(p, p.open_positions(inputs)) for p in language.primitives]
-        # a span primitive with no query in this probe set has nothing to average; a mean over an
-        # empty set is not a diverged model: no metric, as for a primitive's excess with no position
-        found = [(p, o) for p, o in found if o is not None and span_queries(torch.from_numpy(o)).any()]
-        spans, opens = [p for p, _ in found], [o for _, o in found]
-        self.span_opens = torch.from_numpy(np.stack(opens)) if spans else None  # (S, n, T-1)
-        cfg = pl_module.cfg
-        for primitive, where in zip(spans, opens):
-            self.infos += [
-                MetricInfo(
-                    f"probe_attn/{primitive.name}/L{layer}H{head}",
-                    "probe_attention",
-                    primitive.name,
-                    f"L{layer}H{head}",
-                    uniform_share(where),
-                    1.0,
-                )
-                for layer in range(cfg.n_layers)
-                for head in range(cfg.n_heads)
-            ]
-        self.spans = spans
+        self.infos, self.has_excess = found.infos, found.has_excess
+        self.label_names, self.rule_names = found.label_names, found.rule_names
+        self.label_columns, self.rule_columns = found.label_columns, found.rule_columns
+        self.icl_early, self.icl_late = found.icl_early, found.icl_late
+        self.spans, self.span_opens = found.spans, found.span_opens
         self._writer = find_writer(trainer)
         self._writer.declare(
             TimelineGroup(

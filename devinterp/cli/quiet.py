@@ -1,8 +1,10 @@
 """Quiet the start-up lines of libraries that say nothing about the run.
 
 Each filter names one message and where it comes from; every other warning and log line still
-shows. (W&B's "anonymous setting has no effect" is not filtered: the CLI stops causing it, see
-cli/fit.py.)
+shows. W&B's "The anonymous setting has no effect" still shows once per run: Lightning passes
+``anonymous=None`` to ``wandb.init``, W&B warns about any value, and W&B prints it through its own
+terminal writer, which no public filter reaches; the CLI no longer edits the logger's private
+init arguments to avoid it.
 """
 
 from __future__ import annotations
