@@ -9,7 +9,9 @@ from devinterp.cli.run_folder import RUN_DIR_VARIABLE, UNCHANGED, plan_run_folde
 from devinterp.errors import UsageError
 
 
-def config(root: Path, name: str | None = "quick", resume: str | None = None, max_steps: int = 10) -> Namespace:
+def config(
+    root: Path, name: str | None = "quick", resume: str | None = None, max_steps: int = 10
+) -> Namespace:
     return Namespace(
         run=Namespace(name=name, root=str(root), resume=resume),
         trainer=Namespace(max_steps=max_steps),

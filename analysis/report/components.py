@@ -52,8 +52,6 @@ def attribution_section(
         out / "attribution.png",
         f"member {member}",
     )
-    final = shares.shares[-1]  # (P, C, M)
-    top = top_heads(shares)  # (P, M)
     *first, last = FIGURE_FRACTIONS
     fractions = ", ".join(f"{100 * f:.0f}" for f in first) + f" and {last:.0%}"  # "10, 50 and 90%"
     lines = [
@@ -75,6 +73,20 @@ def attribution_section(
         "members whose top head serves it |",
         "|---|---|---|---|---|",
     ]
+    lines += top_head_lines(shares, threshold)
+    lines += reuse_lines(shares, threshold)
+    lines += shared_output_lines(timeline, threshold)
+    lines += route_lines(timeline, shares)
+    return lines + [""], [figure]
+
+
+def top_head_lines(shares, threshold: float) -> list[str]:
+    """Per primitive: the direct path's and the top head's median share at the end, the top
+    heads' layers and how many serve it; then each member's top head (16 members at most)."""
+    final = shares.shares[-1]  # (P, C, M)
+    top = top_heads(shares)  # (P, M)
+    M = final.shape[-1]
+    lines = []
     for i, p in enumerate(shares.primitives):
         top_share = final[i, top[i], np.arange(M)]
         layers = [shares.components[c][:2] for c in top[i]]
@@ -97,6 +109,14 @@ def attribution_section(
                 for i in range(len(shares.primitives))
             ]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def reuse_lines(shares, threshold: float) -> list[str]:
+    """Heads serving two or more primitives at the end, grouped by the primitives they serve, with
+    the order in which each started serving them."""
+    M = shares.shares.shape[-1]
+    lines = []
     reused = reused_heads(shares, threshold)
     lines += [
         "",
@@ -119,6 +139,13 @@ def attribution_section(
                 f"member {r.member} {r.component}: {o}" for r, o in list(zip(items, order))[:4]
             )
             lines.append(f"- {' + '.join(combo)}: {len(items)} heads ({first_counts}). E.g. {examples}")
+    return lines
+
+
+def route_lines(timeline: Timeline, shares) -> list[str]:
+    """Where the top later-layer head's part comes from (members 0 to 3), as shares of its part."""
+    top = top_heads(shares)  # (P, M)
+    M = shares.shares.shape[-1]
     routes = []
     for i, p in enumerate(shares.primitives):
         for m in range(min(M, 4)):
@@ -131,16 +158,15 @@ def attribution_section(
                 total = sum(abs(v) for v in last.values()) or 1.0
                 parts = ", ".join(f"{s} {v / total:+.2f}" for s, v in last.items() if abs(v) / total >= 0.05)
                 routes.append(f"- {p}, member {m}, {head}: {parts}")
-    lines += shared_output_lines(timeline, threshold)
-    if routes:
-        lines += [
-            "",
-            "Sources of the top later-layer head's part (shares of the head's part, Shapley over sources; "
-            "members 0 to 3):",
-            "",
-            *routes,
-        ]
-    return lines + [""], [figure]
+    if not routes:
+        return []
+    return [
+        "",
+        "Sources of the top later-layer head's part (shares of the head's part, Shapley over sources; "
+        "members 0 to 3):",
+        "",
+        *routes,
+    ]
 
 
 def shared_output_lines(timeline: Timeline, threshold: float = 0.2) -> list[str]:

@@ -64,6 +64,29 @@ def stages_section(
         "that change most (standard units) |",
         "|---|---|---|---|---|---|",
     ]
+    lines += transition_lines(fit)
+    figures = [
+        plot_stages(
+            curves,
+            onsets,
+            fit.data.steps,
+            fit.states,
+            fit.data.sequences,
+            out / "stages.png",
+            f"latent states ({fit.n_states}, BIC) under the primitives' progress",
+        )
+    ]
+    lines += ["", "Figure stages.png: the primitives' progress above every member's state sequence.", ""]
+    dynamics_lines, dynamics_figures = essential_dynamics_section(full[0], onsets, out)
+    lines += dynamics_lines
+    figures += dynamics_figures
+    return lines, figures, fit
+
+
+def transition_lines(fit: StageFit) -> list[str]:
+    """The transitions' table, the transition matrix, the transitions no onset explains and the
+    detour states."""
+    lines = []
     unplanted = []
     for t in fit.transitions:
         near = "" if t.nearest_onset is None else f"{t.nearest_onset[0]} ({t.nearest_onset[1]:+.2f})"
@@ -99,41 +122,34 @@ def stages_section(
             )
     else:
         lines.append("No detour state: every state is visited by at least half the members, or by none.")
-    figures = [
-        plot_stages(
-            curves,
-            onsets,
-            fit.data.steps,
-            fit.states,
-            fit.data.sequences,
-            out / "stages.png",
-            f"latent states ({fit.n_states}, BIC) under the primitives' progress",
-        )
-    ]
-    lines += ["", "Figure stages.png: the primitives' progress above every member's state sequence.", ""]
+    return lines
+
+
+def essential_dynamics_section(
+    first: Timeline, onsets: dict[str, list[Onset]], out: Path
+) -> tuple[list[str], list[Path]]:
+    """Essential dynamics of the first run's snapshots (analysis/essential_dynamics.py): its lines
+    and figure, or why there are none."""
     try:
         from analysis.essential_dynamics import essential_dynamics
 
-        dynamics = essential_dynamics(full[0])
+        dynamics = essential_dynamics(first)
     except KeyError as error:
-        lines += [f"No essential dynamics: {error}.", ""]
-        return lines, figures, fit
+        return [f"No essential dynamics: {error}.", ""], []
     medians = {
         p: float(np.median([o.step for o in v if not o.censored]))
         for p, v in onsets.items()
         if any(not o.censored for o in v)
     }
-    figures.append(
-        plot_essential_dynamics(
-            dynamics.steps, dynamics.coords, dynamics.explained, medians, out / "essential_dynamics.png"
-        )
+    figure = plot_essential_dynamics(
+        dynamics.steps, dynamics.coords, dynamics.explained, medians, out / "essential_dynamics.png"
     )
     share = ", ".join(f"{e:.0%}" for e in dynamics.explained)
-    lines += [
+    lines = [
         f"Essential dynamics (Hoogland et al. 2024): the outputs on 32 fixed sequences at the "
-        f"{len(dynamics.steps)} weight snapshots of {full[0].run_name}, PCA "
+        f"{len(dynamics.steps)} weight snapshots of {first.run_name}, PCA "
         f"over snapshots and members together; the first components explain {share} of the variance "
         "(figure essential_dynamics.png, primitives' median onsets marked).",
         "",
     ]
-    return lines, figures, fit
+    return lines, [figure]

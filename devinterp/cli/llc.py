@@ -119,28 +119,67 @@ def main(argv: list[str]) -> int:
     import torch
     import yaml
 
-    from devinterp.llc.sampler import SamplerConfig, default_n_beta
-    from devinterp.llc.snapshots import DataPool, refinements, snapshot_llc
+    from devinterp.llc.snapshots import DataPool
     from devinterp.store.timeline import load_timeline
 
     run = Path(args.run)
     timeline = load_timeline(run / "timeline.h5" if run.is_dir() else run)
     folder = timeline.path.parent
+    config = yaml.safe_load(timeline.meta["config"])
+    slots, steps = snapshot_steps(timeline, args.steps)
+    cfg = model_config(timeline.meta["config"])
+    members, chosen, eps_for = chosen_estimates(args, timeline, cfg)
+    sampler, settings = sampler_settings(args, int(config["data"]["seq_len"]), members)
+    spec_text = timeline.meta.get("language_spec", "")
+    spec = yaml.safe_load(spec_text) if spec_text else None
+    pool = DataPool.from_run(spec, config["data"], args.pool_size, int(config["data"]["seq_len"]))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda asked for, but torch sees no CUDA device here")
+    args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    args.device = "cpu" if args.device == "auto" else args.device
+    if args.calibrate:
+        return calibrate(args, timeline, slots, steps, pool, cfg, sampler, members, folder, sampler.n_beta)
+    out = folder / FILENAME
+    store = read_estimates(out, settings)  # refuses a file made with other settings, before any work
+    for key in [key for key in store if key[1] in args.redo]:
+        del store[key]
+    check_step_sizes(out, store, eps_for, sampler.eps)
+    todo = [(s, r) for s in steps for r in chosen if not has_estimate(store, s, r.name)]
+    print(
+        f"llc: {len(todo)} estimates to make ({len(steps)} snapshots x {len(chosen)} refinements, "
+        f"{len(members)} members x {sampler.chains} chains, n_beta {sampler.n_beta:.4g}; fewer with --steps, "
+        "--refinements, --members)",
+        file=sys.stderr,
+    )
+    save = lambda: write_estimates(out, store, settings)  # noqa: E731
+    estimate_all(args, timeline, slots, todo, sampler, eps_for, members, pool, save, store)
+    mode = args.wandb or config.get("run", {}).get("wandb_mode", "offline")
+    if todo and mode != "disabled":
+        send_to_wandb(folder, store, config, mode, settings, list(timeline.label_names))
+    print(f"llc: {out}")
+    return 0
+
+
+def snapshot_steps(timeline, asked: list[int] | None) -> tuple[dict[int, int], list[int]]:
+    """({snapshot step: slot}, the steps to estimate: ``asked``, else every snapshot's)."""
     slots = {int(timeline.snapshot_steps[s]): s for s in np.flatnonzero(timeline.snapshot_steps >= 0)}
     if not slots:
         raise ValueError(
             f"{timeline.path}: no weight snapshots (train with --timeline.n_snapshots N, e.g. 64)"
         )
-    steps = sorted(slots) if args.steps is None else args.steps
+    steps = sorted(slots) if asked is None else asked
     for step in steps:
         if step not in slots:
             raise ValueError(
                 f"--steps: no snapshot at step {step} (snapshots at {', '.join(map(str, sorted(slots)))})"
             )
-    spec_text = timeline.meta.get("language_spec", "")
-    spec = yaml.safe_load(spec_text) if spec_text else None
-    config = yaml.safe_load(timeline.meta["config"])
-    cfg = model_config(timeline.meta["config"])
+    return slots, steps
+
+
+def chosen_estimates(args, timeline, cfg):
+    """(members, refinements, {refinement: eps}) asked for, each checked against the run."""
+    from devinterp.llc.snapshots import refinements
+
     members = list(range(cfg.n_members)) if args.members is None else args.members
     for member in members:
         if not 0 <= member < cfg.n_members:
@@ -150,7 +189,13 @@ def main(argv: list[str]) -> int:
     for name in args.redo:
         if name not in {r.name for r in chosen}:
             raise ValueError(f"--redo: {name!r} is not among the refinements asked for")
-    seq_len = int(config["data"]["seq_len"])
+    return members, chosen, eps_for
+
+
+def sampler_settings(args, seq_len: int, members: list[int]):
+    """(SamplerConfig, the settings llc.h5 records and a rerun must repeat)."""
+    from devinterp.llc.sampler import SamplerConfig, default_n_beta
+
     if args.batch_size < 1 or args.pool_size < args.batch_size:
         raise ValueError(
             "--batch-size, --pool-size: need 1 <= batch size <= pool size, "
@@ -173,37 +218,25 @@ def main(argv: list[str]) -> int:
         "batch_size": args.batch_size,
         "seed": args.seed,
     }
-    pool = DataPool.from_run(spec, config["data"], args.pool_size, seq_len)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: cuda asked for, but torch sees no CUDA device here")
-    args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    args.device = "cpu" if args.device == "auto" else args.device
-    if args.calibrate:
-        return calibrate(args, timeline, slots, steps, pool, cfg, sampler, members, folder, n_beta)
-    out = folder / FILENAME
-    store = read_estimates(out, settings)  # refuses a file made with other settings, before any work
-    for key in [key for key in store if key[1] in args.redo]:
-        del store[key]
-    check_step_sizes(out, store, eps_for, sampler.eps)
+    return sampler, settings
+
+
+def estimate_all(args, timeline, slots, todo, sampler, eps_for, members, pool, save, store) -> None:
+    """Make every estimate in ``todo`` ((step, refinement) pairs), saving the file after each, with
+    a time estimate first, a bar over SGLD steps and one line per estimate."""
+    from devinterp.llc.snapshots import snapshot_llc
+
     cores = available_cores()  # the cores this process may use (affinity and cgroup quota)
     use_threads(cores)
-    on_cpu = args.device == "cpu"  # resolved above
     # as `run.threads auto` in fit: the fastest count, measured every 200 SGLD steps under the load
     # the machine has then (devinterp/threads.py)
-    tuner = ThreadTuner(cores) if on_cpu and cores > 1 else None
+    tuner = ThreadTuner(cores) if args.device == "cpu" and cores > 1 else None
 
     def step_done(done: int, total: int) -> None:
         if tuner is not None:
             tuner.tick()
         bar.update(1)
 
-    todo = [(s, r) for s in steps for r in chosen if not has_estimate(store, s, r.name)]
-    print(
-        f"llc: {len(todo)} estimates to make ({len(steps)} snapshots x {len(chosen)} refinements, "
-        f"{len(members)} members x {sampler.chains} chains, n_beta {n_beta:.4g}; fewer with --steps, "
-        "--refinements, --members)",
-        file=sys.stderr,
-    )
     steps_each = sampler.burn_in + sampler.draws * sampler.steps_between_draws
     if todo:  # about how long, from a few SGLD steps of the first estimate, before the work starts
         timed = replace(sampler, burn_in=0, draws=TIMING_STEPS, steps_between_draws=1)
@@ -237,7 +270,7 @@ def main(argv: list[str]) -> int:
                 device=args.device,
             )
             record(store, step, refinement.name, estimate)
-            write_estimates(out, store, settings)
+            save()
             worst = f", {int(estimate.diverged.sum())} chains diverged" if estimate.diverged.any() else ""
             if estimate.below_init.any():
                 below = int(estimate.below_init.sum())
@@ -249,11 +282,6 @@ def main(argv: list[str]) -> int:
             )
     if tuner is not None and todo:
         print(tuner.summary("llc threads"), file=sys.stderr)
-    mode = args.wandb or config.get("run", {}).get("wandb_mode", "offline")
-    if todo and mode != "disabled":
-        send_to_wandb(folder, store, config, mode, settings, list(timeline.label_names))
-    print(f"llc: {out}")
-    return 0
 
 
 def step_sizes(pairs: list[str], names: list[str]) -> dict[str, float]:
