@@ -11,7 +11,7 @@ from devinterp.language import load_language
 from devinterp.metrics.attribution import centred_logit, logit_parts, shapley_weights
 from devinterp.model import ModelConfig, TensorTransformer
 from tests.conftest import SEED_SPEC_PATH
-from tests.planted import planted_induction, planted_skip_trigram
+from tests.helpers.planted import planted_induction, planted_skip_trigram
 
 LANGUAGE = load_language(SEED_SPEC_PATH)
 

@@ -2,15 +2,14 @@
 step, under a knock-in curriculum and a DDP slice; a run trained through workers equals one
 without."""
 
-import lightning as L
 import pytest
 import torch
 
 from devinterp.data import MemberStreams, ToyLanguageData, stream_loader
 from devinterp.errors import UsageError
 from devinterp.language import load_language
-from devinterp.module import TensorTransformerModule
 from tests.conftest import SEED_SPEC_PATH
+from tests.helpers.tiny import tiny_parts, tiny_trainer
 
 LANGUAGE = load_language(SEED_SPEC_PATH)
 
@@ -51,36 +50,8 @@ def test_every_step_is_the_same_for_any_number_of_workers(workers, start_step, o
 
 def test_a_run_trained_through_workers_equals_one_without(tmp_path):
     def run(workers):
-        data = ToyLanguageData(
-            language=str(SEED_SPEC_PATH),
-            seq_len=16,
-            batch_size=4,
-            n_members=2,
-            probe_size=8,
-            steps_per_block=3,
-            num_workers=workers,
-        )
-        module = TensorTransformerModule(
-            d_vocab=data.d_vocab,
-            n_ctx=16,
-            label_names=data.label_names,
-            n_members=2,
-            n_layers=1,
-            n_heads=2,
-            d_model=16,
-            d_head=8,
-            warmup_steps=2,
-        )
-        trainer = L.Trainer(
-            max_steps=10,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            accelerator="cpu",
-            default_root_dir=str(tmp_path),
-        )
+        data, module = tiny_parts(steps_per_block=3, data={"num_workers": workers}, n_layers=1)
+        trainer = tiny_trainer(10, tmp_path)
         trainer.fit(module, datamodule=data)
         return module.model.state_dict()
 

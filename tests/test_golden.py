@@ -1,4 +1,4 @@
-"""The timeline a fixed tiny run writes equals the stored golden one, row for row (tests/golden.py).
+"""The timeline a fixed tiny run writes equals the stored golden one, row for row (tests/helpers/golden.py).
 
 Steps, names and metric attributes must be identical. Values are compared to float32 rounding
 across CPUs rather than bit for bit: the same torch build gives other bits on another CPU
@@ -9,7 +9,7 @@ among tokens (``out_rank``) may move by one where two logits are that close.
 import numpy as np
 import pytest
 
-from tests.golden import LANGUAGES, contents, golden_path, golden_run
+from tests.helpers.golden import LANGUAGES, contents, golden_path, golden_run
 
 RTOL, ATOL = 5e-3, 1e-4
 

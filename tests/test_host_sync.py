@@ -21,9 +21,7 @@ import torch
 from analysis import load_timeline
 from callbacks import CircuitMetrics, ProbeMetrics, TimelineWriter
 from callbacks.progress_bar import FlushedLossBar
-from devinterp.data import ToyLanguageData
-from devinterp.module import TensorTransformerModule
-from tests.conftest import SEED_SPEC_PATH
+from tests.helpers.tiny import tiny_parts, tiny_trainer
 
 HOST_READS = ("item", "__float__", "__int__", "__bool__", "tolist", "numpy", "cpu")
 
@@ -74,26 +72,7 @@ def host_reads(monkeypatch):
 def test_tracked_training_steps_read_nothing_on_the_host_between_flushes(tmp_path, host_reads):
     window, reads = host_reads
     flush, max_steps = 10, 30
-    data = ToyLanguageData(
-        language=str(SEED_SPEC_PATH),
-        seq_len=16,
-        batch_size=4,
-        n_members=2,
-        seed=0,
-        probe_size=8,
-        steps_per_block=4,
-    )
-    module = TensorTransformerModule(
-        d_vocab=data.d_vocab,
-        n_ctx=16,
-        label_names=data.label_names,
-        n_members=2,
-        n_layers=2,
-        n_heads=2,
-        d_model=16,
-        d_head=8,
-        warmup_steps=2,
-    )
+    data, module = tiny_parts()
     callbacks = [
         window,
         CircuitMetrics(diagnostics_every_n_steps=3, diagnostics_schedule="every_n_steps"),
@@ -101,18 +80,7 @@ def test_tracked_training_steps_read_nothing_on_the_host_between_flushes(tmp_pat
         TimelineWriter(flush_every_n_steps=flush, n_snapshots=8),
         FlushedLossBar(),
     ]
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        default_root_dir=tmp_path,
-        logger=False,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=True,
-        log_every_n_steps=1,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-    )
+    trainer = tiny_trainer(max_steps, tmp_path, callbacks, enable_progress_bar=True, log_every_n_steps=1)
     trainer.fit(module, datamodule=data)
 
     # the check itself must see reads: at flushes and at the end

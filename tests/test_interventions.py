@@ -1,7 +1,6 @@
 """Mechanism interventions: the penalised metric against activations and its analytic gradient,
 clamps held exactly through AdamW, the penalty's gradient equal to a penalised loss, bad input."""
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -22,7 +21,8 @@ from devinterp.metrics.mechanisms import (
 from devinterp.model import ModelConfig, TensorTransformer
 from devinterp.module import TensorTransformerModule
 from tests.conftest import SEED_SPEC_PATH
-from tests.planted import planted_induction
+from tests.helpers.planted import planted_induction
+from tests.helpers.tiny import tiny_parts, tiny_trainer
 
 SEQ_LEN = 24
 
@@ -98,47 +98,14 @@ def test_penalty_gradient_is_the_analytic_derivative_on_a_planted_previous_token
 
 def small(n_members: int) -> tuple[ToyLanguageData, TensorTransformerModule]:
     """The data and model every training test here uses (2 layers, 2 heads, d_model 16)."""
-    data = ToyLanguageData(
-        language=str(SEED_SPEC_PATH),
-        seq_len=SEQ_LEN,
-        batch_size=8,
-        n_members=n_members,
-        seed=0,
-        probe_size=16,
-        steps_per_block=4,
-    )
-    module = TensorTransformerModule(
-        d_vocab=data.d_vocab,
-        n_ctx=SEQ_LEN,
-        label_names=data.label_names,
-        n_members=n_members,
-        seed=0,
-        n_layers=2,
-        n_heads=2,
-        d_model=16,
-        d_head=8,
-        warmup_steps=2,
-        lr=1e-2,
-    )
-    return data, module
+    return tiny_parts(seq_len=SEQ_LEN, n_members=n_members, batch_size=8, probe_size=16, lr=1e-2)
 
 
 def run_with(tmp_path, interventions, steps=20, n_members=2, **trainer_args):
     data, module = small(n_members)
     start = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     callback = MechanismInterventions(interventions)
-    trainer = L.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-        default_root_dir=str(tmp_path),
-        callbacks=[callback, TimelineWriter(n_snapshots=0)],
-        **trainer_args,
-    )
+    trainer = tiny_trainer(steps, tmp_path, [callback, TimelineWriter(n_snapshots=0)], **trainer_args)
     trainer.fit(module, datamodule=data)
     return module, start, trainer, callback
 

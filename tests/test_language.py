@@ -15,7 +15,7 @@ from tests.conftest import (
     TRIGRAM_SPEC,
     seed_spec,
 )
-from tests.reference_dgp import reference_label, reference_next_dist
+from tests.helpers.reference_dgp import reference_label, reference_next_dist
 
 SPECS = {
     "seed": seed_spec(),

@@ -11,7 +11,7 @@ from devinterp.metrics.weights import Diagnostics, HeadlineMetrics
 from devinterp.model import ModelConfig, TensorTransformer
 from devinterp.store.schema import progress
 from tests.conftest import SEED_SPEC_PATH
-from tests.planted import planted_bigram, planted_induction, planted_skip_trigram
+from tests.helpers.planted import planted_bigram, planted_induction, planted_skip_trigram
 
 
 @pytest.fixture(scope="module")

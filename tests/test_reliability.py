@@ -37,7 +37,7 @@ from tests.conftest import ROOT, SEED_SPEC_PATH
 MAX_STEPS, FLUSH = 30, 5
 GROUPS = ("every_step", "diagnostics", "probe")
 
-# name: (checkpoint cadence, the kill: a tests.kill callback and its arguments, W&B on)
+# name: (checkpoint cadence, the kill: a tests.helpers.kill callback and its arguments, W&B on)
 KILLS = {
     "before-first-flush": (10, ("KillAt", {"step": 3, "at": "batch_end"}), True),
     "after-flush": (10, ("KillAt", {"step": 15, "at": "batch_start"}), True),
@@ -57,7 +57,7 @@ def config(root, name, checkpoint=10, kill=None):
         }
     ]
     if kill:
-        callbacks.append({"class_path": f"tests.kill.{kill[0]}", "init_args": kill[1]})
+        callbacks.append({"class_path": f"tests.helpers.kill.{kill[0]}", "init_args": kill[1]})
     spec = yaml.safe_load((ROOT / "tests" / "data" / "tiny.yaml").read_text())
     spec["trainer"].update(max_steps=MAX_STEPS, callbacks=callbacks, deterministic=True)
     spec["data"]["language"] = str(SEED_SPEC_PATH)

@@ -167,7 +167,7 @@ def test_a_primitive_registers_itself_by_being_defined():
 def test_a_rich_run_report_draws_each_primitive_its_own_qk_figure(tmp_path, capsys):
     from analysis.report import write_report
     from analysis.report.weight_figures import qk_views
-    from tests.golden import golden_run
+    from tests.helpers.golden import golden_run
 
     path = golden_run(tmp_path / "run", "rich")
     timeline = load_timeline(path)

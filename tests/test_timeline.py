@@ -419,7 +419,7 @@ def test_a_slim_copy_keeps_every_metric_bit_for_bit_and_drops_the_weights(tmp_pa
     """analysis/slim.py: what a study commits beside its report; analyze reads it as a run with
     no snapshots."""
     from analysis.slim import main as slim_main
-    from tests.golden import golden_run
+    from tests.helpers.golden import golden_run
 
     path = golden_run(tmp_path / "run", "seed")
     assert slim_main([str(path), str(tmp_path / "slim.h5")]) == 0

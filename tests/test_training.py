@@ -1,4 +1,3 @@
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -8,6 +7,7 @@ from devinterp.model import ModelConfig, TensorTransformer
 from devinterp.module import TensorTransformerModule
 from devinterp.probe import evaluate_probe, grouped_mean
 from tests.conftest import SEED_SPEC_PATH
+from tests.helpers.tiny import tiny_parts, tiny_trainer
 
 SEQ_LEN = 24
 
@@ -20,38 +20,16 @@ def small_run(
     clip: float | None = None,
     **module_args,
 ):
-    data = ToyLanguageData(
-        language=str(SEED_SPEC_PATH),
+    data, module = tiny_parts(
         seq_len=SEQ_LEN,
+        n_members=n_members,
+        seed=seed,
         batch_size=8,
-        n_members=n_members,
-        seed=seed,
-        share_data=share_data,
         probe_size=16,
-        steps_per_block=4,
-    )
-    module = TensorTransformerModule(
-        d_vocab=data.d_vocab,
-        n_ctx=SEQ_LEN,
-        label_names=data.label_names,
-        n_members=n_members,
-        seed=seed,
-        n_layers=2,
-        n_heads=2,
-        d_model=16,
-        d_head=8,
+        data={"share_data": share_data},
         **{"warmup_steps": 5, **module_args},
     )
-    trainer = L.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-        gradient_clip_val=clip,
-    )
+    trainer = tiny_trainer(steps, gradient_clip_val=clip)
     trainer.fit(module, datamodule=data)
     return module
 

@@ -2,7 +2,7 @@
 
 The files in tests/data/golden_<language>.npz hold what ``golden_run`` (CPU, one thread) wrote:
 every metric group's steps, names, metric attributes and values, and the weight snapshots
-(``contents`` reads them from a timeline); ``python -m tests.golden`` writes them again. A change
+(``contents`` reads them from a timeline); ``python -m tests.helpers.golden`` writes them again. A change
 that alters timeline values on purpose regenerates them and says so in its commit.
 """
 
@@ -12,15 +12,13 @@ import sys
 from pathlib import Path
 
 import h5py
-import lightning as L
 import numpy as np
 import torch
 
 from callbacks import CircuitMetrics, ProbeMetrics, TimelineWriter
-from devinterp.data import ToyLanguageData
-from devinterp.module import TensorTransformerModule
+from tests.helpers.tiny import tiny_parts, tiny_trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LANGUAGES = {
     "seed": ROOT / "configs" / "languages" / "seed.yaml",
     "rich": ROOT / "configs" / "languages" / "rich.yaml",
@@ -37,46 +35,13 @@ def golden_run(root: Path, name: str) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        data = ToyLanguageData(
-            language=str(LANGUAGES[name]),
-            seq_len=16,
-            batch_size=4,
-            n_members=2,
-            seed=3,
-            probe_size=8,
-            steps_per_block=4,
-        )
-        module = TensorTransformerModule(
-            d_vocab=data.d_vocab,
-            n_ctx=16,
-            label_names=data.label_names,
-            n_members=2,
-            seed=3,
-            n_layers=2,
-            n_heads=2,
-            d_model=16,
-            d_head=8,
-            mlp=name == "rich",
-            d_mlp=16,
-            warmup_steps=2,
-        )
+        data, module = tiny_parts(LANGUAGES[name], seed=3, mlp=name == "rich", d_mlp=16)
         callbacks = [
             CircuitMetrics(diagnostics_every_n_steps=3),
             ProbeMetrics(every_n_steps=5),
             TimelineWriter(flush_every_n_steps=4, n_snapshots=5),
         ]
-        trainer = L.Trainer(
-            max_steps=MAX_STEPS,
-            default_root_dir=root,
-            logger=False,
-            callbacks=callbacks,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            accelerator="cpu",
-            deterministic=True,
-        )
+        trainer = tiny_trainer(MAX_STEPS, root, callbacks, deterministic=True)
         trainer.fit(module, datamodule=data)
     finally:
         torch.set_num_threads(threads)
