@@ -179,3 +179,18 @@ def fit_quickstart(root: Path, name: str, *overrides: str):
     argv += ["--run.name", name, "--run.wandb_mode", "disabled", "--data.language", str(SEED_SPEC_PATH)]
     assert main([*argv, *overrides]) == 0
     return load_timeline(root / name / "timeline.h5")
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """Train the tiny run (tests/helpers/tiny.py) in tmp_path: ``tiny_run(max_steps, callbacks,
+    trainer_options, **parts)`` returns (trainer, module, data); ``parts`` go to ``tiny_parts``."""
+    from tests.helpers.tiny import tiny_parts, tiny_trainer
+
+    def run(max_steps: int, callbacks=(), trainer_options: dict | None = None, **parts):
+        data, module = tiny_parts(**parts)
+        trainer = tiny_trainer(max_steps, tmp_path, callbacks, **(trainer_options or {}))
+        trainer.fit(module, datamodule=data)
+        return trainer, module, data
+
+    return run

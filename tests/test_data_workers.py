@@ -9,7 +9,6 @@ from devinterp.data import MemberStreams, ToyLanguageData, stream_loader
 from devinterp.errors import UsageError
 from devinterp.language import load_language
 from tests.conftest import SEED_SPEC_PATH
-from tests.helpers.tiny import tiny_parts, tiny_trainer
 
 LANGUAGE = load_language(SEED_SPEC_PATH)
 
@@ -48,11 +47,9 @@ def test_every_step_is_the_same_for_any_number_of_workers(workers, start_step, o
         assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"]), step
 
 
-def test_a_run_trained_through_workers_equals_one_without(tmp_path):
+def test_a_run_trained_through_workers_equals_one_without(tiny_run):
     def run(workers):
-        data, module = tiny_parts(steps_per_block=3, data={"num_workers": workers}, n_layers=1)
-        trainer = tiny_trainer(10, tmp_path)
-        trainer.fit(module, datamodule=data)
+        _, module, _ = tiny_run(10, steps_per_block=3, data={"num_workers": workers}, n_layers=1)
         return module.model.state_dict()
 
     without, with_workers = run(0), run(2)

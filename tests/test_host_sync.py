@@ -21,7 +21,6 @@ import torch
 from analysis import load_timeline
 from callbacks import CircuitMetrics, ProbeMetrics, TimelineWriter
 from callbacks.progress_bar import FlushedLossBar
-from tests.helpers.tiny import tiny_parts, tiny_trainer
 
 HOST_READS = ("item", "__float__", "__int__", "__bool__", "tolist", "numpy", "cpu")
 
@@ -69,10 +68,9 @@ def host_reads(monkeypatch):
     return window, reads
 
 
-def test_tracked_training_steps_read_nothing_on_the_host_between_flushes(tmp_path, host_reads):
+def test_tracked_training_steps_read_nothing_on_the_host_between_flushes(tmp_path, host_reads, tiny_run):
     window, reads = host_reads
     flush, max_steps = 10, 30
-    data, module = tiny_parts()
     callbacks = [
         window,
         CircuitMetrics(diagnostics_every_n_steps=3, diagnostics_schedule="every_n_steps"),
@@ -80,8 +78,8 @@ def test_tracked_training_steps_read_nothing_on_the_host_between_flushes(tmp_pat
         TimelineWriter(flush_every_n_steps=flush, n_snapshots=8),
         FlushedLossBar(),
     ]
-    trainer = tiny_trainer(max_steps, tmp_path, callbacks, enable_progress_bar=True, log_every_n_steps=1)
-    trainer.fit(module, datamodule=data)
+    options = {"enable_progress_bar": True, "log_every_n_steps": 1}
+    trainer, module, _ = tiny_run(max_steps, callbacks, options)
 
     # the check itself must see reads: at flushes and at the end
     assert reads[flush - 1] and reads[2 * flush - 1] and reads[max_steps - 1]
