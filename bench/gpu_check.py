@@ -290,14 +290,14 @@ def llc_step(members: int, chains: int, draws: int = 60) -> float:
     from devinterp.language import parse_language
     from devinterp.llc.sampler import SamplerConfig
     from devinterp.llc.snapshots import DataPool, Refinement, snapshot_llc
-    from devinterp.model import ModelConfig, TensorTransformer
+    from devinterp.model import TensorTransformer
+    from devinterp.restore import model_config
 
     config = load_run_config("quickstart")
     spec = yaml.safe_load((ROOT / config["data"]["language"]).read_text())
     seq_len = config["data"]["seq_len"]
     config["model"].update(d_vocab=parse_language(spec).d_vocab, n_ctx=seq_len)  # as the CLI links them
-    fields = {k: v for k, v in config["model"].items() if k in ModelConfig.__dataclass_fields__}
-    model = TensorTransformer(ModelConfig(**{**fields, "n_members": members}))
+    model = TensorTransformer(model_config(yaml.safe_dump(config), n_members=members))
     weights = {name: value.detach().numpy() for name, value in model.named_parameters()}
     pool = DataPool.from_spec(spec, 1024, seq_len)
     draws = 3 if DEVICE == "cpu" else draws

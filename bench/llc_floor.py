@@ -20,6 +20,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from llc_speed import trained_checkpoint  # noqa: E402
 
 from devinterp.llc.sampler import SamplerConfig, _loss_and_grads, _repeat, estimate_llc  # noqa: E402
 from devinterp.llc.snapshots import Refinement, copies_per_pass, make_loss  # noqa: E402
-from devinterp.model import ModelConfig, TensorTransformer  # noqa: E402
+from devinterp.model import TensorTransformer  # noqa: E402
 
 
 def per_step(fn, steps: int) -> float:
@@ -56,8 +57,7 @@ def main() -> int:
     use_threads(available_cores())  # as `devinterp llc` does
 
     module, weights, pool = trained_checkpoint(args.members, args.train_steps, 1024)
-    fields = {f: getattr(module.cfg, f) for f in ModelConfig.__dataclass_fields__}
-    copies = TensorTransformer(ModelConfig(**{**fields, "n_members": args.members * args.chains}))
+    copies = TensorTransformer(replace(module.cfg, n_members=args.members * args.chains))
     loss = make_loss(copies, pool, Refinement("model"), args.batch_size)
     per_pass = copies_per_pass(module.cfg, args.batch_size, module.cfg.n_ctx)
     config = SamplerConfig(n_beta=14.58, eps=1e-3, gamma=100.0, chains=args.chains, draws=args.steps)

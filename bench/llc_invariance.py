@@ -19,6 +19,7 @@ import devinterp.threads  # noqa: F401  (OpenMP's wait policy, set before torch 
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from llc_speed import trained_checkpoint  # noqa: E402
 
 from devinterp.llc.sampler import SamplerConfig, estimate_llc  # noqa: E402
 from devinterp.llc.snapshots import Refinement, make_loss  # noqa: E402
-from devinterp.model import ModelConfig, TensorTransformer  # noqa: E402
+from devinterp.model import TensorTransformer  # noqa: E402
 
 
 def rescaled(weights: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
@@ -59,13 +60,12 @@ def main() -> int:
         args.scales.append(1.0)
 
     module, weights, pool = trained_checkpoint(args.members, args.train_steps, pool_size=256)
-    fields = {f: getattr(module.cfg, f) for f in ModelConfig.__dataclass_fields__}
 
     with torch.no_grad():
         reference = module.model(pool.tokens[None, :32].expand(args.members, -1, -1))
         drift = {}
         for scale in args.scales:
-            copy = TensorTransformer(ModelConfig(**fields))
+            copy = TensorTransformer(module.cfg)
             for name, value in rescaled(weights, scale).items():
                 getattr(copy, name).copy_(value)
             drift[scale] = float(
@@ -74,7 +74,7 @@ def main() -> int:
 
     groups = {name: torch.cat([rescaled(weights, s)[name] for s in args.scales]) for name in weights}
     n_copies = len(args.scales) * args.members * args.chains
-    copies = TensorTransformer(ModelConfig(**{**fields, "n_members": n_copies}))
+    copies = TensorTransformer(replace(module.cfg, n_members=n_copies))
     sampler = SamplerConfig(
         n_beta=args.n_beta,
         eps=args.eps,

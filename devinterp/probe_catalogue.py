@@ -51,11 +51,11 @@ def probe_catalogue(language, probe, seq_len: int, n_layers: int, n_heads: int) 
     a span to its open token."""
     labels, rules = probe.labels[:, 1:].flatten(), probe.rules[:, 1:].flatten()
     plogp = probe.true_plogp.double().flatten()[None]  # (1, positions); NaN: a corpus without logp
-    label_counts = grouped_sums(plogp, labels, len(language.label_names))[1][0]
-    rule_counts = grouped_sums(plogp, rules, len(language.rule_names))[1][0]
-    label_columns = [i for i, n in enumerate(label_counts.tolist()) if n > 0]
-    rule_columns = [i for i, n in enumerate(rule_counts.tolist()) if n > 0]
-    infos = excess_infos(language, probe, seq_len, label_columns, rule_columns)
+    by_label = grouped_sums(plogp, labels, len(language.label_names))  # (sums, counts), each (1, label)
+    by_rule = grouped_sums(plogp, rules, len(language.rule_names))
+    label_columns = [i for i, n in enumerate(by_label[1][0].tolist()) if n > 0]
+    rule_columns = [i for i, n in enumerate(by_rule[1][0].tolist()) if n > 0]
+    infos = excess_infos(language, probe, seq_len, by_label, by_rule, label_columns, rule_columns)
     infos += [
         MetricInfo(f"probe_loss/pos{t + 1}", "probe", "all", f"pos{t + 1}", unit="nats")
         for t in range(seq_len - 1)
@@ -78,15 +78,20 @@ def probe_catalogue(language, probe, seq_len: int, n_layers: int, n_heads: int) 
 
 
 def excess_infos(
-    language, probe, seq_len: int, label_columns: list[int], rule_columns: list[int]
+    language,
+    probe,
+    seq_len: int,
+    by_label: tuple[Tensor, Tensor],
+    by_rule: tuple[Tensor, Tensor],
+    label_columns: list[int],
+    rule_columns: list[int],
 ) -> list[MetricInfo]:
     """Excess (overall, per primitive, per rule; only with exact distributions), accuracy and
-    cross-entropy per primitive, each with its yardsticks."""
+    cross-entropy per primitive, each with its yardsticks; ``by_label`` and ``by_rule`` are the
+    sums of sum_v p log p over each label's and rule's probe positions and their counts."""
     plogp = probe.true_plogp.double().flatten()[None]  # (1, positions)
     log_v = math.log(language.d_vocab)
-    labels, rules = probe.labels[:, 1:].flatten(), probe.rules[:, 1:].flatten()
-    label_sums, label_counts = grouped_sums(plogp, labels, len(language.label_names))
-    rule_sums, rule_counts = grouped_sums(plogp, rules, len(language.rule_names))
+    (label_sums, label_counts), (rule_sums, rule_counts) = by_label, by_rule
     by_label, by_rule = (label_sums / label_counts)[0].tolist(), (rule_sums / rule_counts)[0].tolist()
     names = language.label_names
     label_baselines, rule_baselines = {}, {}

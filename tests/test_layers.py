@@ -132,10 +132,8 @@ def circles(graph: dict[str, set[str]], ours) -> list[list[str]]:
             for target in sorted(graph[current] & set(ours)):
                 if start.startswith(target + ".") or target.startswith(start + "."):
                     continue  # a package and its own submodule
-                if target == start:
-                    cycle = path + [start]
-                    if min(cycle[:-1]) == start:  # report each circle once, from its smallest module
-                        found.append(cycle)
+                if target == start:  # every other module on the path sorts after start: found once
+                    found.append(path + [start])
                 elif target not in seen and target > start:
                     seen.add(target)
                     stack.append((target, path + [target]))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from jsonargparse import Namespace
 
-from devinterp.cli.run_folder import RUN_DIR_VARIABLE, UNCHANGED, plan_run_folder
+from devinterp.cli.run_folder import RUN_DIR_VARIABLE, plan_run_folder
 from devinterp.errors import UsageError
 
 
@@ -21,7 +21,7 @@ def config(
 
 def test_a_new_run_never_reuses_a_folder(tmp_path):
     first = plan_run_folder(config(tmp_path), {})
-    assert first.run_dir == tmp_path / "quick" and first.resume_step is None and first.ckpt_path is UNCHANGED
+    assert first.run_dir == tmp_path / "quick" and first.resume_step is None and not first.resumes
     (tmp_path / "quick").mkdir()
     second = plan_run_folder(config(tmp_path), {})
     assert second.run_dir == tmp_path / "quick-2" and second.name == "quick" and not second.child_rank
@@ -45,7 +45,7 @@ def test_a_resume_without_a_checkpoint_restarts_from_step_zero_and_keeps_the_sav
     run.mkdir()
     (run / "config.yaml").write_text("run: {}\n")
     found = plan_run_folder(config(tmp_path, resume=str(run)), {})
-    assert found.resume_step == 0 and found.ckpt_path is None and found.keep_saved_config
+    assert found.resume_step == 0 and found.ckpt_path is None and found.resumes
     assert "no checkpoint yet; restarting the run from step 0" in capsys.readouterr().out
 
 

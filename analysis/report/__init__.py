@@ -50,7 +50,8 @@ def write_report(
     full = [(f, t) for f, t in zip(files, timelines) if variant_of(t)[0] == "full" or result.controls]
     first = full[0][1]
     variants = [t for t in timelines if variant_of(t)[0] != "full"]
-    figures = progress_figures(result, first, variants, out, source, yardstick, level)
+    curves = progress_curves(result, first, source, yardstick)
+    figures = progress_figures(result, first, curves, variants, out, source, yardstick, level)
     figures += circuit_figures(first, out, at_steps, member)
     lines = header_lines(result, files, full, level, source, alpha, yardstick)
     lines += onset_lines(result, level, yardstick) + ordering_lines(result) + dependence_lines(result, alpha)
@@ -61,7 +62,6 @@ def write_report(
         lines += route_lines
     fit = None
     if stages:
-        curves = progress_curves(result, first, source, yardstick)
         stage_lines, stage_figures, fit = stages_section(
             [t for _, t in full], result.onsets[source], curves, out, yardstick, stage_bins, max_states
         )

@@ -24,6 +24,7 @@ def progress_curves(result: Analysis, first: Timeline, source: str, yardstick: s
 def progress_figures(
     result: Analysis,
     first: Timeline,
+    curves: dict[str, np.ndarray],
     variants: list[Timeline],
     out: Path,
     source: str,
@@ -31,9 +32,8 @@ def progress_figures(
     level: float,
 ) -> list[Path]:
     """progress.png, weight_vs_probe.png, ordering_dag.png (only with an edge) and variants.png
-    (only with variants)."""
+    (only with variants); ``curves`` are ``progress_curves``'s."""
     baseline = YARDSTICK_TEXT[yardstick]
-    curves = progress_curves(result, first, source, yardstick)
     first_onsets = {p: result.onsets[source][p][: first.n_members] for p in curves}
     title = f"{source} progress per primitive ({first.n_members} members, t{round(level * 100)} marked)"
     figures = [plot_progress(curves, first_onsets, out / "progress.png", title, baseline=baseline)]

@@ -26,7 +26,6 @@ from callbacks.thread_tuning import ThreadTuning
 from callbacks.timeline_writer import NonFiniteMetricError, TimelineWriteError, TimelineWriter
 from devinterp.cli.run_folder import (
     RUN_DIR_VARIABLE,
-    UNCHANGED,
     check_same_data,
     check_writable,
     plan_run_folder,
@@ -109,9 +108,8 @@ class DevinterpCLI(LightningCLI):
         folder = plan_run_folder(config, os.environ)
         self.run_dir, self.child_rank = folder.run_dir, folder.child_rank
         self.resume_step, self.replay_after = folder.resume_step, folder.replay_after
-        if folder.ckpt_path is not UNCHANGED:
+        if folder.resumes:  # from its checkpoint; the folder's config.yaml stays as the run wrote it
             config.ckpt_path = folder.ckpt_path
-        if folder.keep_saved_config:  # the folder's config.yaml stays as the run wrote it
             self.save_config_callback = None
         if folder.name is not None:
             config.run.name = folder.name  # the saved config.yaml re-runs under the same name

@@ -22,7 +22,6 @@ from devinterp.store.timeline import TimelineError, open_timeline
 from devinterp.store.wandb_files import WandbReadError, last_logged_step
 
 RUN_DIR_VARIABLE = "DEVINTERP_RUN_DIR"  # rank zero's run folder, for the DDP processes it launches
-UNCHANGED = object()  # ckpt_path: leave the config's own
 
 
 @dataclass
@@ -33,8 +32,8 @@ class RunFolder:
     child_rank: bool  # a DDP process other than rank zero
     resume_step: int | None  # None: a new run; 0: a resume from step 0 (no checkpoint yet)
     replay_after: int | None  # a finished run whose W&B files lack steps after this one
-    ckpt_path: object = UNCHANGED  # str, None (start from step 0) or UNCHANGED
-    keep_saved_config: bool = False  # a resume keeps the folder's config.yaml as the run wrote it
+    resumes: bool = False  # start from ckpt_path, and keep the folder's config.yaml as the run wrote it
+    ckpt_path: str | None = None  # a resume's checkpoint; None: from step 0
     name: str | None = None  # a new run's name, for the saved config
 
 
@@ -50,11 +49,11 @@ def plan_run_folder(config, environ: dict[str, str]) -> RunFolder:
             run_dir = Path(config.run.resume or Path(config.run.root) / run_name(config))
         folder = RunFolder(run_dir, True, None, None)
         if config.run.resume:  # as rank zero does (the config callback takes part in a broadcast)
+            folder.resumes = True
             try:
                 folder.ckpt_path = str(last_checkpoint(run_dir))
             except UsageError:  # rank zero restarts from step 0
-                folder.ckpt_path = None
-            folder.keep_saved_config = True
+                pass
         return folder
     if config.run.resume:
         return plan_resume(Path(config.run.resume), config.trainer.max_steps)
@@ -91,7 +90,7 @@ def plan_resume(run_dir: Path, max_steps: int | None) -> RunFolder:
             flush=True,
         )
     ckpt_path = None if checkpoint is None else str(checkpoint)
-    return RunFolder(run_dir, False, resume_step, replay_after, ckpt_path, keep_saved_config=True)
+    return RunFolder(run_dir, False, resume_step, replay_after, resumes=True, ckpt_path=ckpt_path)
 
 
 def unique_run_dir(root: Path, name: str) -> Path:
