@@ -378,7 +378,9 @@ def test_every_shipped_language_loads_samples_and_shows(path, capsys):
     language = load_language(path)
     sample = language.sample(64, 32, seed=0)
     used = set(np.unique(sample.labels[:, 1:]).tolist())
-    assert used == set(range(1, len(language.label_names)))  # every primitive fires somewhere
+    fallback = len(language.label_names) - 1  # a whole-sequence chain (markov_icl) leaves it no position
+    assert used | {fallback} == set(range(1, len(language.label_names)))  # every other primitive fires
+    assert fallback in used or language.primitives[0].kind == "markov_icl"
     assert main(["language", "show", str(path), "--n", "1", "--n-stats", "100"]) == 0
     assert f"priority: {' > '.join(language.label_names[1:])}" in capsys.readouterr().out
 

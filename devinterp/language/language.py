@@ -126,6 +126,8 @@ class Language:
             label = xp.where(first, i + 1, label)
             rule = xp.where(first, int(self.rule_offsets[i]) + firing.rule, rule)
             remaining = remaining - weights[i]
+        for i, (primitive, state) in enumerate(zip(self.primitives, states)):
+            primitive.took_positions(state, label == i + 1)
         return firings, weights, label, rule
 
     def _next_at(self, states: list, tokens: np.ndarray, t: int):
@@ -346,6 +348,8 @@ def parse_language(data: dict, source: str = "<spec>") -> Language:
         if primitive.name in [p.name for p in primitives] or primitive.name == START:
             raise SpecError(f"{field}.name: duplicate primitive name {primitive.name!r}")
         primitives.append(primitive)
+    for i, primitive in enumerate(primitives):
+        primitive.check_place(primitives[:i], primitives[i + 1 :], f"{source}: primitives[{i}]")
     names = [p.name for p in primitives]
     for i, primitive in enumerate(primitives):
         for target in primitive.suppresses:

@@ -120,21 +120,31 @@ class Firing:
     rule: Array  # (n,) int: index into the primitive's rule_names where it fires
     dist: Array  # (n,) int: a point mass on that token, or with ``table`` the row to read
     table: RowTable | None = None
+    probs: Array | None = None  # (n, V): each sequence's own distribution (``dist`` unused)
 
     def dense(self, where: np.ndarray, size: int) -> np.ndarray:
         """(len(where), size) distributions of the sequences ``where``."""
+        if self.probs is not None:
+            return self.probs[where]
         if self.table is not None:
             return self.table.probs[self.dist[where]]
         return point_mass(self.dist[where], size)
 
     def prob(self, token: Array) -> Array:
         """(n,) probability this distribution gives to each sequence's ``token``."""
+        xp = arrays_of(token)
+        if self.probs is not None:
+            return self.probs[xp.arange(len(token)), token]
         if self.table is not None:
             return self.table.probs[self.dist, token]
-        return arrays_of(token).as_float(self.dist == token)
+        return xp.as_float(self.dist == token)
 
     def draw(self, where: Array, uniform: Array) -> Array:
         """Tokens of the sequences ``where`` by inverse CDF from uniforms in [0, 1)."""
+        if self.probs is not None:
+            cdf = arrays_of(uniform).cumsum(self.probs[where], axis=1)  # (len(where), V)
+            index = (cdf <= (uniform * cdf[:, -1])[:, None]).sum(axis=1)
+            return index.clip(max=cdf.shape[1] - 1)
         if self.table is None:
             return self.dist[where]
         return self.table.draw(self.dist[where], uniform)
@@ -226,6 +236,21 @@ class Primitive(ABC):
             elif isinstance(value, RowTable):
                 setattr(moved, key, value.on(xp))
         return moved
+
+    def check_place(self, above: list["Primitive"], below: list["Primitive"], field: str) -> None:
+        """Refuse a place in the priority order this primitive cannot be exact at (``above`` and
+        ``below``: the primitives before and after it; default: any place works)."""
+
+    def took_positions(self, state: Any, took: Array) -> None:
+        """Told, after every ``fire``, where this primitive labelled the position (n,) bool: it
+        fired, was not suppressed and no higher rule took the position. Default: not needed."""
+
+    def strategies(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """Named exact predictors from visible tokens that the strategy curves compare the model
+        with on this primitive's positions (besides the uniform, context-limited oracle and
+        knock-out ones every primitive gets): (n, T) tokens -> name -> (n, T, V), entry t the
+        prediction of token t + 1. Default: none."""
+        return {}
 
     def rule_supports(self) -> list[RuleSupport]:
         """Per rule, the tokens it needs and may emit (devinterp/language/reachability.py). The

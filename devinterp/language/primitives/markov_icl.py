@@ -1,0 +1,242 @@
+"""In-context Markov chains (Edelman et al., NeurIPS 2024, "The Evolution of Statistical Induction
+Heads"): each sequence runs its own chain over k state tokens, whose transition matrix was drawn
+from a prior and is never shown; only the states are.
+
+No hidden coin flips: the matrix is integrated out. Given the visible tokens, the next state's
+exact distribution is the prior's posterior predictive from the transitions the chain made so far
+in this sequence, which is how it is sampled too (a Polya urn per context, the same process as
+drawing the matrix first):
+
+- ``prior: dirichlet`` (the paper's): every row P[c, .] ~ Dirichlet(alpha) independently, c the last
+  ``order - 1`` states. p(x | c) = (count(c -> x) + alpha) / (count(c -> .) + k alpha).
+- ``prior: circulant`` (order 2): P[i, j] = w[(j - i) mod k] with w ~ Dirichlet(alpha), a doubly
+  stochastic matrix whose stationary distribution is uniform, so in-context unigram statistics
+  say nothing about the next state. Conjugate: with d(s) the chain's transitions that moved by s,
+  p(x | i) = (d((x - i) mod k) + alpha) / (sum_s d(s) + k alpha); its Bayes-optimal strategy pools
+  every row's transitions by their step, which the in-context bigram statistics do not.
+
+The chain fires where the current token and the ``order - 2`` before it are states, and emits a
+state (with p). How it composes with other primitives (each checked when the language is loaded,
+with a one-line error otherwise):
+
+- a whole sequence, as in the paper: states as one category, the start distribution and the
+  category fallback on it (which also supplies the first ``order - 1`` states);
+- segments: another rule emits a state (the chain is entered; that first state carries no
+  likelihood under the chain), and with p < 1 the chain is left with probability 1 - p, to what
+  the rules below emit there, which must not be a state (else whether the chain emitted would be
+  a hidden coin); one sequence's segments share their counts;
+- counts grow only at positions the chain labelled: a higher rule that takes a position (it must
+  have p = 1: with p < 1 the chain would emit unseen) or a suppression leaves them unchanged.
+
+Strategies (the strategy curves): in-context unigram, bigram, ... up to the order, each the
+smoothed statistics of the visible states ((count + alpha) / (total + k alpha) over the visible
+windows of states), and for the circulant prior its Bayes-optimal ``circulant`` predictive. With
+the Dirichlet prior the top one equals the truth wherever every visible window of states is one
+the chain emitted (a whole-sequence language).
+
+Example (k = 3, order 2)::
+
+    s0 s1 s1 s0 s1 s1 ...   p(s1 | s1) = (1 + alpha) / (1 + 3 alpha) after one s1 -> s1
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from devinterp.language.arrays import NUMPY, Array, arrays_of
+from devinterp.language.primitive import Firing, Primitive, RuleSupport
+from devinterp.language.spec import SpecError, Vocab, require_int
+
+PRIORS = ("dirichlet", "circulant")
+GRAM_NAMES = {1: "unigram", 2: "bigram", 3: "trigram"}
+
+
+def gram_name(n: int) -> str:
+    """unigram, bigram, trigram, 4-gram, ..."""
+    return GRAM_NAMES.get(n, f"{n}-gram")
+
+
+@dataclass
+class ChainState:
+    """Per sequence: the chain's counts and what it did at the last position."""
+
+    counts: Array  # (n, k^(order-1), k) dirichlet; (n, k) circulant: transitions by their step
+    context: Array  # (n,) the context key (or, circulant, the current state) at the last position
+    took: Array  # (n,) bool: the chain labelled the last position
+
+
+class MarkovICL(Primitive):
+    kind = "markov_icl"
+    extra_keys = {"states", "alpha", "order", "prior"}
+
+    def __init__(
+        self, name: str, p: float, vocab: Vocab, states: list[int], alpha: float, order: int, prior: str
+    ):
+        self.states = np.asarray(states, dtype=np.int64)  # (k,) token ids
+        super().__init__(name, p, vocab, rule_names=[vocab.tokens[s] for s in states])
+        self.k, self.alpha, self.order, self.prior = len(states), alpha, order, prior
+        self.index = np.full(vocab.size, -1, dtype=np.int64)  # (V,) token -> state index, -1 not a state
+        self.index[self.states] = np.arange(self.k)
+
+    @classmethod
+    def parse(cls, spec, vocab, field, name, p):
+        states = vocab.token_ids(spec.get("states"), f"{field}.states")
+        if len(states) < 2:
+            raise SpecError(f"{field}.states: a chain needs at least 2 states, got {len(states)}")
+        alpha = spec.get("alpha", 1.0)
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not alpha > 0
+            or alpha == float("inf")
+        ):
+            raise SpecError(f"{field}.alpha: expected a positive Dirichlet concentration, got {alpha!r}")
+        order = require_int(spec.get("order", 2), f"{field}.order", 2)
+        prior = spec.get("prior", "dirichlet")
+        if prior not in PRIORS:
+            raise SpecError(f"{field}.prior: expected one of {', '.join(PRIORS)}, got {prior!r}")
+        if prior == "circulant" and order != 2:
+            raise SpecError(f"{field}.order: the circulant prior is for order 2 (bigram chains), got {order}")
+        if len(states) ** (order - 1) > 4096:
+            raise SpecError(f"{field}.order: {len(states)} states at order {order} give too many contexts")
+        return cls(name, p, vocab, states, float(alpha), order, prior)
+
+    def check_sequence_length(self, seq_len: int, field: str) -> None:
+        if self.order > seq_len - 1:
+            raise SpecError(
+                f"{field}.order: {self.order} needs sequences longer than {self.order}, got {seq_len}"
+            )
+
+    def check_place(self, above, below, field):
+        """The posterior predictive is exact only if the chain's emissions are identifiable: a
+        rule above with p < 1 would let the chain emit at a position another rule labelled, and
+        with p < 1 a rule below that can emit a state would hide which of them did."""
+        for primitive in above:
+            if primitive.p < 1:
+                raise SpecError(
+                    f"{field}: {self.name!r} comes below {primitive.name!r} with p = {primitive.p}: "
+                    "a chain must be first, or below rules with p = 1 (else its emissions are hidden)"
+                )
+        if self.p == 1:
+            return
+        states = set(self.states.tolist())
+        for primitive in below:
+            table = getattr(primitive, "token_table", None)  # the category fallback: per state row
+            emits = (
+                set(np.flatnonzero(table[self.states].sum(0) > 0).tolist())
+                if table is not None and primitive.kind == "category"
+                else set().union(*(s.emits for s in primitive.rule_supports()))
+            )
+            if emits & states:
+                raise SpecError(
+                    f"{field}.p: {self.name!r} has p = {self.p} but {primitive.name!r} below it can emit "
+                    f"state {self.vocab.tokens[min(emits & states)]!r}: which rule emitted a state would be "
+                    "hidden (use p = 1, or a lower rule that leaves the chain to other tokens)"
+                )
+
+    def begin(self, n, xp=NUMPY):
+        shape = (n, self.k) if self.prior == "circulant" else (n, self.k ** (self.order - 1), self.k)
+        return ChainState(xp.zeros(shape), xp.full(n, 0), xp.full(n, False, xp.bool))
+
+    def _context(self, tokens: Array, t: int) -> tuple[Array, Array]:
+        """(n,) whether the last order - 1 tokens are states, and their key in base k (the current
+        state the lowest digit)."""
+        xp = arrays_of(tokens)
+        n = tokens.shape[0]
+        if t < self.order - 2:
+            return xp.full(n, False, xp.bool), xp.full(n, 0)
+        holds, key = xp.full(n, True, xp.bool), xp.full(n, 0)
+        for back in range(self.order - 1):
+            state = self.index[tokens[:, t - back]]
+            holds = holds & (state >= 0)
+            key = key + state.clip(min=0) * self.k**back
+        return holds, key
+
+    def fire(self, state: ChainState, tokens, t):
+        xp = arrays_of(tokens)
+        n = tokens.shape[0]
+        rows = xp.arange(n)
+        current = self.index[tokens[:, t]]  # (n,)
+        if t > 0:  # the transition into token t, where the chain labelled position t - 1
+            emitted = xp.as_float(state.took & (current >= 0))
+            if self.prior == "circulant":
+                step = (current.clip(min=0) - state.context) % self.k
+                state.counts[rows, step] += emitted
+            else:
+                state.counts[rows, state.context, current.clip(min=0)] += emitted
+        fires, key = self._context(tokens, t)
+        if self.prior == "circulant":
+            key = current.clip(min=0)
+            steps = (xp.arange(self.k)[None, :] - key[:, None]) % self.k  # (n, k): step to each state
+            counts = state.counts[rows[:, None], steps]  # (n, k)
+        else:
+            counts = state.counts[rows, key]  # (n, k)
+        state.context = key
+        predictive = (counts + self.alpha) / (counts.sum(1) + self.k * self.alpha)[:, None]
+        probs = xp.zeros((n, self.vocab.size))
+        probs[:, self.states] = predictive
+        rule = xp.where(fires, current.clip(min=0), -1)
+        return Firing(fires=fires, rule=rule, dist=xp.full(n, 0), probs=probs)
+
+    def took_positions(self, state: ChainState, took):
+        state.took = took
+
+    def strategies(self, tokens):
+        """In-context k-gram statistics of the visible states for k = 1 .. order, smoothed with
+        alpha; with the circulant prior also its posterior predictive (``circulant``)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n, T = tokens.shape
+        index = self.index[tokens]  # (n, T)
+        out = {}
+        for size in range(1, self.order + 1):
+            predictions = np.zeros((n, T, self.vocab.size))
+            counts = np.zeros((n, self.k ** (size - 1), self.k))
+            rows = np.arange(n)
+            for t in range(T):
+                if t >= size - 1:  # the window of ``size`` tokens ending at t, if all states
+                    window = index[:, t - size + 1 : t + 1]
+                    whole = (window >= 0).all(1)
+                    key = sum(window[:, j].clip(min=0) * self.k ** (size - 2 - j) for j in range(size - 1))
+                    counts[rows, key, window[:, -1].clip(min=0)] += whole
+                context = index[:, max(t - size + 2, 0) : t + 1] if size > 1 else index[:, :0]
+                key = sum(
+                    context[:, j].clip(min=0) * self.k ** (context.shape[1] - 1 - j)
+                    for j in range(context.shape[1])
+                )
+                row = counts[rows, key] if size > 1 else counts[:, 0]
+                predictions[:, t, self.states] = (row + self.alpha) / (row.sum(1) + self.k * self.alpha)[
+                    :, None
+                ]
+            out[gram_name(size)] = predictions
+        if self.prior == "circulant":
+            out["circulant"] = self._circulant_strategy(index)
+        return out
+
+    def _circulant_strategy(self, index: np.ndarray) -> np.ndarray:
+        n, T = index.shape
+        predictions = np.zeros((n, T, self.vocab.size))
+        by_step = np.zeros((n, self.k))
+        rows = np.arange(n)
+        for t in range(T):
+            if t > 0:
+                both = (index[:, t - 1] >= 0) & (index[:, t] >= 0)
+                by_step[rows, (index[:, t] - index[:, t - 1]) % self.k] += both
+            steps = (np.arange(self.k)[None, :] - index[:, t].clip(min=0)[:, None]) % self.k
+            row = by_step[rows[:, None], steps]
+            predictions[:, t, self.states] = (row + self.alpha) / (row.sum(1) + self.k * self.alpha)[:, None]
+        return predictions
+
+    def rule_supports(self):
+        """Needs a state, emits states."""
+        states = frozenset(self.states.tolist())
+        return [RuleSupport((states,), states) for _ in self.rule_names]
+
+    def ground_truth(self):
+        return {
+            "states": self.states,
+            "alpha": np.asarray(self.alpha),
+            "order": np.asarray(self.order),
+            "circulant": np.asarray(self.prior == "circulant"),
+        }
