@@ -11,7 +11,9 @@ helps). Each excess metric carries the excess of its primitive's blind and knock
 TimelineWriter as they are made (group ``probe``, one value per member, on the device); at its
 flush the writer sends medians over members to ``trainer.loggers`` grouped by primitive
 (``<primitive>/probe_excess``, ``<primitive>/probe_acc``, and ``<primitive>/probe_progress`` on
-the blind yardstick where it is measurable) through ``summarize``. At the end a
+the blind yardstick where it is measurable) through ``summarize``. With ``strategies`` (the
+default), the same evaluation fills the group ``strategy``: KL(strategy || model) per primitive
+and strategy (devinterp/strategies.py), sent to the loggers as ``strategy_kl/...`` medians. At the end a
 table of step 0 against the last step, with each primitive's position count and the standard
 error of its excess, is printed and written to ``<run folder>/probe_summary.json``.
 """
@@ -34,11 +36,13 @@ from devinterp.cadence import Cadence, is_due
 from devinterp.errors import at_least, one_of
 from devinterp.probe import (
     ProbeResult,
+    StrategyRows,
     attention_to_open,
     evaluate_probe,
 )
 from devinterp.probe_catalogue import probe_catalogue
 from devinterp.store.schema import MetricInfo, pooled_progress
+from devinterp.strategies import STRATEGY_GROUP
 
 
 class ProbeMetrics(L.Callback):
@@ -53,9 +57,10 @@ class ProbeMetrics(L.Callback):
         batch_size: probe sequences per forward pass (per member). Small batches keep the
             (member, batch, head, pos, pos) attention tensors in cache: on 2 CPU cores 8 sequences
             at a time evaluated the quickstart's probe set about twice as fast as 64.
+        strategies: also record the strategy curves (group ``strategy``; a language's run only).
     """
 
-    timeline_groups = ("probe",)
+    timeline_groups = ("probe", STRATEGY_GROUP)
 
     def __init__(
         self,
@@ -64,6 +69,7 @@ class ProbeMetrics(L.Callback):
         batch_size: int = 8,
         schedule: Cadence = "log",
         per_doubling: int = 16,
+        strategies: bool = True,
     ):
         at_least(every_n_steps, 1, "probe.every_n_steps")
         at_least(per_doubling, 1, "probe.per_doubling")
@@ -73,6 +79,8 @@ class ProbeMetrics(L.Callback):
         self.every_n_steps = every_n_steps
         self.log_rules = log_rules
         self.batch_size = batch_size
+        self.record_strategies = strategies
+        self.strategy_table = None  # devinterp/strategies.StrategyTable, when recorded
         self.first: tuple[int, ProbeResult] | None = None
         self.last: tuple[int, ProbeResult] | None = None
         self.summary: dict | None = None
@@ -102,6 +110,19 @@ class ProbeMetrics(L.Callback):
                 summarize=self.summarize,
             )
         )
+        table = found.strategies if self.record_strategies else None
+        self.strategy_table = table if table is not None and table.infos else None
+        if self.strategy_table is not None:
+            self._writer.declare(
+                TimelineGroup(
+                    STRATEGY_GROUP,
+                    self.strategy_table.infos,
+                    pl_module.cfg.n_members,
+                    self.every_n_steps,
+                    due=self.due,
+                    summarize=self.summarize_strategies,
+                )
+            )
 
     def due(self, step: int) -> bool:
         """Whether the schedule evaluates at ``step`` (the last step is evaluated anyway)."""
@@ -152,7 +173,12 @@ class ProbeMetrics(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         result = evaluate_probe(
-            pl_module.model, self._probe, len(language.label_names), len(language.rule_names), self.batch_size
+            pl_module.model,
+            self._probe,
+            len(language.label_names),
+            len(language.rule_names),
+            self.batch_size,
+            self._strategy_rows,
         )
         pl_module.train(was_training)
         result = result.apply(lambda v: v.float())
@@ -165,10 +191,18 @@ class ProbeMetrics(L.Callback):
                 pl_module.model, self._probe.tokens[:, :-1], self.span_opens, self.batch_size
             )
         self._writer.append("probe", step, self.row(self.values(result, attention)))
+        if result.strategy_kl is not None:
+            self._writer.append(STRATEGY_GROUP, step, result.strategy_kl.T)
 
     def summarize(self, steps: np.ndarray, values: np.ndarray) -> list[dict[str, float]]:
         """Host rows (n,), (n, n_metrics, member) -> one logger dict per step."""
         return [self._logged(row) for row in values]
+
+    def summarize_strategies(self, steps: np.ndarray, values: np.ndarray) -> list[dict[str, float]]:
+        """The strategy group's host rows -> one logger dict per step: the median over members
+        of each ``strategy_kl/<primitive>/<strategy>``."""
+        names = self.strategy_table.names
+        return [dict(zip(names, np.median(row, axis=-1).tolist())) for row in values]
 
     def _logged(self, row: np.ndarray) -> dict[str, float]:
         medians = np.median(row, axis=-1)
@@ -210,6 +244,11 @@ class ProbeMetrics(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._probe = trainer.datamodule.probe.to(pl_module.device)  # moved once, not per evaluation
+        self._strategy_rows = (
+            None
+            if self.strategy_table is None
+            else StrategyRows.of(self.strategy_table, len(self._probe.tokens), pl_module.device)
+        )
         restored = getattr(self, "_restored_first", None) if trainer.global_step > 0 else None
         if restored is not None:
             restored = (restored[0], restored[1].apply(lambda v: v.to(pl_module.device)))

@@ -128,6 +128,23 @@ def pooled_baselines(
     return Baselines(knock_out, blind, pool_provenance(pool))
 
 
+def label_components(
+    language, oracles: ContextOracles, tokens: np.ndarray, labels: np.ndarray
+) -> dict[int, dict[str, np.ndarray]]:
+    """Every primitive's blind components (``blind_components``) at its own positions: label
+    index -> name -> (positions, V), for tokens (n, T) and the labels (n, T-1) of the next token;
+    primitives without a position are left out."""
+    found = {}
+    for index in range(1, len(language.primitives) + 1):
+        where = labels == index
+        if where.any():
+            found[index] = {
+                name: values[:, :-1][where]
+                for name, values in blind_components(language, index, oracles, tokens).items()
+            }
+    return found
+
+
 def probe_baselines(
     language,
     oracles: ContextOracles,
@@ -135,20 +152,19 @@ def probe_baselines(
     true_next: np.ndarray,
     labels: np.ndarray,
     rules: np.ndarray,
+    components_by_label: dict[int, dict[str, np.ndarray]] | None = None,
 ) -> tuple[dict[int, Baselines], dict[int, Baselines]]:
     """The baselines of every primitive (by label index) and rule (by rule index) on the probe
     set: tokens (n, T), true_next (n, T-1, V) the exact distributions of the next token, labels
-    and rules (n, T-1) of the next token."""
+    and rules (n, T-1) of the next token; ``components_by_label`` from ``label_components`` when
+    the caller has them already."""
+    if components_by_label is None:
+        components_by_label = label_components(language, oracles, tokens, labels)
     by_label: dict[int, Baselines] = {}
     by_rule: dict[int, Baselines] = {}
-    for index, primitive in enumerate(language.primitives, start=1):
+    for index, components in components_by_label.items():
+        primitive = language.primitives[index - 1]
         where = labels == index
-        if not where.any():
-            continue
-        components = {
-            name: values[:, :-1][where]  # (positions, V)
-            for name, values in blind_components(language, index, oracles, tokens).items()
-        }
         by_label[index] = pooled_baselines(true_next[where], components)
         for rule_name in primitive.rule_names:
             rule = language.rule_names.index(f"{primitive.name}/{rule_name}")

@@ -32,10 +32,47 @@ class ProbeResult:
     loss_by_position: Tensor  # (member, T - 1): cross-entropy of the sampled token t + 1 at each t
     loss_by_label: Tensor  # (member, n_labels): mean cross-entropy of the sampled next tokens
     excess_sq_by_label: Tensor | None = None  # (member, n_labels): mean squared excess (its spread)
+    strategy_kl: Tensor | None = None  # (member, n_strategies): devinterp/strategies.py's group
 
     def apply(self, fn) -> "ProbeResult":
         """The same result with ``fn`` applied to every tensor (e.g. moved or cast)."""
         return ProbeResult(*(None if (v := getattr(self, f.name)) is None else fn(v) for f in fields(self)))
+
+
+@dataclass(frozen=True)
+class StrategyRows:
+    """A StrategyTable (devinterp/strategies.py) as tensors on the model's device; ``starts``
+    (n_probe + 1,) on the host: the first row of each probe sequence, so a batch's rows are a
+    slice found without asking the device."""
+
+    sequence: Tensor  # (rows,)
+    position: Tensor  # (rows,)
+    strategy: Tensor  # (rows,)
+    probs: Tensor  # (rows, V)
+    plogp: Tensor  # (rows,)
+    counts: Tensor  # (n_strategies,): rows per strategy
+    starts: np.ndarray  # (n_probe + 1,)
+
+    @classmethod
+    def of(cls, table, n_probe: int, device: torch.device | str) -> "StrategyRows":
+        def move(array: np.ndarray) -> Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+        counts = np.bincount(table.strategy, minlength=len(table.infos)).astype(np.float32)
+        starts = np.searchsorted(table.sequence, np.arange(n_probe + 1))
+        return cls(
+            *(move(a) for a in (table.sequence, table.position, table.strategy, table.probs, table.plogp)),
+            move(counts),
+            starts,
+        )
+
+    def batch_kl(self, log_q: Tensor, first: int, stop: int) -> tuple[Tensor, Tensor]:
+        """(KL(strategy || model) of the rows of probe sequences first..stop-1 (member, rows), their
+        strategy ids (rows,)) from log_q (member, stop - first, T-1, V)."""
+        lo, hi = int(self.starts[first]), int(self.starts[stop])
+        picked = log_q[:, self.sequence[lo:hi] - first, self.position[lo:hi]]  # (M, rows, V)
+        kl = self.plogp[lo:hi] - (picked * self.probs[lo:hi]).sum(-1)
+        return kl, self.strategy[lo:hi]
 
 
 def grouped_sums(values: Tensor, groups: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
@@ -81,13 +118,20 @@ def position_losses(
 
 @torch.inference_mode()
 def evaluate_probe(
-    model: TensorTransformer, probe: ProbeSet, n_labels: int, n_rules: int, batch_size: int = 8
+    model: TensorTransformer,
+    probe: ProbeSet,
+    n_labels: int,
+    n_rules: int,
+    batch_size: int = 8,
+    strategies: StrategyRows | None = None,
 ) -> ProbeResult:
-    """Every member on the shared probe set. Values stay on the model's device."""
+    """Every member on the shared probe set; with ``strategies``, also the strategy curves'
+    values. Values stay on the model's device."""
     device = model.W_E.device
     probe = probe.to(device)  # a no-op for a set already there (ProbeMetrics moves it once)
     M = model.cfg.n_members
     kl_parts, correct_parts, nll_parts = [], [], []
+    strategy_sums = None if strategies is None else torch.zeros(M, len(strategies.counts), device=device)
     for start in range(0, probe.tokens.shape[0], batch_size):
         rows = slice(start, start + batch_size)
         tokens = probe.tokens[rows]
@@ -97,6 +141,9 @@ def evaluate_probe(
             log_q, tokens[None, :, 1:], true_next, probe.true_plogp[rows]
         )  # (M, B, T-1)
         correct = log_q.argmax(-1) == probe.true_top[rows]  # (M, B, T-1)
+        if strategies is not None:
+            strategy_kl, ids = strategies.batch_kl(log_q, start, min(start + batch_size, len(probe.tokens)))
+            strategy_sums.index_add_(1, ids, strategy_kl)
         nll_parts.append(nll)
         kl_parts.append(kl.flatten(1))
         correct_parts.append(correct.flatten(1).float())
@@ -112,6 +159,7 @@ def evaluate_probe(
         loss_by_position=nll.mean(1),
         loss_by_label=grouped_mean(nll.flatten(1), labels, n_labels),
         excess_sq_by_label=grouped_mean(kl.square(), labels, n_labels),
+        strategy_kl=None if strategies is None else strategy_sums / strategies.counts,
     )
 
 

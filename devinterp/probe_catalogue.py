@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from devinterp.baselines import Baselines, probe_baselines
+from devinterp.baselines import Baselines, label_components, probe_baselines
 from devinterp.language import Primitive
 from devinterp.probe import grouped_sums, span_queries, uniform_share
 from devinterp.store.schema import MetricInfo
+from devinterp.strategies import StrategyTable, strategy_table
 
 
 def icl_positions(seq_len: int) -> tuple[int, int]:
@@ -43,19 +44,25 @@ class ProbeCatalogue:
     icl_late: int
     spans: list[Primitive]  # span primitives (quotes, brackets) with a query in the probe set
     span_opens: Tensor | None  # (span primitive, probe sequence, pos): their open positions
+    strategies: StrategyTable | None  # the group ``strategy`` (None for a corpus)
 
 
 def probe_catalogue(language, probe, seq_len: int, n_layers: int, n_heads: int) -> ProbeCatalogue:
     """The probe's metrics: excess, accuracy and cross-entropy per primitive, excess per rule,
     loss per position, the ICL score of Olsson et al. (2022) and each head's attention from inside
-    a span to its open token."""
+    a span to its open token; and the strategy curves' table (devinterp/strategies.py)."""
+    components = None  # each primitive's blind components at its positions: baselines and strategies
+    if probe.true_next is not None and hasattr(language, "context_oracles"):  # not a corpus
+        components = label_components(
+            language, language.context_oracles(seq_len), probe.tokens.numpy(), probe.labels[:, 1:].numpy()
+        )
     labels, rules = probe.labels[:, 1:].flatten(), probe.rules[:, 1:].flatten()
     plogp = probe.true_plogp.double().flatten()[None]  # (1, positions); NaN: a corpus without logp
     by_label = grouped_sums(plogp, labels, len(language.label_names))  # (sums, counts), each (1, label)
     by_rule = grouped_sums(plogp, rules, len(language.rule_names))
     label_columns = [i for i, n in enumerate(by_label[1][0].tolist()) if n > 0]
     rule_columns = [i for i, n in enumerate(by_rule[1][0].tolist()) if n > 0]
-    infos = excess_infos(language, probe, seq_len, by_label, by_rule, label_columns, rule_columns)
+    infos = excess_infos(language, probe, seq_len, by_label, by_rule, label_columns, rule_columns, components)
     infos += [
         MetricInfo(f"probe_loss/pos{t + 1}", "probe", "all", f"pos{t + 1}", unit="nats")
         for t in range(seq_len - 1)
@@ -74,6 +81,9 @@ def probe_catalogue(language, probe, seq_len: int, n_layers: int, n_heads: int) 
         icl_late=icl_late,
         spans=spans,
         span_opens=span_opens,
+        strategies=None
+        if components is None
+        else strategy_table(language, probe.tokens.numpy(), probe.labels[:, 1:].numpy(), components),
     )
 
 
@@ -85,17 +95,19 @@ def excess_infos(
     by_rule: tuple[Tensor, Tensor],
     label_columns: list[int],
     rule_columns: list[int],
+    components: dict[int, dict[str, np.ndarray]] | None,
 ) -> list[MetricInfo]:
     """Excess (overall, per primitive, per rule; only with exact distributions), accuracy and
     cross-entropy per primitive, each with its yardsticks; ``by_label`` and ``by_rule`` are the
-    sums of sum_v p log p over each label's and rule's probe positions and their counts."""
+    sums of sum_v p log p over each label's and rule's probe positions and their counts;
+    ``components`` the blind components by label (None for a corpus: no yardsticks)."""
     plogp = probe.true_plogp.double().flatten()[None]  # (1, positions)
     log_v = math.log(language.d_vocab)
     (label_sums, label_counts), (rule_sums, rule_counts) = by_label, by_rule
     by_label, by_rule = (label_sums / label_counts)[0].tolist(), (rule_sums / rule_counts)[0].tolist()
     names = language.label_names
     label_baselines, rule_baselines = {}, {}
-    if probe.true_next is not None and hasattr(language, "context_oracles"):  # not a corpus
+    if components is not None:
         label_baselines, rule_baselines = probe_baselines(
             language,
             language.context_oracles(seq_len),
@@ -103,6 +115,7 @@ def excess_infos(
             probe.true_next.double().numpy(),
             probe.labels[:, 1:].numpy(),
             probe.rules[:, 1:].numpy(),
+            components,
         )
     infos = []
     if probe.has_excess:

@@ -154,8 +154,10 @@ def probe_infos(data) -> dict[str, MetricInfo]:
         callbacks = []
 
     class Writer:
+        groups = {}
+
         def declare(self, group):
-            self.group = group
+            self.groups[group.name] = group
 
     import callbacks.probe_metrics as probe_metrics
 
@@ -165,7 +167,7 @@ def probe_infos(data) -> dict[str, MetricInfo]:
         callback.setup(Trainer(), Module(), "fit")
     finally:
         probe_metrics.find_writer = original
-    return {i.name: i for i in writer.group.infos}
+    return {i.name: i for i in writer.groups["probe"].infos}
 
 
 def probe_excess(data, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

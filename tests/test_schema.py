@@ -54,6 +54,7 @@ def test_a_group_from_a_new_producer_is_read_with_no_reader_change(tmp_path):
         "attribution",
         "composition",
         "probe",
+        "strategy",
         "parity",
     }
     np.testing.assert_array_equal(timeline.steps("parity"), [0, 2, 4, 6, 8])

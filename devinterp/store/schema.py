@@ -45,7 +45,7 @@ LEGACY_INFO_FIELDS = {"fallback": "knock_out"}  # metric_info datasets renamed s
 GROUP_MARKER = "devinterp_metric_group"  # attribute set (to 1) on every metric group
 VALUES_AXES = "row, metric, member"
 
-MetricKind = Literal["weight", "diagnostic", "probe", "probe_attention", "train", "intervention"]
+MetricKind = Literal["weight", "diagnostic", "probe", "probe_attention", "train", "intervention", "strategy"]
 Yardstick = Literal["blind", "knock_out", "uniform"]
 UNMEASURABLE = 0.2  # blind baseline within this share of the uniform one: the metric is unmeasurable
 YARDSTICKS: tuple[str, ...] = get_args(Yardstick)
@@ -62,7 +62,8 @@ class MetricInfo:
     read from the weights), ``probe`` (measured on the probe set), ``probe_attention`` (a
     head's attention on the probe set), ``train`` (training loss of the step's batch),
     ``intervention`` (a penalty's or clamp's value, window and gradient:
-    callbacks/mechanism_interventions.py).
+    callbacks/mechanism_interventions.py), ``strategy`` (KL(strategy || model) on a primitive's
+    probe positions: devinterp/strategies.py).
     ``nothing`` / ``learned``: the values meaning "nothing learned" (the uniform prediction) and
     "learned" (progress metrics only, NaN otherwise). The primitive-specific yardsticks
     (devinterp/baselines.py): ``blind``, "nothing learned" for a model that cannot read what the
