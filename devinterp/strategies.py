@@ -59,7 +59,9 @@ def strategy_table(
     for index, components in components_by_label.items():
         primitive = language.primitives[index - 1]
         sequence, position = np.nonzero(labels == index)
-        own = {name: values[:, :-1][sequence, position] for name, values in primitive.strategies(tokens).items()}
+        own = {
+            name: values[:, :-1][sequence, position] for name, values in primitive.strategies(tokens).items()
+        }
         found = {"uniform": np.full((len(sequence), V), 1.0 / V), **components, **own}
         for name, rows in found.items():
             infos.append(

@@ -295,7 +295,14 @@ def test_load_timeline_reads_committed_rows_and_progress(tmp_path):
     path = fit(tmp_path, 12)
     timeline = load_timeline(path)
     assert timeline.n_members == 2
-    assert set(timeline.groups) == {"every_step", "diagnostics", "attribution", "composition", "probe", "strategy"}
+    assert set(timeline.groups) == {
+        "every_step",
+        "diagnostics",
+        "attribution",
+        "composition",
+        "probe",
+        "strategy",
+    }
     assert timeline.names("skip_trigram/*/kl") == [
         f"skip_trigram/{r}/kl"
         for r in ("beach..big->at", "garden..old->and", "lake..new->or", "office..small->to")
