@@ -107,6 +107,41 @@ def variant_of(timeline: Timeline) -> tuple[str, list[str]]:
     return "full", []
 
 
+def language_of(timeline: Timeline) -> str:
+    """The name of the run's language (its spec's ``name``; else the spec path in its config)."""
+    spec = yaml.safe_load(timeline.meta.get("language_spec") or "") or {}
+    name = spec.get("name") if isinstance(spec, dict) else None
+    return str(name or config_section(timeline, "data").get("language") or "")
+
+
+@dataclass(frozen=True)
+class LanguageShift:
+    """An event's onset shift (a primitive's onset or a strategy switch) in runs of another
+    language against the full language's runs, members paired by model seed and index."""
+
+    language: str
+    event: str
+    shift: Shift
+
+
+def language_shifts(full: list[Timeline], others: list[Timeline], events_of) -> list[LanguageShift]:
+    """Per other language and event found in both: the paired shift, other minus full, in
+    log(step + 1). ``events_of(timeline)`` -> event name -> one Onset per member. A run whose
+    seed has no full run is left out (nothing to pair it with)."""
+    base = {seed: events_of(t) for seed, t in full_runs_by_seed(full).items()}
+    pairs: dict[tuple[str, str], tuple[list[Onset], list[Onset]]] = {}
+    for timeline in others:
+        reference = base.get(seed_of(timeline))
+        if reference is None:
+            continue
+        for event, onsets in events_of(timeline).items():
+            if event in reference:
+                ours, theirs = pairs.setdefault((language_of(timeline), event), ([], []))
+                ours += reference[event]
+                theirs += onsets
+    return [LanguageShift(lang, event, onset_shift(a, b)) for (lang, event), (a, b) in pairs.items()]
+
+
 def switch_step_of(timeline: Timeline) -> int:
     """A knock-in run's switch to the full language (``data.knockin_steps``; 0 for other runs)."""
     data = config_section(timeline, "data")

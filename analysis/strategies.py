@@ -6,7 +6,7 @@ The timeline's group ``strategy`` holds KL(strategy || model) per primitive, str
 probe step after which S' stays closer to the model than S, found as onsets are (the difference
 KL(S || model) - KL(S' || model) binned on the log-step grid, smoothed, and the first step after
 which it stays >= 0: ``analysis.onset.threshold_onsets`` at level 0), censored at the last step
-if it never does. Switches are ``Onset`` records named ``<primitive>:<S>-><S'>``, so the ordering
+if it never does. Switches are ``Onset`` records named ``<primitive>:<S>><S'>``, so the ordering
 and dependence analyses take them as they take a primitive's onsets.
 """
 
@@ -87,9 +87,14 @@ def phases(curves: StrategyCurves, among: list[str] | None = None) -> list[list[
     return out
 
 
+def switch_name(primitive: str, before: str, after: str) -> str:
+    """The event name of a switch, ``<primitive>:<before>><after>`` (e.g. ``chain:unigram>bigram``)."""
+    return f"{primitive}:{before}>{after}"
+
+
 def switch_onsets(curves: StrategyCurves, before: str, after: str) -> list[Onset]:
     """When ``after`` becomes and stays closer than ``before``, per member (module docstring)."""
-    name = f"{curves.primitive}:{before}->{after}"
+    name = switch_name(curves.primitive, before, after)
     gap = curves.of(before) - curves.of(after)  # > 0 where ``after`` is closer
     return [replace(o, method="switch") for o in threshold_onsets(name, curves.steps, gap, level=0.0)]
 
@@ -100,6 +105,19 @@ def strategy_path(curves: StrategyCurves) -> list[str]:
 
 
 def path_switches(curves: StrategyCurves) -> dict[str, list[Onset]]:
-    """The switches between consecutive strategies of ``strategy_path``, by name."""
+    """The switches from each strategy of ``strategy_path`` to every later one, by name (the
+    consecutive ones are the paper's phases; uniform > bigram is defined alike under any prior)."""
     path = strategy_path(curves)
-    return {f"{curves.primitive}:{a}->{b}": switch_onsets(curves, a, b) for a, b in zip(path, path[1:])}
+    return {
+        switch_name(curves.primitive, a, b): switch_onsets(curves, a, b)
+        for i, a in enumerate(path)
+        for b in path[i + 1 :]
+    }
+
+
+def run_switches(timeline) -> dict[str, list[Onset]]:
+    """Every switch of every primitive that declares strategies, one onset per member."""
+    out = {}
+    for primitive in primitives_with_strategies(timeline):
+        out.update(path_switches(strategy_curves(timeline, primitive)))
+    return out

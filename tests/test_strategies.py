@@ -151,3 +151,10 @@ def test_the_strategy_group_reaches_the_timeline_and_wandb(tmp_path):
         assert rows[int(step)]["strategy_kl/chain/bigram"] == pytest.approx(
             float(np.median(bigram[i])), rel=1e-5
         )
+    # the report draws the curves and lists phases and switches
+    from analysis.report import write_report
+
+    report = write_report([tmp_path / "timeline.h5"], tmp_path / "report", stages=False).read_text()
+    assert "## Strategies" in report and "![strategies_chain](strategies_chain.png)" in report
+    assert "| uniform > unigram |" in report and "| unigram > bigram |" in report
+    assert (tmp_path / "report" / "strategies_chain.png").stat().st_size > 10_000

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from analysis.dependence import variant_of
+from analysis.dependence import language_of, variant_of
 from analysis.report.components import attribution_section, mlp_section
 from analysis.report.llc_section import llc_section
 from analysis.report.mechanism import mechanism_figure, mechanism_lines
@@ -20,6 +20,7 @@ from analysis.report.ordering_section import dependence_lines, header_lines, ons
 from analysis.report.pipeline import Analysis, analyze_timelines, find_timelines
 from analysis.report.progress_figures import progress_curves, progress_figures
 from analysis.report.stage_section import stages_section
+from analysis.report.strategy_section import language_lines, strategy_section
 from analysis.report.weight_figures import circuit_figures
 from analysis.stages import MAX_STATES, N_BINS, StageFit
 from devinterp.store.timeline import load_timeline
@@ -47,7 +48,11 @@ def write_report(
     files = find_timelines(paths)
     timelines = [load_timeline(p) for p in files]
     result = analyze_timelines(timelines, level, source, alpha, yardstick)
-    full = [(f, t) for f, t in zip(files, timelines) if variant_of(t)[0] == "full" or result.controls]
+    full = [
+        (f, t)
+        for f, t in zip(files, timelines)
+        if (variant_of(t)[0] == "full" and language_of(t) not in result.other_languages) or result.controls
+    ]
     first = full[0][1]
     variants = [t for t in timelines if variant_of(t)[0] != "full"]
     curves = progress_curves(result, first, source, yardstick)
@@ -55,6 +60,10 @@ def write_report(
     figures += circuit_figures(first, out, at_steps, member)
     lines = header_lines(result, files, full, level, source, alpha, yardstick)
     lines += onset_lines(result, level, yardstick) + ordering_lines(result) + dependence_lines(result, alpha)
+    lines += language_lines(result)
+    strategy_lines, strategy_figures = strategy_section(result, [t for _, t in full], out)
+    lines += strategy_lines
+    figures += strategy_figures
     lines += mechanism_lines(result.mechanism, variants)
     if result.mechanism:
         figure, route_lines = mechanism_figure(first, variants, out, source, yardstick)

@@ -9,8 +9,11 @@ import numpy as np
 
 from analysis.dependence import (
     Dependence,
+    LanguageShift,
     MechanismEffect,
     dependence,
+    language_of,
+    language_shifts,
     mechanism_effects,
     variant_of,
 )
@@ -20,6 +23,7 @@ from analysis.ordering import (
     infer_ordering,
     lead_lag,
 )
+from analysis.strategies import run_switches
 from analysis.units import Pool, censor_at, pool_units
 from devinterp.store.timeline import Timeline, TimelineError
 
@@ -39,6 +43,10 @@ class Analysis:
     # other yardstick -> its ordering DAG's edges, where it can be measured (schema 3 for blind)
     other_yardsticks: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     pool: Pool | None = None  # which members count, repeats left out, the common horizon
+    # strategy switches (analysis/strategies.py) over units: event name -> onsets; ordered with the primitives
+    switches: dict[str, list[Onset]] = field(default_factory=dict)
+    languages: list[LanguageShift] = field(default_factory=list)  # runs of other languages, paired by seed
+    other_languages: list[str] = field(default_factory=list)
 
 
 YARDSTICK_TEXT = {
@@ -111,10 +119,22 @@ def analyze_timelines(
         raise TimelineError(
             "no run of the full language among the timelines (only knock-out/knock-in variants)"
         )
+    # runs of another language compare with the first run's by seed (not pooled with it)
+    elsewhere = [t for t in full if language_of(t) != language_of(full[0])]
+    full = [t for t in full if language_of(t) == language_of(full[0])]
     primitives = [p for p in full[0].label_names if p != "start"]
     pool = pool_units(full)
     onsets = {s: pooled_onsets(full, primitives, level, s, yardstick, pool) for s in ("probe", "weight")}
-    ordering = infer_ordering(onsets[source], alpha=alpha)
+    switches = pooled_switches(full, pool)
+    ordering = infer_ordering({**onsets[source], **switches}, alpha=alpha)
+
+    def events_of(timeline: Timeline) -> dict[str, list[Onset]]:
+        return {
+            **primitive_onsets(timeline, level=level, source=source, yardstick=yardstick),
+            **run_switches(timeline),
+        }
+
+    languages = language_shifts(full, elsewhere, events_of) if elsewhere else []
     curves = {p: c for p in primitives if (c := progress_or_none(full[0], p, source, yardstick)) is not None}
     measured = list(curves)
     if not measured:
@@ -158,7 +178,20 @@ def analyze_timelines(
         controls,
         others,
         pool,
+        switches,
+        languages,
+        sorted({language_of(t) for t in elsewhere}),
     )
+
+
+def pooled_switches(timelines: list[Timeline], pool: Pool) -> dict[str, list[Onset]]:
+    """Every unit's strategy switches (analysis/strategies.py), pooled as ``pooled_onsets`` pools."""
+    pooled: dict[str, list[Onset]] = {}
+    for index, timeline in enumerate(timelines):
+        for name, onsets in run_switches(timeline).items():
+            counted = [o for o in onsets if o.member in pool.keep[index]]
+            pooled.setdefault(name, []).extend(censor_at(counted, pool.horizon))
+    return pooled
 
 
 def yardstick_sensitivity(result: Analysis) -> list[str]:
