@@ -23,7 +23,50 @@ from analysis.strategies import (  # noqa: E402
     strategy_path,
     switch_name,
 )
+from devinterp.restore import run_language, snapshot_model  # noqa: E402
 from devinterp.store.timeline import Timeline  # noqa: E402
+
+BUCKET_SEQUENCES, BUCKET_SEED = 256, 271_828  # fresh sequences for the by-position table
+
+
+def position_buckets(seq_len: int) -> list[tuple[int, int]]:
+    """Predicted positions 1 .. seq_len - 1 cut at a tenth, a quarter and a half of the sequence."""
+    cuts = sorted({1, *(max(2, round(seq_len * f)) for f in (0.1, 0.25, 0.5)), seq_len})
+    return [(a, b - 1) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def kl_by_position(timeline: Timeline, primitive: str) -> tuple[int, list[tuple[int, int]], np.ndarray, dict]:
+    """(step, buckets, model KL (bucket, member), strategy -> KL (bucket,)): KL(truth || .) on the
+    primitive's positions of fresh sequences, per bucket of predicted positions, for the model at
+    the last weight snapshot and for each strategy the primitive declares."""
+    import torch
+
+    language = run_language(timeline)
+    model, step = snapshot_model(timeline, len(timeline.snapshot_steps) - 1)
+    seq_len = model.cfg.n_ctx
+    sample = language.sample(BUCKET_SEQUENCES, seq_len, BUCKET_SEED)
+    truth = language.true_next_dist(sample.tokens)[:, :-1]  # (n, T-1, V)
+    mine = sample.labels[:, 1:] == language.label_names.index(primitive)  # (n, T-1)
+    with torch.no_grad():
+        tokens = torch.from_numpy(sample.tokens[:, :-1])[None].expand(model.cfg.n_members, -1, -1)
+        log_q = model(tokens).double().log_softmax(-1).numpy()  # (M, n, T-1, V)
+
+    def kl(log_prediction: np.ndarray) -> np.ndarray:  # (..., n, T-1, V) -> (..., n, T-1)
+        plogp = (truth * np.log(np.where(truth > 0, truth, 1.0))).sum(-1)
+        return plogp - (truth * log_prediction).sum(-1)
+
+    buckets = position_buckets(seq_len)
+    strategies = language.primitives[language.label_names.index(primitive) - 1].strategies(sample.tokens)
+    model_kl = kl(log_q)
+    rows, by_strategy = [], {name: [] for name in strategies}
+    for first, last in buckets:  # predicted positions first..last are rows first-1..last-1
+        where = mine.copy()
+        where[:, : first - 1] = False
+        where[:, last:] = False
+        rows.append([model_kl[m][where].mean() for m in range(model_kl.shape[0])])
+        for name, prediction in strategies.items():
+            by_strategy[name].append(kl(np.log(np.maximum(prediction[:, :-1], 1e-300)))[where].mean())
+    return step, buckets, np.array(rows), {k: np.array(v) for k, v in by_strategy.items()}
 
 
 def strategy_figure(curves, out: Path) -> Path:
@@ -99,7 +142,29 @@ def strategy_section(result: Analysis, full: list[Timeline], out: Path) -> tuple
                     f"| {before} > {after} | {len(onsets)} | {spread} | {len(onsets) - len(steps)} |"
                 )
         lines.append("")
+        if len(full[0].snapshot_steps):
+            lines += position_lines(full[0], primitive)
     return lines, figures
+
+
+def position_lines(timeline: Timeline, primitive: str) -> list[str]:
+    """The by-position table of ``kl_by_position``."""
+    step, buckets, model_kl, strategies = kl_by_position(timeline, primitive)
+    head = " | ".join(f"pos {a}-{b}" for a, b in buckets)
+    lines = [
+        f"KL(truth || .) on {primitive}'s positions by predicted position, on {BUCKET_SEQUENCES} fresh "
+        f"sequences, for the model at step {step} (median [min, max] over members) and for each strategy:",
+        "",
+        f"| predictor | {head} |",
+        "|---|" + "---|" * len(buckets),
+        "| model | "
+        + " | ".join(f"{np.median(r):.4f} [{r.min():.4f}, {r.max():.4f}]" for r in model_kl)
+        + " |",
+    ]
+    lines += [
+        f"| {name} | " + " | ".join(f"{v:.4f}" for v in values) + " |" for name, values in strategies.items()
+    ]
+    return lines + [""]
 
 
 def language_lines(result: Analysis) -> list[str]:
