@@ -115,14 +115,16 @@ def test_every_primitive_of_a_language_gets_uniform_oracles_and_knock_out(tmp_pa
 
 
 def test_the_strategy_group_reaches_the_timeline_and_wandb(tmp_path):
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     from analysis import load_timeline
     from devinterp.store.wandb_files import history, run_files
     from tests.helpers.tiny import tiny_parts, tiny_trainer
 
+    wandb.finish()  # an in-process run of an earlier test (even a disabled one) would be reused
     data, module = tiny_parts(CHAIN, seq_len=24, probe_size=16, n_layers=1)
-    logger = WandbLogger(project="test", save_dir=str(tmp_path), offline=True, anonymous="allow")
+    logger = WandbLogger(project="test", save_dir=str(tmp_path), mode="offline")
     trainer = tiny_trainer(
         12,
         tmp_path,

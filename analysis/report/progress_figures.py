@@ -46,7 +46,7 @@ def progress_figures(
     if result.ordering.dag:  # no edge: no figure, whose stacked nodes would read as an order
         figures.append(
             plot_dag(
-                result.primitives,
+                [*result.primitives, *result.switches],  # switches are events of the ordering too
                 list(result.ordering.dag),
                 out / "ordering_dag.png",
                 dag_labels(result.ordering),
