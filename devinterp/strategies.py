@@ -91,14 +91,3 @@ def strategy_table(
         probs[order].astype(np.float32),
         plogp(probs[order]).astype(np.float32),
     )
-
-
-def strategy_kl(table: StrategyTable, log_q: np.ndarray) -> np.ndarray:
-    """The group's values from a model's log-probabilities on the whole probe set, log_q
-    (member, n_probe, T-1, V) -> (member, n_strategies): mean KL(strategy || model) over each
-    strategy's rows. A plain reference (the probe evaluation computes the same batch by batch)."""
-    rows = log_q[:, table.sequence, table.position]  # (member, rows, V)
-    kl = table.plogp[None] - np.einsum("rv,mrv->mr", table.probs.astype(np.float64), rows)
-    sums = np.zeros((log_q.shape[0], len(table.infos)))
-    np.add.at(sums.T, table.strategy, kl.T)
-    return sums / np.bincount(table.strategy, minlength=len(table.infos))[None]

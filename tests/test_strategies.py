@@ -13,7 +13,7 @@ from devinterp.baselines import label_components
 from devinterp.data import ToyLanguageData
 from devinterp.language import load_language
 from devinterp.probe import StrategyRows, evaluate_probe
-from devinterp.strategies import strategy_kl, strategy_table
+from devinterp.strategies import StrategyTable, strategy_table
 
 CHAIN = "configs/languages/markov_icl.yaml"
 CIRCULANT = "configs/languages/markov_circulant.yaml"
@@ -49,6 +49,17 @@ def chain_probe(path, n=64, seq_len=24):
     tokens, labels = data.probe.tokens.numpy(), data.probe.labels[:, 1:].numpy()
     components = label_components(language, language.context_oracles(seq_len), tokens, labels)
     return data.probe, strategy_table(language, tokens, labels, components)
+
+
+def strategy_kl(table: StrategyTable, log_q: np.ndarray) -> np.ndarray:
+    """The group's values from a model's log-probabilities on the whole probe set, log_q
+    (member, n_probe, T-1, V) -> (member, n_strategies): mean KL(strategy || model) over each
+    strategy's rows: a plain reference for the probe evaluation, which computes it batch by batch."""
+    rows = log_q[:, table.sequence, table.position]  # (member, rows, V)
+    kl = table.plogp[None] - np.einsum("rv,mrv->mr", table.probs.astype(np.float64), rows)
+    sums = np.zeros((log_q.shape[0], len(table.infos)))
+    np.add.at(sums.T, table.strategy, kl.T)
+    return sums / np.bincount(table.strategy, minlength=len(table.infos))[None]
 
 
 @pytest.mark.parametrize("statistics", ["unigram", "bigram"])

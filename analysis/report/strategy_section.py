@@ -51,8 +51,9 @@ def kl_by_position(timeline: Timeline, primitive: str) -> tuple[int, list[tuple[
         tokens = torch.from_numpy(sample.tokens[:, :-1])[None].expand(model.cfg.n_members, -1, -1)
         log_q = model(tokens).double().log_softmax(-1).numpy()  # (M, n, T-1, V)
 
+    plogp = (truth * np.log(np.where(truth > 0, truth, 1.0))).sum(-1)  # (n, T-1)
+
     def kl(log_prediction: np.ndarray) -> np.ndarray:  # (..., n, T-1, V) -> (..., n, T-1)
-        plogp = (truth * np.log(np.where(truth > 0, truth, 1.0))).sum(-1)
         return plogp - (truth * log_prediction).sum(-1)
 
     buckets = position_buckets(seq_len)

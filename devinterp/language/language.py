@@ -90,6 +90,10 @@ class Language:
         self.rule_label = np.repeat(np.arange(1, len(self.primitives) + 1), np.diff(self.rule_offsets))
         self.seq_len: int | None = None
         self.start_rows = RowTable(self.start_dist)  # one row: position 0's distribution
+        # the primitives that need to know where they labelled a position (Primitive.took_positions)
+        self._told = [
+            i for i, p in enumerate(self.primitives) if type(p).took_positions is not Primitive.took_positions
+        ]
         self._on_device: dict[torch.device, Language] = {}  # this language for the device sampler
 
     @property
@@ -126,8 +130,8 @@ class Language:
             label = xp.where(first, i + 1, label)
             rule = xp.where(first, int(self.rule_offsets[i]) + firing.rule, rule)
             remaining = remaining - weights[i]
-        for i, (primitive, state) in enumerate(zip(self.primitives, states)):
-            primitive.took_positions(state, label == i + 1)
+        for i in self._told:
+            self.primitives[i].took_positions(states[i], label == i + 1)
         return firings, weights, label, rule
 
     def _next_at(self, states: list, tokens: np.ndarray, t: int):

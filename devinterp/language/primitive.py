@@ -46,9 +46,14 @@ class RowTable:
 
     def draw(self, rows: Array, uniform: Array) -> Array:
         """One token from each named row (n,) by inverse CDF from uniforms in [0, 1) (n,)."""
-        cdf = self.cdf[rows]  # (n, V)
-        index = (cdf <= (uniform * cdf[:, -1])[:, None]).sum(axis=1)  # first entry above: p > 0
-        return index.clip(max=cdf.shape[1] - 1)
+        return inverse_cdf(self.cdf[rows], uniform)
+
+
+def inverse_cdf(cdf: Array, uniform: Array) -> Array:
+    """One index per row of running sums cdf (n, V) from uniforms in [0, 1) (n,): the first entry
+    above ``uniform`` times the row's total (so a p = 0 entry is never drawn)."""
+    index = (cdf <= (uniform * cdf[:, -1])[:, None]).sum(axis=1)
+    return index.clip(max=cdf.shape[1] - 1)
 
 
 @dataclass(frozen=True)
@@ -142,9 +147,7 @@ class Firing:
     def draw(self, where: Array, uniform: Array) -> Array:
         """Tokens of the sequences ``where`` by inverse CDF from uniforms in [0, 1)."""
         if self.probs is not None:
-            cdf = arrays_of(uniform).cumsum(self.probs[where], axis=1)  # (len(where), V)
-            index = (cdf <= (uniform * cdf[:, -1])[:, None]).sum(axis=1)
-            return index.clip(max=cdf.shape[1] - 1)
+            return inverse_cdf(arrays_of(uniform).cumsum(self.probs[where], axis=1), uniform)
         if self.table is None:
             return self.dist[where]
         return self.table.draw(self.dist[where], uniform)

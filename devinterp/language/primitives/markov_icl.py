@@ -58,6 +58,21 @@ def gram_name(n: int) -> str:
     return GRAM_NAMES.get(n, f"{n}-gram")
 
 
+def context_key(state_at, t: int, length: int, k: int, like: Array) -> tuple[Array, Array]:
+    """(n,) whether the ``length`` tokens ending at position t are all states, and their key in
+    base k (the token at t the lowest digit); ``state_at(j)`` (n,) is the state index of token j
+    (-1: not a state), ``like`` an (n,) array of the namespace (numpy or torch) to make them in."""
+    xp, n = arrays_of(like), like.shape[0]
+    holds, key = xp.full(n, t >= length - 1, xp.bool), xp.full(n, 0)
+    if t < length - 1:
+        return holds, key
+    for back in range(length):
+        state = state_at(t - back)
+        holds = holds & (state >= 0)
+        key = key + state.clip(min=0) * k**back
+    return holds, key
+
+
 @dataclass
 class ChainState:
     """Per sequence: the chain's counts and what it did at the last position."""
@@ -140,20 +155,6 @@ class MarkovICL(Primitive):
         shape = (n, self.k) if self.prior == "circulant" else (n, self.k ** (self.order - 1), self.k)
         return ChainState(xp.zeros(shape), xp.full(n, 0), xp.full(n, False, xp.bool))
 
-    def _context(self, tokens: Array, t: int) -> tuple[Array, Array]:
-        """(n,) whether the last order - 1 tokens are states, and their key in base k (the current
-        state the lowest digit)."""
-        xp = arrays_of(tokens)
-        n = tokens.shape[0]
-        if t < self.order - 2:
-            return xp.full(n, False, xp.bool), xp.full(n, 0)
-        holds, key = xp.full(n, True, xp.bool), xp.full(n, 0)
-        for back in range(self.order - 1):
-            state = self.index[tokens[:, t - back]]
-            holds = holds & (state >= 0)
-            key = key + state.clip(min=0) * self.k**back
-        return holds, key
-
     def fire(self, state: ChainState, tokens, t):
         xp = arrays_of(tokens)
         n = tokens.shape[0]
@@ -166,9 +167,8 @@ class MarkovICL(Primitive):
                 state.counts[rows, step] += emitted
             else:
                 state.counts[rows, state.context, current.clip(min=0)] += emitted
-        fires, key = self._context(tokens, t)
-        if self.prior == "circulant":
-            key = current.clip(min=0)
+        fires, key = context_key(lambda j: self.index[tokens[:, j]], t, self.order - 1, self.k, current)
+        if self.prior == "circulant":  # order 2: the key is the current state
             steps = (xp.arange(self.k)[None, :] - key[:, None]) % self.k  # (n, k): step to each state
             counts = state.counts[rows[:, None], steps]  # (n, k)
         else:
@@ -190,22 +190,16 @@ class MarkovICL(Primitive):
         n, T = tokens.shape
         index = self.index[tokens]  # (n, T)
         out = {}
+        rows = np.arange(n)
         for size in range(1, self.order + 1):
             predictions = np.zeros((n, T, self.vocab.size))
             counts = np.zeros((n, self.k ** (size - 1), self.k))
-            rows = np.arange(n)
-            for t in range(T):
-                if t >= size - 1:  # the window of ``size`` tokens ending at t, if all states
-                    window = index[:, t - size + 1 : t + 1]
-                    whole = (window >= 0).all(1)
-                    key = sum(window[:, j].clip(min=0) * self.k ** (size - 2 - j) for j in range(size - 1))
-                    counts[rows, key, window[:, -1].clip(min=0)] += whole
-                context = index[:, max(t - size + 2, 0) : t + 1] if size > 1 else index[:, :0]
-                key = sum(
-                    context[:, j].clip(min=0) * self.k ** (context.shape[1] - 1 - j)
-                    for j in range(context.shape[1])
-                )
-                row = counts[rows, key] if size > 1 else counts[:, 0]
+            # the context ending at t - 1 (at t = 0 only the empty one, a unigram's, holds)
+            holds, key = np.full(n, size == 1), np.zeros(n, dtype=np.int64)
+            for t in range(T):  # the window of ``size`` tokens ending at t, when it is all states
+                counts[rows, key, index[:, t].clip(min=0)] += holds & (index[:, t] >= 0)
+                holds, key = context_key(lambda j: index[:, j], t, size - 1, self.k, index[:, t])
+                row = counts[rows, key]
                 predictions[:, t, self.states] = (row + self.alpha) / (row.sum(1) + self.k * self.alpha)[
                     :, None
                 ]
