@@ -32,10 +32,13 @@ def chain_spec(order=2, prior="dirichlet", alpha=1.0, p=1.0, exit_to=None, **ext
     }
 
 
-def draw_matrices(rng, prior, alpha, order, n_draws):
+def draw_matrices(rng, prior, alpha, order, n_draws, bank=None):
     """(n_draws, k^(order-1), k) transition matrices from the prior, row key in base k with the
-    most recent state the lowest digit."""
+    most recent state the lowest digit; for the bank prior every matrix of ``bank`` once (exact
+    enumeration: the prior is uniform over them)."""
     k = len(STATES)
+    if prior == "bank":
+        return bank
     if prior == "circulant":
         w = rng.dirichlet(np.full(k, alpha), size=n_draws)  # (D, k)
         steps = (np.arange(k)[None, :] - np.arange(k)[:, None]) % k  # (i, j) -> (j - i) mod k
@@ -43,13 +46,14 @@ def draw_matrices(rng, prior, alpha, order, n_draws):
     return rng.dirichlet(np.full(k, alpha), size=(n_draws, k ** (order - 1)))
 
 
-def monte_carlo_predictive(tokens, chain_positions, prior, alpha, order, n_draws=200_000, seed=0):
+def monte_carlo_predictive(tokens, chain_positions, prior, alpha, order, n_draws=200_000, seed=0, bank=None):
     """(T, k) p(next state | tokens <= t) at every t by importance weighting: matrices from the
     prior, weights their likelihood of the transitions the chain made (into the positions
     ``chain_positions``), the predictive the weighted mean of the current context's row."""
     rng = np.random.default_rng(seed)
     k = len(STATES)
-    P = draw_matrices(rng, prior, alpha, order, n_draws)  # (D, C, k)
+    P = draw_matrices(rng, prior, alpha, order, n_draws, bank)  # (D, C, k)
+    n_draws = len(P)
     index = {name: i for i, name in enumerate(STATES)}
 
     def key(t):
@@ -73,6 +77,7 @@ CASES = {
     "bigram_alpha_0.5": dict(order=2, alpha=0.5),
     "trigram": dict(order=3),
     "circulant": dict(order=2, prior="circulant"),
+    "bank": dict(order=2, prior="bank", alpha=0.5, bank_size=8),  # few, distinct matrices
 }
 
 
@@ -81,13 +86,14 @@ def test_posterior_predictive_matches_monte_carlo_over_matrices(case):
     options = CASES[case]
     language = parse_language(chain_spec(**options))
     order, prior, alpha = options["order"], options.get("prior", "dirichlet"), options.get("alpha", 1.0)
+    bank = getattr(language.primitives[0], "bank", None)
     rng = np.random.default_rng(1)
     for sequence in range(3):
         seq = list(rng.choice(STATES, size=9))
         ids = np.array([[language.vocab.tokens.index(s) for s in seq]])
         exact = language.true_next_dist(ids)[0][:, [language.vocab.tokens.index(s) for s in STATES]]
         reference = monte_carlo_predictive(
-            seq, set(range(order - 1, len(seq))), prior, alpha, order, seed=sequence
+            seq, set(range(order - 1, len(seq))), prior, alpha, order, seed=sequence, bank=bank
         )
         for t, row in enumerate(reference):
             if row is not None:
@@ -149,7 +155,7 @@ def test_labels_and_logp_agree_with_the_exact_distributions(case, sampler):
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-@pytest.mark.parametrize("case", ["bigram", "circulant"])
+@pytest.mark.parametrize("case", ["bigram", "circulant", "bank"])
 def test_whole_sequences_occur_as_often_as_their_exact_probability(case, sampler):
     """Sequences of 5 states (243 outcomes): the sampler's counts against the product of the
     exact next-token probabilities (chi-square), which the Monte Carlo test ties to the prior."""
@@ -170,6 +176,35 @@ def test_whole_sequences_occur_as_often_as_their_exact_probability(case, sampler
     expected[order] = probability * len(codes)
     assert expected.sum() == pytest.approx(len(codes))
     assert chisquare(observed, expected).pvalue > 1e-4
+
+
+def test_the_bank_prior_is_the_process_that_draws_a_matrix_first():
+    """A matrix drawn uniformly from the bank, then 5 states run on it (the first uniform): the
+    frequencies of the 243 sequences against the product of the language's exact predictive
+    probabilities; and every bank matrix is doubly stochastic."""
+    language = parse_language(chain_spec(**CASES["bank"]))
+    bank = language.primitives[0].bank  # (8, 3, 3)
+    np.testing.assert_allclose(bank.sum(2), 1, atol=1e-12)
+    np.testing.assert_allclose(bank.sum(1), 1, atol=1e-11)
+    rng = np.random.default_rng(5)
+    n, k = 60_000, len(STATES)
+    matrices = bank[rng.integers(len(bank), size=n)]  # (n, k, k)
+    states = np.zeros((n, 5), dtype=np.int64)
+    states[:, 0] = rng.integers(k, size=n)
+    for t in range(1, 5):
+        row = matrices[np.arange(n), states[:, t - 1]]  # (n, k)
+        states[:, t] = (rng.random(n)[:, None] > row.cumsum(1)).sum(1)
+    observed = np.bincount(sum(states[:, t] * k**t for t in range(5)), minlength=k**5)
+    every = np.array(np.meshgrid(*[range(k)] * 5, indexing="ij")).reshape(5, -1).T  # (243, 5)
+    ids = np.array([language.vocab.tokens.index(s) for s in STATES])[every]
+    dist = language.true_next_dist(ids)
+    probability = np.prod(dist[np.arange(len(ids))[:, None], np.arange(4)[None], ids[:, 1:]], axis=1) / k
+    expected = np.zeros(k**5)
+    expected[sum(every[:, t] * k**t for t in range(5))] = probability * n
+    assert expected.sum() == pytest.approx(n)
+    assert chisquare(observed, expected).pvalue > 1e-4
+    uniform_bigram = np.full(k**5, n / k**5)  # the test can fail: the bank's sequences are not uniform
+    assert chisquare(observed, uniform_bigram).pvalue < 1e-6
 
 
 def direct_gram(seq_states, t, size, alpha, k=3):
@@ -200,9 +235,8 @@ def test_strategies_are_the_in_context_statistics(case):
                 np.testing.assert_allclose(
                     strategies[name][n, t, columns], direct_gram(states, t, size, options.get("alpha", 1.0))
                 )
-    top = (
-        "circulant" if options.get("prior") == "circulant" else {2: "bigram", 3: "trigram"}[options["order"]]
-    )
+    prior = options.get("prior", "dirichlet")
+    top = prior if prior != "dirichlet" else {2: "bigram", 3: "trigram"}[options["order"]]
     np.testing.assert_allclose(strategies[top][:, options["order"] - 2 :], truth[:, options["order"] - 2 :])
 
 
@@ -214,6 +248,9 @@ def test_strategies_are_the_in_context_statistics(case):
         (lambda s: s["primitives"][0].update(states=["a"]), "primitives[0].states: a chain needs at least 2"),
         (lambda s: s["primitives"][0].update(prior="uniform"), "primitives[0].prior: expected one of"),
         (lambda s: s["primitives"][0].update(prior="circulant", order=3), "circulant prior is for order 2"),
+        (lambda s: s["primitives"][0].update(prior="bank", order=3), "bank prior is for order 2"),
+        (lambda s: s["primitives"][0].update(bank_size=8), "primitives[0].bank_size: only the bank prior"),
+        (lambda s: s["primitives"][0].update(prior="bank", bank_size=0), "primitives[0].bank_size"),
         (lambda s: s["primitives"][0].update(order=1), "primitives[0].order"),
         (lambda s: s["primitives"][0].update(p=0.5), "primitives[0].p: 'chain' has p = 0.5 but 'category'"),
         (
@@ -246,6 +283,7 @@ def test_the_shipped_chain_languages_are_the_papers_task():
     for path, prior in [
         ("configs/languages/markov_icl.yaml", "dirichlet"),
         ("configs/languages/markov_circulant.yaml", "circulant"),
+        ("configs/languages/markov_bank.yaml", "bank"),
     ]:
         chain = load_language(path).primitives[0]
         assert (chain.kind, chain.prior, chain.k, chain.alpha, chain.order) == (

@@ -55,6 +55,11 @@ class NumpyArrays:
     def log(self, x: np.ndarray) -> np.ndarray:
         return np.log(x)
 
+    def softmax_rows(self, x: np.ndarray) -> np.ndarray:
+        """(n, m) -> each row's softmax, stable for rows of large negative numbers."""
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
 
 class TorchArrays:
     """torch on one device: the device sampler."""
@@ -99,6 +104,9 @@ class TorchArrays:
 
     def log(self, x: torch.Tensor) -> torch.Tensor:
         return self.torch.log(x)
+
+    def softmax_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return self.torch.softmax(x, dim=1)
 
     def convert(self, x: np.ndarray) -> torch.Tensor:
         """A primitive's table on this device (float64 and int64 kept)."""

@@ -14,6 +14,14 @@ drawing the matrix first):
   say nothing about the next state. Conjugate: with d(s) the chain's transitions that moved by s,
   p(x | i) = (d((x - i) mod k) + alpha) / (sum_s d(s) + k alpha); its Bayes-optimal strategy pools
   every row's transitions by their step, which the in-context bigram statistics do not.
+- ``prior: bank`` (order 2): the paper's doubly stochastic prior, kept as a finite bank of
+  ``bank_size`` matrices drawn once from ``bank_seed`` (each Dirichlet(alpha) rows balanced by
+  Sinkhorn's iteration until every row and column sums to 1), each equally likely. No conjugacy is
+  needed: the predictive is the exact Bayesian average over the bank, p(x | i) = sum_m w_m P_m[i, x]
+  with w_m proportional to the likelihood of the chain's transitions under P_m, which the
+  transition counts hold: w = softmax_m(sum_ij count(i -> j) log P_m[i, j]). Unigram statistics
+  say nothing here either; its Bayes-optimal strategy (``bank``) weighs whole matrices, which the
+  in-context bigram statistics approach as the counts grow.
 
 The chain fires where the current token and the ``order - 2`` before it are states, and emits a
 state (with p). How it composes with other primitives (each checked when the language is loaded,
@@ -49,7 +57,8 @@ from devinterp.language.arrays import NUMPY, Array, arrays_of
 from devinterp.language.primitive import Firing, Primitive, RuleSupport
 from devinterp.language.spec import SpecError, Vocab, require_int
 
-PRIORS = ("dirichlet", "circulant")
+PRIORS = ("dirichlet", "circulant", "bank")
+SINKHORN_TOLERANCE = 1e-12
 GRAM_NAMES = {1: "unigram", 2: "bigram", 3: "trigram"}
 
 
@@ -77,23 +86,37 @@ def context_key(state_at, t: int, length: int, k: int, like: Array) -> tuple[Arr
 class ChainState:
     """Per sequence: the chain's counts and what it did at the last position."""
 
-    counts: Array  # (n, k^(order-1), k) dirichlet; (n, k) circulant: transitions by their step
+    counts: Array  # (n, k^(order-1), k) dirichlet and bank; (n, k) circulant: transitions by their step
     context: Array  # (n,) the context key (or, circulant, the current state) at the last position
     took: Array  # (n,) bool: the chain labelled the last position
 
 
 class MarkovICL(Primitive):
     kind = "markov_icl"
-    extra_keys = {"states", "alpha", "order", "prior"}
+    extra_keys = {"states", "alpha", "order", "prior", "bank_size", "bank_seed"}
 
     def __init__(
-        self, name: str, p: float, vocab: Vocab, states: list[int], alpha: float, order: int, prior: str
+        self,
+        name: str,
+        p: float,
+        vocab: Vocab,
+        states: list[int],
+        alpha: float,
+        order: int,
+        prior: str,
+        bank_size: int = 1024,
+        bank_seed: int = 0,
     ):
         self.states = np.asarray(states, dtype=np.int64)  # (k,) token ids
         super().__init__(name, p, vocab, rule_names=[vocab.tokens[s] for s in states])
         self.k, self.alpha, self.order, self.prior = len(states), alpha, order, prior
         self.index = np.full(vocab.size, -1, dtype=np.int64)  # (V,) token -> state index, -1 not a state
         self.index[self.states] = np.arange(self.k)
+        if prior == "bank":
+            self.bank = doubly_stochastic_bank(self.k, alpha, bank_size, bank_seed)  # (M, k, k)
+            self.bank_flat = self.bank.reshape(bank_size, self.k * self.k)  # (M, k k)
+            self.log_bank_flat = np.log(self.bank_flat).T.copy()  # (k k, M)
+        self.bank_size, self.bank_seed = bank_size, bank_seed
 
     @classmethod
     def parse(cls, spec, vocab, field, name, p):
@@ -112,11 +135,16 @@ class MarkovICL(Primitive):
         prior = spec.get("prior", "dirichlet")
         if prior not in PRIORS:
             raise SpecError(f"{field}.prior: expected one of {', '.join(PRIORS)}, got {prior!r}")
-        if prior == "circulant" and order != 2:
-            raise SpecError(f"{field}.order: the circulant prior is for order 2 (bigram chains), got {order}")
+        if prior in ("circulant", "bank") and order != 2:
+            raise SpecError(f"{field}.order: the {prior} prior is for order 2 (bigram chains), got {order}")
+        for key in ("bank_size", "bank_seed"):
+            if key in spec and prior != "bank":
+                raise SpecError(f"{field}.{key}: only the bank prior has a bank (prior is {prior!r})")
+        bank_size = require_int(spec.get("bank_size", 1024), f"{field}.bank_size", 1)
+        bank_seed = require_int(spec.get("bank_seed", 0), f"{field}.bank_seed", 0)
         if len(states) ** (order - 1) > 4096:
             raise SpecError(f"{field}.order: {len(states)} states at order {order} give too many contexts")
-        return cls(name, p, vocab, states, float(alpha), order, prior)
+        return cls(name, p, vocab, states, float(alpha), order, prior, bank_size, bank_seed)
 
     def check_sequence_length(self, seq_len: int, field: str) -> None:
         if self.order > seq_len - 1:
@@ -174,7 +202,11 @@ class MarkovICL(Primitive):
         else:
             counts = state.counts[rows, key]  # (n, k)
         state.context = key
-        predictive = (counts + self.alpha) / (counts.sum(1) + self.k * self.alpha)[:, None]
+        if self.prior == "bank":  # the posterior over the bank (n, M), its mean matrix, the key's row
+            weights = xp.softmax_rows(state.counts.reshape(n, self.k * self.k) @ self.log_bank_flat)
+            predictive = (weights @ self.bank_flat).reshape(n, self.k, self.k)[rows, key]
+        else:
+            predictive = (counts + self.alpha) / (counts.sum(1) + self.k * self.alpha)[:, None]
         probs = xp.zeros((n, self.vocab.size))
         probs[:, self.states] = predictive
         rule = xp.where(fires, current.clip(min=0), -1)
@@ -185,7 +217,8 @@ class MarkovICL(Primitive):
 
     def strategies(self, tokens):
         """In-context k-gram statistics of the visible states for k = 1 .. order, smoothed with
-        alpha; with the circulant prior also its posterior predictive (``circulant``)."""
+        alpha; with the circulant or bank prior also its posterior predictive from the visible
+        state pairs (``circulant``, ``bank``)."""
         tokens = np.asarray(tokens, dtype=np.int64)
         n, T = tokens.shape
         index = self.index[tokens]  # (n, T)
@@ -206,7 +239,24 @@ class MarkovICL(Primitive):
             out[gram_name(size)] = predictions
         if self.prior == "circulant":
             out["circulant"] = self._circulant_strategy(index)
+        if self.prior == "bank":
+            out["bank"] = self._bank_strategy(index)
         return out
+
+    def _bank_strategy(self, index: np.ndarray) -> np.ndarray:
+        n, T = index.shape
+        predictions = np.zeros((n, T, self.vocab.size))
+        log_weights = np.zeros((n, self.bank_size))
+        for t in range(T):
+            if t > 0:
+                both = (index[:, t - 1] >= 0) & (index[:, t] >= 0)
+                step = np.log(self.bank[:, index[:, t - 1].clip(min=0), index[:, t].clip(min=0)]).T  # (n, M)
+                log_weights += np.where(both[:, None], step, 0.0)
+            weights = np.exp(log_weights - log_weights.max(1, keepdims=True))
+            weights /= weights.sum(1, keepdims=True)
+            rows = self.bank[:, index[:, t].clip(min=0), :].transpose(1, 0, 2)  # (n, M, k)
+            predictions[:, t, self.states] = np.einsum("nm,nmk->nk", weights, rows)
+        return predictions
 
     def _circulant_strategy(self, index: np.ndarray) -> np.ndarray:
         n, T = index.shape
@@ -228,9 +278,26 @@ class MarkovICL(Primitive):
         return [RuleSupport((states,), states) for _ in self.rule_names]
 
     def ground_truth(self):
-        return {
+        truth = {
             "states": self.states,
             "alpha": np.asarray(self.alpha),
             "order": np.asarray(self.order),
             "circulant": np.asarray(self.prior == "circulant"),
         }
+        if self.prior == "bank":
+            truth["bank"] = self.bank  # (M, k, k): the prior itself
+        return truth
+
+
+def doubly_stochastic_bank(k: int, alpha: float, size: int, seed: int) -> np.ndarray:
+    """(size, k, k) doubly stochastic matrices: Dirichlet(alpha) rows balanced by Sinkhorn's
+    iteration (columns, then rows, until every column sum is within 1e-12 of 1; rows end exact)."""
+    rng = np.random.default_rng(seed)
+    bank = rng.dirichlet(np.full(k, alpha), size=(size, k))  # (size, k, k)
+    bank = np.maximum(bank, 1e-300)  # a row entry that underflowed to 0 would stall the balancing
+    for _ in range(100_000):
+        bank /= bank.sum(1, keepdims=True)  # columns
+        bank /= bank.sum(2, keepdims=True)  # rows
+        if np.abs(bank.sum(1) - 1).max() < SINKHORN_TOLERANCE:
+            return bank
+    raise SpecError(f"bank_seed {seed}: Sinkhorn balancing did not converge; try another seed or alpha")
