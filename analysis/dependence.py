@@ -27,6 +27,7 @@ import yaml
 from scipy.stats import wilcoxon
 
 from analysis.onset import Onset, primitive_onsets
+from analysis.strategies import run_switches
 from devinterp.store.timeline import Timeline
 
 
@@ -154,7 +155,7 @@ def from_switch(onsets: dict[str, list[Onset]], switch: int, knocked_in: list[st
     comparison with the full run is the time to learn them once they are in the data."""
     moved = {}
     for name, per_member in onsets.items():
-        if name in knocked_in:
+        if name.split(":")[0] in knocked_in:  # a strategy switch goes with its primitive
             moved[name] = per_member
             continue
         moved[name] = [
@@ -190,15 +191,22 @@ def dependence(
     alpha: float = 0.01,
     yardstick: str = "blind",
 ) -> list[Dependence]:
-    """Verdicts for every (Y, X) where X has a knock-out or knock-in variant. With several full
+    """Verdicts for every (Y, X) where X has a knock-out or knock-in variant; Y is a primitive's
+    onset or a strategy switch (``<primitive>:<S>><S'>``, timed like onsets). With several full
     runs (a sweep over seeds) each variant pairs with the full run of its own seed, and the
     paired members of all seeds are pooled. Every variant's progress is measured on its full
     run's baselines (one yardstick: an onset shift measures the model, not a changed baseline)."""
     fulls = full if isinstance(full, list) else [full]
     runs = full_runs_by_seed(fulls)
-    full_by_seed = {
-        seed: primitive_onsets(t, level=level, source=source, yardstick=yardstick) for seed, t in runs.items()
-    }
+
+    def events(timeline: Timeline, baselines=None) -> dict[str, list[Onset]]:
+        """Each primitive's onsets and each strategy switch (analysis/strategies.py)."""
+        onsets = primitive_onsets(
+            timeline, level=level, source=source, yardstick=yardstick, baselines=baselines
+        )
+        return {**onsets, **run_switches(timeline)}
+
+    full_by_seed = {seed: events(t) for seed, t in runs.items()}
     baselines_by_seed = {seed: t.baselines(yardstick) for seed, t in runs.items()}
     first = next(iter(full_by_seed.values()))
     first_baselines = next(iter(baselines_by_seed.values()))
@@ -208,10 +216,7 @@ def dependence(
         kind, primitives = variant_of(timeline)
         if kind in ("full", "mechanism"):  # mechanism variants: mechanism_effects
             continue
-        baselines = baselines_by_seed.get(seed_of(timeline), first_baselines)
-        onsets = primitive_onsets(
-            timeline, level=level, source=source, yardstick=yardstick, baselines=baselines
-        )
+        onsets = events(timeline, baselines_by_seed.get(seed_of(timeline), first_baselines))
         if kind == "knockin":  # the first phase holds X and the category fallback (Language.only)
             first_phase = primitives + [n for n, k in timeline.primitive_kinds.items() if k == "category"]
             onsets = from_switch(onsets, switch_step_of(timeline), first_phase)

@@ -205,6 +205,44 @@ def test_analysis_pools_runs_and_orders_primitives():
     assert result.lead_lag["bigram->induction"] == pytest.approx(1.5, abs=0.35)  # 8 jittered members
 
 
+def with_strategy_curves(timeline: Timeline, unigram_at: list[float], bigram_at: list[float]) -> Timeline:
+    """The timeline with a chain's planted strategy curves (tests/test_strategy_analysis.py)."""
+    from dataclasses import replace
+
+    from tests.test_strategy_analysis import planted_curves
+
+    curves = planted_curves(unigram_at, bigram_at)
+    infos = tuple(
+        MetricInfo(f"strategy_kl/chain/{n}", "strategy", "chain", "all", math.nan, math.nan)
+        for n in curves.names
+    )
+    group = Group(curves.steps.astype(np.int64), curves.kl, infos)
+    return replace(
+        timeline, groups={**timeline.groups, "strategy": group}, label_names=(*timeline.label_names, "chain")
+    )
+
+
+def test_dependence_times_strategy_switches_too():
+    """Knocking out x delays the chain's bigram switch 2x in every member (its unigram switch
+    stays): the switch event gets the delay verdict with about +log 2, the other none."""
+    members = 8
+    bigram_at = list(np.linspace(200, 400, members))
+    full = with_strategy_curves(
+        synthetic_timeline({"x": 3.5, "y": 5.0}, {}, members=members), [60] * members, bigram_at
+    )
+    knockout = with_strategy_curves(
+        synthetic_timeline({"y": 5.0}, {"knockout": ["x"]}, members=members, seed=1),
+        [60] * members,
+        [2 * b for b in bigram_at],
+    )
+    verdicts = {d.y: d for d in dependence(full, [knockout])}
+    late = verdicts["chain:unigram>bigram"]
+    assert late.x == "x" and late.verdict == "Y is delayed by removing X"
+    assert late.knock_out.median == pytest.approx(math.log(2), abs=0.1)
+    assert verdicts["chain:uniform>unigram"].verdict == "no evidence"
+    assert abs(verdicts["chain:uniform>unigram"].knock_out.median) < 0.05
+
+
 def test_knock_in_times_the_other_primitives_from_the_switch():
     """Y not in the knock-in phase's data cannot form before the switch: planted to form exactly
     as long after the switch as it takes from scratch, its knock-in shift is 0, not a delay."""
