@@ -116,7 +116,6 @@ class MarkovICL(Primitive):
             self.bank = doubly_stochastic_bank(self.k, alpha, bank_size, bank_seed)  # (M, k, k)
             self.bank_flat = self.bank.reshape(bank_size, self.k * self.k)  # (M, k k)
             self.log_bank_flat = np.log(self.bank_flat).T.copy()  # (k k, M)
-        self.bank_size, self.bank_seed = bank_size, bank_seed
 
     @classmethod
     def parse(cls, spec, vocab, field, name, p):
@@ -196,16 +195,15 @@ class MarkovICL(Primitive):
             else:
                 state.counts[rows, state.context, current.clip(min=0)] += emitted
         fires, key = context_key(lambda j: self.index[tokens[:, j]], t, self.order - 1, self.k, current)
-        if self.prior == "circulant":  # order 2: the key is the current state
-            steps = (xp.arange(self.k)[None, :] - key[:, None]) % self.k  # (n, k): step to each state
-            counts = state.counts[rows[:, None], steps]  # (n, k)
-        else:
-            counts = state.counts[rows, key]  # (n, k)
         state.context = key
-        if self.prior == "bank":  # the posterior over the bank (n, M), its mean matrix, the key's row
-            weights = xp.softmax_rows(state.counts.reshape(n, self.k * self.k) @ self.log_bank_flat)
-            predictive = (weights @ self.bank_flat).reshape(n, self.k, self.k)[rows, key]
+        if self.prior == "bank":
+            predictive = self._bank_predictive(xp, state.counts, key)
         else:
+            if self.prior == "circulant":  # order 2: the key is the current state
+                steps = (xp.arange(self.k)[None, :] - key[:, None]) % self.k  # (n, k): step to each state
+                counts = state.counts[rows[:, None], steps]  # (n, k)
+            else:
+                counts = state.counts[rows, key]  # (n, k)
             predictive = (counts + self.alpha) / (counts.sum(1) + self.k * self.alpha)[:, None]
         probs = xp.zeros((n, self.vocab.size))
         probs[:, self.states] = predictive
@@ -243,19 +241,25 @@ class MarkovICL(Primitive):
             out["bank"] = self._bank_strategy(index)
         return out
 
+    def _bank_predictive(self, xp, counts: Array, key: Array) -> Array:
+        """(n, k) the bank's posterior predictive from each sequence's transition counts (n, k, k)
+        at the current state ``key`` (n,): the posterior over the bank (n, M), its mean matrix,
+        the key's row."""
+        n = counts.shape[0]
+        weights = xp.softmax_rows(counts.reshape(n, self.k * self.k) @ self.log_bank_flat)
+        return (weights @ self.bank_flat).reshape(n, self.k, self.k)[xp.arange(n), key]
+
     def _bank_strategy(self, index: np.ndarray) -> np.ndarray:
+        """The bank's predictive from the visible state pairs (every one counted as the chain's)."""
         n, T = index.shape
         predictions = np.zeros((n, T, self.vocab.size))
-        log_weights = np.zeros((n, self.bank_size))
+        counts = np.zeros((n, self.k, self.k))
+        rows = np.arange(n)
         for t in range(T):
             if t > 0:
                 both = (index[:, t - 1] >= 0) & (index[:, t] >= 0)
-                step = np.log(self.bank[:, index[:, t - 1].clip(min=0), index[:, t].clip(min=0)]).T  # (n, M)
-                log_weights += np.where(both[:, None], step, 0.0)
-            weights = np.exp(log_weights - log_weights.max(1, keepdims=True))
-            weights /= weights.sum(1, keepdims=True)
-            rows = self.bank[:, index[:, t].clip(min=0), :].transpose(1, 0, 2)  # (n, M, k)
-            predictions[:, t, self.states] = np.einsum("nm,nmk->nk", weights, rows)
+                counts[rows, index[:, t - 1].clip(min=0), index[:, t].clip(min=0)] += both
+            predictions[:, t, self.states] = self._bank_predictive(NUMPY, counts, index[:, t].clip(min=0))
         return predictions
 
     def _circulant_strategy(self, index: np.ndarray) -> np.ndarray:
