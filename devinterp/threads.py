@@ -136,6 +136,11 @@ class ThreadTuner:
     ran fastest with 1 thread on a quiet machine and with 2 beside another job (bench/contention.py).
     So every ``period`` steps each candidate count runs ``trial`` steps (interleaved, after one step
     each to settle) and the one with the smallest median step time is used until the next trial.
+    Between trials the chosen count's steps are watched: where the median of its last ``watch``
+    steps is more than ``drift`` times slower or faster than the trial measured it (the load
+    changed, or a few noisy steps picked the wrong count), a trial starts at once instead of at
+    the next period. Each such early trial doubles the steps the next one waits for (reset by a
+    periodic trial), so a load that keeps changing cannot fill the run with trials.
     Candidates: 1, the powers of two below ``cores``, and ``cores``. Call ``tick()`` at the start of
     every step: the time between two ticks is the step's."""
 
@@ -146,9 +151,12 @@ class ThreadTuner:
         period: int = 200,
         clock: Callable[[], float] = time.perf_counter,
         apply: Callable[[int], None] | None = None,
+        watch: int = 16,
+        drift: float = 1.3,
     ):
         self.candidates = sorted({1, cores, *(2**k for k in range(1, cores.bit_length()) if 2**k < cores)})
         self.trial, self.period, self.clock = trial, period, clock
+        self.watch, self.drift = watch, drift
         self.apply = apply or set_torch_threads
         self.choice = self.current = cores
         self.steps = 0  # ticks so far
@@ -159,18 +167,33 @@ class ThreadTuner:
         self._measured: int | None = None  # the count the running step is timed for
         self._last: float | None = None
         self._next_trial = 0
+        self.early_trials = 0  # trials started by a drift of the chosen count's step time
+        self._reference: float | None = None  # the chosen count's median step in the last trial
+        self._watched: list[float] = []  # the chosen count's settled steps since that trial
+        self._wait = watch  # watched steps the next early trial needs
+        self._settled = False  # the running step kept the previous step's count
 
     def tick(self) -> int:
         """The step that just ended is timed; returns the thread count of the step that begins."""
         now = self.clock()
-        if self._measured is not None and self._last is not None:
-            self._samples.setdefault(self._measured, []).append(now - self._last)
+        if self._last is not None:
+            if self._measured is not None:
+                self._samples.setdefault(self._measured, []).append(now - self._last)
+            elif self._settled and not self._plan and self.current == self.choice:
+                self._watched.append(now - self._last)
         self._last = now
         if not self._plan and self._samples:  # a trial just ended: the fastest count wins
             self.choice = min(self._samples, key=lambda count: statistics.median(self._samples[count]))
+            self._reference = statistics.median(self._samples[self.choice])
             self.history.append((self.steps, self.choice))
-            self._samples = {}
-        if not self._plan and self.steps >= self._next_trial and len(self.candidates) > 1:
+            self._samples, self._watched = {}, []
+        early = not self._plan and self._drifted()
+        if early:
+            self.early_trials += 1
+            self._wait *= 2
+        elif not self._plan and self.steps >= self._next_trial:
+            self._wait = self.watch  # a periodic trial: the next early one waits ``watch`` steps again
+        if not self._plan and (early or self.steps >= self._next_trial) and len(self.candidates) > 1:
             # interleaved, so a change of load during the trial hits every count alike; each count's
             # first step settles (its threads may start) and is not timed
             settle = [(count, False) for count in self.candidates]
@@ -178,12 +201,21 @@ class ThreadTuner:
             self._next_trial = self.steps + len(self._plan) + self.period
         threads, measured = self._plan.pop(0) if self._plan else (self.choice, False)
         self._measured = threads if measured else None
+        self._settled = threads == self.current
         if threads != self.current:
             self.apply(threads)
             self.current = threads
         self.used[threads] = self.used.get(threads, 0) + 1
         self.steps += 1
         return threads
+
+    def _drifted(self) -> bool:
+        """The chosen count's last ``watch`` steps ran more than ``drift`` times slower or faster
+        than its trial measured, after at least ``_wait`` watched steps."""
+        if self._reference is None or len(self._watched) < max(self.watch, self._wait):
+            return False
+        ratio = statistics.median(self._watched[-self.watch :]) / self._reference
+        return ratio > self.drift or ratio < 1 / self.drift
 
     def summary(self, name: str = "run.threads auto") -> str:
         """One line: the steps each count ran, and how the counts were chosen."""
@@ -192,5 +224,6 @@ class ThreadTuner:
         )
         return (
             f"{name}: {used or 'no steps'} (each of {self.candidates} timed for {self.trial} steps "
-            f"every {self.period}, the fastest kept)"
+            f"every {self.period}, the fastest kept; {self.early_trials} "
+            f"trial{'s' * (self.early_trials != 1)} early, on a change of step time)"
         )

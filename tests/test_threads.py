@@ -141,3 +141,45 @@ def test_one_core_is_never_tuned():
     applied = []
     tuner = ThreadTuner(1, apply=applied.append)
     assert [tuner.tick() for _ in range(10)] == [1] * 10 and applied == [] and tuner.history == []
+
+
+def test_a_change_of_load_between_trials_starts_a_trial_early():
+    """The chosen count's step time drifts past ``drift``: a trial starts after ``watch`` watched
+    steps, not at the next period, and finds the new fastest count."""
+    machine = LoadedMachine({"quiet": {1: 0.10, 2: 0.08}, "busy": {1: 0.16, 2: 0.50}})
+    tuner = ThreadTuner(2, trial=3, period=200, watch=5, clock=machine.clock, apply=machine.apply)
+    machine.run(tuner, 8 + 30)
+    assert tuner.choice == 2 and tuner.early_trials == 0  # a steady load: no early trial
+    machine.load = "busy"
+    counts = machine.run(tuner, 3 + 8 + 10)
+    assert counts[:3] == [2] * 3  # the median of the last 5 watched steps: 0.50 after 3 busy ones
+    assert counts[3:11] == [1, 2, 1, 2, 1, 2, 1, 2]  # the early trial
+    assert counts[11:] == [1] * 10 and tuner.early_trials == 1
+    assert tuner.history == [(8, 2), (8 + 30 + 3 + 8, 1)]
+    assert "1 trial early" in tuner.summary()
+
+
+def test_a_count_picked_by_a_noisy_trial_is_tried_again():
+    """Noise in the first trial's few steps makes the slower count look fast (2 threads timed at
+    0.05 where they take 0.12): its real steps drift from what the trial saw, so the next trial
+    comes at once and keeps the count that is faster (1 thread, 0.10)."""
+    first_trial = [0.10, 0.12, 0.10, 0.05, 0.10, 0.05, 0.10, 0.05]  # 1, 2 settle; then 1, 2 x 3
+    now = [0.0]
+    tuner = ThreadTuner(2, trial=3, period=500, watch=5, clock=lambda: now[0], apply=lambda threads: None)
+    for step in range(60):
+        threads = tuner.tick()
+        now[0] += first_trial[step] if step < len(first_trial) else {1: 0.10, 2: 0.12}[threads]
+    assert [count for _, count in tuner.history] == [2, 1] and tuner.choice == 1
+    assert tuner.early_trials == 1
+
+
+def test_a_load_that_keeps_changing_cannot_fill_the_run_with_trials():
+    """Early trials wait twice as long each time (``watch``, 2, 4, 8 .. x), reset by a periodic trial."""
+    machine = LoadedMachine({"quiet": {1: 0.10, 2: 0.08}, "busy": {1: 0.16, 2: 0.50}})
+    tuner = ThreadTuner(2, trial=3, period=10_000, watch=4, clock=machine.clock, apply=machine.apply)
+    for step in range(2000):
+        machine.load = "busy" if (step // 7) % 2 else "quiet"  # flips every 7 steps
+        machine.run(tuner, 1)
+    assert 1 <= tuner.early_trials <= 9  # waits 4 + 8 + .. + 4 * 2^8 > 2000 steps
+    trial_steps = 8 * (1 + tuner.early_trials)
+    assert trial_steps / 2000 < 0.05
