@@ -336,3 +336,21 @@ def test_probe_counts_positions_and_gives_the_standard_error_of_each_excess(caps
         spread = result.excess_sq_by_label[:, index].double() - result.excess_by_label[:, index].double() ** 2
         se = (spread.clamp_min(0) * n / (n - 1) / n).sqrt()
         np.testing.assert_allclose(se.numpy(), (values.std(1) / n**0.5).numpy(), rtol=2e-3)
+
+
+def test_best_pool_reaches_the_minimum_where_components_are_nearly_alike():
+    """A truth that is 0.12 a + 0.88 b with b close to a (EM alone crawls there: its weights were
+    still moving after 5000 steps), a third component equal to uniform on the support: the pool
+    finds the truth's weights, a KL of 0 and a duality gap within the tolerance."""
+    rng = np.random.default_rng(1)
+    a = rng.dirichlet(np.ones(3), size=400)
+    b = 0.9 * a + 0.1 * rng.dirichlet(np.ones(3), size=400)
+    target = 0.12 * a + 0.88 * b
+    same_as_uniform = np.full_like(a, 1 / 3)
+    kl, pi = best_pool(target, {"a": a, "b": b, "flat": same_as_uniform})
+    assert kl == pytest.approx(0.0, abs=1e-9)
+    assert pi["a"] == pytest.approx(0.12, abs=1e-3) and pi["b"] == pytest.approx(0.88, abs=1e-3)
+    assert pi["flat"] + pi["uniform"] < 1e-3
+    q = sum(p * c for p, c in zip(pi.values(), (a, b, same_as_uniform, same_as_uniform)))
+    gap = max(float((c * target / q).sum(1).mean()) for c in (a, b, same_as_uniform)) - 1
+    assert gap <= 1e-9  # no component improves the pool: the global minimum of a convex objective
