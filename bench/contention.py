@@ -6,7 +6,8 @@ backward, AdamW; bench/tracking_overhead.py's bare loop) in a fresh process per 
   default   ``run.threads auto``: the package's environment (OpenMP waiting passively, BLAS
             capped) and its thread tuner (devinterp/threads.py), ticked every step as `devinterp
             fit` ticks it; its first trial (1 + 8 steps per count) is part of the warm-up, and the
-            cost of the later trials (one every 200 steps) is printed beside it, from the rows
+            cost of the later periodic trials (one every 200 steps) is printed beside it, from the
+            rows; an early trial (the chosen count's step time drifted) falls in the timed steps
   1 .. N    that many threads, the same environment (N: the cores this process may use)
   before    torch imported before the package, torch's own thread count: OpenMP's default
             spin-then-sleep policy, as every run had before the package set its wait policy
@@ -18,7 +19,7 @@ median over repeats of the seconds per step after a warm-up. Prints, per load, e
 time, default / best (target <= 1.10 in every row), the tuner's later trials as a share of a
 step, and before / best.
 
-    python bench/contention.py [--steps 20] [--warmup 4] [--repeats 2] [--loads 0 1 3]
+    python bench/contention.py [--steps 60] [--warmup 4] [--repeats 2] [--loads 0 1 3]
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def run_child(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--loads", type=int, nargs="+", default=[0, 1, 3], help="competing processes")
