@@ -5,9 +5,10 @@ backward, AdamW; bench/tracking_overhead.py's bare loop) in a fresh process per 
 
   default   ``run.threads auto``: the package's environment (OpenMP waiting passively, BLAS
             capped) and its thread tuner (devinterp/threads.py), ticked every step as `devinterp
-            fit` ticks it; its first trial (1 + 8 steps per count) is part of the warm-up, and the
-            cost of the later periodic trials (one every 200 steps) is printed beside it, from the
-            rows; an early trial (the chosen count's step time drifted) falls in the timed steps
+            fit` ticks it; its first trial (8 timed steps per count, in blocks) is part of the
+            warm-up, and the cost of the later periodic trials (one every 200 steps) is printed
+            beside it, from the rows; an early trial (the chosen count's step time drifted) falls
+            in the timed steps
   1 .. N    that many threads, the same environment (N: the cores this process may use)
   before    torch imported before the package, torch's own thread count: OpenMP's default
             spin-then-sleep policy, as every run had before the package set its wait policy
@@ -107,7 +108,7 @@ def run_child(args) -> int:
         use_threads(int(args.measure))
     loop = step_loop()
     times = []
-    warmup = args.warmup + (len(tuner.candidates) * (tuner.trial + 1) if tuner else 0)
+    warmup = args.warmup + (len(tuner.trial_plan()) if tuner else 0)
     for step in range(warmup + args.steps):
         if tuner:
             tuner.tick()
@@ -175,9 +176,14 @@ def main() -> int:
         median = {s: statistics.median(times[load, s]) for s in settings}
         best = min(median[s] for s in settings if s != "before")
         ratio, before = median["default"] / best, median["before"] / best
-        # the tuner's later trials: 8 timed steps and 1 to settle at every count, once per 200 steps
+        # the tuner's later trials: its plan's steps at every count, once per 200 steps
+        from devinterp.threads import ThreadTuner
+
+        plan = ThreadTuner(cores).trial_plan()
         counts = [s for s in settings if s.isdigit()]
-        trials = sum(9 * (median[c] - median["default"]) for c in counts) / (200 * median["default"])
+        trials = sum(plan.count(int(c)) * (median[c] - median["default"]) for c in counts) / (
+            200 * median["default"]
+        )
         worst = max(worst, ratio * (1 + max(trials, 0.0)))
         row = "".join(f"{median[s] * 1000:>10.1f}" for s in settings)
         print(f"{load:<10}{row}{ratio:>14.2f}{trials:>+8.1%}{before:>13.2f}")

@@ -162,7 +162,7 @@ class ThreadTuner:
         self.steps = 0  # ticks so far
         self.used: dict[int, int] = {}  # steps run with each count
         self.history: list[tuple[int, int]] = []  # (step, count chosen there)
-        self._plan: list[tuple[int, bool]] = []  # (threads, measured) for the coming trial steps
+        self._plan: list[int] = []  # the thread counts of the coming trial steps
         self._samples: dict[int, list[float]] = {}
         self._measured: int | None = None  # the count the running step is timed for
         self._last: float | None = None
@@ -194,20 +194,36 @@ class ThreadTuner:
         elif not self._plan and self.steps >= self._next_trial:
             self._wait = self.watch  # a periodic trial: the next early one waits ``watch`` steps again
         if not self._plan and (early or self.steps >= self._next_trial) and len(self.candidates) > 1:
-            # interleaved, so a change of load during the trial hits every count alike; each count's
-            # first step settles (its threads may start) and is not timed
-            settle = [(count, False) for count in self.candidates]
-            self._plan = settle + [(count, True) for _ in range(self.trial) for count in self.candidates]
+            self._plan = self.trial_plan()
             self._next_trial = self.steps + len(self._plan) + self.period
-        threads, measured = self._plan.pop(0) if self._plan else (self.choice, False)
-        self._measured = threads if measured else None
+        trial_step = bool(self._plan)
+        threads = self._plan.pop(0) if trial_step else self.choice
         self._settled = threads == self.current
+        # a step right after a change of count settles (the new threads start) and is not timed
+        self._measured = threads if trial_step and self._settled else None
         if threads != self.current:
             self.apply(threads)
             self.current = threads
         self.used[threads] = self.used.get(threads, 0) + 1
         self.steps += 1
         return threads
+
+    def trial_plan(self) -> list[int]:
+        """The counts of the coming trial's steps: every candidate in a block, the candidates in
+        order and then in reverse (A B .. B A), half of each count's ``trial`` timed steps in each
+        round, so a load that drifts during the trial hits every count alike. Blocks, not
+        alternate steps: a step right after a change of count is not timed, and on a loaded
+        machine a count's steps run slower while the count keeps changing (2 threads beside one
+        other job: 142 ms a step in a block, about 220 alternating with 1 thread), which made
+        alternate steps pick 1 thread where 2 were faster."""
+        first, second = (self.trial + 1) // 2, self.trial // 2
+        plan: list[int] = []
+        rounds = [(count, first) for count in self.candidates]
+        rounds += [(count, second) for count in reversed(self.candidates) if second]
+        for count, timed in rounds:
+            settle = 0 if plan and plan[-1] == count else 1
+            plan += [count] * (settle + timed)
+        return plan
 
     def _drifted(self) -> bool:
         """The chosen count's last ``watch`` steps ran more than ``drift`` times slower or faster

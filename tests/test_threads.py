@@ -105,36 +105,54 @@ def test_the_tuner_tries_one_thread_the_powers_of_two_and_every_core(cores, cand
     assert ThreadTuner(cores).candidates == candidates
 
 
+TRIAL_OF_3 = [1, 1, 1, 2, 2, 2, 2, 1, 1]  # blocks 1 2 2 1: settle + 2 timed, settle + 2, 1, settle + 1
+
+
 def test_the_tuner_keeps_the_fastest_count_and_follows_a_change_of_load():
     machine = LoadedMachine({"quiet": {1: 0.10, 2: 0.08}, "busy": {1: 0.16, 2: 0.50}})
     tuner = ThreadTuner(2, trial=3, period=20, clock=machine.clock, apply=machine.apply)
-    first = machine.run(tuner, 8)  # the first trial: each count settles, then 3 timed steps each
-    assert first == [1, 2, 1, 2, 1, 2, 1, 2]
+    assert tuner.trial_plan() == TRIAL_OF_3
+    first = machine.run(tuner, 9)  # the first trial: 3 timed steps per count, in blocks
+    assert first == TRIAL_OF_3
     assert machine.run(tuner, 20) == [2] * 20  # the quiet machine's fastest
-    assert tuner.history == [(8, 2)]
+    assert tuner.history == [(9, 2)]
     machine.load = "busy"  # other jobs start: the next trial finds 1 thread faster
-    machine.run(tuner, 8)
-    assert machine.run(tuner, 20) == [1] * 20 and tuner.history[-1] == (36, 1)
-    assert tuner.used == {1: 4 + 4 + 20, 2: 4 + 20 + 4} and machine.applied[:3] == [1, 2, 1]
-    assert "1 thread for 28 steps, 2 threads for 28 steps" in tuner.summary()
+    machine.run(tuner, 9)
+    assert machine.run(tuner, 20) == [1] * 20 and tuner.history[-1] == (38, 1)
+    assert tuner.used == {1: 5 + 5 + 20, 2: 4 + 20 + 4} and machine.applied[:3] == [1, 2, 1]
+    assert "1 thread for 30 steps, 2 threads for 28 steps" in tuner.summary()
+
+
+@pytest.mark.parametrize(
+    "cores, trial, plan",
+    [
+        (2, 8, [1] * 5 + [2] * 5 + [2] * 4 + [1] * 5),  # 1 2 2 1: the middle block goes on unsettled
+        (4, 2, [1, 1, 2, 2, 4, 4, 4, 2, 2, 1, 1]),  # 1 2 4 4 2 1
+        (2, 1, [1, 1, 2, 2]),  # one timed step each: no second round
+    ],
+)
+def test_a_trial_runs_each_count_in_blocks_forward_then_back(cores, trial, plan):
+    """Blocks, so a count's steps are timed where it has run a step already (on a loaded machine
+    a count that keeps changing runs slower than it would run), in the order A B .. B A, so a load
+    that drifts during the trial hits every count alike."""
+    assert ThreadTuner(cores, trial=trial).trial_plan() == plan
 
 
 def test_the_tuner_times_only_settled_steps_of_one_count():
-    """A count's first step settles and is not timed (its threads may start): a count whose first
-    step is slow but whose others are fast still wins."""
-    times = iter([5.0, 0.2, 0.1, 0.2, 0.1, 0.2, 0.1, 0.2])  # 1 thread: a slow first step
+    """A block's first step after a change of count settles and is not timed (its threads may
+    start): a count whose first step is slow but whose others are fast still wins."""
+    times = iter([5.0, 0.1, 0.1, 0.12, 0.12, 0.12, 0.12, 5.0, 0.1])  # TRIAL_OF_3; 1's settling slow
     now = [0.0]
     applied = []
-
-    def clock():
-        return now[0]
-
-    tuner = ThreadTuner(2, trial=3, period=100, clock=clock, apply=applied.append)
-    for _ in range(8):
+    tuner = ThreadTuner(2, trial=3, period=100, clock=lambda: now[0], apply=applied.append)
+    timed = []
+    for _ in range(9):
         tuner.tick()
+        timed.append(tuner._measured)  # the count the beginning step is timed for (None: not timed)
         now[0] += next(times)
     tuner.tick()
-    assert tuner.choice == 1 and applied == [1, 2, 1, 2, 1, 2, 1, 2, 1]
+    assert timed == [None, 1, 1, None, 2, 2, 2, None, 1]
+    assert tuner.choice == 1 and applied == [1, 2, 1]
 
 
 def test_one_core_is_never_tuned():
@@ -148,14 +166,14 @@ def test_a_change_of_load_between_trials_starts_a_trial_early():
     steps, not at the next period, and finds the new fastest count."""
     machine = LoadedMachine({"quiet": {1: 0.10, 2: 0.08}, "busy": {1: 0.16, 2: 0.50}})
     tuner = ThreadTuner(2, trial=3, period=200, watch=5, clock=machine.clock, apply=machine.apply)
-    machine.run(tuner, 8 + 30)
+    machine.run(tuner, 9 + 30)
     assert tuner.choice == 2 and tuner.early_trials == 0  # a steady load: no early trial
     machine.load = "busy"
-    counts = machine.run(tuner, 3 + 8 + 10)
+    counts = machine.run(tuner, 3 + 9 + 10)
     assert counts[:3] == [2] * 3  # the median of the last 5 watched steps: 0.50 after 3 busy ones
-    assert counts[3:11] == [1, 2, 1, 2, 1, 2, 1, 2]  # the early trial
-    assert counts[11:] == [1] * 10 and tuner.early_trials == 1
-    assert tuner.history == [(8, 2), (8 + 30 + 3 + 8, 1)]
+    assert counts[3:12] == TRIAL_OF_3  # the early trial
+    assert counts[12:] == [1] * 10 and tuner.early_trials == 1
+    assert tuner.history == [(9, 2), (9 + 30 + 3 + 9, 1)]
     assert "1 trial early" in tuner.summary()
 
 
@@ -163,7 +181,7 @@ def test_a_count_picked_by_a_noisy_trial_is_tried_again():
     """Noise in the first trial's few steps makes the slower count look fast (2 threads timed at
     0.05 where they take 0.12): its real steps drift from what the trial saw, so the next trial
     comes at once and keeps the count that is faster (1 thread, 0.10)."""
-    first_trial = [0.10, 0.12, 0.10, 0.05, 0.10, 0.05, 0.10, 0.05]  # 1, 2 settle; then 1, 2 x 3
+    first_trial = [0.10, 0.10, 0.10, 0.12, 0.05, 0.05, 0.05, 0.10, 0.10]  # TRIAL_OF_3
     now = [0.0]
     tuner = ThreadTuner(2, trial=3, period=500, watch=5, clock=lambda: now[0], apply=lambda threads: None)
     for step in range(60):
