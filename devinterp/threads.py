@@ -134,8 +134,8 @@ class ThreadTuner:
     Which count is fastest depends on the model's size and on what else the machine runs, and the
     latter changes during a run: on 2 cores with OpenMP waiting passively, the quickstart's step
     ran fastest with 1 thread on a quiet machine and with 2 beside another job (bench/contention.py).
-    So every ``period`` steps each candidate count runs ``trial`` steps (interleaved, after one step
-    each to settle) and the one with the smallest median step time is used until the next trial.
+    So every ``period`` steps each candidate count runs ``trial`` timed steps (in blocks, forward then
+    back: ``trial_plan``) and the one with the smallest median step time is used until the next trial.
     Between trials the chosen count's steps are watched: where the median of its last ``watch``
     steps is more than ``drift`` times slower or faster than the trial measured it (the load
     changed, or a few noisy steps picked the wrong count), a trial starts at once instead of at
