@@ -132,11 +132,12 @@ def main() -> int:
         return run_child(args)
 
     sys.path.insert(0, str(HERE))
-    from devinterp.threads import available_cores
+    from devinterp.threads import ThreadTuner, available_cores
 
     from common import report
 
     cores = available_cores()
+    plan = ThreadTuner(cores).trial_plan()
     settings = ["default", *map(str, range(1, cores + 1)), "before"]
     times: dict[tuple[int, str], list[float]] = {}
     rng = random.Random(0)
@@ -177,9 +178,6 @@ def main() -> int:
         best = min(median[s] for s in settings if s != "before")
         ratio, before = median["default"] / best, median["before"] / best
         # the tuner's later trials: its plan's steps at every count, once per 200 steps
-        from devinterp.threads import ThreadTuner
-
-        plan = ThreadTuner(cores).trial_plan()
         counts = [s for s in settings if s.isdigit()]
         trials = sum(plan.count(int(c)) * (median[c] - median["default"]) for c in counts) / (
             200 * median["default"]

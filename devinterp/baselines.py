@@ -15,9 +15,9 @@ X needs. Three yardsticks, each a per-metric value of the metric's mean KL(true 
 Mean KL is convex in the pool's weights, so the weights are fitted on the simplex to the global
 optimum, certified by the duality gap (``best_pool``). The pool always contains uniform, so it is
 finite. Progress = 1 - KL(true || model) / baseline: a model predicting any pooled component
-scores at most 0, the truth 1. Where the blind baseline is at most ``UNMEASURABLE`` of the uniform one, X's
-information is (nearly) all in what a blind model can read: X is unmeasurable on that metric and
-its blind progress is NaN, never a ratio of two small numbers.
+scores at most 0, the truth 1. Where the blind baseline is at most ``UNMEASURABLE`` of the
+uniform one, X's information is (nearly) all in what a blind model can read: X is unmeasurable
+on that metric and its blind progress is NaN, never a ratio of two small numbers.
 
 The category fallback has no knock-out (every position needs it): its pool is its oracles and
 uniform. A corpus has no exact distributions: its metrics keep the uniform baseline.
@@ -49,11 +49,11 @@ def best_pool(
     in these coordinates (default 1 / V; over categories, the token-uniform one summed within
     each). The objective is convex in pi, so a point is its global minimum when the duality gap
     max_k r_k - 1 is 0, with r = P (mass / q) the gradient's EM multipliers (the KL is within the
-    gap of the minimum). Solved by SLSQP on the simplex (a few dozen steps), then
-    EM steps until the gap is at most ``tolerance`` nats: EM alone crawls where components are
-    nearly alike (5000 steps left a gap of 1e-5 and weights still moving on a Markov chain's
-    pool). Where components coincide on the target's support the weights are not unique: any
-    pool returned reaches the minimum."""
+    gap of the minimum). Solved by SLSQP on the simplex (a few dozen steps), then EM steps until
+    the gap is at most ``tolerance`` nats: EM alone crawls where components are nearly alike
+    (5000 steps left a gap of 1e-5 and weights still moving on a Markov chain's pool). Where
+    components coincide on the target's support the weights are not unique: any pool returned
+    reaches the minimum."""
     n, V = target.shape if target.ndim == 2 else (0, 0)
     if not n:
         return float("nan"), {}

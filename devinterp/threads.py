@@ -187,15 +187,14 @@ class ThreadTuner:
             self._reference = statistics.median(self._samples[self.choice])
             self.history.append((self.steps, self.choice))
             self._samples, self._watched = {}, []
-        early = not self._plan and self._drifted()
-        if early:
-            self.early_trials += 1
-            self._wait *= 2
-        elif not self._plan and self.steps >= self._next_trial:
-            self._wait = self.watch  # a periodic trial: the next early one waits ``watch`` steps again
-        if not self._plan and (early or self.steps >= self._next_trial) and len(self.candidates) > 1:
-            self._plan = self.trial_plan()
-            self._next_trial = self.steps + len(self._plan) + self.period
+        if not self._plan and len(self.candidates) > 1:
+            early = self._drifted()
+            if early or self.steps >= self._next_trial:
+                # an early trial doubles the wait before the next; a periodic one resets it
+                self._wait = self._wait * 2 if early else self.watch
+                self.early_trials += early
+                self._plan = self.trial_plan()
+                self._next_trial = self.steps + len(self._plan) + self.period
         trial_step = bool(self._plan)
         threads = self._plan.pop(0) if trial_step else self.choice
         self._settled = threads == self.current
