@@ -23,8 +23,12 @@ run:
 	WANDB_MODE=offline $(BIN)/devinterp fit --config configs/quickstart.yaml; code=$$?; \
 	echo "make run: $$(( $$(date +%s) - start )) s of wall time, set-up included"; exit $$code
 
+# one pytest-xdist worker per core (tests/conftest.py), a test file's tests on one worker, so a
+# module's fixtures are built once
+PYTEST := WANDB_MODE=offline $(BIN)/python -m pytest -q -n auto --dist loadfile
+
 test: install
-	WANDB_MODE=offline $(BIN)/python -m pytest -q
+	$(PYTEST)
 
 lint: install
 	$(BIN)/ruff check .
@@ -36,7 +40,7 @@ docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 test-slow: install
-	WANDB_MODE=offline $(BIN)/python -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 bench: install
 	$(BIN)/python bench/run_all.py

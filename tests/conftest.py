@@ -1,4 +1,4 @@
-import devinterp.threads  # noqa: F401  (OpenMP's wait policy, set before torch loads)
+from devinterp.threads import available_cores, use_threads  # first: OpenMP's wait policy, before torch
 
 import copy
 import os
@@ -6,6 +6,21 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+# pytest-xdist workers (`make test` runs `pytest -n auto --dist loadfile`: a file's tests on one
+# worker, so a module's fixtures are built once): one per core, each computing with its share of
+# the cores, so the workers together never ask for more threads than there are cores
+MAX_WORKERS = 8  # past this, the longest tests (about a minute each) bound the run, not the count
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    use_threads(max(1, available_cores() // WORKERS))
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: the cores this process may use (its affinity and cgroup quota), at most
+    ``MAX_WORKERS``, not xdist's count of the machine's cores."""
+    return min(available_cores(), MAX_WORKERS)
+
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
