@@ -1,7 +1,7 @@
 """Threads on a shared machine: the default setting against every thread count, alone and under load.
 
 Runs the quickstart's step loop (4 members, 2 layers, d_model 64, batch 32 x 64: sample, forward,
-backward, AdamW; bench/tracking_overhead.py's bare loop) in a fresh process per measurement, with
+backward, AdamW; bench/tracking_overhead.py's bare loop) with
 
   default   ``run.threads auto``: the package's environment (OpenMP waiting passively, BLAS
             capped) and its thread tuner (devinterp/threads.py), ticked every step as `devinterp
@@ -15,17 +15,21 @@ backward, AdamW; bench/tracking_overhead.py's bare loop) in a fresh process per 
 
 alone and beside 1 and 3 competing processes that this script starts itself: the same loop with
 torch's defaults, as other people's jobs would run it, the second and third spinning
-(``OMP_WAIT_POLICY=ACTIVE``). Loads and settings are interleaved and repeated; each figure is the
-median over repeats of the seconds per step after a warm-up. Prints, per load, every setting's
-time, default / best (target <= 1.10 in every row), the tuner's later trials as a share of a
-step, and before / best.
+(``OMP_WAIT_POLICY=ACTIVE``). ``default`` and the counts run in one process, in alternating
+blocks of ``--block`` steps (``paired_seconds``), so the machine's drift hits them alike;
+``before`` needs a process of its own (its wait policy is fixed when torch loads). Loads are
+repeated; each figure is the median over repeats of the mean seconds per step after a warm-up.
+Prints, per load, every setting's time, default / best (target <= 1.10 in every row), the
+tuner's later trials as a share of a step, and before / best.
 
-    python bench/contention.py [--steps 60] [--warmup 4] [--repeats 2] [--loads 0 1 3]
+    python bench/contention.py [--steps 60] [--block 10] [--warmup 4] [--repeats 2] [--loads 0 1 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import random
 import statistics
@@ -47,10 +51,11 @@ def child_env(spin: bool = False, package_env: bool = True) -> dict[str, str]:
     return {**env, **(SPIN if spin else {})}
 
 
-def measure_command(setting: str, steps: int, warmup: int) -> list[str]:
-    """The child that times ``steps`` steps with ``setting`` (default, before, or a count)."""
-    args = ["--measure", setting, "--steps", str(steps), "--warmup", str(warmup)]
-    if setting == "before":  # torch first: the package's wait policy can no longer take effect
+def measure_command(settings: str, steps: int, warmup: int, block: int) -> list[str]:
+    """The child that times ``steps`` steps of each of ``settings`` (``before``, or the in-process
+    settings joined by commas)."""
+    args = ["--measure", settings, "--steps", str(steps), "--warmup", str(warmup), "--block", str(block)]
+    if settings == "before":  # torch first: the package's wait policy can no longer take effect
         return torch_first(args)
     return [sys.executable, str(Path(__file__).resolve()), *args]
 
@@ -92,30 +97,49 @@ def step_loop():
     return bare_steps(4)
 
 
+def paired_seconds(settings: list[str], steps: int, warmup: int, block: int) -> dict[str, float]:
+    """Seconds per step of every in-process setting (``default`` and the counts), measured in one
+    loop in alternating blocks of ``block`` timed steps, the settings shuffled in every round, so
+    a change of the machine's speed or of a competitor's phase hits every setting alike (measured
+    in separate processes one after the other, the same setting differed by up to 1.5x here).
+    Each block starts with one untimed step at its count (the threads settle). The tuner sees
+    only its own steps: its clock advances by their times alone, and its count is restored at the
+    start of each of its blocks, so it runs as in one uninterrupted run."""
+    from devinterp.threads import ThreadTuner, available_cores, set_torch_threads, use_threads
+
+    tuner_seconds = [0.0]
+    tuner = ThreadTuner(available_cores(), clock=lambda: tuner_seconds[0])
+    use_threads(tuner.current)
+    loop = step_loop()
+    for _ in range(len(tuner.trial_plan()) + warmup):  # its first trial is part of the warm-up
+        tuner.tick()
+        tuner_seconds[0] += next(loop)
+    times: dict[str, list[float]] = {setting: [] for setting in settings}
+    rng = random.Random(1)
+    for _ in range(math.ceil(steps / block)):
+        for setting in rng.sample(settings, len(settings)):
+            set_torch_threads(tuner.current if setting == "default" else int(setting))
+            next(loop)  # settles, untimed
+            for _ in range(block):
+                if setting == "default":
+                    tuner.tick()
+                seconds = next(loop)
+                if setting == "default":
+                    tuner_seconds[0] += seconds
+                times[setting].append(seconds)
+    return {setting: sum(seconds) / len(seconds) for setting, seconds in times.items()}
+
+
 def run_child(args) -> int:
     if args.compete:
         for _ in step_loop():
             pass
-    from devinterp.threads import ThreadTuner, use_threads
-
-    from devinterp.cli.fit import compute_threads
-
-    tuner = None
-    if args.measure == "default":
-        tuner = ThreadTuner(compute_threads("auto", {"accelerator": "cpu", "devices": "auto"}))
-        use_threads(tuner.current)
-    elif args.measure != "before":  # before: torch's own thread count, BLAS untouched
-        use_threads(int(args.measure))
-    loop = step_loop()
-    times = []
-    warmup = args.warmup + (len(tuner.trial_plan()) if tuner else 0)
-    for step in range(warmup + args.steps):
-        if tuner:
-            tuner.tick()
-        seconds = next(loop)
-        if step >= warmup:
-            times.append(seconds)
-    print(f"{sum(times) / len(times):.6f}")
+    if args.measure == "before":  # torch's own thread count and wait policy, BLAS untouched
+        loop = step_loop()
+        times = [next(loop) for _ in range(args.warmup + args.steps)][args.warmup :]
+        print(json.dumps({"before": sum(times) / len(times)}))
+        return 0
+    print(json.dumps(paired_seconds(args.measure.split(","), args.steps, args.warmup, args.block)))
     return 0
 
 
@@ -124,6 +148,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--block", type=int, default=10, help="timed steps of a setting in a row")
     parser.add_argument("--loads", type=int, nargs="+", default=[0, 1, 3], help="competing processes")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--compete", action="store_true", help=argparse.SUPPRESS)
@@ -142,19 +167,21 @@ def main() -> int:
     times: dict[tuple[int, str], list[float]] = {}
     rng = random.Random(0)
     print(
-        f"contention: {cores} cores available, {args.steps} timed steps after {args.warmup}, "
+        f"contention: {cores} cores available, {args.steps} timed steps after {args.warmup} "
+        f"(in-process settings in alternating blocks of {args.block}), "
         f"median of {args.repeats}; competitors: the same loop with torch's defaults, spinning: "
         f"{[spin for spin in COMPETITOR_SPIN]}",
         flush=True,
     )
+    in_process = ",".join(s for s in settings if s != "before")
     for repeat in range(args.repeats):
         for load in args.loads:
             competitors = start_competitors(load)
             try:
                 time.sleep(3 if load else 0)  # let them get going
-                for setting in rng.sample(settings, len(settings)):
+                for group in rng.sample([in_process, "before"], 2):
                     done = subprocess.run(
-                        measure_command(setting, args.steps, args.warmup),
+                        measure_command(group, args.steps, args.warmup, args.block),
                         env=child_env(),
                         capture_output=True,
                         text=True,
@@ -162,12 +189,12 @@ def main() -> int:
                     if done.returncode != 0:
                         print(done.stderr[-3000:], file=sys.stderr)
                         return 1
-                    seconds = float(done.stdout.split()[-1])
-                    times.setdefault((load, setting), []).append(seconds)
-                    print(
-                        f"  repeat {repeat} load {load} {setting:>8}: {seconds * 1000:8.1f} ms/step",
-                        flush=True,
-                    )
+                    for setting, seconds in json.loads(done.stdout.splitlines()[-1]).items():
+                        times.setdefault((load, setting), []).append(seconds)
+                        print(
+                            f"  repeat {repeat} load {load} {setting:>8}: {seconds * 1000:8.1f} ms/step",
+                            flush=True,
+                        )
             finally:
                 stop(competitors)
     head = "".join(f"{s:>10}" for s in settings)
