@@ -135,7 +135,11 @@ class ThreadTuner:
     latter changes during a run: on 2 cores with OpenMP waiting passively, the quickstart's step
     ran fastest with 1 thread on a quiet machine and with 2 beside another job (bench/contention.py).
     So every ``period`` steps each candidate count runs ``trial`` timed steps (in blocks, forward then
-    back: ``trial_plan``) and the one with the smallest median step time is used until the next trial.
+    back: ``trial_plan``) and the fewest threads whose median step time is within ``margin`` of the
+    fastest count's are used until the next trial: a thread that buys less than that is not worth
+    taking from the other jobs, and near a tie a trial's few steps cannot tell the counts apart
+    (beside one other job on 2 cores, 1 and 2 threads ran within 10% of each other and the trials
+    kept switching between them: 1.14 times the faster count's step; bench/contention.py).
     Between trials the chosen count's steps are watched: where the median of its last ``watch``
     steps is more than ``drift`` times slower or faster than the trial measured it (the load
     changed, or a few noisy steps picked the wrong count), a trial starts at once instead of at
@@ -153,10 +157,11 @@ class ThreadTuner:
         apply: Callable[[int], None] | None = None,
         watch: int = 16,
         drift: float = 1.3,
+        margin: float = 0.1,
     ):
         self.candidates = sorted({1, cores, *(2**k for k in range(1, cores.bit_length()) if 2**k < cores)})
         self.trial, self.period, self.clock = trial, period, clock
-        self.watch, self.drift = watch, drift
+        self.watch, self.drift, self.margin = watch, drift, margin
         self.apply = apply or set_torch_threads
         self.choice = self.current = cores
         self.steps = 0  # ticks so far
@@ -182,8 +187,12 @@ class ThreadTuner:
             elif self._settled and not self._plan and self.current == self.choice:
                 self._watched.append(now - self._last)
         self._last = now
-        if not self._plan and self._samples:  # a trial just ended: the fastest count wins
-            self.choice = min(self._samples, key=lambda count: statistics.median(self._samples[count]))
+        if not self._plan and self._samples:  # a trial just ended: the fewest threads near the fastest win
+            medians = {count: statistics.median(steps) for count, steps in self._samples.items()}
+            fastest = min(medians.values())
+            self.choice = min(
+                count for count, median in medians.items() if median <= fastest * (1 + self.margin)
+            )
             self._reference = statistics.median(self._samples[self.choice])
             self.history.append((self.steps, self.choice))
             self._samples, self._watched = {}, []

@@ -123,6 +123,15 @@ def test_the_tuner_keeps_the_fastest_count_and_follows_a_change_of_load():
     assert "1 thread for 30 steps, 2 threads for 28 steps" in tuner.summary()
 
 
+@pytest.mark.parametrize("two_threads, chosen", [(0.095, 1), (0.085, 2)])
+def test_more_threads_are_kept_only_where_they_are_faster_by_the_margin(two_threads, chosen):
+    """2 threads 5% faster than 1: within the 10% margin, so 1 thread is kept (a near tie, and a
+    core left to other jobs); 15% faster: 2 threads."""
+    machine = LoadedMachine({"quiet": {1: 0.10, 2: two_threads}})
+    tuner = ThreadTuner(2, trial=3, period=20, clock=machine.clock, apply=machine.apply)
+    assert machine.run(tuner, 9 + 10)[9:] == [chosen] * 10 and tuner.history == [(9, chosen)]
+
+
 @pytest.mark.parametrize(
     "cores, trial, plan",
     [
