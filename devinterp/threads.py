@@ -248,6 +248,6 @@ class ThreadTuner:
         )
         return (
             f"{name}: {used or 'no steps'} (each of {self.candidates} timed for {self.trial} steps "
-            f"every {self.period}, the fastest kept; {self.early_trials} "
-            f"trial{'s' * (self.early_trials != 1)} early, on a change of step time)"
+            f"every {self.period}, the fewest within {self.margin:.0%} of the fastest kept; "
+            f"{self.early_trials} trial{'s' * (self.early_trials != 1)} early, on a change of step time)"
         )

@@ -335,7 +335,7 @@ def test_llc_command_writes_a_sidecar_goes_on_where_it_stopped_and_refuses_bad_i
     assert "llc: 4 estimates to make (4 snapshots x 3 refinements" in err
     assert "llc: about " in err and " min for all 4 (timed on 8 SGLD steps of the first" in err
     if available_cores() > 1:  # the chains' threads measured as fit's are (devinterp/threads.py)
-        assert "llc threads: 1 thread for" in err and "the fastest kept" in err
+        assert "llc threads: 1 thread for" in err and "of the fastest kept" in err
     # the curves went to W&B as an analysis segment of the run's group, read back with W&B's reader
     from devinterp.store.wandb_files import history, last_logged_step, records, run_files
 
