@@ -43,11 +43,13 @@ SPIN = {"OMP_WAIT_POLICY": "ACTIVE"}
 COMPETITOR_SPIN = (False, True, True)  # the first competitor waits as OpenMP does by default
 
 
-def child_env(spin: bool = False, package_env: bool = True) -> dict[str, str]:
+PACKAGE_ENV = ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def child_env(spin: bool = False) -> dict[str, str]:
     """The environment of a child: this one without the package's settings (a child that sets
     them does so itself), plus ACTIVE waiting for a spinning competitor."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")}
-    env.pop("OMP_NUM_THREADS", None)
+    env = {k: v for k, v in os.environ.items() if k not in PACKAGE_ENV}
     return {**env, **(SPIN if spin else {})}
 
 
@@ -120,12 +122,12 @@ def paired_seconds(settings: list[str], steps: int, warmup: int, block: int) -> 
         for setting in rng.sample(settings, len(settings)):
             set_torch_threads(tuner.current if setting == "default" else int(setting))
             next(loop)  # settles, untimed
+            tuned = setting == "default"
             for _ in range(block):
-                if setting == "default":
+                if tuned:
                     tuner.tick()
                 seconds = next(loop)
-                if setting == "default":
-                    tuner_seconds[0] += seconds
+                tuner_seconds[0] += seconds if tuned else 0.0
                 times[setting].append(seconds)
     return {setting: sum(seconds) / len(seconds) for setting, seconds in times.items()}
 

@@ -193,7 +193,7 @@ class ThreadTuner:
             self.choice = min(
                 count for count, median in medians.items() if median <= fastest * (1 + self.margin)
             )
-            self._reference = statistics.median(self._samples[self.choice])
+            self._reference = medians[self.choice]
             self.history.append((self.steps, self.choice))
             self._samples, self._watched = {}, []
         if not self._plan and len(self.candidates) > 1:
