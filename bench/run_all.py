@@ -24,6 +24,8 @@ SCRIPTS = [
     ["cli_startup.py"],
     ["llc_speed.py"],
     ["llc_invariance.py"],
+    ["llc_floor.py"],
+    ["contention.py"],  # last: it starts competing processes of its own
 ]
 
 
